@@ -1,0 +1,3 @@
+from pipeq.cli import main
+
+main()

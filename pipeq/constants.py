@@ -1,0 +1,52 @@
+"""Defaults, limits and names in one place."""
+
+#: Broker used when neither PIPEQ_BROKER_URL nor --broker-url is given.
+DEFAULT_BROKER_URL = "redis://localhost:6379/0"
+#: Store used when neither PIPEQ_DATABASE_URL nor --database-url is given (embedded SQLite).
+DEFAULT_DATABASE_URL = "sqlite:///pipeq.db"
+
+#: Items per broker message: a million-item job is ~4,000 messages, not a million.
+DEFAULT_CHUNK_SIZE = 256
+#: Padded tokens (rows x longest row) allowed in one forward pass.
+DEFAULT_MAX_BATCH_TOKENS = 8192
+#: Rows allowed in one forward pass, whatever their length.
+DEFAULT_MAX_BATCH_SIZE = 64
+#: Longest text accepted at submit, in characters (a 1 MB text is refused at the door).
+DEFAULT_MAX_TEXT_CHARS = 100_000
+#: Most items one job may hold.
+DEFAULT_MAX_JOB_ITEMS = 10_000_000
+#: Rows written to SQL per INSERT while a job is stored.
+INSERT_BATCH_ROWS = 5_000
+
+#: Celery task name that runs one chunk of a job (producers publish by name, never import it).
+CHUNK_TASK_NAME = "pipeq.run_chunk"
+#: Prefix of every queue pipeq publishes to; the rest names the served configuration.
+QUEUE_PREFIX = "pipeq"
+#: Seconds an unacknowledged Redis message stays invisible before it is redelivered.
+DEFAULT_VISIBILITY_TIMEOUT = 3600
+
+#: Seconds between a worker's heartbeats in the store.
+HEARTBEAT_INTERVAL = 10.0
+#: Seconds after which a worker without a heartbeat counts as gone.
+HEARTBEAT_STALE_AFTER = 60.0
+#: Seconds between polls of the store while waiting for a job.
+WAIT_POLL_INTERVAL = 0.5
+
+#: Item states.
+ITEM_PENDING = "pending"
+ITEM_DONE = "done"
+ITEM_FAILED = "failed"
+ITEM_CANCELLED = "cancelled"
+ITEM_FINAL_STATES = (ITEM_DONE, ITEM_FAILED, ITEM_CANCELLED)
+
+#: Job states.
+JOB_QUEUED = "queued"
+JOB_RUNNING = "running"
+JOB_DONE = "done"
+JOB_CANCELLED = "cancelled"
+JOB_FINAL_STATES = (JOB_DONE, JOB_CANCELLED)
+
+#: Deliveries of one item before it is stored as failed (an input that kills the worker each time).
+MAX_ATTEMPTS = 3
+#: Seconds a child process may take to load its model before Celery gives up on it.
+PROCESS_START_TIMEOUT = 900.0

@@ -1,0 +1,36 @@
+"""Logging set-up for the CLI (library code only ever calls ``logging.getLogger(__name__)``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from pipeq.settings import mask_url
+
+
+class MaskCredentials(logging.Filter):
+    """Replace passwords in URLs inside log records with ``***``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = mask_url(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        return True
+
+
+def configure(verbosity: int = 0) -> None:
+    """Log to stderr: WARNING with -q, INFO by default, DEBUG with -v."""
+    level = logging.DEBUG if verbosity > 0 else logging.WARNING if verbosity < 0 else logging.INFO
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(MaskCredentials())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # transformers and huggingface_hub are chatty at INFO (progress bars, notices).
+    for noisy in ("transformers", "huggingface_hub", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

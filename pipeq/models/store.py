@@ -1,0 +1,469 @@
+"""The store's queries: the SQL database is pipeq's source of truth."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import (
+    Engine,
+    Table,
+    bindparam,
+    case,
+    create_engine,
+    event,
+    func,
+    insert,
+    inspect,
+    select,
+    update,
+)
+from sqlalchemy.exc import OperationalError, ProgrammingError
+
+from pipeq import constants as C
+from pipeq.errors import JobNotFoundError, StoreError
+from pipeq.models import Batch, Item, Job, Worker, utcnow
+from pipeq.settings import mask_url
+
+log = logging.getLogger(__name__)
+
+_items: Table = Item.__table__  # type: ignore[assignment]
+_jobs: Table = Job.__table__  # type: ignore[assignment]
+_batches: Table = Batch.__table__  # type: ignore[assignment]
+_workers: Table = Worker.__table__  # type: ignore[assignment]
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """SQLite hands datetimes back naive; pipeq writes UTC, so read them as UTC."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
+
+
+def make_engine(url: str) -> Engine:
+    """Create an engine tuned for pipeq's write pattern on SQLite or PostgreSQL."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 60})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
+            # Let SQLAlchemy, not pysqlite, say when transactions begin (so BEGIN IMMEDIATE works);
+            # WAL lets readers (status, results) run while a worker writes.
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=60000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn: Any) -> None:
+            # Take the write lock up front: two workers' read-then-write transactions serialize
+            # instead of failing with "database is locked" on upgrade.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    """The outcome of one item, as a worker hands it to the store."""
+
+    idx: int
+    status: str
+    output: Any = None
+    error: str | None = None
+    truncated: bool | None = None
+    n_tokens: int | None = None
+
+
+@dataclass
+class BatchTiming:
+    """Timing metadata of one micro-batch (milliseconds)."""
+
+    size: int
+    rows: int
+    real_tokens: int
+    padded_tokens: int
+    queue_wait_ms: float
+    preprocess_ms: float
+    forward_ms: float
+    postprocess_ms: float
+    total_ms: float
+    started_at: datetime
+    finished_at: datetime
+
+
+@dataclass(frozen=True)
+class WriteOutcome:
+    """How many items one write moved to each final state (0 for a redelivered duplicate)."""
+
+    done: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    skipped: int = 0
+
+
+@dataclass
+class JobProgress:
+    """A job's row and counts, as status, wait and the progress bar show them."""
+
+    id: str
+    task: str
+    model: str
+    precision: str
+    status: str
+    total: int
+    done: int
+    failed: int
+    cancelled: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    error: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> int:
+        return self.done + self.failed + self.cancelled
+
+    @property
+    def pending(self) -> int:
+        return self.total - self.finished
+
+    @property
+    def is_final(self) -> bool:
+        return self.status in C.JOB_FINAL_STATES
+
+    def elapsed(self, now: datetime | None = None) -> float:
+        start = self.started_at or self.created_at
+        end = self.finished_at or now or utcnow()
+        return max((end - start).total_seconds(), 0.0)
+
+    @property
+    def rate(self) -> float:
+        """Items finished per second since the first worker started on the job."""
+        elapsed = self.elapsed()
+        return self.finished / elapsed if elapsed > 0 else 0.0
+
+    @property
+    def eta_seconds(self) -> float | None:
+        rate = self.rate
+        if self.is_final:
+            return 0.0
+        return self.pending / rate if rate > 0 else None
+
+
+class Store:
+    """All of pipeq's reads and writes of the SQL store."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        self._is_pg = self.engine.dialect.name == "postgresql"
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def check_schema(self) -> None:
+        """Raise StoreError unless the store is reachable and migrated."""
+        try:
+            with self.engine.connect() as conn:
+                tables = set(inspect(conn).get_table_names())
+        except OperationalError as exc:
+            raise StoreError(f"cannot reach the store {mask_url(self.url)}: {exc.orig}") from None
+        missing = {"jobs", "items", "batches", "workers"} - tables
+        if missing:
+            raise StoreError(
+                f"the store {mask_url(self.url)} has no pipeq schema (missing {', '.join(sorted(missing))}); "
+                f"run `pipeq db upgrade` first"
+            )
+
+    # ----------------------------------------------------------------- jobs
+
+    def create_job(self, job: dict[str, Any], items: Iterable[Sequence[dict[str, Any]]]) -> int:
+        """Insert a job and all its items in one transaction; returns the item count.
+
+        ``items`` yields lists of rows; an exception while it is consumed (bad input) rolls
+        back everything, so a rejected submission leaves nothing behind.
+        """
+        total = 0
+        with self.engine.begin() as conn:
+            conn.execute(insert(_jobs), [{**job, "total": 0}])
+            for rows in items:
+                if rows:
+                    conn.execute(insert(_items), list(rows))
+                    total += len(rows)
+            conn.execute(update(_jobs).where(_jobs.c.id == job["id"]).values(total=total))
+        return total
+
+    def mark_published(self, job_id: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(update(_jobs).where(_jobs.c.id == job_id).values(published_at=utcnow()))
+
+    def set_job_error(self, job_id: str, error: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(update(_jobs).where(_jobs.c.id == job_id).values(error=error))
+
+    def job(self, job_id: str) -> JobProgress:
+        """Return a job's progress, or raise JobNotFoundError."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(_jobs).where(_jobs.c.id == job_id)).mappings().first()
+        if row is None:
+            raise JobNotFoundError(f"no job {job_id!r} in the store")
+        return JobProgress(
+            id=row["id"],
+            task=row["task"],
+            model=row["model"],
+            precision=row["precision"],
+            status=row["status"],
+            total=row["total"],
+            done=row["n_done"],
+            failed=row["n_failed"],
+            cancelled=row["n_cancelled"],
+            created_at=as_utc(row["created_at"]) or utcnow(),
+            started_at=as_utc(row["started_at"]),
+            finished_at=as_utc(row["finished_at"]),
+            error=row["error"],
+            params=row["params"] or {},
+        )
+
+    def job_row(self, job_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(_jobs).where(_jobs.c.id == job_id)).mappings().first()
+        return dict(row) if row else None
+
+    def job_status(self, job_id: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(_jobs.c.status).where(_jobs.c.id == job_id)).scalar_one_or_none()
+
+    def cancel_job(self, job_id: str) -> int:
+        """Cancel a job's pending items (finished results are kept); returns how many."""
+        now = utcnow()
+        with self.engine.begin() as conn:
+            q = select(_jobs.c.status).where(_jobs.c.id == job_id)
+            status = conn.execute(q.with_for_update() if self._is_pg else q).scalar_one_or_none()
+            if status is None:
+                raise JobNotFoundError(f"no job {job_id!r} in the store")
+            if status in C.JOB_FINAL_STATES:
+                return 0
+            n = conn.execute(
+                update(_items)
+                .where(_items.c.job_id == job_id, _items.c.status == C.ITEM_PENDING)
+                .values(status=C.ITEM_CANCELLED, finished_at=now)
+            ).rowcount
+            conn.execute(
+                update(_jobs)
+                .where(_jobs.c.id == job_id)
+                .values(status=C.JOB_CANCELLED, n_cancelled=_jobs.c.n_cancelled + n, finished_at=now)
+            )
+        return int(n)
+
+    # ---------------------------------------------------------------- items
+
+    def claim(self, job_id: str, idxs: Sequence[int]) -> dict[int, int]:
+        """Count one more attempt on the pending items among ``idxs``; returns {idx: attempts}.
+
+        Items already finished (a redelivered message) are left out, so they never run twice.
+        """
+        now = utcnow()
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(_items)
+                .where(_items.c.job_id == job_id, _items.c.idx.in_(idxs), _items.c.status == C.ITEM_PENDING)
+                .values(attempts=_items.c.attempts + 1)
+            )
+            rows = conn.execute(
+                select(_items.c.idx, _items.c.attempts).where(
+                    _items.c.job_id == job_id, _items.c.idx.in_(idxs), _items.c.status == C.ITEM_PENDING
+                )
+            ).all()
+            conn.execute(
+                update(_jobs)
+                .where(_jobs.c.id == job_id, _jobs.c.status == C.JOB_QUEUED)
+                .values(status=C.JOB_RUNNING, started_at=now)
+            )
+        return {int(idx): int(attempts) for idx, attempts in rows}
+
+    def record_batch(
+        self,
+        job_id: str,
+        results: Sequence[ItemResult],
+        timing: BatchTiming | None,
+        *,
+        worker_id: str | None,
+        model_revision: str | None,
+        precision: str,
+        device: str,
+    ) -> WriteOutcome:
+        """Store a micro-batch's results and timing in one transaction, exactly once.
+
+        Only items still pending are written (guarded by status, and locked on PostgreSQL), so a
+        redelivered message can neither duplicate a result nor overwrite a finished one.
+        """
+        if not results:
+            return WriteOutcome()
+        now = utcnow()
+        idxs = [r.idx for r in results]
+        with self.engine.begin() as conn:
+            q = select(_items.c.idx).where(
+                _items.c.job_id == job_id, _items.c.idx.in_(idxs), _items.c.status == C.ITEM_PENDING
+            )
+            pending = set(conn.scalars(q.with_for_update() if self._is_pg else q))
+            todo = [r for r in results if r.idx in pending]
+            if not todo:
+                return WriteOutcome(skipped=len(results))
+            batch_id = None
+            if timing is not None:
+                batch_id = conn.execute(
+                    insert(_batches).values(
+                        job_id=job_id,
+                        worker_id=worker_id,
+                        model_revision=model_revision,
+                        precision=precision,
+                        device=device,
+                        **vars(timing),
+                    )
+                ).inserted_primary_key[0]  # type: ignore[index]
+            conn.execute(
+                update(_items)
+                .where(
+                    _items.c.job_id == job_id,
+                    _items.c.idx == bindparam("b_idx"),
+                    _items.c.status == C.ITEM_PENDING,
+                )
+                .values(
+                    status=bindparam("b_status"),
+                    output=bindparam("b_output", type_=_items.c.output.type),
+                    error=bindparam("b_error"),
+                    truncated=bindparam("b_truncated"),
+                    n_tokens=bindparam("b_tokens"),
+                    batch_id=batch_id,
+                    finished_at=now,
+                ),
+                [
+                    {
+                        "b_idx": r.idx,
+                        "b_status": r.status,
+                        "b_output": r.output,
+                        "b_error": r.error,
+                        "b_truncated": r.truncated,
+                        "b_tokens": r.n_tokens,
+                    }
+                    for r in todo
+                ],
+            )
+            done = sum(r.status == C.ITEM_DONE for r in todo)
+            failed = sum(r.status == C.ITEM_FAILED for r in todo)
+            cancelled = sum(r.status == C.ITEM_CANCELLED for r in todo)
+            self._count(conn, job_id, done=done, failed=failed, cancelled=cancelled, now=now)
+        return WriteOutcome(done=done, failed=failed, cancelled=cancelled, skipped=len(results) - len(todo))
+
+    def _count(self, conn: Any, job_id: str, *, done: int, failed: int, cancelled: int, now: datetime) -> None:
+        conn.execute(
+            update(_jobs)
+            .where(_jobs.c.id == job_id)
+            .values(
+                n_done=_jobs.c.n_done + done,
+                n_failed=_jobs.c.n_failed + failed,
+                n_cancelled=_jobs.c.n_cancelled + cancelled,
+                started_at=func.coalesce(_jobs.c.started_at, now),
+                status=case((_jobs.c.status == C.JOB_QUEUED, C.JOB_RUNNING), else_=_jobs.c.status),
+            )
+        )
+        conn.execute(
+            update(_jobs)
+            .where(
+                _jobs.c.id == job_id,
+                _jobs.c.status.in_([C.JOB_QUEUED, C.JOB_RUNNING]),
+                _jobs.c.n_done + _jobs.c.n_failed + _jobs.c.n_cancelled >= _jobs.c.total,
+            )
+            .values(status=C.JOB_DONE, finished_at=now)
+        )
+
+    def iter_results(self, job_id: str, *, page: int = 2000) -> Iterator[dict[str, Any]]:
+        """Yield a job's items in input order with their batch timing, a page at a time."""
+        cols = [
+            _items.c.idx,
+            _items.c.input_id,
+            _items.c.status,
+            _items.c.output,
+            _items.c.error,
+            _items.c.truncated,
+            _items.c.n_tokens,
+            _items.c.attempts,
+            _items.c.finished_at,
+            _items.c.batch_id,
+            _batches.c.size.label("batch_size"),
+            _batches.c.queue_wait_ms,
+            _batches.c.preprocess_ms,
+            _batches.c.forward_ms,
+            _batches.c.postprocess_ms,
+            _batches.c.total_ms,
+            _batches.c.model_revision,
+            _batches.c.worker_id,
+        ]
+        last = -1
+        while True:
+            with self.engine.connect() as conn:
+                rows = (
+                    conn.execute(
+                        select(*cols)
+                        .select_from(_items.outerjoin(_batches, _items.c.batch_id == _batches.c.id))
+                        .where(_items.c.job_id == job_id, _items.c.idx > last)
+                        .order_by(_items.c.idx)
+                        .limit(page)
+                    )
+                    .mappings()
+                    .all()
+                )
+            if not rows:
+                return
+            for row in rows:
+                yield dict(row)
+            last = rows[-1]["idx"]
+
+    def pending_items(self, job_id: str) -> list[tuple[int, Any]]:
+        """(idx, input) of a job's pending items, in input order."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(_items.c.idx, _items.c.input)
+                .where(_items.c.job_id == job_id, _items.c.status == C.ITEM_PENDING)
+                .order_by(_items.c.idx)
+            ).all()
+        return [(int(i), x) for i, x in rows]
+
+    # -------------------------------------------------------------- workers
+
+    def register_worker(self, row: dict[str, Any]) -> None:
+        now = utcnow()
+        with self.engine.begin() as conn:
+            conn.execute(insert(_workers), [{"started_at": now, "heartbeat_at": now, **row}])
+
+    def update_worker(self, worker_id: str, **values: Any) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(update(_workers).where(_workers.c.id == worker_id).values(**values))
+
+    def heartbeat(self, worker_id: str) -> None:
+        self.update_worker(worker_id, heartbeat_at=utcnow())
+
+    def live_workers(self, queue: str | None = None) -> list[dict[str, Any]]:
+        """Workers whose heartbeat is fresh and that have not stopped."""
+        since = utcnow() - timedelta(seconds=C.HEARTBEAT_STALE_AFTER)
+        q = select(_workers).where(_workers.c.stopped_at.is_(None), _workers.c.heartbeat_at >= since)
+        if queue is not None:
+            q = q.where(_workers.c.queue == queue)
+        try:
+            with self.engine.connect() as conn:
+                return [dict(r) for r in conn.execute(q).mappings()]
+        except (OperationalError, ProgrammingError):
+            return []
+
+    def served_custom_tasks(self) -> frozenset[str]:
+        """Task names that live workers serve (custom pipeline tasks are only known through them)."""
+        return frozenset(w["task"] for w in self.live_workers())

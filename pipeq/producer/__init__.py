@@ -1,0 +1,1 @@
+"""The producer side: the Python client, input readers and result writers."""

@@ -1,0 +1,238 @@
+"""The Python API: submit jobs, follow them, read their results."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
+from typing import IO, Any
+
+from pipeq import constants as C
+from pipeq.celery_app import make_celery
+from pipeq.errors import BrokerError, InputError
+from pipeq.models.store import JobProgress, Store
+from pipeq.producer.readers import Record, RecordSpec, read_objects, read_path
+from pipeq.routing import ServeKey, check_model, check_params, check_precision
+from pipeq.settings import Settings, mask_url
+from pipeq.tasks import check_task
+
+log = logging.getLogger(__name__)
+
+
+class Job:
+    """A handle on a submitted job; everything it reports is read from the SQL store."""
+
+    def __init__(self, store: Store, job_id: str) -> None:
+        self.store = store
+        self.id = job_id
+
+    def __repr__(self) -> str:
+        return f"Job({self.id!r})"
+
+    def status(self) -> JobProgress:
+        return self.store.job(self.id)
+
+    def wait(
+        self,
+        *,
+        timeout: float | None = None,
+        progress: bool = False,
+        poll: float = C.WAIT_POLL_INTERVAL,
+        on_update: Callable[[JobProgress], None] | None = None,
+    ) -> JobProgress:
+        """Block until the job is done or cancelled; raises TimeoutError after ``timeout`` seconds."""
+        if progress:
+            from pipeq.progress import watch
+
+            return watch(self.store, self.id, timeout=timeout, poll=poll)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            state = self.status()
+            if on_update is not None:
+                on_update(state)
+            if state.is_final:
+                return state
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {self.id} not finished after {timeout}s: {state.finished}/{state.total}")
+            time.sleep(poll)
+
+    def results(self) -> Iterator[dict[str, Any]]:
+        """One row per input item, in input order: index, id, status, output, error, truncated, timing."""
+        for row in self.store.iter_results(self.id):
+            yield {
+                "index": row["idx"],
+                "id": row["input_id"],
+                "status": row["status"],
+                "output": row["output"],
+                "error": row["error"],
+                "truncated": row["truncated"],
+                "timing": {
+                    "batch_id": row["batch_id"],
+                    "batch_size": row["batch_size"],
+                    "n_tokens": row["n_tokens"],
+                    "queue_wait_ms": row["queue_wait_ms"],
+                    "preprocess_ms": row["preprocess_ms"],
+                    "forward_ms": row["forward_ms"],
+                    "postprocess_ms": row["postprocess_ms"],
+                    "batch_total_ms": row["total_ms"],
+                    "attempts": row["attempts"],
+                    "model_revision": row["model_revision"],
+                    "worker_id": row["worker_id"],
+                },
+            }
+
+    def cancel(self) -> int:
+        """Cancel the job's remaining items; returns how many were cancelled."""
+        return self.store.cancel_job(self.id)
+
+
+class Client:
+    """Submit jobs to pipeq and follow them. Settings come from the environment unless given."""
+
+    def __init__(self, settings: Settings | None = None, **overrides: Any) -> None:
+        base = settings if settings is not None else Settings.from_env()
+        self.settings = replace(base, **{k: v for k, v in overrides.items() if v is not None})
+        self.store = Store(self.settings.database_url)
+        self.store.check_schema()
+        self._celery = make_celery(self.settings)
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def job(self, job_id: str) -> Job:
+        self.store.job(job_id)  # raises JobNotFoundError
+        return Job(self.store, job_id)
+
+    def submit(
+        self,
+        inputs: Iterable[Any] | str,
+        *,
+        task: str,
+        model: str,
+        precision: str = "fp32",
+        revision: str | None = None,
+        params: dict[str, Any] | None = None,
+        text_field: str = "text",
+        id_field: str | None = "id",
+        pair_field: str | None = None,
+        skip_empty: bool = False,
+        priority: int = 0,
+        input_format: str | None = None,
+        stdin: IO[bytes] | None = None,
+    ) -> Job:
+        """Store a job and all its items, then queue it in chunks.
+
+        ``inputs`` is an iterable of texts or dicts, or a path (``-`` for stdin) to a .jsonl,
+        .csv, .parquet or .txt file. Bad input raises InputError naming the line before anything
+        is stored; nothing is queued until every item is committed.
+        """
+        name = check_task(task, custom_tasks=self.store.served_custom_tasks())
+        key = ServeKey(task=name, model=check_model(model), precision=check_precision(precision), revision=revision)
+        params = check_params(params)
+        spec = RecordSpec(
+            task=name,
+            text_field=text_field,
+            id_field=id_field,
+            pair_field=pair_field,
+            max_text_chars=self.settings.max_text_chars,
+            skip_empty=skip_empty,
+        )
+        if isinstance(inputs, str):
+            records: Iterator[Record] = read_path(inputs, spec, input_format=input_format, stdin=stdin)
+            source: str | None = inputs
+        else:
+            records = read_objects(inputs, spec)
+            source = None
+        job_id = uuid.uuid4().hex
+        kept: list[tuple[int, int, Any]] = []  # (size, idx, input) for publishing after commit
+        total = self.store.create_job(
+            {
+                "id": job_id,
+                "task": key.task,
+                "model": key.model,
+                "revision": key.revision,
+                "precision": key.precision,
+                "queue": key.queue,
+                "params": params,
+                "status": C.JOB_QUEUED,
+                "priority": priority,
+                "source": source,
+            },
+            self._rows(job_id, records, kept),
+        )
+        log.info("stored job %s: %d items for %s", job_id, total, key.queue)
+        self._publish(job_id, key.queue, kept, priority)
+        self.store.mark_published(job_id)
+        return Job(self.store, job_id)
+
+    def _rows(
+        self, job_id: str, records: Iterator[Record], kept: list[tuple[int, int, Any]]
+    ) -> Iterator[list[dict[str, Any]]]:
+        rows: list[dict[str, Any]] = []
+        idx = -1
+        for idx, rec in enumerate(records):
+            if idx >= self.settings.max_job_items:
+                raise InputError(
+                    f"job has more than {self.settings.max_job_items:,} items (PIPEQ_MAX_JOB_ITEMS)", line=rec.line
+                )
+            rows.append(
+                {
+                    "job_id": job_id,
+                    "idx": idx,
+                    "input_id": rec.input_id,
+                    "input": rec.input,
+                    "status": C.ITEM_PENDING,
+                    "attempts": 0,
+                }
+            )
+            kept.append((rec.size, idx, rec.input))
+            if len(rows) >= C.INSERT_BATCH_ROWS:
+                yield rows
+                rows = []
+        if idx < 0:
+            raise InputError("the input holds no items")
+        yield rows
+
+    def _publish(self, job_id: str, queue: str, kept: list[tuple[int, int, Any]], priority: int) -> None:
+        # Longest first, so chunks are homogeneous in length and the slow ones do not trail at the end.
+        kept.sort(key=lambda t: -t[0])
+        size = self.settings.chunk_size
+        try:
+            with self._celery.producer_or_acquire() as producer:
+                for start in range(0, len(kept), size):
+                    chunk = kept[start : start + size]
+                    self._celery.send_task(
+                        C.CHUNK_TASK_NAME,
+                        kwargs={"job_id": job_id, "items": [[i, x] for _, i, x in chunk], "sent_at": time.time()},
+                        queue=queue,
+                        routing_key=queue,
+                        priority=priority,
+                        producer=producer,
+                    )
+        except Exception as exc:  # kombu raises many connection error types
+            message = (
+                f"job {job_id} is stored but could not be queued on {mask_url(self.settings.broker_url)}: "
+                f"{type(exc).__name__}: {mask_url(str(exc))}; run `pipeq resume {job_id}` once the broker "
+                f"is reachable"
+            )
+            self.store.set_job_error(job_id, message)
+            raise BrokerError(message) from None
+
+    def resume(self, job_id: str) -> int:
+        """Queue a job's pending items again (after a broker loss); returns how many."""
+        row = self.store.job_row(job_id)
+        if row is None:
+            self.store.job(job_id)  # raises JobNotFoundError
+            return 0
+        pending = [(len(str(x)), i, x) for i, x in self.store.pending_items(job_id)]
+        if pending:
+            self._publish(job_id, row["queue"], pending, row["priority"])
+        return len(pending)

@@ -1,0 +1,247 @@
+"""Read a job's inputs from files, stdin or Python objects, validating every record.
+
+Every problem is raised as an InputError naming the source and line (or row), before
+anything is stored or queued.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import IO, Any
+
+from pipeq.errors import InputError
+
+#: File suffixes and the format each means.
+FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet", ".txt": "txt"}
+#: Input shapes: ``text`` (a string, or a text pair), ``table`` (table-question-answering).
+TABLE_TASKS = frozenset({"table-question-answering"})
+
+
+@dataclass(frozen=True)
+class Record:
+    """One validated input: where it came from, its own id if any, and the pipeline input."""
+
+    line: int
+    input: Any
+    input_id: str | None
+    size: int
+
+
+@dataclass(frozen=True)
+class RecordSpec:
+    """How to turn a raw record (a dict or a string) into a pipeline input."""
+
+    task: str
+    text_field: str = "text"
+    id_field: str | None = "id"
+    pair_field: str | None = None
+    max_text_chars: int = 100_000
+    skip_empty: bool = False
+
+
+def detect_format(path: str, explicit: str | None = None) -> str:
+    """The input format from ``--input-format`` or the file's suffix."""
+    if explicit:
+        if explicit not in set(FORMATS.values()):
+            raise InputError(f"unknown input format {explicit!r}; choose jsonl, csv, parquet or txt")
+        return explicit
+    if path == "-":
+        return "sniff"
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in FORMATS:
+        raise InputError(
+            f"cannot tell the format of {path!r} from its suffix; use .jsonl, .csv, .parquet or .txt "
+            f"(or pass --input-format)"
+        )
+    return FORMATS[suffix]
+
+
+def _decoded_lines(stream: IO[bytes], source: str) -> Iterator[tuple[int, str]]:
+    """(line number, text) for each line, failing clearly on bytes that are not UTF-8."""
+    for number, raw in enumerate(stream, start=1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(
+                f"not valid UTF-8 (byte {exc.start} of the line: {raw[exc.start : exc.start + 4]!r}); "
+                f"re-encode the file as UTF-8",
+                source=source,
+                line=number,
+            ) from None
+        if number == 1:
+            text = text.removeprefix("\ufeff")
+        yield number, text
+
+
+def _check_text(value: Any, what: str, spec: RecordSpec, source: str, line: int) -> str | None:
+    if not isinstance(value, str):
+        raise InputError(f"{what} must be a string, got {type(value).__name__}", source=source, line=line)
+    if not value.strip():
+        if spec.skip_empty:
+            return None
+        raise InputError(f"{what} is empty (pass --skip-empty to drop empty texts)", source=source, line=line)
+    if len(value) > spec.max_text_chars:
+        raise InputError(
+            f"{what} is {len(value):,} characters, over the limit of {spec.max_text_chars:,} (--max-text-chars)",
+            source=source,
+            line=line,
+        )
+    return value
+
+
+def _input_id(record: dict[str, Any], spec: RecordSpec, source: str, line: int) -> str | None:
+    if not spec.id_field or spec.id_field not in record or record[spec.id_field] is None:
+        return None
+    value = record[spec.id_field]
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise InputError(
+            f"id field {spec.id_field!r} must be a string or an integer, got {type(value).__name__}",
+            source=source,
+            line=line,
+        )
+    return str(value)
+
+
+def _field(record: dict[str, Any], name: str, source: str, line: int) -> Any:
+    if name not in record:
+        present = ", ".join(sorted(map(str, record))) or "none"
+        raise InputError(f"missing field {name!r} (fields present: {present})", source=source, line=line)
+    return record[name]
+
+
+def make_record(raw: Any, spec: RecordSpec, source: str, line: int) -> Record | None:
+    """Validate one raw record; None when it is an empty text that ``skip_empty`` drops."""
+    if isinstance(raw, str):
+        if spec.task in TABLE_TASKS:
+            raise InputError(
+                "table-question-answering needs records with 'table' and 'query'", source=source, line=line
+            )
+        text = _check_text(raw, "text", spec, source, line)
+        return None if text is None else Record(line, text, None, len(text))
+    if not isinstance(raw, dict):
+        raise InputError(f"a record must be an object or a string, got {type(raw).__name__}", source=source, line=line)
+    input_id = _input_id(raw, spec, source, line)
+    if spec.task in TABLE_TASKS:
+        table = _field(raw, "table", source, line)
+        if not isinstance(table, dict) or not all(isinstance(v, list) for v in table.values()):
+            raise InputError("'table' must map column names to lists of cells", source=source, line=line)
+        query = _check_text(_field(raw, "query", source, line), "field 'query'", spec, source, line)
+        if query is None:
+            return None
+        return Record(line, {"table": table, "query": query}, input_id, len(query))
+    text = _check_text(_field(raw, spec.text_field, source, line), f"field {spec.text_field!r}", spec, source, line)
+    if text is None:
+        return None
+    if spec.pair_field:
+        pair = _check_text(_field(raw, spec.pair_field, source, line), f"field {spec.pair_field!r}", spec, source, line)
+        if pair is None:
+            return None
+        return Record(line, {"text": text, "text_pair": pair}, input_id, len(text) + len(pair))
+    return Record(line, text, input_id, len(text))
+
+
+def _jsonl(stream: IO[bytes], source: str) -> Iterator[tuple[int, Any]]:
+    for line, text in _decoded_lines(stream, source):
+        if not text.strip():
+            continue
+        try:
+            yield line, json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"malformed JSON ({exc.msg} at column {exc.colno})", source=source, line=line) from None
+
+
+def _txt(stream: IO[bytes], source: str) -> Iterator[tuple[int, Any]]:
+    pending_blank: list[int] = []
+    for line, text in _decoded_lines(stream, source):
+        text = text.rstrip("\r\n")
+        if not text.strip():
+            # Trailing blank lines are not texts; blank lines between texts are (and get checked).
+            pending_blank.append(line)
+            continue
+        for blank in pending_blank:
+            yield blank, ""
+        pending_blank.clear()
+        yield line, text
+
+
+def _csv(stream: IO[bytes], source: str) -> Iterator[tuple[int, Any]]:
+    lines = (text for _, text in _decoded_lines(stream, source))
+    reader = csv.DictReader(lines)
+    if not reader.fieldnames:
+        return
+    try:
+        for row in reader:
+            if None in row:
+                raise InputError(
+                    f"row has {len(row) - 1 + len(row[None])} fields, the header has {len(reader.fieldnames)}",
+                    source=source,
+                    line=reader.line_num,
+                )
+            yield reader.line_num, row
+    except csv.Error as exc:
+        raise InputError(f"malformed CSV: {exc}", source=source, line=reader.line_num) from None
+
+
+def _parquet(path: str, source: str) -> Iterator[tuple[int, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"not a readable Parquet file: {exc}", source=source) from None
+    row = 0
+    for batch in pf.iter_batches(batch_size=8192):
+        for rec in batch.to_pylist():
+            row += 1
+            yield row, rec
+
+
+def _sniff(stream: IO[bytes], source: str) -> Iterator[tuple[int, Any]]:
+    buffered = io.BufferedReader(stream)  # type: ignore[type-var]
+    head = buffered.peek(64).lstrip()
+    yield from (_jsonl if head.startswith(b"{") else _txt)(buffered, source)
+
+
+def read_path(
+    path: str, spec: RecordSpec, *, input_format: str | None = None, stdin: IO[bytes] | None = None
+) -> Iterator[Record]:
+    """Yield validated records from a file (or ``-`` for stdin)."""
+    fmt = detect_format(path, input_format)
+    source = "<stdin>" if path == "-" else path
+    if path != "-" and not os.path.isfile(path):
+        raise InputError(f"no such file: {path}")
+    if fmt == "parquet":
+        raw_iter: Iterator[tuple[int, Any]] = _parquet(path, source)
+        yield from _records(raw_iter, spec, source)
+        return
+    readers = {"jsonl": _jsonl, "txt": _txt, "csv": _csv, "sniff": _sniff}
+    if path == "-":
+        stream = stdin if stdin is not None else sys.stdin.buffer
+        yield from _records(readers[fmt](stream, source), spec, source)
+        return
+    with open(path, "rb") as fh:
+        yield from _records(readers[fmt](fh, source), spec, source)
+
+
+def read_objects(objects: Iterable[Any], spec: RecordSpec, source: str = "<inputs>") -> Iterator[Record]:
+    """Yield validated records from Python strings or dicts (the ``Client.submit`` path).
+
+    Errors name the item by its position, counted from 1 like file lines.
+    """
+    if isinstance(objects, str | bytes | dict):
+        raise InputError(f"inputs must be an iterable of texts or records, not a single {type(objects).__name__}")
+    yield from _records(enumerate(objects, start=1), spec, source)
+
+
+def _records(raw: Iterable[tuple[int, Any]], spec: RecordSpec, source: str) -> Iterator[Record]:
+    for line, value in raw:
+        record = make_record(value, spec, source, line)
+        if record is not None:
+            yield record

