@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 from functools import cache
+from importlib import metadata
+from pathlib import Path
 
 from pipeq.errors import UnsupportedTaskError
 
@@ -14,19 +18,43 @@ REMOVED_IN_TRANSFORMERS_5 = frozenset(
 _NOT_JSON_OUTPUT = frozenset({"text-to-audio"})
 
 
+def _cache_file() -> Path:
+    version = metadata.version("transformers")
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "pipeq" / f"transformers-{version}-tasks.json"
+
+
 @cache
-def _registry() -> tuple[dict[str, str], dict[str, dict[str, object]]]:
+def _registry() -> tuple[dict[str, str], dict[str, str | None]]:
+    """Task aliases and {task: input type} of the installed transformers.
+
+    Importing ``transformers.pipelines`` takes seconds (it imports torch); the answer only
+    changes with the transformers version, so it is cached per version on disk.
+    """
+    path = _cache_file()
+    try:
+        data = json.loads(path.read_text())
+        return data["aliases"], data["types"]
+    except (OSError, ValueError, KeyError):
+        pass
     from transformers.pipelines import PIPELINE_REGISTRY
 
-    return dict(PIPELINE_REGISTRY.task_aliases), PIPELINE_REGISTRY.supported_tasks
+    aliases = dict(PIPELINE_REGISTRY.task_aliases)
+    types = {name: impl.get("type") for name, impl in PIPELINE_REGISTRY.supported_tasks.items()}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"aliases": aliases, "types": types}))
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only home only costs the import next time
+    return aliases, types
 
 
 def text_tasks() -> list[str]:
     """Built-in text tasks of the installed transformers that pipeq serves."""
-    _, supported = _registry()
-    return sorted(
-        name for name, impl in supported.items() if impl.get("type") == "text" and name not in _NOT_JSON_OUTPUT
-    )
+    _, types = _registry()
+    return sorted(name for name, kind in types.items() if kind == "text" and name not in _NOT_JSON_OUTPUT)
 
 
 def normalize_task(task: str) -> str:
@@ -39,15 +67,13 @@ def normalize_task(task: str) -> str:
 
 def check_task(task: str, *, custom_tasks: frozenset[str] = frozenset()) -> str:
     """Return the canonical task name, or raise UnsupportedTaskError with the choices."""
-    import transformers
-
     name = normalize_task(task.strip())
     if name in custom_tasks or name in text_tasks():
         return name
     choices = ", ".join(text_tasks())
     if name in REMOVED_IN_TRANSFORMERS_5 or name.startswith("translation"):
         raise UnsupportedTaskError(
-            f"task {task!r} is not offered by the installed transformers {transformers.__version__} "
+            f"task {task!r} is not offered by the installed transformers {metadata.version('transformers')} "
             f"(5.x removed question-answering, summarization, translation and text2text-generation). "
             f"Text tasks served: {choices}"
         )

@@ -100,6 +100,7 @@ class Client:
 
     def close(self) -> None:
         self.store.close()
+        self._celery.close()  # release the broker connection pool now, not at garbage collection
 
     def __enter__(self) -> Client:
         return self

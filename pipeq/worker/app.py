@@ -34,6 +34,7 @@ def create_worker_app(settings: Settings, cfg: WorkerConfig) -> tuple[Celery, Wo
 
     @app.task(
         name=C.CHUNK_TASK_NAME,
+        shared=False,  # never leak this app's task (and its context) into other Celery apps
         bind=True,
         acks_late=True,
         reject_on_worker_lost=True,
@@ -60,4 +61,10 @@ def create_worker_app(settings: Settings, cfg: WorkerConfig) -> tuple[Celery, Wo
 
     worker_process_init.connect(_child_init, weak=False)
     worker_process_shutdown.connect(_child_shutdown, weak=False)
+
+    def _detach() -> None:
+        worker_process_init.disconnect(_child_init)
+        worker_process_shutdown.disconnect(_child_shutdown)
+
+    ctx.on_stop = _detach
     return app, ctx

@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from pipeq import constants as C
@@ -34,11 +35,18 @@ class WorkerContext:
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
         self._jobs: dict[str, dict[str, Any]] = {}
+        #: Called by stop(): the app uses it to disconnect its process signals.
+        self.on_stop: Callable[[], None] | None = None
 
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        """Load the pipeline in this process (never in a parent that forks) and register with the store."""
+        """Load the pipeline in this process (never in a parent that forks) and register with the store.
+
+        Idempotent: the solo pool sends ``worker_process_init`` in a process that may have started already.
+        """
+        if self.runtime is not None:
+            return
         self.worker_id = uuid.uuid4().hex  # each forked child is its own worker
         self._stop.clear()
         cfg, key = self.cfg, self.cfg.key
@@ -79,6 +87,8 @@ class WorkerContext:
 
     def stop(self) -> None:
         self._stop.set()
+        if self.on_stop is not None:
+            self.on_stop()
         if self.store is not None:
             try:
                 self.store.update_worker(self.worker_id, status="stopped", stopped_at=utcnow())

@@ -1,0 +1,200 @@
+"""Fixtures that start real things (stores, brokers, worker processes) and tear them down.
+
+Redis and PostgreSQL are the machine's own (127.0.0.1:6379, 127.0.0.1:5432). Locally a missing
+service skips the tests that need it; under CI=true it fails them, as CI must test for real.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import tinymodels  # noqa: E402
+
+REDIS_URL = os.environ.get("PIPEQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+PG_ADMIN_URL = os.environ.get("PIPEQ_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+def unavailable(what: str) -> None:
+    """Skip locally, fail in CI: an unreachable service is never a pass there."""
+    if IN_CI:
+        pytest.fail(f"{what} is not reachable; CI must run against the real service")
+    pytest.skip(f"{what} is not reachable")
+
+
+# ------------------------------------------------------------------ models
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], str]:
+    """Build (once per session) a tiny model for a task and return its directory."""
+    built: dict[str, str] = {}
+
+    def _get(kind: str) -> str:
+        if kind not in built:
+            built[kind] = tinymodels.build(kind, tmp_path_factory.mktemp(kind.replace("-", "_")))
+        return built[kind]
+
+    return _get
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> str:
+    return tinymodels.minilm_dir()
+
+
+# ------------------------------------------------------------------ stores
+
+
+def _pg_reachable() -> bool:
+    import sqlalchemy as sa
+
+    try:
+        engine = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+        with engine.connect() as conn:
+            conn.execute(sa.text("select 1"))
+        engine.dispose()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh, migrated PostgreSQL database, dropped afterwards."""
+    import sqlalchemy as sa
+
+    from pipeq import db
+
+    if not _pg_reachable():
+        unavailable("PostgreSQL at 127.0.0.1:5432")
+    name = f"pipeq_test_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    db.upgrade(url)
+    try:
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """A migrated SQLite file."""
+    from pipeq import db
+
+    url = f"sqlite:///{tmp_path / 'pipeq.db'}"
+    db.upgrade(url)
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest) -> str:
+    """Each test using this runs on SQLite and on PostgreSQL."""
+    name = "sqlite_url" if request.param == "sqlite" else "pg_url"
+    return str(request.getfixturevalue(name))
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[Any]:
+    from pipeq.models.store import Store
+
+    s = Store(store_url)
+    yield s
+    s.close()
+
+
+# ------------------------------------------------------------------ broker
+
+
+@pytest.fixture
+def redis_url() -> str:
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+    except Exception:
+        unavailable(f"Redis at {REDIS_URL}")
+    return REDIS_URL
+
+
+# ------------------------------------------------------------------ workers
+
+
+class WorkerProcess:
+    """A real ``pipeq worker`` subprocess; stopped with SIGTERM (then SIGKILL) on teardown."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeq", "worker", *args],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, store: Any, queue: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            if any(w["status"] == "ready" and w["queue"] == queue for w in store.live_workers()):
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"worker not ready after {timeout}s:\n{self.log()[-4000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        self._log.close()
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start ``pipeq worker`` subprocesses against given URLs; all are stopped afterwards."""
+    started: list[WorkerProcess] = []
+
+    def _start(
+        *args: str, broker_url: str, database_url: str, extra_env: dict[str, str] | None = None
+    ) -> WorkerProcess:
+        env = {**os.environ, "PIPEQ_BROKER_URL": broker_url, "PIPEQ_DATABASE_URL": database_url, **(extra_env or {})}
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+        proc = WorkerProcess(list(args), env, tmp_path / f"worker-{len(started)}.log")
+        started.append(proc)
+        return proc
+
+    yield _start
+    for proc in started:
+        proc.stop()

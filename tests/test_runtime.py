@@ -1,0 +1,184 @@
+"""The runtime runs the real pipeline stages in micro-batches and gives what ``pipeline(...)`` gives."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from transformers import pipeline
+
+from pipeq.worker.runtime import PipelineRuntime, offline_defaults
+from pipeq.worker.serialize import to_jsonable
+
+MIXED = [
+    "hello world",
+    "I've been waiting for a HuggingFace course my whole life.",
+    "我非常讨厌这个！",
+    "我一直都在等待 HuggingFace 课程。",
+    "short",
+    "The weather in Paris is lovely in spring, and John Smith went there with Mary. " * 3,
+    "a " * 300 + "end",  # longer than the model's 128 tokens
+]
+
+CASES: dict[str, tuple[list[Any], dict[str, Any]]] = {
+    "text-classification": (MIXED, {}),
+    "token-classification": (MIXED, {"aggregation_strategy": "simple"}),
+    "fill-mask": (
+        ["hello [MASK] world", "the [MASK] is blue today and also tomorrow", "我[MASK]讨厌这个"],
+        {"top_k": 3},
+    ),
+    "feature-extraction": (MIXED[:6], {}),
+    "zero-shot-classification": (MIXED[:6], {"candidate_labels": ["sports", "politics", "food"]}),
+    "text-generation": (
+        ["hello there", "once upon a time in a land far away", "我非常"],
+        {"max_new_tokens": 4, "do_sample": False},
+    ),
+    "table-question-answering": (
+        [
+            {"table": {"name": ["ann", "bob"], "age": ["31", "42"]}, "query": "how old is ann?"},
+            {"table": {"city": ["paris", "rome", "oslo"]}, "query": "which city is in italy?"},
+        ],
+        {},
+    ),
+}
+
+
+def assert_close(got: Any, want: Any, path: str = "$") -> None:
+    """Labels, tokens and structure identical; floats within 1e-4 (fp32)."""
+    if isinstance(want, float) or isinstance(got, float):
+        assert got == pytest.approx(want, abs=1e-4), path
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), path
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            assert_close(g, w, f"{path}[{i}]")
+    elif isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), path
+        for k in want:
+            assert_close(got[k], want[k], f"{path}.{k}")
+    else:
+        assert got == want, path
+
+
+def run_all(rt: PipelineRuntime, inputs: list[Any], params: dict[str, Any]) -> dict[int, Any]:
+    out: dict[int, Any] = {}
+    for results, _timing in rt.run(list(enumerate(inputs)), params):
+        for r in results:
+            assert r.idx not in out, "an item was reported twice"
+            out[r.idx] = r
+    assert sorted(out) == list(range(len(inputs))), "every item gets exactly one result"
+    return out
+
+
+def reference(task: str, model: str, inputs: list[Any], params: dict[str, Any]) -> list[Any]:
+    """What plain transformers returns for each input (offline defaults applied, one call)."""
+    pipe = pipeline(task, model=model)
+    params = offline_defaults(task, params)
+    if task in ("text-classification", "token-classification", "zero-shot-classification"):
+        return to_jsonable(pipe(list(inputs), **params))
+    # These return a bare result for a one-element list, so call them per input.
+    return [to_jsonable(pipe(x, **params)) for x in inputs]
+
+
+@pytest.mark.parametrize("task", sorted(CASES))
+def test_outputs_equal_plain_pipeline(task: str, model_dir: Callable[[str], str]) -> None:
+    # Given a tiny model and mixed-length inputs (English, Chinese, one over the model's maximum)
+    inputs, params = CASES[task]
+    model = model_dir(task)
+    # When pipeq runs them in small token-budget micro-batches
+    rt = PipelineRuntime(pipeline(task, model=model), task, max_batch_tokens=256, max_batch_size=4)
+    out = run_all(rt, inputs, params)
+    # Then every output equals what transformers returns for that input
+    errors = {i: r.error for i, r in out.items() if r.error}
+    assert not errors
+    assert_close([out[i].output for i in range(len(inputs))], reference(task, model, inputs, params))
+
+
+def test_token_budget_cuts_batches_and_records_padding(model_dir: Callable[[str], str]) -> None:
+    rt = PipelineRuntime(
+        pipeline("text-classification", model=model_dir("text-classification")),
+        "text-classification",
+        max_batch_tokens=64,
+        max_batch_size=8,
+    )
+    timings = [t for _, t in rt.run(list(enumerate(MIXED)), {}) if t is not None]
+    assert len(timings) > 1
+    for t in timings:
+        assert t.padded_tokens <= 64 or t.rows == 1
+        assert t.real_tokens <= t.padded_tokens
+        assert t.forward_ms > 0 and t.total_ms >= t.forward_ms
+    assert sum(t.size for t in timings) == len(MIXED)
+
+
+def test_long_text_is_truncated_and_flagged(model_dir: Callable[[str], str]) -> None:
+    rt = PipelineRuntime(pipeline("text-classification", model=model_dir("text-classification")), "text-classification")
+    out = run_all(rt, MIXED, {})
+    assert out[6].status == "done" and out[6].truncated is True
+    assert [out[i].truncated for i in range(6)] == [False] * 6
+    assert out[6].n_tokens == 128
+
+
+def test_truncation_off_fails_only_the_long_item(model_dir: Callable[[str], str]) -> None:
+    rt = PipelineRuntime(
+        pipeline("text-classification", model=model_dir("text-classification")),
+        "text-classification",
+        max_batch_size=64,
+    )
+    out = run_all(rt, MIXED, {"truncation": False})
+    assert out[6].status == "failed" and "forward" in out[6].error
+    assert all(out[i].status == "done" for i in range(6))
+
+
+def test_text_pairs(model_dir: Callable[[str], str]) -> None:
+    model = model_dir("text-classification")
+    pairs = [{"text": "a cat sat", "text_pair": "a cat was sitting"}, {"text": "hi", "text_pair": "我非常讨厌这个"}]
+    rt = PipelineRuntime(pipeline("text-classification", model=model), "text-classification")
+    out = run_all(rt, pairs, {})
+    assert_close([out[0].output, out[1].output], reference("text-classification", model, pairs, {}))
+
+
+class _Poisoned:
+    """Wraps a pipeline so chosen inputs fail in one stage, as bad data would."""
+
+    def __init__(self, pipe: Any, stage: str, marker: str) -> None:
+        self._pipe, self._stage, self._marker = pipe, stage, marker
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pipe, name)
+
+    def preprocess(self, text: Any, **kw: Any) -> Any:
+        if self._stage == "preprocess" and self._marker in text:
+            raise ValueError("cannot tokenize this")
+        out = self._pipe.preprocess(text, **kw)
+        if self._stage == "forward" and self._marker in text:
+            out["input_ids"] = out["input_ids"] + 10**7  # out of the vocabulary: the embedding raises
+        return out
+
+
+@pytest.mark.parametrize("stage", ["preprocess", "forward"])
+def test_poison_item_fails_alone(stage: str, model_dir: Callable[[str], str]) -> None:
+    pipe = pipeline("text-classification", model=model_dir("text-classification"))
+    rt = PipelineRuntime(_Poisoned(pipe, stage, "POISON"), "text-classification", max_batch_size=8)
+    texts = [f"text number {i}" for i in range(10)]
+    texts[4] = "this is POISON here"
+    out = run_all(rt, texts, {})
+    assert out[4].status == "failed" and out[4].error.startswith(stage)
+    assert all(out[i].status == "done" for i in range(10) if i != 4)
+
+
+def test_postprocess_failure_fails_alone(model_dir: Callable[[str], str]) -> None:
+    pipe = pipeline("text-classification", model=model_dir("text-classification"))
+    calls = {"n": 0}
+    real = pipe.postprocess
+
+    def flaky(outputs: Any, **kw: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("postprocess blew up")
+        return real(outputs, **kw)
+
+    pipe.postprocess = flaky
+    rt = PipelineRuntime(pipe, "text-classification")
+    out = run_all(rt, [f"text {i}" for i in range(6)], {})
+    failed = [i for i, r in out.items() if r.status == "failed"]
+    assert len(failed) == 1 and "postprocess: RuntimeError" in out[failed[0]].error

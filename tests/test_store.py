@@ -1,0 +1,174 @@
+"""The SQL store on SQLite and PostgreSQL: jobs, idempotent result writes, cancel, results in order."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from pipeq import constants as C
+from pipeq.errors import JobNotFoundError, StoreError
+from pipeq.models.store import BatchTiming, ItemResult, Store
+
+
+def make_job(store: Store, n: int, job_id: str = "job1") -> str:
+    rows = [
+        {
+            "job_id": job_id,
+            "idx": i,
+            "input_id": f"id{i}",
+            "input": f"text {i}",
+            "status": C.ITEM_PENDING,
+            "attempts": 0,
+        }
+        for i in range(n)
+    ]
+    store.create_job(
+        {
+            "id": job_id,
+            "task": "text-classification",
+            "model": "/m",
+            "revision": None,
+            "precision": "fp32",
+            "queue": "q",
+            "params": {"top_k": 1},
+            "status": C.JOB_QUEUED,
+            "priority": 0,
+            "source": None,
+        },
+        [rows],
+    )
+    return job_id
+
+
+def timing(size: int) -> BatchTiming:
+    now = datetime.now(UTC)
+    return BatchTiming(
+        size=size,
+        rows=size,
+        real_tokens=10 * size,
+        padded_tokens=12 * size,
+        queue_wait_ms=5.0,
+        preprocess_ms=1.0,
+        forward_ms=20.0,
+        postprocess_ms=0.5,
+        total_ms=21.5,
+        started_at=now,
+        finished_at=now,
+    )
+
+
+def record(store: Store, job: str, results: list[ItemResult]) -> Any:
+    return store.record_batch(
+        job, results, timing(len(results)), worker_id=None, model_revision="abc", precision="fp32", device="cpu"
+    )
+
+
+def done(i: int, label: str = "pos") -> ItemResult:
+    return ItemResult(i, C.ITEM_DONE, output={"label": label, "score": 0.9}, n_tokens=10, truncated=False)
+
+
+def test_results_are_written_exactly_once(store: Store) -> None:
+    job = make_job(store, 5)
+    first = record(store, job, [done(0), done(1), ItemResult(2, C.ITEM_FAILED, error="forward: boom")])
+    assert (first.done, first.failed, first.skipped) == (2, 1, 0)
+    # A redelivered message computes again, maybe differently: nothing changes.
+    again = record(store, job, [done(0, "neg"), done(1, "neg"), done(2, "neg")])
+    assert (again.done, again.failed, again.skipped) == (0, 0, 3)
+    state = store.job(job)
+    assert (state.done, state.failed, state.pending, state.status) == (2, 1, 2, C.JOB_RUNNING)
+    record(store, job, [done(3), done(4)])
+    state = store.job(job)
+    assert state.status == C.JOB_DONE and state.finished_at is not None and state.finished == 5
+    rows = list(store.iter_results(job))
+    assert [r["idx"] for r in rows] == [0, 1, 2, 3, 4]
+    assert rows[0]["output"] == {"label": "pos", "score": 0.9}
+    assert rows[2]["status"] == "failed" and rows[2]["error"] == "forward: boom" and rows[2]["output"] is None
+    assert rows[0]["forward_ms"] == 20.0 and rows[0]["model_revision"] == "abc" and rows[0]["batch_size"] == 3
+
+
+def test_concurrent_duplicate_deliveries_count_once(store: Store) -> None:
+    job = make_job(store, 200)
+    results = [done(i) for i in range(200)]
+    barrier = threading.Barrier(4)
+
+    def deliver() -> None:
+        barrier.wait()
+        for start in range(0, 200, 50):
+            record(store, job, results[start : start + 50])
+
+    threads = [threading.Thread(target=deliver) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    state = store.job(job)
+    assert (state.done, state.failed, state.status) == (200, 0, C.JOB_DONE)
+    assert len(list(store.iter_results(job))) == 200
+
+
+def test_claim_counts_attempts_and_leaves_out_finished_items(store: Store) -> None:
+    job = make_job(store, 3)
+    assert store.claim(job, [0, 1, 2]) == {0: 1, 1: 1, 2: 1}
+    assert store.job(job).status == C.JOB_RUNNING
+    record(store, job, [done(1)])
+    assert store.claim(job, [0, 1, 2]) == {0: 2, 2: 2}
+
+
+def test_cancel_keeps_finished_results(store: Store) -> None:
+    job = make_job(store, 4)
+    record(store, job, [done(0)])
+    assert store.cancel_job(job) == 3
+    assert store.cancel_job(job) == 0
+    state = store.job(job)
+    assert (state.status, state.done, state.cancelled) == (C.JOB_CANCELLED, 1, 3)
+    # A worker that was already running the cancelled items cannot write them any more.
+    late = record(store, job, [done(1), done(2)])
+    assert late.skipped == 2
+    assert [r["status"] for r in store.iter_results(job)] == ["done", "cancelled", "cancelled", "cancelled"]
+
+
+def test_unknown_job(store: Store) -> None:
+    with pytest.raises(JobNotFoundError):
+        store.job("nope")
+    with pytest.raises(JobNotFoundError):
+        store.cancel_job("nope")
+
+
+def test_failed_submission_leaves_nothing(store: Store) -> None:
+    def rows() -> Any:
+        yield [{"job_id": "j2", "idx": 0, "input_id": None, "input": "a", "status": "pending", "attempts": 0}]
+        raise ValueError("bad line 2")
+
+    with pytest.raises(ValueError):
+        store.create_job(
+            {
+                "id": "j2",
+                "task": "t",
+                "model": "m",
+                "revision": None,
+                "precision": "fp32",
+                "queue": "q",
+                "params": {},
+                "status": "queued",
+                "priority": 0,
+                "source": None,
+            },
+            rows(),
+        )
+    with pytest.raises(JobNotFoundError):
+        store.job("j2")
+
+
+def test_unmigrated_store_is_reported(tmp_path: Any) -> None:
+    with pytest.raises(StoreError, match="run `pipeq db upgrade` first"):
+        Store(f"sqlite:///{tmp_path / 'empty.db'}").check_schema()
+
+
+def test_credentials_are_masked_in_store_errors() -> None:
+    store = Store("postgresql+psycopg://pipeq:s3cret@127.0.0.1:1/nowhere")
+    with pytest.raises(StoreError) as err:
+        store.check_schema()
+    assert "s3cret" not in str(err.value) and "pipeq:***@" in str(err.value)
