@@ -357,6 +357,24 @@ def workers(
         typer.echo("no live workers", err=True)
 
 
+@app.command()
+def demo(broker_url: BrokerOpt = None, database_url: DatabaseOpt = None) -> None:
+    """Run the whole path here: migrate the store, start a worker, embed sample texts, print neighbours.
+
+    Needs a Redis server (PIPEQ_BROKER_URL, default redis://localhost:6379/0) and the minilm extra.
+    """
+    from pipeq import db
+    from pipeq.demo import run_demo
+
+    settings = _settings(broker_url, database_url)
+    try:
+        db.upgrade(settings.database_url)
+        failed = run_demo(settings)
+    except PipeqError as exc:
+        raise _fail(exc) from None
+    raise typer.Exit(1 if failed else 0)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -1,0 +1,13 @@
+# pipeq image: one image for `pipeq db upgrade`, workers and producers.
+# TORCH_SPEC picks the torch build: PyPI's default wheel is the CUDA build on Linux x86_64.
+FROM python:3.11-slim
+ARG TORCH_SPEC="torch==2.13.0"
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 TOKENIZERS_PARALLELISM=false
+WORKDIR /app
+RUN pip install "${TORCH_SPEC}"
+COPY pyproject.toml README.md ./
+COPY pipeq ./pipeq
+COPY migrations ./migrations
+RUN pip install ".[bnb,minilm]"
+ENTRYPOINT ["pipeq"]
+CMD ["--help"]

@@ -1,0 +1,41 @@
+# pipeq developer targets. `make install` then `make test` is all CI does (see .ci/run).
+VENV ?= .venv
+PYTHON ?= python3.11
+PY := $(VENV)/bin/python
+# The CPU build of torch that lies on this machine; on a CUDA host the same pin takes PyPI's CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install demo test test-fast lint format typecheck check bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+install: $(PY)
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+
+demo:
+	HF_HUB_OFFLINE=1 $(VENV)/bin/pipeq demo
+
+test:
+	$(PY) -m pytest
+
+test-fast:
+	$(PY) -m pytest -m "not integration"
+
+lint:
+	$(VENV)/bin/ruff check pipeq migrations tests
+	$(VENV)/bin/ruff format --check pipeq migrations tests
+
+format:
+	$(VENV)/bin/ruff format pipeq migrations tests
+	$(VENV)/bin/ruff check --fix pipeq migrations tests
+
+typecheck:
+	$(VENV)/bin/mypy
+
+check: lint typecheck test
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache pipeq.db pipeq.db-*

@@ -1,0 +1,1 @@
+"""Sample data shipped with pipeq (the demo texts)."""

