@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -221,3 +222,16 @@ def test_worker_start_errors_are_clear(tmp_path: Path) -> None:
     assert out.returncode == 2 and "does not exist" in out.stderr
     out = cli("worker", "--task", TASK, "--model", str(tmp_path), "--precision", "int4", env=env)
     assert out.returncode == 2 and "unknown precision 'int4'" in out.stderr
+
+
+def test_worker_that_cannot_load_its_model_exits_2(tmp_path: Path, model_dir: Callable[[str], str]) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir(TASK), broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    env = {"PIPEQ_DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}", "PIPEQ_BROKER_URL": "memory://"}
+    assert cli("db", "upgrade", env=env).returncode == 0
+    out = cli("worker", "--task", TASK, "--model", str(broken), env=env, timeout=120)
+    assert out.returncode == 2
+    assert "could not load its pipeline" in out.stderr and "SafetensorError" in out.stderr
+    statuses = {r["status"] for r in rows(env["PIPEQ_DATABASE_URL"], "select status from workers")}
+    assert statuses == {"failed"}

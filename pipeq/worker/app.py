@@ -53,6 +53,8 @@ def create_worker_app(settings: Settings, cfg: WorkerConfig) -> tuple[Celery, Wo
             ctx.start()
         except Exception:
             log.critical("worker could not load its pipeline; shutting the worker down", exc_info=True)
+            ctx.load_failed.value = 1  # shared with the parent, which then exits non-zero
+            ctx.mark_failed()
             os.kill(os.getppid(), signal.SIGTERM)
             os._exit(1)
 

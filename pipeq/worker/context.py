@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import socket
 import threading
@@ -35,6 +36,8 @@ class WorkerContext:
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
         self._jobs: dict[str, dict[str, Any]] = {}
+        #: Set to 1 by a pool child that could not load the pipeline (shared memory, made before fork).
+        self.load_failed: Any = multiprocessing.Value("i", 0)
         #: Called by stop(): the app uses it to disconnect its process signals.
         self.on_stop: Callable[[], None] | None = None
 
@@ -84,6 +87,15 @@ class WorkerContext:
         self._heartbeat = threading.Thread(target=self._beat, name="pipeq-heartbeat", daemon=True)
         self._heartbeat.start()
         log.info("worker %s ready on %s (%d threads)", self.worker_id[:8], key.queue, threads)
+
+    def mark_failed(self) -> None:
+        """Record in the store that this process could not load its pipeline."""
+        if self.store is None:
+            return
+        try:
+            self.store.update_worker(self.worker_id, status="failed", stopped_at=utcnow())
+        except Exception:
+            log.warning("could not mark worker %s failed", self.worker_id[:8], exc_info=True)
 
     def stop(self) -> None:
         self._stop.set()

@@ -38,20 +38,15 @@ def run_worker(settings: Settings, cfg: WorkerConfig, *, loglevel: str = "INFO",
     if pool == "solo":  # no fork: the single process serves, so it loads the model now
         ctx.start()
     log.info("serving %s on queue %s (%s)", cfg.key.model, cfg.key.queue, settings.masked())
-    app.worker_main(
-        [
-            "worker",
-            "--queues",
-            cfg.key.queue,
-            "--concurrency",
-            str(cfg.concurrency),
-            "--pool",
-            pool,
-            "--loglevel",
-            loglevel,
-            "--hostname",
-            f"pipeq-{cfg.key.task}-{cfg.key.precision}@{socket.gethostname()}",
-            "-O",
-            "fair",
-        ]
-    )
+    argv = ["worker", "--queues", cfg.key.queue, "--concurrency", str(cfg.concurrency), "--pool", pool,
+            "--loglevel", loglevel, "--hostname", f"pipeq-{cfg.key.task}-{cfg.key.precision}@{socket.gethostname()}",
+            "-O", "fair"]  # fmt: skip
+    try:
+        app.worker_main(argv)
+    except SystemExit as exc:
+        if not ctx.load_failed.value and not exc.code:
+            return
+        if not ctx.load_failed.value:
+            raise
+    if ctx.load_failed.value:
+        raise ConfigurationError("the worker could not load its pipeline (see the log above)")
