@@ -7,6 +7,10 @@ DEFAULT_DATABASE_URL = "sqlite:///pipeq.db"
 
 #: Items per broker message: a million-item job is ~4,000 messages, not a million.
 DEFAULT_CHUNK_SIZE = 256
+#: Fewest items per broker message when a small job is spread over the live workers.
+MIN_CHUNK_SIZE = 16
+#: Messages per live worker a job is cut into at least (so small jobs spread evenly).
+CHUNKS_PER_WORKER = 8
 #: Padded tokens (rows x longest row) allowed in one forward pass.
 DEFAULT_MAX_BATCH_TOKENS = 8192
 #: Rows allowed in one forward pass, whatever their length.

@@ -200,8 +200,11 @@ def test_cli_wait_exits_1_when_items_fail(settings: Settings, thread_worker: Wor
     env = {"PIPEQ_BROKER_URL": settings.broker_url, "PIPEQ_DATABASE_URL": settings.database_url}
     # truncation=false: the over-long text fails in forward, the short ones finish.
     stdin = "short one\n" + "word " * 400 + "\nshort two\n"
-    out = run_cli(["submit", "-", "--task", TASK, "--model", thread_worker.key.model, "--param", "truncation=false",
-                   "--wait"], env, stdin=stdin)
+    out = run_cli(
+        ["submit", "-", "--task", TASK, "--model", thread_worker.key.model, "--param", "truncation=false", "--wait"],
+        env,
+        stdin=stdin,
+    )
     assert out.exit_code == 1, out.output
     job_id = out.stdout.strip().splitlines()[-1]
     rows = [json.loads(x) for x in run_cli(["results", job_id], env).stdout.splitlines()]

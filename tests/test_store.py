@@ -172,3 +172,35 @@ def test_credentials_are_masked_in_store_errors() -> None:
     with pytest.raises(StoreError) as err:
         store.check_schema()
     assert "s3cret" not in str(err.value) and "pipeq:***@" in str(err.value)
+
+
+def test_inputs_round_trip_through_the_bulk_insert(store: Store) -> None:
+    # COPY (PostgreSQL) and executemany (SQLite) must store exactly what was submitted.
+    inputs = [
+        "我非常讨厌这个！",
+        "tab\there\nnew line \\ backslash \\N",
+        'quote " and \u2028',
+        {"text": "a", "text_pair": "b"},
+        {"table": {"c": ["1", "2"]}, "query": "q?"},
+    ]
+    rows = [
+        {"job_id": "rt", "idx": i, "input_id": None, "input": x, "status": "pending", "attempts": 0}
+        for i, x in enumerate(inputs)
+    ]
+    store.create_job(
+        {
+            "id": "rt",
+            "task": "t",
+            "model": "m",
+            "revision": None,
+            "precision": "fp32",
+            "queue": "q",
+            "params": {},
+            "status": "queued",
+            "priority": 0,
+            "source": None,
+        },
+        [rows],
+    )
+    assert [x for _, x in store.pending_items("rt")] == inputs
+    assert store.job("rt").total == len(inputs)

@@ -202,10 +202,16 @@ class Client:
             raise InputError("the input holds no items")
         yield rows
 
+    def chunk_size(self, queue: str, total: int) -> int:
+        """Items per message: at most the configured size, smaller so a small job spreads over the live workers."""
+        workers = max(1, len(self.store.live_workers(queue)))
+        spread = -(-total // (workers * C.CHUNKS_PER_WORKER))
+        return max(1, min(self.settings.chunk_size, max(C.MIN_CHUNK_SIZE, spread)))
+
     def _publish(self, job_id: str, queue: str, kept: list[tuple[int, int, Any]], priority: int) -> None:
         # Longest first, so chunks are homogeneous in length and the slow ones do not trail at the end.
         kept.sort(key=lambda t: -t[0])
-        size = self.settings.chunk_size
+        size = self.chunk_size(queue, len(kept))
         try:
             with self._celery.producer_or_acquire() as producer:
                 for start in range(0, len(kept), size):

