@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch that lies on this machine; on a CUDA host the same pin takes PyPI's CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test test-fast lint format typecheck check bench clean
+.PHONY: install demo test test-fast lint format typecheck check bench bench-quick clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,14 @@ typecheck:
 	$(VENV)/bin/mypy
 
 check: lint typecheck test
+
+bench:
+	$(PY) -m pip install --quiet -e ".[bench]"
+	$(PY) benchmarks/run.py --results benchmarks/RESULTS.md
+
+bench-quick:
+	$(PY) -m pip install --quiet -e ".[bench]"
+	$(PY) benchmarks/run.py --quick
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache pipeq.db pipeq.db-*

@@ -17,10 +17,45 @@ import sys
 import warnings
 
 #: Standard-library packages whose docstrings are read (stable across machines with the same Python).
-_STDLIB = ["argparse", "asyncio", "collections", "concurrent", "csv", "datetime", "decimal", "email", "enum",
-           "functools", "http", "importlib", "inspect", "io", "itertools", "json", "logging", "multiprocessing",
-           "os", "pathlib", "pickle", "random", "re", "shutil", "socket", "sqlite3", "statistics", "string",
-           "subprocess", "tarfile", "threading", "typing", "unittest", "urllib", "uuid", "xml", "zipfile"]
+_STDLIB = [
+    "argparse",
+    "asyncio",
+    "collections",
+    "concurrent",
+    "csv",
+    "datetime",
+    "decimal",
+    "email",
+    "enum",
+    "functools",
+    "http",
+    "importlib",
+    "inspect",
+    "io",
+    "itertools",
+    "json",
+    "logging",
+    "multiprocessing",
+    "os",
+    "pathlib",
+    "pickle",
+    "random",
+    "re",
+    "shutil",
+    "socket",
+    "sqlite3",
+    "statistics",
+    "string",
+    "subprocess",
+    "tarfile",
+    "threading",
+    "typing",
+    "unittest",
+    "urllib",
+    "uuid",
+    "xml",
+    "zipfile",
+]
 _WORDY = re.compile(r"^[A-Z][^\n]*[a-z]{3}")
 
 
@@ -43,8 +78,9 @@ def _docstrings() -> list[str]:
                 except Exception:  # noqa: BLE001 - platform-specific modules
                     continue
             for module in modules:
-                objects = [module] + [obj for _, obj in inspect.getmembers(module)
-                                      if inspect.isclass(obj) or inspect.isfunction(obj)]
+                objects = [module] + [
+                    obj for _, obj in inspect.getmembers(module) if inspect.isclass(obj) or inspect.isfunction(obj)
+                ]
                 for obj in objects:
                     doc = inspect.getdoc(obj) or ""
                     # A whole docstring is one text: prose paragraphs only (no doctests, no tables).
@@ -81,8 +117,10 @@ def chinese(n: int, seed: int = 0) -> list[str]:
 
 def describe(texts: list[str]) -> str:
     lengths = sorted(len(t) for t in texts)
-    return (f"{len(texts)} texts, chars median {lengths[len(lengths) // 2]}, p90 {lengths[int(len(lengths) * 0.9)]}, "
-            f"max {lengths[-1]}")
+    return (
+        f"{len(texts)} texts, chars median {lengths[len(lengths) // 2]}, p90 {lengths[int(len(lengths) * 0.9)]}, "
+        f"max {lengths[-1]}"
+    )
 
 
 if __name__ == "__main__":

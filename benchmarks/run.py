@@ -50,6 +50,7 @@ from pipeq.worker.runtime import PipelineRuntime  # noqa: E402
 
 TASK = "text-classification"
 REDIS = os.environ.get("PIPEQ_BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
+PG_ADMIN = os.environ.get("PIPEQ_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 MAX_LENGTH = 128  # truncation, as in the reference measurements
 
 
@@ -154,18 +155,41 @@ def child_rss_mb(pids: list[int]) -> float:
     return peak / 1024
 
 
-def pipeq_end_to_end(model: str, precision: str, texts: list[str], workers: int, budget: int, size: int,
-                     work: Path) -> tuple[float, float, float]:
+def pipeq_end_to_end(
+    model: str, precision: str, texts: list[str], workers: int, budget: int, size: int, work: Path
+) -> tuple[float, float, float]:
     """Returns (texts/s from submit to last commit, worker footprint MB, worker peak RSS MB)."""
     url = f"sqlite:///{work / f'store-{precision}-{workers}-{time.time_ns()}.db'}"
     db.upgrade(url)
     env = {**os.environ, "PIPEQ_BROKER_URL": REDIS, "PIPEQ_DATABASE_URL": url}
     threads = max(1, (os.cpu_count() or 1) // workers)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeq", "-q", "worker", "--task", TASK, "--model", model, "--precision", precision,
-         "--concurrency", str(workers), "--threads", str(threads), "--max-batch-tokens", str(budget),
-         "--max-batch-size", str(size)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "pipeq",
+            "-q",
+            "worker",
+            "--task",
+            TASK,
+            "--model",
+            model,
+            "--precision",
+            precision,
+            "--concurrency",
+            str(workers),
+            "--threads",
+            str(threads),
+            "--max-batch-tokens",
+            str(budget),
+            "--max-batch-size",
+            str(size),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     store = Store(url)
     queue = ServeKey(TASK, model, precision).queue
     try:
@@ -189,6 +213,69 @@ def pipeq_end_to_end(model: str, precision: str, texts: list[str], workers: int,
         proc.wait(timeout=120)
         store.close()
     return rate(len(texts), elapsed), footprint, rss
+
+
+def submit_rate(model: str, n: int, work: Path) -> dict[str, float]:
+    """Items/s that ``Client.submit`` reads, stores and enqueues, into SQLite and into PostgreSQL."""
+    import sqlalchemy as sa
+
+    texts = [f"review number {i}: " + "quite good " * (i % 40) for i in range(n)]
+    urls = {"sqlite": f"sqlite:///{work / 'submit.db'}"}
+    admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    pg_db = f"pipeq_bench_{os.getpid()}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{pg_db}"'))
+    urls["postgresql"] = PG_ADMIN.rsplit("/", 1)[0] + f"/{pg_db}"
+    out: dict[str, float] = {}
+    try:
+        for name, url in urls.items():
+            db.upgrade(url)
+            with Client(Settings(broker_url=REDIS, database_url=url)) as client:
+                t0 = time.perf_counter()
+                job = client.submit(texts, task=TASK, model=model)
+                out[name] = rate(n, time.perf_counter() - t0)
+                job.cancel()
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{pg_db}" WITH (FORCE)'))
+        admin.dispose()
+        import redis
+
+        redis.Redis.from_url(REDIS).flushdb()
+    return out
+
+
+def one_item_latency(model: str, work: Path, repeats: int = 20) -> tuple[float, float]:
+    """Median milliseconds from submit to committed result for a one-item job, and its forward time."""
+    url = f"sqlite:///{work / 'latency.db'}"
+    db.upgrade(url)
+    env = {**os.environ, "PIPEQ_BROKER_URL": REDIS, "PIPEQ_DATABASE_URL": url}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeq", "-q", "worker", "--task", TASK, "--model", model],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    store = Store(url)
+    try:
+        while not [w for w in store.live_workers(ServeKey(TASK, model).queue) if w["status"] == "ready"]:
+            if proc.poll() is not None:
+                raise SystemExit("latency worker did not start")
+            time.sleep(0.2)
+        total, forward = [], []
+        with Client(Settings(broker_url=REDIS, database_url=url)) as client:
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                job = client.submit(["a short review of the product"], task=TASK, model=model)
+                job.wait(poll=0.002)
+                total.append((time.perf_counter() - t0) * 1000)
+                forward.append(next(job.results())["timing"]["forward_ms"])
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=60)
+        store.close()
+    return float(np.median(total)), float(np.median(forward))
 
 
 # --------------------------------------------------------------- accuracy
@@ -222,14 +309,18 @@ def fmt(x: float) -> str:
 
 
 def table(rows: list[Row]) -> str:
-    head = ("| model | lang | precision | footprint MB | (a) seeds loop | (b) pipeline bs32 | (c) sorted loop | "
-            "(d) pipeq 1 worker | (e) pipeq 2 workers | d/c | d/a | d/b | worker peak RSS MB |")
+    head = (
+        "| model | lang | precision | footprint MB | (a) seeds loop | (b) pipeline bs32 | (c) sorted loop | "
+        "(d) pipeq 1 worker | (e) pipeq 2 workers | d/c | d/a | d/b | worker peak RSS MB |"
+    )
     lines = [head, "|" + " --- |" * 13]
     for r in rows:
         a, b, c, d, e = (r.rates.get(k, float("nan")) for k in "abcde")
-        lines.append(f"| {r.model} | {r.lang} | {r.precision} | {fmt(r.footprint_mb)} | {fmt(a)} | {fmt(b)} | "
-                     f"{fmt(c)} | {fmt(d)} | {fmt(e)} | {d / c:.2f} | {d / a:.2f} | {d / b:.2f} | "
-                     f"{fmt(r.worker_rss_mb)} |")
+        lines.append(
+            f"| {r.model} | {r.lang} | {r.precision} | {fmt(r.footprint_mb)} | {fmt(a)} | {fmt(b)} | "
+            f"{fmt(c)} | {fmt(d)} | {fmt(e)} | {d / c:.2f} | {d / a:.2f} | {d / b:.2f} | "
+            f"{fmt(r.worker_rss_mb)} |"
+        )
     return "\n".join(lines)
 
 
@@ -240,21 +331,61 @@ def ratio_table(rows: list[Row]) -> str:
         f = base.get((r.model, r.lang))
         if r.precision == "fp32" or f is None:
             continue
-        lines.append(f"| {r.model} | {r.lang} | {r.precision} | {r.rates['c'] / f.rates['c']:.2f}x | "
-                     f"{r.rates['d'] / f.rates['d']:.2f}x | {r.footprint_mb / f.footprint_mb:.2f}x |")
+        lines.append(
+            f"| {r.model} | {r.lang} | {r.precision} | {r.rates['c'] / f.rates['c']:.2f}x | "
+            f"{r.rates['d'] / f.rates['d']:.2f}x | {r.footprint_mb / f.footprint_mb:.2f}x |"
+        )
     return "\n".join(lines)
 
 
 def accuracy_table(rows: list[Row]) -> str:
-    lines = ["| model | lang | precision | top label = fp32 | largest score diff | embedding cosine min / mean |",
-             "|" + " --- |" * 6]
+    lines = [
+        "| model | lang | precision | top label = fp32 | largest score diff | embedding cosine min / mean |",
+        "|" + " --- |" * 6,
+    ]
     for r in rows:
         if r.accuracy:
             acc = r.accuracy
             cos = f"{acc['cos_min']:.4f} / {acc['cos_mean']:.4f}" if "cos_min" in acc else "-"
-            lines.append(f"| {r.model} | {r.lang} | {r.precision} | {acc['agree'] * 100:.1f}% | "
-                         f"{acc['max_diff']:.4f} | {cos} |")
+            lines.append(
+                f"| {r.model} | {r.lang} | {r.precision} | {acc['agree'] * 100:.1f}% | {acc['max_diff']:.4f} | {cos} |"
+            )
     return "\n".join(lines)
+
+
+def render(
+    args: argparse.Namespace,
+    rows: list[Row],
+    submit: dict[str, float],
+    latency: float,
+    latency_forward: float,
+    first_model: str,
+) -> str:
+    submitted = ", ".join(f"{k} {v:,.0f} items/s" for k, v in submit.items())
+    return "\n".join(
+        [
+            f"Machine: {machine()}",
+            "",
+            f"Submit ({args.submit_n:,} items read, stored and enqueued): {submitted}.",
+            f"One-item job on an idle {first_model} worker: {latency:.1f} ms from submit to committed result, "
+            f"of which forward {latency_forward:.1f} ms (median of 20).",
+            "",
+            f"Texts/s. (a) and (b) on the first {args.baseline_n} texts, (c)-(e) on {args.n}; token budget "
+            f"{args.max_batch_tokens}, at most {args.max_batch_size} rows a batch, truncation at {MAX_LENGTH} tokens.",
+            "",
+            table(rows),
+            "",
+            "Lower precisions against fp32 (same run):",
+            "",
+            ratio_table(rows),
+            "",
+            "Accuracy against fp32 on real weights (all-MiniLM-L6-v2 encoder, new 2-label head; embeddings on 300 "
+            "English texts):",
+            "",
+            accuracy_table(rows),
+            "",
+        ]
+    )
 
 
 def machine() -> str:
@@ -266,8 +397,10 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}, "
-            f"transformers {__import__('transformers').__version__}")
+    return (
+        f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}, "
+        f"transformers {__import__('transformers').__version__}"
+    )
 
 
 def main() -> None:
@@ -282,15 +415,25 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="distilbert+minilm, English, 300 texts")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "pipeq-bench-models"))
     parser.add_argument("--results", default=None, help="write the tables to this Markdown file")
+    parser.add_argument("--submit-n", type=int, default=100_000, help="items for the submit-rate measurement")
     args = parser.parse_args()
-    if args.quick:
-        args.n, args.models, args.langs = 300, "distilbert,minilm", "en"
+    if args.quick:  # smaller defaults; flags given explicitly still win
+        defaults = {"n": 1000, "models": "distilbert,bert,minilm", "langs": "en,zh"}
+        quick = {"n": 300, "models": "distilbert,minilm", "langs": "en"}
+        for name, value in quick.items():
+            if getattr(args, name) == defaults[name]:
+                setattr(args, name, value)
     models = build_models(Path(args.cache), args.models.split(","))
     texts = {"en": corpus.english(args.n), "zh": corpus.chinese(args.n)}
     work = Path(tempfile.mkdtemp(prefix="pipeq-bench-"))
     rows: list[Row] = []
     budget, size = args.max_batch_tokens, args.max_batch_size
     try:
+        first = next(iter(models.values()))
+        submit = submit_rate(first, args.submit_n, work)
+        print(json.dumps({"submit_items_per_s": {k: round(v) for k, v in submit.items()}}), flush=True)
+        latency, latency_forward = one_item_latency(first, work)
+        print(json.dumps({"one_item_ms": round(latency, 1), "its_forward_ms": round(latency_forward, 1)}), flush=True)
         for name, path in models.items():
             for lang in args.langs.split(","):
                 sample = texts[lang]
@@ -305,25 +448,34 @@ def main() -> None:
                     row.rates["c"], outputs[precision] = sorted_loop(pipe, sample, budget, size)
                     del pipe
                     row.rates["d"], row.footprint_mb, row.worker_rss_mb = pipeq_end_to_end(
-                        path, precision, sample, 1, budget, size, work)
+                        path, precision, sample, 1, budget, size, work
+                    )
                     row.rates["e"], _, _ = pipeq_end_to_end(path, precision, sample, 2, budget, size, work)
                     if precision != "fp32" and "fp32" in outputs and name == "minilm":
                         agree, diff = label_agreement(outputs["fp32"], outputs[precision])
                         row.accuracy = {"agree": agree, "max_diff": diff}
                         if lang == "en":
-                            row.accuracy["cos_min"], row.accuracy["cos_mean"] = embedding_cosines(sample[:300],
-                                                                                                 precision)
+                            row.accuracy["cos_min"], row.accuracy["cos_mean"] = embedding_cosines(
+                                sample[:300], precision
+                            )
                     rows.append(row)
-                    print(json.dumps({"model": name, "lang": lang, "precision": precision,
-                                      "rates": {k: round(v, 1) for k, v in row.rates.items()},
-                                      "footprint_mb": round(row.footprint_mb, 1),
-                                      "worker_rss_mb": round(row.worker_rss_mb, 1), **row.accuracy}), flush=True)
+                    print(
+                        json.dumps(
+                            {
+                                "model": name,
+                                "lang": lang,
+                                "precision": precision,
+                                "rates": {k: round(v, 1) for k, v in row.rates.items()},
+                                "footprint_mb": round(row.footprint_mb, 1),
+                                "worker_rss_mb": round(row.worker_rss_mb, 1),
+                                **row.accuracy,
+                            }
+                        ),
+                        flush=True,
+                    )
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    report = (f"Machine: {machine()}\n\nTexts/s; (a) and (b) on the first {args.baseline_n} texts, (c)-(e) on "
-              f"{args.n}; token budget {budget}, at most {size} rows a batch, truncation at {MAX_LENGTH} tokens.\n\n"
-              f"{table(rows)}\n\nLower precisions against fp32 (same run):\n\n{ratio_table(rows)}\n\n"
-              f"Accuracy against fp32 on real weights (all-MiniLM-L6-v2):\n\n{accuracy_table(rows)}\n")
+    report = render(args, rows, submit, latency, latency_forward, next(iter(models)))
     print("\n" + report)
     if args.results:
         Path(args.results).write_text(report)

@@ -235,3 +235,45 @@ def test_worker_that_cannot_load_its_model_exits_2(tmp_path: Path, model_dir: Ca
     assert "could not load its pipeline" in out.stderr and "SafetensorError" in out.stderr
     statuses = {r["status"] for r in rows(env["PIPEQ_DATABASE_URL"], "select status from workers")}
     assert statuses == {"failed"}
+
+
+def test_hub_model_from_the_cache_offline_records_its_revision(
+    tmp_path: Path, redis_url: str, model_dir: Callable[[str], str], start_worker: Any
+) -> None:
+    # Given a hub id that exists only in a local Hugging Face cache, and no network (HF_HUB_OFFLINE=1)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--pipeq-tests--tiny-classifier"
+    shutil.copytree(model_dir(TASK), repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    env = {
+        "PIPEQ_BROKER_URL": redis_url,
+        "PIPEQ_DATABASE_URL": url,
+        "HF_HUB_CACHE": str(tmp_path / "hub"),
+        "HF_HUB_OFFLINE": "1",
+    }
+    assert cli("db", "upgrade", env=env).returncode == 0
+    worker = start_worker(
+        "--task",
+        TASK,
+        "--model",
+        "pipeq-tests/tiny-classifier",
+        broker_url=redis_url,
+        database_url=url,
+        extra_env={"HF_HUB_CACHE": env["HF_HUB_CACHE"]},
+    )
+    worker.wait_ready(Store(url), ServeKey(TASK, "pipeq-tests/tiny-classifier").queue)
+    # When a job names the hub id
+    out = cli(
+        "submit", "-", "--task", TASK, "--model", "pipeq-tests/tiny-classifier", "--wait", env=env, stdin="good\nbad\n"
+    )
+    assert out.returncode == 0, out.stderr
+    # Then it runs, and every result records the commit it was computed with
+    results = [json.loads(x) for x in cli("results", out.stdout.split()[-1], env=env).stdout.splitlines()]
+    assert [r["status"] for r in results] == ["done", "done"]
+    assert {r["timing"]["model_revision"] for r in results} == {commit}
+    assert rows(url, "select resolved_revision from workers")[0]["resolved_revision"] == commit
+    # And an uncached hub id is refused at the door
+    missing = cli("submit", "-", "--task", TASK, "--model", "pipeq-tests/not-cached", env=env, stdin="x\n")
+    assert missing.returncode == 2 and "HF_HUB_OFFLINE" in missing.stderr

@@ -35,7 +35,6 @@ class WorkerContext:
         self.runtime: PipelineRuntime | None = None
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
-        self._jobs: dict[str, dict[str, Any]] = {}
         #: Set to 1 by a pool child that could not load the pipeline (shared memory, made before fork).
         self.load_failed: Any = multiprocessing.Value("i", 0)
         #: Called by stop(): the app uses it to disconnect its process signals.
@@ -134,13 +133,6 @@ class WorkerContext:
 
     # -------------------------------------------------------------- running
 
-    def _job(self, job_id: str) -> dict[str, Any] | None:
-        assert self.store is not None
-        row = self.store.job_row(job_id)
-        if row is not None:
-            self._jobs[job_id] = row
-        return row
-
     def _mismatch(self, job: dict[str, Any]) -> str | None:
         key = self.cfg.key
         wanted = (job["task"], job["model"], job["precision"], job["revision"])
@@ -151,9 +143,9 @@ class WorkerContext:
 
     def run_chunk(self, job_id: str, items: list[list[Any]], sent_at: float | None) -> dict[str, int]:
         """Run one message's items and commit each micro-batch's results; returns counts."""
-        assert self.store is not None and self.runtime is not None and self.loaded is not None
+        assert self.store is not None and self.runtime is not None
         started = time.time()
-        job = self._job(job_id)
+        job = self.store.job_row(job_id)
         if job is None:
             log.warning("job %s is not in the store; dropping its message", job_id)
             return {"skipped": len(items)}
@@ -161,43 +153,26 @@ class WorkerContext:
             return {"skipped": len(items)}
         attempts = self.store.claim(job_id, [int(idx) for idx, _ in items])
         todo = [(int(idx), value) for idx, value in items if int(idx) in attempts]
-        mismatch = self._mismatch(job)
-        given_up = [idx for idx, _ in todo if attempts[idx] > C.MAX_ATTEMPTS]
-        failures = (
-            [ItemResult(idx, C.ITEM_FAILED, error=mismatch) for idx, _ in todo]
-            if mismatch
-            else [
-                ItemResult(
-                    idx,
-                    C.ITEM_FAILED,
-                    error=f"gave up after {C.MAX_ATTEMPTS} attempts: the worker died while running this item",
-                )
-                for idx in given_up
-            ]
-        )
         counts = {"done": 0, "failed": 0, "skipped": len(items) - len(todo)}
+        failures = self._unrunnable(job, todo, attempts)
         if failures:
             self._record(job_id, failures, None, counts)
-            failed_idx = {r.idx for r in failures}
-            todo = [(idx, value) for idx, value in todo if idx not in failed_idx]
+            failed = {r.idx for r in failures}
+            todo = [(idx, value) for idx, value in todo if idx not in failed]
         if not todo:
             return counts
         # A redelivered message may hold an input that kills the process: run it one input at a
         # time so every other input is committed and the culprit alone runs out of attempts.
         redelivered = any(attempts[idx] > 1 for idx, _ in todo)
-        runtime = self.runtime
-        saved_size = runtime.max_batch_size
-        if redelivered:
-            runtime.max_batch_size = 1
-        try:
-            queue_wait_ms = max(0.0, (started - sent_at) * 1000) if sent_at else 0.0
-            for results, timing in runtime.run(todo, job["params"] or {}, queue_wait_ms=queue_wait_ms):
-                self._record(job_id, results, timing, counts)
-                if self.store.job_status(job_id) == C.JOB_CANCELLED:
-                    log.info("job %s cancelled; stopping its chunk", job_id)
-                    break
-        finally:
-            runtime.max_batch_size = saved_size
+        queue_wait_ms = max(0.0, (started - sent_at) * 1000) if sent_at else 0.0
+        batches = self.runtime.run(
+            todo, job["params"] or {}, queue_wait_ms=queue_wait_ms, max_batch_size=1 if redelivered else None
+        )
+        for results, timing in batches:
+            self._record(job_id, results, timing, counts)
+            if self.store.job_status(job_id) == C.JOB_CANCELLED:
+                log.info("job %s cancelled; stopping its chunk", job_id)
+                break
         log.info(
             "job %s chunk: %d done, %d failed, %d skipped in %.0f ms",
             job_id[:8],
@@ -207,6 +182,22 @@ class WorkerContext:
             (time.time() - started) * 1000,
         )
         return counts
+
+    def _unrunnable(
+        self, job: dict[str, Any], todo: list[tuple[int, Any]], attempts: dict[int, int]
+    ) -> list[ItemResult]:
+        """Items to fail without running: all of a job this worker does not serve, and exhausted ones."""
+        key = self.cfg.key
+        wanted = (job["task"], job["model"], job["precision"], job["revision"])
+        served = (key.task, key.model, key.precision, key.revision)
+        if wanted != served:
+            error = f"job asks for {wanted} but this worker serves {served}"
+            return [ItemResult(idx, C.ITEM_FAILED, error=error) for idx, _ in todo]
+        error = (
+            f"gave up after {C.MAX_ATTEMPTS} deliveries without a result "
+            f"(the worker died or lost the store while running this item)"
+        )
+        return [ItemResult(idx, C.ITEM_FAILED, error=error) for idx, _ in todo if attempts[idx] > C.MAX_ATTEMPTS]
 
     def _record(self, job_id: str, results: list[ItemResult], timing: Any, counts: dict[str, int]) -> None:
         assert self.store is not None and self.loaded is not None

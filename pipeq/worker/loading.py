@@ -7,6 +7,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pipeq.errors import ConfigurationError, ModelNotFoundError
@@ -90,7 +91,7 @@ def load_pipeline(cfg: WorkerConfig) -> LoadedPipeline:
     # inference_mode is cheaper than the no_grad transformers uses by default.
     pipe.get_inference_context = lambda: torch.inference_mode
     load_seconds = time.perf_counter() - t0
-    revision = getattr(pipe.model.config, "_commit_hash", None) or key.revision
+    revision = resolved_revision(key.model, key.revision) or getattr(pipe.model.config, "_commit_hash", None)
     footprint = memory_footprint(pipe.model)
     log.info(
         "loaded %s %s (%s, %s) in %.1fs, footprint %.1f MB",
@@ -102,6 +103,20 @@ def load_pipeline(cfg: WorkerConfig) -> LoadedPipeline:
         footprint / 1e6,
     )
     return LoadedPipeline(pipe, footprint, load_seconds, revision, quantization)
+
+
+def resolved_revision(model: str, revision: str | None) -> str | None:
+    """The commit a hub model was loaded from (its snapshot folder in the Hugging Face cache), if known."""
+    if os.path.isdir(model):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    path = try_to_load_from_cache(model, "config.json", revision=revision)
+    if isinstance(path, str):
+        parts = Path(path).parts
+        if "snapshots" in parts:
+            return parts[parts.index("snapshots") + 1]
+    return revision
 
 
 def warmup_inputs(pipe: Any, task: str, *, max_batch_tokens: int, max_batch_size: int) -> list[Any]:

@@ -124,7 +124,12 @@ class PipelineRuntime:
     # --------------------------------------------------------------- running
 
     def run(
-        self, items: Sequence[tuple[int, Any]], params: dict[str, Any], *, queue_wait_ms: float = 0.0
+        self,
+        items: Sequence[tuple[int, Any]],
+        params: dict[str, Any],
+        *,
+        queue_wait_ms: float = 0.0,
+        max_batch_size: int | None = None,
     ) -> Iterator[tuple[list[ItemResult], BatchTiming | None]]:
         """Yield each micro-batch's results (and timing) as soon as it is done.
 
@@ -139,7 +144,8 @@ class PipelineRuntime:
         empty = [it for it in state if it.error is None and it.units_left == 0]
         if empty:  # a chunk task that made no forward rows for an input: its postprocess([]) decides
             yield [self._finish(it, post) for it in empty], None
-        for batch in cut_batches(units, max_tokens=self.max_batch_tokens, max_size=self.max_batch_size):
+        size = max_batch_size or self.max_batch_size
+        for batch in cut_batches(units, max_tokens=self.max_batch_tokens, max_size=size):
             yield self._run_batch(state, batch, fwd, post, queue_wait_ms)
 
     def _preprocess(self, state: list[_Item], pre: dict[str, Any]) -> tuple[list[Unit], list[_Item]]:
