@@ -10,7 +10,7 @@ DEFAULT_CHUNK_SIZE = 256
 #: Fewest items per broker message when a small job is spread over the live workers.
 MIN_CHUNK_SIZE = 16
 #: Messages per live worker a job is cut into at least (so small jobs spread evenly).
-CHUNKS_PER_WORKER = 8
+CHUNKS_PER_WORKER = 4
 #: Padded tokens (rows x longest row) allowed in one forward pass.
 DEFAULT_MAX_BATCH_TOKENS = 8192
 #: Rows allowed in one forward pass, whatever their length.

@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from pipeq import constants as C
@@ -39,6 +40,8 @@ class WorkerContext:
         self.load_failed: Any = multiprocessing.Value("i", 0)
         #: Called by stop(): the app uses it to disconnect its process signals.
         self.on_stop: Callable[[], None] | None = None
+        #: One thread that commits results in order, overlapping the next forward pass.
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeq-writer")
 
     # ------------------------------------------------------------ lifecycle
 
@@ -98,6 +101,7 @@ class WorkerContext:
 
     def stop(self) -> None:
         self._stop.set()
+        self._writer.shutdown(wait=True)
         if self.on_stop is not None:
             self.on_stop()
         if self.store is not None:
@@ -133,14 +137,6 @@ class WorkerContext:
 
     # -------------------------------------------------------------- running
 
-    def _mismatch(self, job: dict[str, Any]) -> str | None:
-        key = self.cfg.key
-        wanted = (job["task"], job["model"], job["precision"], job["revision"])
-        served = (key.task, key.model, key.precision, key.revision)
-        if wanted != served:
-            return f"job asks for {wanted} but this worker serves {served}"
-        return None
-
     def run_chunk(self, job_id: str, items: list[list[Any]], sent_at: float | None) -> dict[str, int]:
         """Run one message's items and commit each micro-batch's results; returns counts."""
         assert self.store is not None and self.runtime is not None
@@ -168,11 +164,17 @@ class WorkerContext:
         batches = self.runtime.run(
             todo, job["params"] or {}, queue_wait_ms=queue_wait_ms, max_batch_size=1 if redelivered else None
         )
+        # Results are committed on the writer thread while the next batch runs (torch releases the
+        # GIL in forward); the message is acknowledged only after every write has returned.
+        stopped = threading.Event()
+        pending: list[Future[None]] = []
         for results, timing in batches:
-            self._record(job_id, results, timing, counts)
-            if self.store.job_status(job_id) == C.JOB_CANCELLED:
-                log.info("job %s cancelled; stopping its chunk", job_id)
+            if stopped.is_set():
+                log.info("job %s cancelled or finished elsewhere; stopping its chunk", job_id[:8])
                 break
+            pending.append(self._writer.submit(self._record, job_id, results, timing, counts, stopped))
+        for future in pending:
+            future.result()  # re-raises a failed write: the task retries and the message is not acked
         log.info(
             "job %s chunk: %d done, %d failed, %d skipped in %.0f ms",
             job_id[:8],
@@ -199,7 +201,14 @@ class WorkerContext:
         )
         return [ItemResult(idx, C.ITEM_FAILED, error=error) for idx, _ in todo if attempts[idx] > C.MAX_ATTEMPTS]
 
-    def _record(self, job_id: str, results: list[ItemResult], timing: Any, counts: dict[str, int]) -> None:
+    def _record(
+        self,
+        job_id: str,
+        results: list[ItemResult],
+        timing: Any,
+        counts: dict[str, int],
+        stopped: threading.Event | None = None,
+    ) -> None:
         assert self.store is not None and self.loaded is not None
         outcome = self.store.record_batch(
             job_id,
@@ -213,3 +222,6 @@ class WorkerContext:
         counts["done"] += outcome.done
         counts["failed"] += outcome.failed
         counts["skipped"] += outcome.skipped
+        if stopped is not None and results and outcome.skipped == len(results):
+            # Nothing was pending any more: the job was cancelled (or another delivery finished it).
+            stopped.set()
