@@ -49,6 +49,8 @@ def create_worker_app(settings: Settings, cfg: WorkerConfig) -> tuple[Celery, Wo
         return ctx.run_chunk(job_id, items, sent_at)
 
     def _child_init(**_: Any) -> None:
+        if ctx.load_failed.value:  # a sibling already failed to load: the pool is shutting down
+            os._exit(1)
         try:
             ctx.start()
         except Exception:
