@@ -343,6 +343,10 @@ def workers(
     from pipeq.models.store import Store
 
     store = Store(_settings(database_url=database_url).database_url)
+    try:
+        store.check_schema()
+    except PipeqError as exc:
+        raise _fail(exc) from None
     rows = store.live_workers()
     if as_json:
         typer.echo(json.dumps(rows, default=str))

@@ -43,6 +43,21 @@ def make_job(store: Store, n: int, job_id: str = "job1") -> str:
     return job_id
 
 
+def job_fields(job_id: str) -> dict[str, Any]:
+    return {
+        "id": job_id,
+        "task": "t",
+        "model": "m",
+        "revision": None,
+        "precision": "fp32",
+        "queue": "q",
+        "params": {},
+        "status": "queued",
+        "priority": 0,
+        "source": None,
+    }
+
+
 def timing(size: int) -> BatchTiming:
     now = datetime.now(UTC)
     return BatchTiming(
@@ -144,18 +159,7 @@ def test_failed_submission_leaves_nothing(store: Store) -> None:
 
     with pytest.raises(ValueError):
         store.create_job(
-            {
-                "id": "j2",
-                "task": "t",
-                "model": "m",
-                "revision": None,
-                "precision": "fp32",
-                "queue": "q",
-                "params": {},
-                "status": "queued",
-                "priority": 0,
-                "source": None,
-            },
+            job_fields("j2"),
             rows(),
         )
     with pytest.raises(JobNotFoundError):
@@ -188,18 +192,7 @@ def test_inputs_round_trip_through_the_bulk_insert(store: Store) -> None:
         for i, x in enumerate(inputs)
     ]
     store.create_job(
-        {
-            "id": "rt",
-            "task": "t",
-            "model": "m",
-            "revision": None,
-            "precision": "fp32",
-            "queue": "q",
-            "params": {},
-            "status": "queued",
-            "priority": 0,
-            "source": None,
-        },
+        job_fields("rt"),
         [rows],
     )
     assert [x for _, x in store.pending_items("rt")] == inputs

@@ -22,7 +22,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.exc import OperationalError, ProgrammingError
+from sqlalchemy.exc import OperationalError
 
 from pipeq import constants as C
 from pipeq.errors import JobNotFoundError, StoreError
@@ -480,11 +480,8 @@ class Store:
         q = select(_workers).where(_workers.c.stopped_at.is_(None), _workers.c.heartbeat_at >= since)
         if queue is not None:
             q = q.where(_workers.c.queue == queue)
-        try:
-            with self.engine.connect() as conn:
-                return [dict(r) for r in conn.execute(q).mappings()]
-        except (OperationalError, ProgrammingError):
-            return []
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(q).mappings()]
 
     def served_custom_tasks(self) -> frozenset[str]:
         """Task names that live workers serve (custom pipeline tasks are only known through them)."""

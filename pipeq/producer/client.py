@@ -11,7 +11,7 @@ from typing import IO, Any
 
 from pipeq import constants as C
 from pipeq.celery_app import make_celery
-from pipeq.errors import BrokerError, InputError
+from pipeq.errors import BrokerError, InputError, JobNotFoundError
 from pipeq.models.store import JobProgress, Store
 from pipeq.producer.readers import Record, RecordSpec, read_objects, read_path
 from pipeq.routing import ServeKey, check_model, check_params, check_precision
@@ -237,8 +237,7 @@ class Client:
         """Queue a job's pending items again (after a broker loss); returns how many."""
         row = self.store.job_row(job_id)
         if row is None:
-            self.store.job(job_id)  # raises JobNotFoundError
-            return 0
+            raise JobNotFoundError(f"no job {job_id!r} in the store")
         pending = [(len(str(x)), i, x) for i, x in self.store.pending_items(job_id)]
         if pending:
             self._publish(job_id, row["queue"], pending, row["priority"])
