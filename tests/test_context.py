@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from pipeq import constants as C
-from pipeq.models.store import Store
+from pipeq.models.store import Store, new_job_row
 from pipeq.routing import ServeKey
 from pipeq.settings import Settings
 from pipeq.worker.config import WorkerConfig
@@ -33,18 +33,7 @@ def submit(store: Store, key: ServeKey, texts: list[str], job_id: str = "job") -
         for i, t in enumerate(texts)
     ]
     store.create_job(
-        {
-            "id": job_id,
-            "task": key.task,
-            "model": key.model,
-            "revision": key.revision,
-            "precision": key.precision,
-            "queue": key.queue,
-            "params": {},
-            "status": "queued",
-            "priority": 0,
-            "source": None,
-        },
+        new_job_row(job_id, key),
         [rows],
     )
     return [[i, t] for i, t in enumerate(texts)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from pipeq.demo import sentence_vectors
 from pipeq.routing import ServeKey
 from pipeq.worker.config import WorkerConfig
 from pipeq.worker.loading import load_pipeline
@@ -24,14 +25,11 @@ def sentence_embeddings(minilm_dir: str, texts: list[str], precision: str = "fp3
     loaded = load_pipeline(WorkerConfig(key=ServeKey(TASK, minilm_dir, precision)))
     rt = PipelineRuntime(loaded.pipe, TASK, max_batch_size=4)
     out = {r.idx: r for results, _ in rt.run(list(enumerate(texts)), {}) for r in results}
-    vectors = []
     for i in range(len(texts)):
         assert out[i].status == "done", out[i].error
-        tokens = np.asarray(out[i].output[0])  # [tokens, 384], no padding
-        assert tokens.shape[1] == 384
-        v = tokens.mean(axis=0)
-        vectors.append(v / np.linalg.norm(v))
-    return np.stack(vectors)
+    vectors = sentence_vectors([out[i].output for i in range(len(texts))])  # token rows are unpadded
+    assert vectors.shape == (len(texts), 384)
+    return vectors
 
 
 def test_paraphrases_score_closer_than_unrelated(minilm_dir: str) -> None:

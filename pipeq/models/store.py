@@ -27,6 +27,7 @@ from sqlalchemy.exc import OperationalError
 from pipeq import constants as C
 from pipeq.errors import JobNotFoundError, StoreError
 from pipeq.models import Batch, Item, Job, Worker, utcnow
+from pipeq.routing import ServeKey
 from pipeq.settings import mask_url
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,29 @@ def as_utc(value: datetime | None) -> datetime | None:
     if value is None or value.tzinfo is not None:
         return value
     return value.replace(tzinfo=UTC)
+
+
+def new_job_row(
+    job_id: str,
+    key: ServeKey,
+    *,
+    params: dict[str, Any] | None = None,
+    priority: int = 0,
+    source: str | None = None,
+) -> dict[str, Any]:
+    """The ``jobs`` row of a job about to be stored (what ``Store.create_job`` takes)."""
+    return {
+        "id": job_id,
+        "task": key.task,
+        "model": key.model,
+        "revision": key.revision,
+        "precision": key.precision,
+        "queue": key.queue,
+        "params": dict(params or {}),
+        "status": C.JOB_QUEUED,
+        "priority": priority,
+        "source": source,
+    }
 
 
 def make_engine(url: str) -> Engine:

@@ -12,7 +12,7 @@ from typing import IO, Any
 from pipeq import constants as C
 from pipeq.celery_app import make_celery
 from pipeq.errors import BrokerError, InputError, JobNotFoundError
-from pipeq.models.store import JobProgress, Store
+from pipeq.models.store import JobProgress, Store, new_job_row
 from pipeq.producer.readers import Record, RecordSpec, read_objects, read_path
 from pipeq.routing import ServeKey, check_model, check_params, check_precision
 from pipeq.settings import Settings, mask_url
@@ -155,18 +155,7 @@ class Client:
         job_id = uuid.uuid4().hex
         kept: list[tuple[int, int, Any]] = []  # (size, idx, input) for publishing after commit
         total = self.store.create_job(
-            {
-                "id": job_id,
-                "task": key.task,
-                "model": key.model,
-                "revision": key.revision,
-                "precision": key.precision,
-                "queue": key.queue,
-                "params": params,
-                "status": C.JOB_QUEUED,
-                "priority": priority,
-                "source": source,
-            },
+            new_job_row(job_id, key, params=params, priority=priority, source=source),
             self._rows(job_id, records, kept),
         )
         log.info("stored job %s: %d items for %s", job_id, total, key.queue)

@@ -124,6 +124,7 @@ class WorkerContext:
         inputs = warmup_inputs(
             self.loaded.pipe,
             self.cfg.key.task,
+            max_length=self.runtime.max_length,
             max_batch_tokens=self.cfg.max_batch_tokens,
             max_batch_size=self.cfg.max_batch_size,
         )

@@ -119,7 +119,9 @@ def resolved_revision(model: str, revision: str | None) -> str | None:
     return revision
 
 
-def warmup_inputs(pipe: Any, task: str, *, max_batch_tokens: int, max_batch_size: int) -> list[Any]:
+def warmup_inputs(
+    pipe: Any, task: str, *, max_length: int | None, max_batch_tokens: int, max_batch_size: int
+) -> list[Any]:
     """Texts whose batches cover the shapes real batches will have (short to the model's maximum).
 
     The first forward pass over a new shape is markedly slower (kernel selection, allocator and
@@ -130,8 +132,7 @@ def warmup_inputs(pipe: Any, task: str, *, max_batch_tokens: int, max_batch_size
     mask = getattr(pipe.tokenizer, "mask_token", None) if task == "fill-mask" else ""
     if mask is None:
         return []
-    limit = getattr(pipe.tokenizer, "model_max_length", 512) or 512
-    longest = min(int(limit) if limit < 100_000 else 512, 512)
+    longest = min(max_length or _WARMUP_LENGTHS[-1], _WARMUP_LENGTHS[-1])
     texts: list[str] = []
     for tokens in _WARMUP_LENGTHS:
         if tokens > longest:

@@ -43,9 +43,7 @@ def run_worker(settings: Settings, cfg: WorkerConfig, *, loglevel: str = "INFO",
             "-O", "fair"]  # fmt: skip
     try:
         app.worker_main(argv)
-    except SystemExit as exc:
-        if not ctx.load_failed.value and not exc.code:
-            return
+    except SystemExit:
         if not ctx.load_failed.value:
             raise
     if ctx.load_failed.value:

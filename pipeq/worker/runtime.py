@@ -97,7 +97,8 @@ class PipelineRuntime:
         self._padding_side = getattr(pipe.tokenizer, "padding_side", "right")
         tokenizer = pipe.tokenizer
         limit = getattr(tokenizer, "model_max_length", None) if tokenizer is not None else None
-        self._max_length = int(limit) if limit and limit < _NO_LIMIT else None
+        #: The tokenizer's maximum length, None when it sets no real limit.
+        self.max_length = int(limit) if limit and limit < _NO_LIMIT else None
 
     # ------------------------------------------------------------ parameters
 
@@ -177,7 +178,7 @@ class PipelineRuntime:
         if self.task not in _TRUNCATION_FLAG_TASKS or len(lengths) != 1:
             return None
         tokenizer_kwargs = pre.get("tokenizer_kwargs") or pre.get("tokenize_kwargs") or pre
-        cap = tokenizer_kwargs.get("max_length") or self._max_length
+        cap = tokenizer_kwargs.get("max_length") or self.max_length
         if not tokenizer_kwargs.get("truncation") or cap is None or lengths[0] < cap:
             return False
         # At the cap: count the full text once to know whether anything was cut.
