@@ -66,6 +66,10 @@ class Job(Base):
     published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: Last time a worker claimed or wrote the job's items, or the reconciler queued them again.
+    activity_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: Times the reconciler queued the job's pending items again.
+    requeues: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class Item(Base):
@@ -135,6 +139,9 @@ class Worker(Base):
     heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     stopped_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     quantization: Mapped[str | None] = mapped_column(String(64))
+    #: The job whose chunk the worker is running now (None when idle).
+    current_job: Mapped[str | None] = mapped_column(String(32))
+    items_done: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 __all__ = ["Base", "Batch", "Item", "Job", "Worker", "utcnow"]
