@@ -246,7 +246,7 @@ def one_item_latency(model: str, work: Path, repeats: int = 20) -> tuple[float, 
     db.upgrade(url)
     env = {**os.environ, "PIPEQ_BROKER_URL": REDIS, "PIPEQ_DATABASE_URL": url}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeq", "-q", "worker", "--task", TASK, "--model", model],
+        [sys.executable, "-m", "pipeq", "-q", "worker", "--task", TASK, "--model", model, "--precision", "fp32"],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -105,13 +105,26 @@ def db_downgrade(
 def worker(
     task: Annotated[str, typer.Option("--task", help="Task served, e.g. sentiment-analysis.")],
     model: Annotated[str, typer.Option("--model", help="Local directory or hub id.")],
-    precision: PrecisionOpt = "fp32",
+    precision: Annotated[
+        str,
+        typer.Option(
+            "--precision", help="fp32, fp16, bf16, int8, or auto: measure the allowed ones, serve the fastest."
+        ),
+    ] = "auto",
+    allow_precision: Annotated[
+        str | None,
+        typer.Option("--allow-precision", help="What auto may pick, comma-separated [default: fp32,bf16,int8]."),
+    ] = None,
     revision: Annotated[str | None, typer.Option("--revision", help="Model revision (hub).")] = None,
     device: Annotated[str | None, typer.Option("--device", help="cpu or cuda:N [default: cuda:0 if any].")] = None,
     concurrency: Annotated[int, typer.Option("--concurrency", "-c", help="Pool children (model copies).")] = 1,
-    max_batch_tokens: Annotated[int, typer.Option(help="Padded tokens per forward pass.")] = (
-        C.DEFAULT_MAX_BATCH_TOKENS
-    ),
+    max_batch_tokens: Annotated[
+        int | None,
+        typer.Option(help=f"Padded tokens per forward pass [default: calibrated, else {C.DEFAULT_MAX_BATCH_TOKENS}]."),
+    ] = None,
+    calibrate: Annotated[
+        bool, typer.Option("--calibrate", help="Sweep --max-batch-tokens on this model and device; store the fastest.")
+    ] = False,
     max_batch_size: Annotated[int, typer.Option(help="Rows per forward pass.")] = C.DEFAULT_MAX_BATCH_SIZE,
     int8_backend: Annotated[str | None, typer.Option(help="bnb or dynamic [default: bnb on CUDA].")] = None,
     pipeline_class: Annotated[str | None, typer.Option(help="Custom Pipeline subclass, module:Class.")] = None,
@@ -120,6 +133,9 @@ def worker(
     threads: Annotated[int | None, typer.Option(help="torch threads per child [default: cores/children].")] = None,
     pool: Annotated[str, typer.Option(help="Celery pool: prefork (default) or solo.")] = "prefork",
     warmup: Annotated[bool, typer.Option(help="Warm up over a few batch shapes after loading.")] = True,
+    metrics_port: Annotated[
+        int | None, typer.Option(min=1, max=65535, help="Serve Prometheus metrics on this port (metrics extra).")
+    ] = None,
     broker_url: BrokerOpt = None,
     database_url: DatabaseOpt = None,
 ) -> None:
@@ -127,9 +143,10 @@ def worker(
 
     Example: pipeq worker --task sentiment-analysis --model ./my-model --precision int8
     """
-    from pipeq.routing import ServeKey, check_precision, normalize_model
+    from pipeq.errors import ConfigurationError
+    from pipeq.routing import AUTO_PRECISION, ServeKey, check_precision, normalize_model
     from pipeq.tasks import normalize_task
-    from pipeq.worker.config import WorkerConfig
+    from pipeq.worker.config import WorkerConfig, parse_precisions
     from pipeq.worker.main import run_worker
 
     if device is None:
@@ -137,10 +154,13 @@ def worker(
 
         device = "cuda:0" if torch.cuda.is_available() else "cpu"
     try:
+        auto = precision == AUTO_PRECISION
+        if allow_precision is not None and not auto:
+            raise ConfigurationError("--allow-precision only applies to --precision auto")
         key = ServeKey(
             task=normalize_task(task),
             model=normalize_model(model),
-            precision=check_precision(precision),
+            precision=precision if auto else check_precision(precision),
             revision=revision,
         )
         cfg = WorkerConfig(
@@ -155,6 +175,9 @@ def worker(
             trust_remote_code=trust_remote_code,
             threads=threads,
             warmup=warmup,
+            allowed_precisions=parse_precisions(allow_precision) if allow_precision else C.DEFAULT_ALLOWED_PRECISIONS,
+            calibrate=calibrate,
+            metrics_port=metrics_port,
         )
         level = "DEBUG" if _State.verbosity > 0 else "WARNING" if _State.verbosity < 0 else "INFO"
         run_worker(_settings(broker_url, database_url), cfg, loglevel=level, pool=pool)
@@ -183,7 +206,12 @@ def submit(
     input: Annotated[str, typer.Argument(help=".jsonl, .csv, .parquet or .txt file, or - for stdin.")],
     task: Annotated[str, typer.Option("--task", help="Task, e.g. sentiment-analysis.")],
     model: Annotated[str, typer.Option("--model", help="Model served by a worker (same string).")],
-    precision: PrecisionOpt = "fp32",
+    precision: Annotated[
+        str | None,
+        typer.Option(
+            "--precision", help="fp32, fp16, bf16 or int8 [default: what live workers serve for the model, else fp32]."
+        ),
+    ] = None,
     revision: Annotated[str | None, typer.Option("--revision")] = None,
     text_field: Annotated[str, typer.Option(help="Field holding the text.")] = "text",
     id_field: Annotated[str, typer.Option(help="Field holding your id (optional in records).")] = "id",
@@ -251,8 +279,16 @@ def status(
         store = Store(_settings(database_url=database_url).database_url)
         store.check_schema()
         state = watch_job(store, job_id) if watch else store.job(job_id)
+        queue = (store.job_row(job_id) or {}).get("queue")
+        live = store.live_workers(queue) if queue else []
+        stale = store.stale_workers(queue) if queue else []
     except PipeqError as exc:
         raise _fail(exc) from None
+    workers_info = {
+        "live": [{"id": w["id"], "host": w["host"], "pid": w["pid"], "current_job": w["current_job"]} for w in live],
+        "stale": [{"id": w["id"], "host": w["host"], "pid": w["pid"], "heartbeat_at": str(w["heartbeat_at"])}
+                  for w in stale],
+    }  # fmt: skip
     if as_json:
         typer.echo(
             json.dumps(
@@ -270,6 +306,7 @@ def status(
                     "rate": round(state.rate, 3),
                     "eta_seconds": state.eta_seconds,
                     "error": state.error,
+                    "workers": workers_info,
                 }
             )
         )
@@ -277,6 +314,13 @@ def status(
         typer.echo(f"job {state.id} [{state.task} {state.precision}] {describe(state)}")
         if state.error:
             typer.echo(f"error: {state.error}")
+        busy = sum(w["current_job"] == job_id for w in live)
+        typer.echo(f"workers: {len(live)} live on its queue ({busy} on this job), {len(stale)} stale")
+        if not state.is_final and not live:
+            typer.echo(
+                f"warning: no live worker serves this job ({state.task}, {state.model}, {state.precision}); "
+                f"start one with: pipeq worker --task {state.task} --model {state.model} --precision {state.precision}"
+            )
 
 
 @app.command()
@@ -301,6 +345,82 @@ def results(
         raise _fail(exc) from None
     if output:
         typer.echo(f"wrote {n:,} rows to {output}", err=True)
+
+
+@app.command()
+def report(
+    job_id: Annotated[str, typer.Argument(help="Job id.")],
+    as_json: Annotated[bool, typer.Option("--json", help="The whole report as JSON on stdout.")] = False,
+    html: Annotated[
+        str | None, typer.Option("--html", metavar="FILE", help="Write a self-contained HTML page with charts.")
+    ] = None,
+    database_url: DatabaseOpt = None,
+) -> None:
+    """Throughput over time, time per phase (p50/p95/p99), batch sizes, padding, failures and workers of a job.
+
+    Prints a text summary unless --json or --html is given; --html needs the report extra (matplotlib).
+
+    Example: pipeq report JOB --html report.html
+    """
+    from pipeq.models.store import Store
+    from pipeq.report import build_report
+    from pipeq.report_text import format_text
+
+    try:
+        store = Store(_settings(database_url=database_url).database_url)
+        store.check_schema()
+        job_report = build_report(store, job_id)
+        if html:
+            from pipeq.report_html import write_html
+
+            write_html(job_report, html)
+    except PipeqError as exc:
+        raise _fail(exc) from None
+    if html:
+        typer.echo(f"wrote the report of job {job_id} to {html}", err=True)
+    if as_json:
+        typer.echo(json.dumps(job_report.as_dict()))
+    elif not html:
+        typer.echo(format_text(job_report))
+
+
+@app.command()
+def jobs(
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Most jobs listed.")] = 20,
+    status: Annotated[str | None, typer.Option("--status", help="queued, running, done or cancelled.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    database_url: DatabaseOpt = None,
+) -> None:
+    """Recent jobs, newest first: id, created, status, task, precision, model, done/failed/total, rate.
+
+    Example: pipeq jobs --status running --limit 5
+    """
+    from pipeq.models.store import Store
+
+    states = (C.JOB_QUEUED, C.JOB_RUNNING, *C.JOB_FINAL_STATES)
+    if status is not None and status not in states:
+        raise typer.BadParameter(f"{status!r} is not one of {', '.join(states)}", param_hint="--status")
+    try:
+        store = Store(_settings(database_url=database_url).database_url)
+        store.check_schema()
+        rows = store.recent_jobs(limit, status)
+    except PipeqError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        keys = ("id", "status", "task", "model", "precision", "total", "done", "failed", "cancelled")
+        listed = [
+            {**{k: getattr(j, k) for k in keys}, "created_at": j.created_at.isoformat(), "rate": round(j.rate, 3)}
+            for j in rows
+        ]
+        typer.echo(json.dumps(listed))
+        return
+    for j in rows:
+        typer.echo(
+            f"{j.id}  {j.created_at:%Y-%m-%d %H:%M:%S}  {j.status:<9} {j.task} {j.precision}  "
+            f"{j.done:,}/{j.failed:,}/{j.total:,}  {j.rate:,.1f}/s  {j.model}"
+        )
+    if not rows:
+        typer.echo("no jobs", err=True)
 
 
 @app.command()
@@ -335,12 +455,54 @@ def resume(
 
 
 @app.command()
+def reconcile(
+    stalled_after: Annotated[
+        float | None, typer.Option(help="Seconds without progress on an idle queue [env: PIPEQ_STALLED_AFTER].")
+    ] = None,
+    all_queues: Annotated[bool, typer.Option("--all", help="Also queues no live worker serves.")] = False,
+    broker_url: BrokerOpt = None,
+    database_url: DatabaseOpt = None,
+) -> None:
+    """Queue again the pending items of jobs that stopped moving (e.g. Redis lost its data).
+
+    Workers do this for their own queue every PIPEQ_RECONCILE_INTERVAL seconds; this runs one pass now.
+    Example: pipeq reconcile --stalled-after 60
+    """
+    from pipeq.celery_app import make_celery
+    from pipeq.models.store import Store
+    from pipeq.reconcile import reconcile as reconcile_once
+
+    settings = _settings(broker_url, database_url, stalled_after=stalled_after)
+    store = Store(settings.database_url)
+    celery = make_celery(settings)
+    try:
+        store.check_schema()
+        done = reconcile_once(
+            store,
+            celery,
+            stalled_after=settings.stalled_after,
+            chunk_size=settings.chunk_size,
+            live_only=not all_queues,
+        )
+    except PipeqError as exc:
+        raise _fail(exc) from None
+    finally:
+        celery.close()
+        store.close()
+    for r in done:
+        typer.echo(f"re-queued {r.items:,} pending items of job {r.job_id} ({r.messages} messages)")
+    if not done:
+        typer.echo("no stalled jobs", err=True)
+
+
+@app.command()
 def workers(
     database_url: DatabaseOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """Live workers (fresh heartbeat): configuration, footprint, load time."""
+    """Live workers (fresh heartbeat): configuration, footprint, load time, how auto precision chose."""
     from pipeq.models.store import Store
+    from pipeq.worker.autotune import describe
 
     store = Store(_settings(database_url=database_url).database_url)
     try:
@@ -353,9 +515,10 @@ def workers(
         return
     for w in rows:
         mb = (w["footprint_bytes"] or 0) / 1e6
+        how_precision, how_budget = describe(w["settings"] or {})
         typer.echo(
-            f"{w['id'][:8]} {w['host']}:{w['pid']} {w['status']} {w['task']} {w['precision']} "
-            f"{w['device']} {mb:.1f} MB load {w['load_seconds'] or 0:.1f}s {w['model']}"
+            f"{w['id'][:8]} {w['host']}:{w['pid']} {w['status']} {w['task']} precision {w['precision']}{how_precision} "
+            f"{w['device']} {mb:.1f} MB load {w['load_seconds'] or 0:.1f}s{how_budget} {w['model']}"
         )
     if not rows:
         typer.echo("no live workers", err=True)

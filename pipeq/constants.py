@@ -15,6 +15,10 @@ CHUNKS_PER_WORKER = 4
 DEFAULT_MAX_BATCH_TOKENS = 8192
 #: Rows allowed in one forward pass, whatever their length.
 DEFAULT_MAX_BATCH_SIZE = 64
+#: Precisions ``pipeq worker --precision auto`` measures and picks from, unless --allow-precision says otherwise.
+DEFAULT_ALLOWED_PRECISIONS = ("fp32", "bf16", "int8")
+#: Token budgets ``pipeq worker --calibrate`` tries (each capped at max batch size x the model's maximum length).
+CALIBRATION_BUDGETS = (1024, 2048, 4096, 8192, 16384)
 #: Longest text accepted at submit, in characters (a 1 MB text is refused at the door).
 DEFAULT_MAX_TEXT_CHARS = 100_000
 #: Most items one job may hold.
@@ -28,6 +32,16 @@ CHUNK_TASK_NAME = "pipeq.run_chunk"
 QUEUE_PREFIX = "pipeq"
 #: Seconds an unacknowledged Redis message stays invisible before it is redelivered.
 DEFAULT_VISIBILITY_TIMEOUT = 3600
+
+#: Seconds a non-final job may go without any progress, while its queue is idle, before the
+#: reconciler queues its pending items again (the broker lost them, or a producer died mid-publish).
+DEFAULT_STALLED_AFTER = 300.0
+#: Seconds between a worker's reconciler passes over its own queue.
+DEFAULT_RECONCILE_INTERVAL = 60.0
+#: Seconds a worker retries an unreachable store (with backoff) before handing its message back.
+DEFAULT_STORE_RETRY_BUDGET = 300.0
+#: Longest pause between two tries of an unreachable store.
+STORE_RETRY_MAX_SLEEP = 10.0
 
 #: Seconds between a worker's heartbeats in the store.
 HEARTBEAT_INTERVAL = 10.0

@@ -57,7 +57,7 @@ def run_demo(settings: Settings, *, timeout: float = 300) -> int:
         "HF_HUB_OFFLINE": "1",
     }
     worker = subprocess.Popen(
-        [sys.executable, "-m", "pipeq", "-q", "worker", "--task", TASK, "--model", model],
+        [sys.executable, "-m", "pipeq", "-q", "worker", "--task", TASK, "--model", model, "--precision", "fp32"],
         env=env,
         stdout=subprocess.DEVNULL,
     )

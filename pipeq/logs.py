@@ -8,23 +8,18 @@ import os
 from pipeq.settings import mask_url
 
 
-class MaskCredentials(logging.Filter):
-    """Replace passwords in URLs inside log records with ``***``."""
+class MaskingFormatter(logging.Formatter):
+    """Replace passwords in URLs with ``***`` anywhere in a formatted record, tracebacks included."""
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        masked = mask_url(message)
-        if masked != message:
-            record.msg, record.args = masked, None
-        return True
+    def format(self, record: logging.LogRecord) -> str:
+        return mask_url(super().format(record))
 
 
 def configure(verbosity: int = 0) -> None:
     """Log to stderr: WARNING with -q, INFO by default, DEBUG with -v."""
     level = logging.DEBUG if verbosity > 0 else logging.WARNING if verbosity < 0 else logging.INFO
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(MaskCredentials())
+    handler.setFormatter(MaskingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

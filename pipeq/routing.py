@@ -14,6 +14,8 @@ from pipeq.errors import ConfigurationError, ModelNotFoundError
 
 Precision = Literal["fp32", "fp16", "bf16", "int8"]
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8")
+#: A worker's ``--precision auto``: it measures the allowed precisions and serves the fastest.
+AUTO_PRECISION = "auto"
 
 
 def normalize_model(model: str) -> str:
@@ -47,9 +49,25 @@ def check_model(model: str) -> str:
     return normalized
 
 
+#: Parameters that would choose what a worker loads or runs: a worker's own start flags, never a job's.
+RESERVED_PARAMS = frozenset(
+    {
+        "model", "tokenizer", "feature_extractor", "image_processor", "processor", "config", "revision",
+        "trust_remote_code", "device", "device_map", "dtype", "torch_dtype", "model_kwargs", "pipeline_class",
+        "framework", "token", "use_auth_token", "cache_dir", "local_files_only",
+    }
+)  # fmt: skip
+
+
 def check_params(params: dict[str, Any] | None) -> dict[str, Any]:
-    """Task parameters must be a JSON object (they travel to workers as JSON)."""
+    """Task parameters must be a JSON object (they travel to workers as JSON) and may not pick code or models."""
     params = dict(params or {})
+    reserved = sorted(RESERVED_PARAMS & set(params))
+    if reserved:
+        raise ConfigurationError(
+            f"task parameters may not set {', '.join(reserved)}: what a worker loads is fixed by its own "
+            f"start flags (pipeq worker --model/--revision/--trust-remote-code/--device)"
+        )
     try:
         json.dumps(params, allow_nan=False)
     except (TypeError, ValueError) as exc:
@@ -59,6 +77,11 @@ def check_params(params: dict[str, Any] | None) -> dict[str, Any]:
 
 def check_precision(precision: str) -> str:
     """Return ``precision`` if pipeq knows it, else raise ConfigurationError."""
+    if precision == AUTO_PRECISION:
+        raise ConfigurationError(
+            "precision 'auto' is a worker's own choice; a job names the precision it requires "
+            f"({', '.join(PRECISIONS)}): `pipeq workers` shows what the live workers serve"
+        )
     if precision not in PRECISIONS:
         raise ConfigurationError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     return precision

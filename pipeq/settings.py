@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -9,6 +10,17 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pipeq import constants
+from pipeq.errors import ConfigurationError
+
+_NUMBERS: dict[str, type[int] | type[float]] = {
+    "chunk_size": int,
+    "max_text_chars": int,
+    "max_job_items": int,
+    "visibility_timeout": int,
+    "stalled_after": float,
+    "reconcile_interval": float,
+    "store_retry_budget": float,
+}
 
 
 @dataclass(frozen=True)
@@ -21,6 +33,13 @@ class Settings:
     max_text_chars: int = constants.DEFAULT_MAX_TEXT_CHARS
     max_job_items: int = constants.DEFAULT_MAX_JOB_ITEMS
     visibility_timeout: int = constants.DEFAULT_VISIBILITY_TIMEOUT
+    #: Seconds without progress after which the reconciler queues a job's pending items again.
+    stalled_after: float = constants.DEFAULT_STALLED_AFTER
+    #: Seconds between a worker's reconciler passes over its queue (0 turns them off).
+    reconcile_interval: float = constants.DEFAULT_RECONCILE_INTERVAL
+    #: Seconds a worker keeps retrying an unreachable store before it hands its message back.
+    store_retry_budget: float = constants.DEFAULT_STORE_RETRY_BUDGET
+    #: Extra kombu transport options (``PIPEQ_BROKER_OPTIONS``, a JSON object).
     broker_options: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -32,10 +51,21 @@ class Settings:
             values["broker_url"] = env["PIPEQ_BROKER_URL"]
         if env.get("PIPEQ_DATABASE_URL"):
             values["database_url"] = env["PIPEQ_DATABASE_URL"]
-        for name in ("chunk_size", "max_text_chars", "max_job_items", "visibility_timeout"):
+        for name, kind in _NUMBERS.items():
             raw = env.get(f"PIPEQ_{name.upper()}")
             if raw:
-                values[name] = int(raw)
+                try:
+                    values[name] = kind(raw)
+                except ValueError:
+                    raise ConfigurationError(f"PIPEQ_{name.upper()}={raw!r} is not a number") from None
+        if env.get("PIPEQ_BROKER_OPTIONS"):
+            try:
+                options = json.loads(env["PIPEQ_BROKER_OPTIONS"])
+            except json.JSONDecodeError as exc:
+                raise ConfigurationError(f"PIPEQ_BROKER_OPTIONS is not valid JSON: {exc}") from None
+            if not isinstance(options, dict):
+                raise ConfigurationError("PIPEQ_BROKER_OPTIONS must be a JSON object")
+            values["broker_options"] = options
         values.update({k: v for k, v in overrides.items() if v is not None})
         return replace(cls(), **values)
 

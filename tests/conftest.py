@@ -6,6 +6,7 @@ service skips the tests that need it; under CI=true it fails them, as CI must te
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -198,3 +199,75 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     yield _start
     for proc in started:
         proc.stop()
+
+
+# ------------------------------------------------------------------ fault ledger
+
+
+class FaultLedger:
+    """What the fault-injection tests did and found, summed over the session and printed at the end."""
+
+    def __init__(self) -> None:
+        self.faults = 0
+        self.items = 0
+        self.lost = 0
+        self.duplicates = 0
+        self.changed = 0
+        self.tests = 0
+
+    def check(
+        self, database_url: str, job_id: str, *, faults: int, expected: dict[int, Any] | None = None
+    ) -> dict[str, Any]:
+        """Count the job's items in the store: each exactly once and final, counters matching, outputs unchanged.
+
+        ``expected`` maps an item's index to its reference output (label and score) for items that must be done.
+        """
+        import sqlalchemy as sa
+
+        engine = sa.create_engine(database_url)
+        with engine.connect() as conn:
+            job = conn.execute(sa.text("SELECT * FROM jobs WHERE id = :j"), {"j": job_id}).mappings().one()
+            items = list(
+                conn.execute(
+                    sa.text("SELECT idx, status, output, error, attempts FROM items WHERE job_id = :j ORDER BY idx"),
+                    {"j": job_id},
+                ).mappings()
+            )
+        engine.dispose()
+        final = [r for r in items if r["status"] in ("done", "failed")]
+        counted = job["n_done"] + job["n_failed"] + job["n_cancelled"]
+        lost = job["total"] - len(final)
+        # The primary key makes a second row impossible; a result written twice would count twice.
+        duplicates = (len(items) - len({r["idx"] for r in items})) + max(0, counted - len(final))
+        changed = 0
+        for r in items:
+            want = (expected or {}).get(r["idx"])
+            if want is None:
+                continue
+            out = json.loads(r["output"]) if isinstance(r["output"], str) else r["output"]
+            if r["status"] != "done" or out["label"] != want["label"] or abs(out["score"] - want["score"]) > 1e-4:
+                changed += 1
+        self.tests += 1
+        self.faults += faults
+        self.items += len(items)
+        self.lost += lost
+        self.duplicates += duplicates
+        self.changed += changed
+        return {"job": dict(job), "items": items, "lost": lost, "duplicates": duplicates, "changed": changed}
+
+
+_LEDGER = FaultLedger()
+
+
+@pytest.fixture
+def ledger() -> FaultLedger:
+    return _LEDGER
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    led = _LEDGER
+    if led.tests:
+        terminalreporter.write_line(
+            f"fault injection: {led.tests} tests, {led.faults} faults injected, {led.items:,} items checked, "
+            f"{led.lost} lost, {led.duplicates} duplicates, {led.changed} changed results"
+        )

@@ -210,3 +210,15 @@ def test_cli_wait_exits_1_when_items_fail(settings: Settings, thread_worker: Wor
     rows = [json.loads(x) for x in run_cli(["results", job_id], env).stdout.splitlines()]
     assert [r["status"] for r in rows] == ["done", "failed", "done"]
     assert rows[1]["error"].startswith("forward: ") and rows[1]["output"] is None
+
+
+def test_precision_left_out_follows_the_live_workers(client: Client, model_dir: Callable[[str], str]) -> None:
+    model = model_dir(TASK)
+    assert client.submit(["a"], task=TASK, model=model).status().precision == "fp32", "no live worker: fp32"
+    # A worker started with --precision auto chose bf16: a job that names no precision goes to it.
+    client.store.register_worker(
+        {"id": "w-auto", "host": "h", "pid": 1, "queue": ServeKey(TASK, model, "bf16").queue, "task": TASK,
+         "model": model, "precision": "bf16", "device": "cpu", "status": "ready", "settings": {}}
+    )  # fmt: skip
+    assert client.submit(["a"], task=TASK, model=model).status().precision == "bf16"
+    assert client.submit(["a"], task=TASK, model=model, precision="int8").status().precision == "int8"

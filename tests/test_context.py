@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
 from pipeq import constants as C
-from pipeq.models.store import Store, new_job_row
+from pipeq.models.store import ItemResult, Store, new_job_row
 from pipeq.routing import ServeKey
 from pipeq.settings import Settings
 from pipeq.worker.config import WorkerConfig
@@ -63,8 +64,9 @@ def test_redelivered_message_runs_one_input_at_a_time(ctx: WorkerContext, sqlite
 def test_items_out_of_attempts_are_failed_not_run(ctx: WorkerContext, sqlite_url: str) -> None:
     store = Store(sqlite_url)
     message = submit(store, ctx.cfg.key, ["killer", "fine"])
-    for _ in range(C.MAX_ATTEMPTS):
-        store.claim("job", [0])  # item 0 was delivered MAX_ATTEMPTS times and never finished
+    store.claim("job", [0])
+    for _ in range(C.MAX_ATTEMPTS - 1):
+        store.start_attempt("job", 0)  # item 0 ran MAX_ATTEMPTS times and never finished
     counts = ctx.run_chunk("job", message, None)
     assert (counts["done"], counts["failed"]) == (1, 1)
     rows = list(store.iter_results("job"))
@@ -94,3 +96,108 @@ def test_worker_row_records_load(ctx: WorkerContext, sqlite_url: str) -> None:
     (row,) = Store(sqlite_url).live_workers(ctx.cfg.key.queue)
     assert row["status"] == "ready" and row["footprint_bytes"] > 0 and row["load_seconds"] > 0
     assert row["settings"]["max_batch_size"] == 4
+
+
+def test_stopping_worker_commits_its_batch_and_hands_the_rest_back(
+    ctx: WorkerContext, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from celery import Celery
+
+    store = Store(sqlite_url)
+    message = submit(store, ctx.cfg.key, [f"text {i}" for i in range(12)])
+    ctx.celery = Celery("t", broker="memory://", set_as_current=False)
+    assert ctx.runtime is not None
+    run = ctx.runtime.run
+
+    def stop_during_first_batch(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        for n, batch in enumerate(run(*args, **kwargs)):
+            if n == 0:
+                ctx.shutting_down.value = 1  # SIGTERM arrives while the first batch runs
+            yield batch
+
+    monkeypatch.setattr(ctx.runtime, "run", stop_during_first_batch)
+    counts = ctx.run_chunk("job", message, None)
+    assert (counts["done"], counts["handed_back"]) == (4, 8), "the running batch (of 4) commits, the rest goes back"
+    rows = list(store.iter_results("job"))
+    assert sum(r["status"] == "done" for r in rows) == counts["done"]
+    left = [r for r in rows if r["status"] == "pending"]
+    assert len(left) == counts["handed_back"] and {r["attempts"] for r in left} == {0}, "unstarted: no attempt"
+    with ctx.celery.connection_for_read() as conn:  # the memory broker is shared by the whole test process
+        queue, handed = conn.SimpleQueue(ctx.cfg.key.queue), []
+        while not handed:
+            payload = queue.get(timeout=5).payload[1]
+            handed = [i for i, _ in payload["items"]] if payload["job_id"] == "job" else []
+        assert sorted(handed) == sorted(r["idx"] for r in left)
+
+
+def test_unreachable_store_is_retried_without_counting_attempts(
+    ctx: WorkerContext, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    store = Store(sqlite_url)
+    message = submit(store, ctx.cfg.key, [f"text {i}" for i in range(8)])
+    assert ctx.store is not None
+    real = ctx.store.record_batch
+    outages = {"left": 3}
+
+    def flaky(*args: object, **kwargs: object) -> object:
+        if outages["left"]:
+            outages["left"] -= 1
+            raise OperationalError("UPDATE items", {}, Exception("server closed the connection unexpectedly"))
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ctx.store, "record_batch", flaky)
+    monkeypatch.setattr("pipeq.worker.context.time.sleep", lambda _s: None)
+    ctx.run_chunk("job", message, None)
+    rows = list(store.iter_results("job"))
+    assert {r["status"] for r in rows} == {"done"} and {r["attempts"] for r in rows} == {1}
+    assert store.job("job").done == 8
+
+
+def test_store_down_past_the_budget_hands_the_message_back(
+    ctx: WorkerContext, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dataclasses import replace
+
+    from sqlalchemy.exc import OperationalError
+
+    from pipeq.errors import StoreError
+
+    store = Store(sqlite_url)
+    message = submit(store, ctx.cfg.key, ["a", "b"])
+    assert ctx.store is not None
+
+    def down(*args: object, **kwargs: object) -> object:
+        raise OperationalError("SELECT", {}, Exception("connection refused postgresql://u:secret@db/x"))
+
+    monkeypatch.setattr(ctx.store, "job_row", down)
+    monkeypatch.setattr("pipeq.worker.context.time.sleep", lambda _s: None)
+    ctx.settings = replace(ctx.settings, store_retry_budget=2.0)
+    with pytest.raises(StoreError) as err:
+        ctx.run_chunk("job", message, None)
+    assert "secret" not in str(err.value) and "u:***@" in str(err.value)
+    assert {r["status"] for r in store.iter_results("job")} == {"pending"}
+
+
+def test_a_result_the_store_refuses_fails_alone(
+    ctx: WorkerContext, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sqlalchemy.exc import DataError
+
+    store = Store(sqlite_url)
+    message = submit(store, ctx.cfg.key, [f"text {i}" for i in range(6)])
+    assert ctx.store is not None
+    real = ctx.store.record_batch
+
+    def picky(job_id: str, results: list[ItemResult], *args: object, **kwargs: object) -> object:
+        if any(r.idx == 3 and r.status == "done" for r in results):
+            raise DataError("UPDATE items", {}, Exception("unsupported Unicode escape sequence"))
+        return real(job_id, results, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ctx.store, "record_batch", picky)
+    counts = ctx.run_chunk("job", message, None)
+    assert (counts["done"], counts["failed"]) == (5, 1)
+    rows = list(store.iter_results("job"))
+    assert rows[3]["status"] == "failed" and "DataError" in rows[3]["error"]
+    assert store.job("job").status == C.JOB_DONE

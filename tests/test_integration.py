@@ -18,6 +18,7 @@ from transformers import pipeline
 
 from pipeq import Client, Settings
 from pipeq.models.store import Store
+from pipeq.producer.writers import COLUMNS
 from pipeq.routing import ServeKey
 from test_runtime import assert_close
 
@@ -66,6 +67,8 @@ def test_cli_end_to_end_on_postgres_and_redis(
         "sentiment-analysis",
         "--model",
         model,
+        "--precision",
+        "fp32",
         "--max-batch-size",
         "16",
         broker_url=redis_url,
@@ -105,7 +108,7 @@ def test_cli_end_to_end_on_postgres_and_redis(
     # And results come back as CSV in input order
     csv_out = cli("results", job_id, "--format", "csv", env=env)
     assert csv_out.returncode == 0
-    assert csv_out.stdout.splitlines()[0] == "index,id,status,output,error,truncated,timing"
+    assert csv_out.stdout.splitlines()[0] == ",".join(COLUMNS)  # timing spread into columns of its own
     assert len(csv_out.stdout.splitlines()) == len(TEXTS) + 1
     status = json.loads(cli("status", job_id, "--json", env=env).stdout)
     assert status["done"] == 120 and status["pending"] == 0
@@ -192,6 +195,8 @@ def test_custom_pipeline_class(
         "pair-classification",
         "--model",
         model,
+        "--precision",
+        "fp32",
         "--pipeline-class",
         "userpkg.pairs:PairClassificationPipeline",
         "--model-class",
@@ -230,7 +235,7 @@ def test_worker_that_cannot_load_its_model_exits_2(tmp_path: Path, model_dir: Ca
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
     env = {"PIPEQ_DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}", "PIPEQ_BROKER_URL": "memory://"}
     assert cli("db", "upgrade", env=env).returncode == 0
-    out = cli("worker", "--task", TASK, "--model", str(broken), env=env, timeout=120)
+    out = cli("worker", "--task", TASK, "--model", str(broken), "--precision", "fp32", env=env, timeout=120)
     assert out.returncode == 2
     assert "could not load its pipeline" in out.stderr and "SafetensorError" in out.stderr
     statuses = {r["status"] for r in rows(env["PIPEQ_DATABASE_URL"], "select status from workers")}
@@ -259,6 +264,8 @@ def test_hub_model_from_the_cache_offline_records_its_revision(
         TASK,
         "--model",
         "pipeq-tests/tiny-classifier",
+        "--precision",
+        "fp32",
         broker_url=redis_url,
         database_url=url,
         extra_env={"HF_HUB_CACHE": env["HF_HUB_CACHE"]},

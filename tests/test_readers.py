@@ -65,7 +65,7 @@ def test_text_pairs_and_tables() -> None:
         (b'{"text": "ok"}\n{"text": "broken"\n', "in.jsonl:2: malformed JSON"),
         (b'{"text": "ok"}\n{"body": "x"}\n', "in.jsonl:2: missing field 'text' (fields present: body)"),
         (b'{"text": 12}\n', "in.jsonl:1: field 'text' must be a string, got int"),
-        (b'{"text": null}\n', "in.jsonl:1: field 'text' must be a string, got NoneType"),
+        (b'{"text": null}\n', "in.jsonl:1: field 'text' must be a string, got a missing value"),
         (b'{"text": "   "}\n', "in.jsonl:1: field 'text' is empty"),
         (b'{"text": "ok"}\n{"text": "caf\xe9"}\n', "in.jsonl:2: not valid UTF-8"),
         (b'["a list"]\n', "in.jsonl:1: a record must be an object or a string, got list"),

@@ -182,3 +182,35 @@ def test_postprocess_failure_fails_alone(model_dir: Callable[[str], str]) -> Non
     out = run_all(rt, [f"text {i}" for i in range(6)], {})
     failed = [i for i, r in out.items() if r.status == "failed"]
     assert len(failed) == 1 and "postprocess: RuntimeError" in out[failed[0]].error
+
+
+class _SmallMemory:
+    """Wraps a pipeline whose forward runs out of memory above a number of rows, as a small GPU would."""
+
+    def __init__(self, pipe: Any, max_rows: int) -> None:
+        self._pipe, self._max_rows, self.calls = pipe, max_rows, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pipe, name)
+
+    def forward(self, inputs: Any, **kw: Any) -> Any:
+        self.calls += 1
+        if inputs["input_ids"].shape[0] > self._max_rows:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self._pipe.forward(inputs, **kw)
+
+
+def test_out_of_memory_splits_the_batch_and_lowers_the_budget(model_dir: Callable[[str], str]) -> None:
+    pipe = pipeline("text-classification", model=model_dir("text-classification"))
+    small = _SmallMemory(pipe, max_rows=3)
+    rt = PipelineRuntime(small, "text-classification", max_batch_tokens=100_000, max_batch_size=16)
+    texts = [f"text number {i} " * 3 for i in range(16)]
+    out = run_all(rt, texts, {})
+    assert all(r.status == "done" for r in out.values()), "no item fails for the worker's lack of memory"
+    assert rt.max_batch_tokens < 100_000
+    lowered = rt.max_batch_tokens
+    # The next chunk is cut to the lowered budget, so it needs fewer retries than the first.
+    calls_before = small.calls
+    run_all(rt, texts, {})
+    assert small.calls - calls_before < calls_before
+    assert rt.max_batch_tokens <= lowered

@@ -99,12 +99,16 @@ def test_concurrent_duplicate_deliveries_count_once(store: Store) -> None:
     assert len(list(store.iter_results(job))) == 200
 
 
-def test_claim_counts_attempts_and_leaves_out_finished_items(store: Store) -> None:
+def test_claim_counts_first_attempts_and_leaves_out_finished_items(store: Store) -> None:
     job = make_job(store, 3)
-    assert store.claim(job, [0, 1, 2]) == {0: 1, 1: 1, 2: 1}
+    assert store.claim(job, [0, 1, 2]) == {0: 0, 1: 0, 2: 0}, "what each item had before this delivery"
     assert store.job(job).status == C.JOB_RUNNING
     record(store, job, [done(1)])
-    assert store.claim(job, [0, 1, 2]) == {0: 2, 2: 2}
+    # A redelivery: tried items keep their count until each starts again on its own.
+    assert store.claim(job, [0, 1, 2]) == {0: 1, 2: 1}
+    assert store.start_attempt(job, 0) == 2
+    assert store.attempts(job, [0, 1, 2]) == {0: 2, 2: 1}
+    assert store.start_attempt(job, 1) is None, "a finished item never starts again"
 
 
 def test_cancel_keeps_finished_results(store: Store) -> None:

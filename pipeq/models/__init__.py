@@ -144,4 +144,25 @@ class Worker(Base):
     items_done: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
-__all__ = ["Base", "Batch", "Item", "Job", "Worker", "utcnow"]
+class Calibration(Base):
+    """The fastest token budget ``pipeq worker --calibrate`` measured for a model on a device."""
+
+    __tablename__ = "calibrations"
+    __table_args__ = (Index("ix_calibrations_task_precision_device", "task", "precision", "device"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    task: Mapped[str] = mapped_column(String(100))
+    model: Mapped[str] = mapped_column(String(1024))
+    revision: Mapped[str | None] = mapped_column(String(255))
+    precision: Mapped[str] = mapped_column(String(16))
+    device: Mapped[str] = mapped_column(String(32))
+    #: The CPU's model name or the CUDA device's name: a budget is only reused on the same hardware.
+    device_name: Mapped[str] = mapped_column(String(255))
+    max_batch_tokens: Mapped[int] = mapped_column(Integer)
+    items_per_s: Mapped[float] = mapped_column(Float)
+    #: Items/s per token budget tried, keyed by the budget.
+    sweep: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+__all__ = ["Base", "Batch", "Calibration", "Item", "Job", "Worker", "utcnow"]

@@ -22,11 +22,11 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from pipeq import constants as C
 from pipeq.errors import JobNotFoundError, StoreError
-from pipeq.models import Batch, Item, Job, Worker, utcnow
+from pipeq.models import Batch, Calibration, Item, Job, Worker, utcnow
 from pipeq.routing import ServeKey
 from pipeq.settings import mask_url
 
@@ -36,6 +36,9 @@ _items: Table = Item.__table__  # type: ignore[assignment]
 _jobs: Table = Job.__table__  # type: ignore[assignment]
 _batches: Table = Batch.__table__  # type: ignore[assignment]
 _workers: Table = Worker.__table__  # type: ignore[assignment]
+_calibrations: Table = Calibration.__table__  # type: ignore[assignment]
+#: Execution option marking a connection that writes (SQLite: BEGIN IMMEDIATE).
+_WRITE = "pipeq_write"
 #: Columns a new item is inserted with (the rest start NULL).
 _ITEM_COLUMNS = "job_id, idx, input_id, input, status, attempts"
 
@@ -45,6 +48,13 @@ def as_utc(value: datetime | None) -> datetime | None:
     if value is None or value.tzinfo is not None:
         return value
     return value.replace(tzinfo=UTC)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a store error means "unreachable or busy, try again" rather than "this write is wrong"."""
+    if isinstance(exc, OperationalError | InterfaceError):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
 
 
 def new_job_row(
@@ -89,9 +99,10 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn: Any) -> None:
-            # Take the write lock up front: two workers' read-then-write transactions serialize
-            # instead of failing with "database is locked" on upgrade.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # Writes take the write lock up front: two workers' read-then-write transactions
+            # serialize instead of failing with "database is locked" on upgrade. Reads (status,
+            # results, reports) take no lock, so they never hold up a worker's writes.
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(_WRITE) else "BEGIN")
 
         return engine
     return create_engine(url, pool_pre_ping=True)
@@ -186,12 +197,34 @@ class JobProgress:
         return self.pending / rate if rate > 0 else None
 
 
+def _job_progress(row: Any) -> JobProgress:
+    """A ``jobs`` row as JobProgress."""
+    return JobProgress(
+        id=row["id"],
+        task=row["task"],
+        model=row["model"],
+        precision=row["precision"],
+        status=row["status"],
+        total=row["total"],
+        done=row["n_done"],
+        failed=row["n_failed"],
+        cancelled=row["n_cancelled"],
+        created_at=as_utc(row["created_at"]) or utcnow(),
+        started_at=as_utc(row["started_at"]),
+        finished_at=as_utc(row["finished_at"]),
+        error=row["error"],
+        params=row["params"] or {},
+    )
+
+
 class Store:
     """All of pipeq's reads and writes of the SQL store."""
 
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = make_engine(url)
+        #: The same engine and pool, for transactions that write (``with store.writer.begin()``).
+        self.writer = self.engine.execution_options(**{_WRITE: True})
         self._is_pg = self.engine.dialect.name == "postgresql"
 
     def close(self) -> None:
@@ -204,7 +237,7 @@ class Store:
                 tables = set(inspect(conn).get_table_names())
         except OperationalError as exc:
             raise StoreError(f"cannot reach the store {mask_url(self.url)}: {exc.orig}") from None
-        missing = {"jobs", "items", "batches", "workers"} - tables
+        missing = {"jobs", "items", "batches", "workers", "calibrations"} - tables
         if missing:
             raise StoreError(
                 f"the store {mask_url(self.url)} has no pipeq schema (missing {', '.join(sorted(missing))}); "
@@ -220,7 +253,7 @@ class Store:
         back everything, so a rejected submission leaves nothing behind.
         """
         total = 0
-        with self.engine.begin() as conn:
+        with self.writer.begin() as conn:
             conn.execute(insert(_jobs), [{**job, "total": 0}])
             for rows in items:
                 if rows:
@@ -249,11 +282,11 @@ class Store:
             conn.exec_driver_sql(f"INSERT INTO items ({_ITEM_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", tuples)
 
     def mark_published(self, job_id: str) -> None:
-        with self.engine.begin() as conn:
+        with self.writer.begin() as conn:
             conn.execute(update(_jobs).where(_jobs.c.id == job_id).values(published_at=utcnow()))
 
     def set_job_error(self, job_id: str, error: str) -> None:
-        with self.engine.begin() as conn:
+        with self.writer.begin() as conn:
             conn.execute(update(_jobs).where(_jobs.c.id == job_id).values(error=error))
 
     def job(self, job_id: str) -> JobProgress:
@@ -262,22 +295,7 @@ class Store:
             row = conn.execute(select(_jobs).where(_jobs.c.id == job_id)).mappings().first()
         if row is None:
             raise JobNotFoundError(f"no job {job_id!r} in the store")
-        return JobProgress(
-            id=row["id"],
-            task=row["task"],
-            model=row["model"],
-            precision=row["precision"],
-            status=row["status"],
-            total=row["total"],
-            done=row["n_done"],
-            failed=row["n_failed"],
-            cancelled=row["n_cancelled"],
-            created_at=as_utc(row["created_at"]) or utcnow(),
-            started_at=as_utc(row["started_at"]),
-            finished_at=as_utc(row["finished_at"]),
-            error=row["error"],
-            params=row["params"] or {},
-        )
+        return _job_progress(row)
 
     def job_row(self, job_id: str) -> dict[str, Any] | None:
         with self.engine.connect() as conn:
@@ -288,10 +306,18 @@ class Store:
         with self.engine.connect() as conn:
             return conn.execute(select(_jobs.c.status).where(_jobs.c.id == job_id)).scalar_one_or_none()
 
+    def recent_jobs(self, limit: int = 20, status: str | None = None) -> list[JobProgress]:
+        """The newest ``limit`` jobs, newest first, optionally only those in ``status``."""
+        q = select(_jobs).order_by(_jobs.c.created_at.desc(), _jobs.c.id).limit(limit)
+        if status is not None:
+            q = q.where(_jobs.c.status == status)
+        with self.engine.connect() as conn:
+            return [_job_progress(row) for row in conn.execute(q).mappings()]
+
     def cancel_job(self, job_id: str) -> int:
         """Cancel a job's pending items (finished results are kept); returns how many."""
         now = utcnow()
-        with self.engine.begin() as conn:
+        with self.writer.begin() as conn:
             q = select(_jobs.c.status).where(_jobs.c.id == job_id)
             status = conn.execute(q.with_for_update() if self._is_pg else q).scalar_one_or_none()
             if status is None:
@@ -313,27 +339,78 @@ class Store:
     # ---------------------------------------------------------------- items
 
     def claim(self, job_id: str, idxs: Sequence[int]) -> dict[int, int]:
-        """Count one more attempt on the pending items among ``idxs``; returns {idx: attempts}.
+        """Start a delivery of ``idxs``: returns {idx: attempts before it} for the items still pending.
 
-        Items already finished (a redelivered message) are left out, so they never run twice.
+        Items never tried get their first attempt counted here. Items tried before (a redelivered
+        message) are left as they are: the worker runs them one at a time and counts each attempt
+        as it starts (``start_attempt``), so an input that kills the process uses up only its own
+        attempts. Finished items are left out, so they never run twice.
         """
         now = utcnow()
-        with self.engine.begin() as conn:
+        with self.writer.begin() as conn:
+            q = select(_items.c.idx, _items.c.attempts).where(
+                _items.c.job_id == job_id, _items.c.idx.in_(idxs), _items.c.status == C.ITEM_PENDING
+            )
+            rows = conn.execute(q.with_for_update() if self._is_pg else q).all()
             conn.execute(
                 update(_items)
-                .where(_items.c.job_id == job_id, _items.c.idx.in_(idxs), _items.c.status == C.ITEM_PENDING)
+                .where(
+                    _items.c.job_id == job_id,
+                    _items.c.idx.in_(idxs),
+                    _items.c.status == C.ITEM_PENDING,
+                    _items.c.attempts == 0,
+                )
+                .values(attempts=1)
+            )
+            conn.execute(
+                update(_jobs)
+                .where(_jobs.c.id == job_id)
+                .values(
+                    activity_at=now,
+                    started_at=func.coalesce(_jobs.c.started_at, now),
+                    status=case((_jobs.c.status == C.JOB_QUEUED, C.JOB_RUNNING), else_=_jobs.c.status),
+                )
+            )
+        return {int(idx): int(attempts) for idx, attempts in rows}
+
+    def start_attempt(self, job_id: str, idx: int) -> int | None:
+        """Count one more attempt on a pending item about to run alone; None when it is no longer pending."""
+        with self.writer.begin() as conn:
+            conn.execute(
+                update(_items)
+                .where(_items.c.job_id == job_id, _items.c.idx == idx, _items.c.status == C.ITEM_PENDING)
                 .values(attempts=_items.c.attempts + 1)
             )
+            return conn.execute(
+                select(_items.c.attempts).where(
+                    _items.c.job_id == job_id, _items.c.idx == idx, _items.c.status == C.ITEM_PENDING
+                )
+            ).scalar_one_or_none()
+
+    def release(self, job_id: str, idxs: Sequence[int]) -> None:
+        """Take back the attempt counted on pending items that were claimed but never ran (a stopping worker)."""
+        if not idxs:
+            return
+        with self.writer.begin() as conn:
+            conn.execute(
+                update(_items)
+                .where(
+                    _items.c.job_id == job_id,
+                    _items.c.idx.in_(idxs),
+                    _items.c.status == C.ITEM_PENDING,
+                    _items.c.attempts > 0,
+                )
+                .values(attempts=_items.c.attempts - 1)
+            )
+
+    def attempts(self, job_id: str, idxs: Sequence[int]) -> dict[int, int]:
+        """{idx: attempts} of the pending items among ``idxs``, counting no new attempt."""
+        with self.engine.connect() as conn:
             rows = conn.execute(
                 select(_items.c.idx, _items.c.attempts).where(
                     _items.c.job_id == job_id, _items.c.idx.in_(idxs), _items.c.status == C.ITEM_PENDING
                 )
             ).all()
-            conn.execute(
-                update(_jobs)
-                .where(_jobs.c.id == job_id, _jobs.c.status == C.JOB_QUEUED)
-                .values(status=C.JOB_RUNNING, started_at=now)
-            )
         return {int(idx): int(attempts) for idx, attempts in rows}
 
     def record_batch(
@@ -356,7 +433,7 @@ class Store:
             return WriteOutcome()
         now = utcnow()
         idxs = [r.idx for r in results]
-        with self.engine.begin() as conn:
+        with self.writer.begin() as conn:
             q = select(_items.c.idx).where(
                 _items.c.job_id == job_id, _items.c.idx.in_(idxs), _items.c.status == C.ITEM_PENDING
             )
@@ -419,6 +496,7 @@ class Store:
                 n_failed=_jobs.c.n_failed + failed,
                 n_cancelled=_jobs.c.n_cancelled + cancelled,
                 started_at=func.coalesce(_jobs.c.started_at, now),
+                activity_at=now,
                 status=case((_jobs.c.status == C.JOB_QUEUED, C.JOB_RUNNING), else_=_jobs.c.status),
             )
         )
@@ -474,6 +552,61 @@ class Store:
                 yield dict(row)
             last = rows[-1]["idx"]
 
+    def iter_pending(self, job_id: str, *, page: int = 5000) -> Iterator[list[tuple[int, Any]]]:
+        """(idx, input) of a job's pending items in input order, a page at a time."""
+        last = -1
+        while True:
+            with self.engine.connect() as conn:
+                rows = conn.execute(
+                    select(_items.c.idx, _items.c.input)
+                    .where(_items.c.job_id == job_id, _items.c.status == C.ITEM_PENDING, _items.c.idx > last)
+                    .order_by(_items.c.idx)
+                    .limit(page)
+                ).all()
+            if not rows:
+                return
+            yield [(int(i), x) for i, x in rows]
+            last = int(rows[-1][0])
+
+    # ------------------------------------------------------------ reconciler
+
+    def stalled_jobs(self, stalled_after: float, queues: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """Unfinished, published jobs with no progress for ``stalled_after`` seconds on an idle queue.
+
+        A queue counts as idle when no job on it made progress in that time: a job waiting behind
+        a long one on a busy queue is not stalled, so nothing is queued twice while work flows.
+        """
+        cutoff = utcnow() - timedelta(seconds=stalled_after)
+        active = [C.JOB_QUEUED, C.JOB_RUNNING]
+        last = func.coalesce(_jobs.c.activity_at, _jobs.c.published_at)
+        busy = select(_jobs.c.queue).where(_jobs.c.status.in_(active), _jobs.c.activity_at >= cutoff)
+        q = select(_jobs.c.id, _jobs.c.queue, _jobs.c.priority, _jobs.c.total, _jobs.c.requeues).where(
+            _jobs.c.status.in_(active),
+            _jobs.c.published_at.is_not(None),
+            last < cutoff,
+            _jobs.c.queue.not_in(busy),
+        )
+        if queues is not None:
+            q = q.where(_jobs.c.queue.in_(list(queues)))
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(q.order_by(_jobs.c.created_at)).mappings()]
+
+    def take_requeue(self, job_id: str, stalled_after: float) -> bool:
+        """Atomically claim the right to queue a stalled job again (one reconciler wins; the next waits a period)."""
+        now = utcnow()
+        cutoff = now - timedelta(seconds=stalled_after)
+        with self.writer.begin() as conn:
+            n = conn.execute(
+                update(_jobs)
+                .where(
+                    _jobs.c.id == job_id,
+                    _jobs.c.status.in_([C.JOB_QUEUED, C.JOB_RUNNING]),
+                    func.coalesce(_jobs.c.activity_at, _jobs.c.published_at) < cutoff,
+                )
+                .values(activity_at=now, requeues=_jobs.c.requeues + 1)
+            ).rowcount
+        return bool(n)
+
     def pending_items(self, job_id: str) -> list[tuple[int, Any]]:
         """(idx, input) of a job's pending items, in input order."""
         with self.engine.connect() as conn:
@@ -488,15 +621,27 @@ class Store:
 
     def register_worker(self, row: dict[str, Any]) -> None:
         now = utcnow()
-        with self.engine.begin() as conn:
+        with self.writer.begin() as conn:
             conn.execute(insert(_workers), [{"started_at": now, "heartbeat_at": now, **row}])
 
     def update_worker(self, worker_id: str, **values: Any) -> None:
-        with self.engine.begin() as conn:
+        with self.writer.begin() as conn:
             conn.execute(update(_workers).where(_workers.c.id == worker_id).values(**values))
 
-    def heartbeat(self, worker_id: str) -> None:
-        self.update_worker(worker_id, heartbeat_at=utcnow())
+    def heartbeat(self, worker_id: str, *, current_job: str | None = None, items_done: int | None = None) -> None:
+        values: dict[str, Any] = {"heartbeat_at": utcnow(), "current_job": current_job}
+        if items_done is not None:
+            values["items_done"] = items_done
+        self.update_worker(worker_id, **values)
+
+    def stale_workers(self, queue: str | None = None) -> list[dict[str, Any]]:
+        """Workers that never said they stopped but whose heartbeat is old (killed, host lost)."""
+        since = utcnow() - timedelta(seconds=C.HEARTBEAT_STALE_AFTER)
+        q = select(_workers).where(_workers.c.stopped_at.is_(None), _workers.c.heartbeat_at < since)
+        if queue is not None:
+            q = q.where(_workers.c.queue == queue)
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(q.order_by(_workers.c.heartbeat_at.desc()).limit(100)).mappings()]
 
     def live_workers(self, queue: str | None = None) -> list[dict[str, Any]]:
         """Workers whose heartbeat is fresh and that have not stopped."""
@@ -510,3 +655,32 @@ class Store:
     def served_custom_tasks(self) -> frozenset[str]:
         """Task names that live workers serve (custom pipeline tasks are only known through them)."""
         return frozenset(w["task"] for w in self.live_workers())
+
+    # --------------------------------------------------------- calibrations
+
+    def save_calibration(self, row: dict[str, Any]) -> None:
+        """Store one ``--calibrate`` result (a ``calibrations`` row without id)."""
+        with self.writer.begin() as conn:
+            conn.execute(insert(_calibrations), [{"created_at": utcnow(), **row}])
+
+    def latest_calibration(
+        self, *, task: str, model: str, revision: str | None, precision: str, device: str, device_name: str
+    ) -> dict[str, Any] | None:
+        """The newest calibration of exactly this model, revision, precision and device, if any."""
+        c = _calibrations.c
+        q = (
+            select(_calibrations)
+            .where(
+                c.task == task,
+                c.model == model,
+                c.revision.is_(None) if revision is None else c.revision == revision,
+                c.precision == precision,
+                c.device == device,
+                c.device_name == device_name,
+            )
+            .order_by(c.created_at.desc(), c.id.desc())
+            .limit(1)
+        )
+        with self.engine.connect() as conn:
+            row = conn.execute(q).mappings().first()
+        return None if row is None else {**row, "created_at": as_utc(row["created_at"])}

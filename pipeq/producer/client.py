@@ -13,9 +13,11 @@ from pipeq import constants as C
 from pipeq.celery_app import make_celery
 from pipeq.errors import BrokerError, InputError, JobNotFoundError
 from pipeq.models.store import JobProgress, Store, new_job_row
+from pipeq.producer.frames import is_frame, read_frame, results_frame, results_table
+from pipeq.producer.publish import input_size, publish_chunks
 from pipeq.producer.readers import Record, RecordSpec, read_objects, read_path
-from pipeq.routing import ServeKey, check_model, check_params, check_precision
-from pipeq.settings import Settings, mask_url
+from pipeq.routing import PRECISIONS, ServeKey, check_model, check_params, check_precision
+from pipeq.settings import Settings
 from pipeq.tasks import check_task
 
 log = logging.getLogger(__name__)
@@ -83,9 +85,26 @@ class Job:
                 },
             }
 
+    def to_arrow(self) -> Any:
+        """The results as a pyarrow Table in input order, a record batch a page; ``output`` is JSON text."""
+        return results_table(self.results())
+
+    def to_pandas(self) -> Any:
+        """The results as a pandas DataFrame in input order, ``output`` decoded; needs pandas."""
+        return results_frame(self.results())
+
     def cancel(self) -> int:
         """Cancel the job's remaining items; returns how many were cancelled."""
         return self.store.cancel_job(self.id)
+
+
+def _alias(name: str, value: Any, default: Any, alias: str, alias_value: Any) -> Any:
+    """``value`` of argument ``name``, or that of its alias ``alias`` when given; both given must agree."""
+    if alias_value is None:
+        return value
+    if value not in (default, alias_value):
+        raise TypeError(f"pass {name} or {alias}, not both")
+    return alias_value
 
 
 class Client:
@@ -118,7 +137,7 @@ class Client:
         *,
         task: str,
         model: str,
-        precision: str = "fp32",
+        precision: str | None = None,
         revision: str | None = None,
         params: dict[str, Any] | None = None,
         text_field: str = "text",
@@ -128,15 +147,31 @@ class Client:
         priority: int = 0,
         input_format: str | None = None,
         stdin: IO[bytes] | None = None,
+        text_column: str | None = None,
+        id_column: str | None = None,
+        pair_column: str | None = None,
     ) -> Job:
         """Store a job and all its items, then queue it in chunks.
 
-        ``inputs`` is an iterable of texts or dicts, or a path (``-`` for stdin) to a .jsonl,
-        .csv, .parquet or .txt file. Bad input raises InputError naming the line before anything
-        is stored; nothing is queued until every item is committed.
+        ``inputs`` is an iterable of texts or dicts, a path (``-`` for stdin) to a .jsonl, .csv,
+        .parquet or .txt file, a pandas DataFrame, a pandas Series of texts (its index gives the
+        ids unless ``id_field=None``), or Arrow data (Table, RecordBatch, RecordBatchReader, Dataset).
+        ``text_field``, ``id_field`` and ``pair_field`` name a record's fields or a frame's columns;
+        ``text_column``, ``id_column`` and ``pair_column`` are aliases. Bad input raises InputError
+        naming the line (or row) before anything is stored; nothing is queued until every item is committed.
+
+        ``precision`` left out means the one live workers serve for this task and model (fp32 when
+        several do, or none): a worker started with ``--precision auto`` is found without naming it.
         """
+        text_field = _alias("text_field", text_field, "text", "text_column", text_column)
+        id_field = _alias("id_field", id_field, "id", "id_column", id_column)
+        pair_field = _alias("pair_field", pair_field, None, "pair_column", pair_column)
         name = check_task(task, custom_tasks=self.store.served_custom_tasks())
-        key = ServeKey(task=name, model=check_model(model), precision=check_precision(precision), revision=revision)
+        model = check_model(model)
+        if precision is None:
+            precision = self._served_precision(name, model, revision)
+        key = ServeKey(task=name, model=model, precision=check_precision(precision), revision=revision)
+        self._warn_if_served_elsewhere(key)
         params = check_params(params)
         spec = RecordSpec(
             task=name,
@@ -149,6 +184,9 @@ class Client:
         if isinstance(inputs, str):
             records: Iterator[Record] = read_path(inputs, spec, input_format=input_format, stdin=stdin)
             source: str | None = inputs
+        elif is_frame(inputs):
+            records = read_frame(inputs, spec)
+            source = None
         else:
             records = read_objects(inputs, spec)
             source = None
@@ -162,6 +200,35 @@ class Client:
         self._publish(job_id, key.queue, kept, priority)
         self.store.mark_published(job_id)
         return Job(self.store, job_id)
+
+    def _served_precision(self, task: str, model: str, revision: str | None) -> str:
+        """The precision live workers serve for (task, model, revision): fp32 if it is among them or none is live."""
+        served = {
+            w["precision"]
+            for w in self.store.live_workers()
+            if (w["task"], w["model"], w["revision"]) == (task, model, revision)
+        }
+        for precision in PRECISIONS:
+            if precision in served:
+                return precision
+        return "fp32"
+
+    def _warn_if_served_elsewhere(self, key: ServeKey) -> None:
+        """Warn when no live worker serves ``key`` but some serve its model at another precision (``auto`` chose it)."""
+        live = self.store.live_workers()
+        if any(w["queue"] == key.queue for w in live):
+            return
+        same_model = (key.task, key.model, key.revision)
+        others = sorted({w["precision"] for w in live if (w["task"], w["model"], w["revision"]) == same_model})
+        if others:
+            log.warning(
+                "no live worker serves %s at %s, only at %s: submit with that precision, or start a worker with "
+                "--precision %s",
+                key.model,
+                key.precision,
+                ", ".join(others),
+                key.precision,
+            )
 
     def _rows(
         self, job_id: str, records: Iterator[Record], kept: list[tuple[int, int, Any]]
@@ -200,25 +267,17 @@ class Client:
     def _publish(self, job_id: str, queue: str, kept: list[tuple[int, int, Any]], priority: int) -> None:
         # Longest first, so chunks are homogeneous in length and the slow ones do not trail at the end.
         kept.sort(key=lambda t: -t[0])
-        size = self.chunk_size(queue, len(kept))
         try:
-            with self._celery.producer_or_acquire() as producer:
-                for start in range(0, len(kept), size):
-                    chunk = kept[start : start + size]
-                    self._celery.send_task(
-                        C.CHUNK_TASK_NAME,
-                        kwargs={"job_id": job_id, "items": [[i, x] for _, i, x in chunk], "sent_at": time.time()},
-                        queue=queue,
-                        routing_key=queue,
-                        priority=priority,
-                        producer=producer,
-                    )
-        except Exception as exc:  # kombu raises many connection error types
-            message = (
-                f"job {job_id} is stored but could not be queued on {mask_url(self.settings.broker_url)}: "
-                f"{type(exc).__name__}: {mask_url(str(exc))}; run `pipeq resume {job_id}` once the broker "
-                f"is reachable"
+            publish_chunks(
+                self._celery,
+                job_id,
+                queue,
+                ((idx, value) for _, idx, value in kept),
+                chunk_size=self.chunk_size(queue, len(kept)),
+                priority=priority,
             )
+        except BrokerError as exc:
+            message = f"job {job_id} is stored but not queued: {exc}; `pipeq resume {job_id}` queues it later"
             self.store.set_job_error(job_id, message)
             raise BrokerError(message) from None
 
@@ -227,7 +286,7 @@ class Client:
         row = self.store.job_row(job_id)
         if row is None:
             raise JobNotFoundError(f"no job {job_id!r} in the store")
-        pending = [(len(str(x)), i, x) for i, x in self.store.pending_items(job_id)]
+        pending = [(input_size(x), i, x) for i, x in self.store.pending_items(job_id)]
         if pending:
             self._publish(job_id, row["queue"], pending, row["priority"])
         return len(pending)

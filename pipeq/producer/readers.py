@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import sys
 from collections.abc import Iterable, Iterator
@@ -81,7 +82,9 @@ def _decoded_lines(stream: IO[bytes], source: str) -> Iterator[tuple[int, str]]:
 
 def _check_text(value: Any, what: str, spec: RecordSpec, source: str, line: int) -> str | None:
     if not isinstance(value, str):
-        raise InputError(f"{what} must be a string, got {type(value).__name__}", source=source, line=line)
+        missing = value is None or (isinstance(value, float) and math.isnan(value))  # null, or a pandas NaN
+        got = "a missing value" if missing else type(value).__name__
+        raise InputError(f"{what} must be a string, got {got}", source=source, line=line)
     if not value.strip():
         if spec.skip_empty:
             return None

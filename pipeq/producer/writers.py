@@ -1,4 +1,4 @@
-"""Write a job's results as JSONL, CSV or Parquet, streaming in input order."""
+"""Write a job's results as JSONL, CSV, Parquet or Arrow record batches, streaming in input order."""
 
 from __future__ import annotations
 
@@ -11,16 +11,59 @@ from pipeq.errors import ConfigurationError
 
 #: Result formats ``pipeq results`` writes.
 RESULT_FORMATS = ("jsonl", "csv", "parquet")
-#: Flat columns of a CSV or Parquet row; ``output`` and ``timing`` are JSON text there.
-COLUMNS = ("index", "id", "status", "output", "error", "truncated", "timing")
+#: A result row's ``timing`` keys, spread into columns of their own in CSV, Parquet and data frames.
+TIMING_COLUMNS = (
+    "batch_id",
+    "batch_size",
+    "n_tokens",
+    "queue_wait_ms",
+    "preprocess_ms",
+    "forward_ms",
+    "postprocess_ms",
+    "batch_total_ms",
+    "attempts",
+    "model_revision",
+    "worker_id",
+)
+#: Flat columns of a CSV, Parquet or Arrow row; ``output`` is JSON text there (its shape differs by task).
+COLUMNS = ("index", "id", "status", "output", "error", "truncated", *TIMING_COLUMNS)
+#: Rows per Arrow record batch (one Parquet write, one page of a data frame).
+BATCH_ROWS = 10_000
 
 
-def _flat(row: dict[str, Any]) -> dict[str, Any]:
+def flat_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A ``Job.results()`` row as flat columns: output as JSON text, timing spread out."""
+    timing = row["timing"]
     return {
         **{k: row[k] for k in ("index", "id", "status", "error", "truncated")},
         "output": None if row["output"] is None else json.dumps(row["output"], ensure_ascii=False),
-        "timing": json.dumps(row["timing"]),
+        **{k: timing[k] for k in TIMING_COLUMNS},
     }
+
+
+def arrow_schema() -> Any:
+    """The Arrow schema of flat result rows (``COLUMNS``)."""
+    import pyarrow as pa
+
+    ints = ("index", "batch_id", "batch_size", "n_tokens", "attempts")
+    floats = ("queue_wait_ms", "preprocess_ms", "forward_ms", "postprocess_ms", "batch_total_ms")
+    types = {**dict.fromkeys(ints, pa.int64()), **dict.fromkeys(floats, pa.float64()), "truncated": pa.bool_()}
+    return pa.schema([(name, types.get(name, pa.string())) for name in COLUMNS])
+
+
+def arrow_batches(rows: Iterable[dict[str, Any]], size: int = BATCH_ROWS) -> Iterator[Any]:
+    """Flat result rows as Arrow record batches of at most ``size`` rows; only one batch is held at a time."""
+    import pyarrow as pa
+
+    schema = arrow_schema()
+    batch: list[dict[str, Any]] = []
+    for row in rows:
+        batch.append(flat_row(row))
+        if len(batch) >= size:
+            yield pa.RecordBatch.from_pylist(batch, schema=schema)
+            batch = []
+    if batch:
+        yield pa.RecordBatch.from_pylist(batch, schema=schema)
 
 
 def write_jsonl(rows: Iterable[dict[str, Any]], out: IO[str]) -> int:
@@ -36,42 +79,20 @@ def write_csv(rows: Iterable[dict[str, Any]], out: IO[str]) -> int:
     writer.writeheader()
     n = 0
     for row in rows:
-        writer.writerow(_flat(row))
+        writer.writerow(flat_row(row))
         n += 1
     return n
 
 
-def _batches(rows: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
-    batch: list[dict[str, Any]] = []
-    for row in rows:
-        batch.append(_flat(row))
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def write_parquet(rows: Iterable[dict[str, Any]], path: str) -> int:
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = pa.schema(
-        [
-            ("index", pa.int64()),
-            ("id", pa.string()),
-            ("status", pa.string()),
-            ("output", pa.string()),
-            ("error", pa.string()),
-            ("truncated", pa.bool_()),
-            ("timing", pa.string()),
-        ]
-    )
+    schema = arrow_schema()
     n = 0
     with pq.ParquetWriter(path, schema) as writer:
-        for batch in _batches(rows, 10_000):
-            writer.write_table(pa.Table.from_pylist(batch, schema=schema))
-            n += len(batch)
+        for batch in arrow_batches(rows):
+            writer.write_batch(batch)
+            n += batch.num_rows
         if n == 0:
             writer.write_table(schema.empty_table())
     return n

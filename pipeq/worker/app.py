@@ -8,19 +8,17 @@ import signal
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init, worker_process_shutdown
-from sqlalchemy.exc import DBAPIError
+from celery.exceptions import Reject
+from celery.signals import worker_process_init, worker_process_shutdown, worker_shutting_down
 
 from pipeq import constants as C
 from pipeq.celery_app import make_celery
+from pipeq.errors import StoreError
 from pipeq.settings import Settings
 from pipeq.worker.config import WorkerConfig
 from pipeq.worker.context import WorkerContext
 
 log = logging.getLogger(__name__)
-
-#: Backoff (seconds) when the store is unreachable: the message is retried, never acknowledged as done.
-DB_RETRY_BACKOFF_MAX = 60
 
 
 def create_worker_app(settings: Settings, cfg: WorkerConfig) -> tuple[Celery, WorkerContext]:
@@ -31,6 +29,7 @@ def create_worker_app(settings: Settings, cfg: WorkerConfig) -> tuple[Celery, Wo
         worker_proc_alive_timeout=C.PROCESS_START_TIMEOUT,
     )
     ctx = WorkerContext(settings, cfg)
+    ctx.celery = app
 
     @app.task(
         name=C.CHUNK_TASK_NAME,
@@ -38,15 +37,16 @@ def create_worker_app(settings: Settings, cfg: WorkerConfig) -> tuple[Celery, Wo
         bind=True,
         acks_late=True,
         reject_on_worker_lost=True,
-        autoretry_for=(DBAPIError,),
-        retry_backoff=True,
-        retry_backoff_max=DB_RETRY_BACKOFF_MAX,
-        max_retries=None,
     )
     def run_chunk(self: Any, job_id: str, items: list[list[Any]], sent_at: float | None = None) -> dict[str, int]:
         if ctx.runtime is None:  # solo pool or eager use: no child process was started
             ctx.start()
-        return ctx.run_chunk(job_id, items, sent_at)
+        try:
+            return ctx.run_chunk(job_id, items, sent_at)
+        except StoreError as exc:
+            # The store stayed unreachable through the retry budget: hand the message back, never ack it.
+            log.error("%s; handing job %s's chunk back to the queue", exc, job_id[:8])
+            raise Reject(str(exc), requeue=True) from None
 
     def _child_init(**_: Any) -> None:
         if ctx.load_failed.value:  # a sibling already failed to load: the pool is shutting down
@@ -63,12 +63,19 @@ def create_worker_app(settings: Settings, cfg: WorkerConfig) -> tuple[Celery, Wo
     def _child_shutdown(**_: Any) -> None:
         ctx.stop()
 
+    def _shutting_down(**_: Any) -> None:
+        # In the parent, on SIGTERM/SIGINT (warm shutdown): children finish their running batch,
+        # commit it and hand the rest of their chunk back to the queue.
+        ctx.shutting_down.value = 1
+
     worker_process_init.connect(_child_init, weak=False)
     worker_process_shutdown.connect(_child_shutdown, weak=False)
+    worker_shutting_down.connect(_shutting_down, weak=False)
 
     def _detach() -> None:
         worker_process_init.disconnect(_child_init)
         worker_process_shutdown.disconnect(_child_shutdown)
+        worker_shutting_down.disconnect(_shutting_down)
 
     ctx.on_stop = _detach
     return app, ctx

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from pipeq import constants as C
 from pipeq.errors import ConfigurationError
-from pipeq.routing import ServeKey
+from pipeq.routing import AUTO_PRECISION, ServeKey, check_precision
 
 #: int8 implementations: bitsandbytes LLM.int8 (CUDA) or torch dynamic quantization (CPU).
 INT8_BACKENDS = ("bnb", "dynamic")
@@ -20,7 +20,8 @@ class WorkerConfig:
     key: ServeKey
     device: str = "cpu"
     concurrency: int = 1
-    max_batch_tokens: int = C.DEFAULT_MAX_BATCH_TOKENS
+    #: None: the budget stored by the last ``--calibrate`` for this model and device, else the default.
+    max_batch_tokens: int | None = None
     max_batch_size: int = C.DEFAULT_MAX_BATCH_SIZE
     int8_backend: str | None = None
     pipeline_class: str | None = None
@@ -28,16 +29,41 @@ class WorkerConfig:
     trust_remote_code: bool = False
     threads: int | None = None
     warmup: bool = True
+    #: What ``--precision auto`` may pick from (ignored for a fixed precision).
+    allowed_precisions: tuple[str, ...] = C.DEFAULT_ALLOWED_PRECISIONS
+    #: Sweep the token budget at start and store the fastest (``--calibrate``).
+    calibrate: bool = False
+    #: How ``--precision auto`` chose: chosen, measured items/s per precision, allowed, skipped.
+    precision_choice: dict[str, Any] | None = None
+    #: Where the token budget came from when it was calibrated: now or by an earlier start.
+    calibration: dict[str, Any] | None = None
+    #: Serve Prometheus metrics on this port from the worker's parent (``--metrics-port``); None: no metrics.
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         if self.int8_backend is not None and self.int8_backend not in INT8_BACKENDS:
             raise ConfigurationError(f"unknown int8 backend {self.int8_backend!r}; choose bnb or dynamic")
         if self.concurrency < 1:
             raise ConfigurationError("--concurrency must be at least 1")
-        if self.max_batch_tokens < 1 or self.max_batch_size < 1:
+        if self.batch_tokens < 1 or self.max_batch_size < 1:
             raise ConfigurationError("--max-batch-tokens and --max-batch-size must be positive")
+        if self.calibrate and self.max_batch_tokens is not None:
+            raise ConfigurationError("--calibrate chooses --max-batch-tokens itself; pass one or the other")
+        if self.key.precision == AUTO_PRECISION and not self.allowed_precisions:
+            raise ConfigurationError("--precision auto needs at least one precision in --allow-precision")
+        for precision in self.allowed_precisions:
+            check_precision(precision)
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigurationError(f"unknown device {self.device!r}; use cpu or cuda[:N]")
+
+    @property
+    def batch_tokens(self) -> int:
+        """The token budget in force: the configured one, else the default."""
+        return C.DEFAULT_MAX_BATCH_TOKENS if self.max_batch_tokens is None else self.max_batch_tokens
+
+    def with_precision(self, precision: str) -> WorkerConfig:
+        """The same configuration serving ``precision`` (its queue changes with it)."""
+        return replace(self, key=replace(self.key, precision=precision))
 
     @property
     def resolved_int8_backend(self) -> str:
@@ -50,3 +76,11 @@ class WorkerConfig:
         data = asdict(self)
         data.pop("key")
         return data
+
+
+def parse_precisions(value: str) -> tuple[str, ...]:
+    """``fp32,bf16,int8`` as a tuple of known precisions, in the order given, without repeats."""
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    if not names:
+        raise ConfigurationError("--allow-precision names no precision")
+    return tuple(dict.fromkeys(check_precision(name) for name in names))

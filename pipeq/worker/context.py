@@ -9,16 +9,23 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from celery import Celery
+
 from pipeq import constants as C
+from pipeq.errors import ConfigurationError, StoreError
 from pipeq.models import utcnow
-from pipeq.models.store import ItemResult, Store
-from pipeq.settings import Settings
+from pipeq.models.store import BatchTiming, ItemResult, Store, WriteOutcome, is_transient
+from pipeq.producer.publish import publish_chunks
+from pipeq.reconcile import reconcile
+from pipeq.routing import check_params
+from pipeq.settings import Settings, mask_url
 from pipeq.worker.config import WorkerConfig
 from pipeq.worker.loading import LoadedPipeline, load_pipeline, set_threads, warmup_inputs
+from pipeq.worker.metrics import WorkerMetrics
 from pipeq.worker.runtime import PipelineRuntime
 
 log = logging.getLogger(__name__)
@@ -40,6 +47,15 @@ class WorkerContext:
         self.load_failed: Any = multiprocessing.Value("i", 0)
         #: Called by stop(): the app uses it to disconnect its process signals.
         self.on_stop: Callable[[], None] | None = None
+        #: Set to 1 by the parent when a warm shutdown begins: children stop after their running batch.
+        self.shutting_down: Any = multiprocessing.Value("i", 0)
+        #: The app, for handing unstarted work back and for the reconciler (None when used directly).
+        self.celery: Celery | None = None
+        #: The job whose chunk runs now, and items finished by this process (reported on heartbeats).
+        self.current_job: str | None = None
+        self.items_done = 0
+        #: Prometheus metrics of this process; None (and prometheus_client never imported) without a metrics port.
+        self.metrics: WorkerMetrics | None = None
         #: One thread that commits results in order, overlapping the next forward pass.
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeq-writer")
 
@@ -74,7 +90,7 @@ class WorkerContext:
         threads = set_threads(cfg.threads, cfg.concurrency)
         self.loaded = load_pipeline(cfg)
         self.runtime = PipelineRuntime(
-            self.loaded.pipe, key.task, max_batch_tokens=cfg.max_batch_tokens, max_batch_size=cfg.max_batch_size
+            self.loaded.pipe, key.task, max_batch_tokens=cfg.batch_tokens, max_batch_size=cfg.max_batch_size
         )
         warm_seconds = self._warm_up() if cfg.warmup else 0.0
         self.store.update_worker(
@@ -89,6 +105,9 @@ class WorkerContext:
         self._heartbeat = threading.Thread(target=self._beat, name="pipeq-heartbeat", daemon=True)
         self._heartbeat.start()
         log.info("worker %s ready on %s (%d threads)", self.worker_id[:8], key.queue, threads)
+        if cfg.metrics_port is not None:
+            self.metrics = WorkerMetrics(cfg)
+            self.metrics.model_loaded(self.loaded.footprint_bytes, self.loaded.load_seconds + warm_seconds)
 
     def mark_failed(self) -> None:
         """Record in the store that this process could not load its pipeline."""
@@ -112,12 +131,35 @@ class WorkerContext:
             self.store.close()
 
     def _beat(self) -> None:
-        while not self._stop.wait(C.HEARTBEAT_INTERVAL):
-            try:
-                assert self.store is not None
-                self.store.heartbeat(self.worker_id)
-            except Exception:
-                log.warning("heartbeat failed", exc_info=True)
+        """Heartbeat (with the current job) every HEARTBEAT_INTERVAL; a reconciler pass every reconcile_interval."""
+        interval = self.settings.reconcile_interval
+        next_beat = next_reconcile = time.monotonic()
+        while not self._stop.wait(max(0.0, min(next_beat, next_reconcile) - time.monotonic())):
+            now = time.monotonic()
+            assert self.store is not None
+            if now >= next_beat:
+                next_beat = now + C.HEARTBEAT_INTERVAL
+                try:
+                    self.store.heartbeat(self.worker_id, current_job=self.current_job, items_done=self.items_done)
+                except Exception as exc:
+                    log.warning("heartbeat failed: %s", mask_url(str(exc)))
+            if interval > 0 and now >= next_reconcile:
+                next_reconcile = now + interval
+                self._reconcile()
+
+    def _reconcile(self) -> None:
+        if self.celery is None or self.store is None or self.shutting_down.value:
+            return
+        try:
+            reconcile(
+                self.store,
+                self.celery,
+                stalled_after=self.settings.stalled_after,
+                chunk_size=self.settings.chunk_size,
+                queues=[self.cfg.key.queue],
+            )
+        except Exception as exc:
+            log.warning("reconciler pass failed: %s: %s", type(exc).__name__, mask_url(str(exc)))
 
     def _warm_up(self) -> float:
         assert self.runtime is not None and self.loaded is not None
@@ -125,7 +167,7 @@ class WorkerContext:
             self.loaded.pipe,
             self.cfg.key.task,
             max_length=self.runtime.max_length,
-            max_batch_tokens=self.cfg.max_batch_tokens,
+            max_batch_tokens=self.cfg.batch_tokens,
             max_batch_size=self.cfg.max_batch_size,
         )
         t0 = time.perf_counter()
@@ -139,7 +181,39 @@ class WorkerContext:
     # -------------------------------------------------------------- running
 
     def run_chunk(self, job_id: str, items: list[list[Any]], sent_at: float | None) -> dict[str, int]:
-        """Run one message's items and commit each micro-batch's results; returns counts."""
+        """Run one message's items and commit each micro-batch's results; returns counts.
+
+        An unreachable store is retried with backoff for ``store_retry_budget`` seconds (the same
+        claim is kept, so retries count no extra attempt); after that StoreError is raised and the
+        message goes back to the queue unacknowledged.
+        """
+        budget = self.settings.store_retry_budget
+        deadline = time.monotonic() + budget
+        claim: dict[str, dict[int, int]] = {}
+        delay = 0.5
+        self.current_job = job_id
+        try:
+            while True:
+                try:
+                    return self._run_chunk(job_id, items, sent_at, claim)
+                except Exception as exc:
+                    if not is_transient(exc):
+                        raise
+                    if time.monotonic() + delay > deadline:
+                        raise StoreError(
+                            f"the store was unreachable for {budget:.0f}s: {type(exc).__name__}: "
+                            f"{mask_url(str(getattr(exc, 'orig', exc)))}"
+                        ) from None
+                    name = type(exc).__name__
+                    log.warning("store unreachable (%s); retrying job %s's chunk in %.1fs", name, job_id[:8], delay)
+                    time.sleep(delay)
+                    delay = min(delay * 2, C.STORE_RETRY_MAX_SLEEP)
+        finally:
+            self.current_job = None
+
+    def _run_chunk(
+        self, job_id: str, items: list[list[Any]], sent_at: float | None, claim: dict[str, dict[int, int]]
+    ) -> dict[str, int]:
         assert self.store is not None and self.runtime is not None
         started = time.time()
         job = self.store.job_row(job_id)
@@ -148,34 +222,34 @@ class WorkerContext:
             return {"skipped": len(items)}
         if job["status"] in C.JOB_FINAL_STATES:
             return {"skipped": len(items)}
-        attempts = self.store.claim(job_id, [int(idx) for idx, _ in items])
-        todo = [(int(idx), value) for idx, value in items if int(idx) in attempts]
+        idxs = [int(idx) for idx, _ in items]
+        if "prior" not in claim:
+            claim["prior"] = self.store.claim(job_id, idxs)
+            prior = claim["prior"]
+        else:  # a retry after the store came back: the same delivery, no new attempt
+            still = self.store.attempts(job_id, idxs)
+            prior = {idx: n for idx, n in claim["prior"].items() if idx in still}
+        todo = [(int(idx), value) for idx, value in items if int(idx) in prior]
         counts = {"done": 0, "failed": 0, "skipped": len(items) - len(todo)}
-        failures = self._unrunnable(job, todo, attempts)
-        if failures:
-            self._record(job_id, failures, None, counts)
-            failed = {r.idx for r in failures}
-            todo = [(idx, value) for idx, value in todo if idx not in failed]
-        if not todo:
+        refused = self._refused(job, todo)
+        if refused:
+            self._record(job_id, refused, None, counts)
             return counts
-        # A redelivered message may hold an input that kills the process: run it one input at a
-        # time so every other input is committed and the culprit alone runs out of attempts.
-        redelivered = any(attempts[idx] > 1 for idx, _ in todo)
+        params = job["params"] or {}
         queue_wait_ms = max(0.0, (started - sent_at) * 1000) if sent_at else 0.0
-        batches = self.runtime.run(
-            todo, job["params"] or {}, queue_wait_ms=queue_wait_ms, max_batch_size=1 if redelivered else None
-        )
-        # Results are committed on the writer thread while the next batch runs (torch releases the
-        # GIL in forward); the message is acknowledged only after every write has returned.
-        stopped = threading.Event()
-        pending: list[Future[None]] = []
-        for results, timing in batches:
-            if stopped.is_set():
-                log.info("job %s cancelled or finished elsewhere; stopping its chunk", job_id[:8])
-                break
-            pending.append(self._writer.submit(self._record, job_id, results, timing, counts, stopped))
-        for future in pending:
-            future.result()  # re-raises a failed write: the task retries and the message is not acked
+        if any(prior[idx] > 0 for idx, _ in todo):
+            # Redelivered: an input in it may kill the process. Run one input at a time, counting each
+            # attempt as it starts, so batch-mates get committed and the culprit alone runs out.
+            handed = self._one_by_one(job_id, todo, prior, params, queue_wait_ms, counts)
+        else:
+            batches = iter(self.runtime.run(todo, params, queue_wait_ms=queue_wait_ms))
+            handed = self._write_behind(job_id, batches, counts)
+        left = [(idx, value) for idx, value in todo if idx not in handed]
+        if left and self.shutting_down.value:
+            self._hand_back(job, left)
+            counts["handed_back"] = len(left)
+        elif left:
+            log.info("job %s cancelled or finished elsewhere; stopping its chunk", job_id[:8])
         log.info(
             "job %s chunk: %d done, %d failed, %d skipped in %.0f ms",
             job_id[:8],
@@ -186,21 +260,93 @@ class WorkerContext:
         )
         return counts
 
-    def _unrunnable(
-        self, job: dict[str, Any], todo: list[tuple[int, Any]], attempts: dict[int, int]
-    ) -> list[ItemResult]:
-        """Items to fail without running: all of a job this worker does not serve, and exhausted ones."""
+    def _write_behind(
+        self, job_id: str, batches: Iterator[tuple[list[ItemResult], BatchTiming | None]], counts: dict[str, int]
+    ) -> set[int]:
+        """Commit each batch on the writer thread while the next one runs; returns the items handed to it.
+
+        Torch releases the GIL in forward, so writes overlap compute. Stops early when the worker
+        is shutting down, or when a write finds nothing pending (cancelled) or fails. Returns only
+        after every write has returned; a failed write is re-raised, so the message is not acked.
+        """
+        stopped = threading.Event()
+        pending: list[Future[None]] = []
+        handed: set[int] = set()
+        while not stopped.is_set() and not self.shutting_down.value:
+            batch = next(batches, None)
+            if batch is None:
+                break
+            results, timing = batch
+            handed.update(r.idx for r in results)
+            pending.append(self._writer.submit(self._record, job_id, results, timing, counts, stopped))
+        errors = []
+        for future in pending:
+            try:
+                future.result()
+            except Exception as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+        return handed
+
+    def _hand_back(self, job: dict[str, Any], left: list[tuple[int, Any]]) -> None:
+        """The worker is stopping: queue the chunk's unstarted items again, with their attempt taken back."""
+        assert self.store is not None
+        self.store.release(job["id"], [idx for idx, _ in left])
+        if self.celery is None:
+            log.warning("job %s: %d unstarted items left for the reconciler", job["id"][:8], len(left))
+            return
+        publish_chunks(self.celery, job["id"], job["queue"], left, chunk_size=len(left), priority=job["priority"])
+        log.info("stopping: handed %d unstarted items of job %s back to the queue", len(left), job["id"][:8])
+
+    def _refused(self, job: dict[str, Any], todo: list[tuple[int, Any]]) -> list[ItemResult]:
+        """Failed results for all of a job this worker must not run (none if it may).
+
+        A job that names another configuration, or parameters that would pick code or a model
+        (written to the store by something other than pipeq's client), never reaches the pipeline.
+        """
         key = self.cfg.key
         wanted = (job["task"], job["model"], job["precision"], job["revision"])
         served = (key.task, key.model, key.precision, key.revision)
         if wanted != served:
             error = f"job asks for {wanted} but this worker serves {served}"
-            return [ItemResult(idx, C.ITEM_FAILED, error=error) for idx, _ in todo]
-        error = (
-            f"gave up after {C.MAX_ATTEMPTS} deliveries without a result "
-            f"(the worker died or lost the store while running this item)"
-        )
-        return [ItemResult(idx, C.ITEM_FAILED, error=error) for idx, _ in todo if attempts[idx] > C.MAX_ATTEMPTS]
+        else:
+            try:
+                check_params(job["params"])
+                return []
+            except ConfigurationError as exc:
+                error = str(exc)
+        return [ItemResult(idx, C.ITEM_FAILED, error=error) for idx, _ in todo]
+
+    def _one_by_one(
+        self,
+        job_id: str,
+        todo: list[tuple[int, Any]],
+        prior: dict[int, int],
+        params: dict[str, Any],
+        queue_wait_ms: float,
+        counts: dict[str, int],
+    ) -> set[int]:
+        assert self.store is not None and self.runtime is not None
+        stopped = threading.Event()
+        handed: set[int] = set()
+        for idx, value in todo:
+            if stopped.is_set() or self.shutting_down.value:
+                break
+            n = 1 if prior[idx] == 0 else self.store.start_attempt(job_id, idx)
+            handed.add(idx)
+            if n is None:
+                continue  # finished by another delivery meanwhile
+            if n > C.MAX_ATTEMPTS:
+                error = (
+                    f"gave up after {C.MAX_ATTEMPTS} deliveries without a result "
+                    f"(the worker died or lost the store while running this item)"
+                )
+                self._record(job_id, [ItemResult(idx, C.ITEM_FAILED, error=error)], None, counts, stopped)
+                continue
+            for results, timing in self.runtime.run([(idx, value)], params, queue_wait_ms=queue_wait_ms):
+                self._record(job_id, results, timing, counts, stopped)
+        return handed
 
     def _record(
         self,
@@ -210,8 +356,31 @@ class WorkerContext:
         counts: dict[str, int],
         stopped: threading.Event | None = None,
     ) -> None:
+        assert self.store is not None
+        try:
+            try:
+                outcome = self._write(job_id, results, timing)
+            except Exception as exc:
+                if is_transient(exc) or len(results) == 0:
+                    raise
+                outcome = self._write_one_by_one(job_id, results, timing, exc)
+        except BaseException:
+            if stopped is not None:
+                stopped.set()  # no point running more batches: the chunk is retried as a whole
+            raise
+        self.items_done += outcome.done + outcome.failed
+        if self.metrics is not None:
+            self.metrics.observe_batch(timing, outcome, [r for r in results if r.status == C.ITEM_FAILED])
+        counts["done"] += outcome.done
+        counts["failed"] += outcome.failed
+        counts["skipped"] += outcome.skipped
+        if stopped is not None and results and outcome.skipped == len(results):
+            # Nothing was pending any more: the job was cancelled (or another delivery finished it).
+            stopped.set()
+
+    def _write(self, job_id: str, results: list[ItemResult], timing: BatchTiming | None) -> WriteOutcome:
         assert self.store is not None and self.loaded is not None
-        outcome = self.store.record_batch(
+        return self.store.record_batch(
             job_id,
             results,
             timing,
@@ -220,9 +389,26 @@ class WorkerContext:
             precision=self.cfg.key.precision,
             device=self.cfg.device,
         )
-        counts["done"] += outcome.done
-        counts["failed"] += outcome.failed
-        counts["skipped"] += outcome.skipped
-        if stopped is not None and results and outcome.skipped == len(results):
-            # Nothing was pending any more: the job was cancelled (or another delivery finished it).
-            stopped.set()
+
+    def _write_one_by_one(
+        self, job_id: str, results: list[ItemResult], timing: BatchTiming | None, error: Exception
+    ) -> WriteOutcome:
+        """The store refused a batch's write (not a connection problem): write items alone, failing the bad ones."""
+        log.warning("store refused a batch of job %s (%s); writing its items one by one", job_id[:8], error)
+        total = WriteOutcome()
+        for result in results:
+            try:
+                outcome = self._write(job_id, [result], timing)
+                timing = None  # the batch's timing is stored once
+            except Exception as exc:
+                if is_transient(exc):
+                    raise
+                reason = f"store: {type(exc).__name__}: {getattr(exc, 'orig', exc)}"[:2000]
+                outcome = self._write(job_id, [ItemResult(result.idx, C.ITEM_FAILED, error=reason)], None)
+            total = WriteOutcome(
+                done=total.done + outcome.done,
+                failed=total.failed + outcome.failed,
+                cancelled=total.cancelled + outcome.cancelled,
+                skipped=total.skipped + outcome.skipped,
+            )
+        return total

@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 
 #: Token lengths of the warm-up batches (up to the model's maximum).
 _WARMUP_LENGTHS = (8, 16, 32, 64, 96, 128, 256, 512)
+#: Tasks whose input is one text, so pipeq can make inputs of a chosen length (warm-up, measuring).
+SYNTHETIC_TEXT_TASKS = frozenset({"text-classification", "feature-extraction", "token-classification", "fill-mask"})
 
 
 @dataclass
@@ -127,10 +129,7 @@ def warmup_inputs(
     The first forward pass over a new shape is markedly slower (kernel selection, allocator and
     oneDNN caches), so the worker pays for it at start, where it counts as load time.
     """
-    if task not in ("text-classification", "feature-extraction", "token-classification", "fill-mask"):
-        return []
-    mask = getattr(pipe.tokenizer, "mask_token", None) if task == "fill-mask" else ""
-    if mask is None:
+    if synthetic_text(pipe, task, 1) is None:
         return []
     longest = min(max_length or _WARMUP_LENGTHS[-1], _WARMUP_LENGTHS[-1])
     texts: list[str] = []
@@ -138,9 +137,19 @@ def warmup_inputs(
         if tokens > longest:
             break
         rows = max(1, min(max_batch_size, max_batch_tokens // tokens))
-        words = " ".join(["word"] * max(1, tokens - 3))
-        texts.extend(f"{words} {mask}".strip() for _ in range(rows))
+        texts.extend(str(synthetic_text(pipe, task, tokens)) for _ in range(rows))
     return texts
+
+
+def synthetic_text(pipe: Any, task: str, tokens: int) -> str | None:
+    """An input of about ``tokens`` tokens for a task that takes one text; None for other tasks."""
+    if task not in SYNTHETIC_TEXT_TASKS:
+        return None
+    mask = getattr(pipe.tokenizer, "mask_token", None) if task == "fill-mask" else ""
+    if mask is None:
+        return None
+    words = " ".join(["word"] * max(1, tokens - 3))
+    return f"{words} {mask}".strip()
 
 
 def set_threads(threads: int | None, concurrency: int) -> int:

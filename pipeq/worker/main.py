@@ -11,6 +11,7 @@ from pipeq.routing import check_model
 from pipeq.settings import Settings
 from pipeq.tasks import check_task
 from pipeq.worker.app import create_worker_app
+from pipeq.worker.autotune import tune
 from pipeq.worker.config import WorkerConfig
 from pipeq.worker.loading import register_custom_pipeline
 
@@ -33,7 +34,16 @@ def validate(cfg: WorkerConfig) -> None:
 def run_worker(settings: Settings, cfg: WorkerConfig, *, loglevel: str = "INFO", pool: str = "prefork") -> None:
     """Run the worker until it is stopped (SIGTERM finishes running batches first)."""
     validate(cfg)
-    Store(settings.database_url).check_schema()
+    store = Store(settings.database_url)
+    try:
+        store.check_schema()
+        cfg = tune(store, cfg)  # --precision auto and the token budget, measured in a spawned process
+    finally:
+        store.close()
+    if cfg.metrics_port is not None:  # before any child forks: they inherit its multiprocess directory
+        from pipeq.worker.metrics import start_metrics_server
+
+        start_metrics_server(cfg.metrics_port, cfg, settings.broker_url)
     app, ctx = create_worker_app(settings, cfg)
     if pool == "solo":  # no fork: the single process serves, so it loads the model now
         ctx.start()

@@ -64,8 +64,21 @@ class _Item:
 
 
 def _is_oom(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or a RuntimeError from an allocator that ran out (CUDA, MPS or CPU)."""
     text = str(exc).lower()
-    return "out of memory" in text or type(exc).__name__ == "OutOfMemoryError"
+    return (
+        type(exc).__name__ == "OutOfMemoryError"
+        or isinstance(exc, MemoryError)
+        or "out of memory" in text
+        or "can't allocate memory" in text
+    )
+
+
+def _free_accelerator_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 class PipelineRuntime:
@@ -255,13 +268,30 @@ class PipelineRuntime:
                 log.warning("forward failed for one input: %s: %s", type(exc).__name__, exc)
                 return [exc]
             if _is_oom(exc):
-                log.warning("out of memory on %d rows; splitting the batch", len(batch))
+                self._lower_budget(batch)
             else:
                 log.warning(
                     "forward failed on %d rows (%s); splitting to isolate the input", len(batch), type(exc).__name__
                 )
             mid = len(batch) // 2
             return self._forward(batch[:mid], fwd) + self._forward(batch[mid:], fwd)
+
+    def _lower_budget(self, batch: list[Unit]) -> None:
+        """Out of memory: later batches get half the padded tokens of the one that failed (never below one full row)."""
+        _free_accelerator_memory()
+        floor = max(self.max_length or 0, max(u.n_tokens for u in batch))
+        lowered = max(floor, min(self.max_batch_tokens, padded_tokens(batch)) // 2)
+        if lowered < self.max_batch_tokens:
+            log.warning(
+                "out of memory on %d rows x %d tokens; splitting the batch and lowering the token budget %d -> %d",
+                len(batch),
+                max(u.n_tokens for u in batch),
+                self.max_batch_tokens,
+                lowered,
+            )
+            self.max_batch_tokens = lowered
+        else:
+            log.warning("out of memory on %d rows; splitting the batch", len(batch))
 
     def _unpad(self, out: Any, n_tokens: int) -> Any:
         """Drop padded positions so a per-token output is what an unbatched call returns."""

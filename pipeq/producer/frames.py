@@ -1,0 +1,133 @@
+"""pandas and Arrow data in and out: inputs read a batch of rows at a time, results built a page at a time.
+
+pandas stays optional: an object is taken for a pandas one only when pandas is already imported,
+and only ``Job.to_pandas`` imports it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from pipeq.errors import ConfigurationError, InputError
+from pipeq.producer.readers import TABLE_TASKS, Record, RecordSpec, make_record
+from pipeq.producer.writers import arrow_batches, arrow_schema
+
+#: Rows of a frame turned into Python objects at a time, so a big frame is never copied whole.
+READ_BATCH_ROWS = 8192
+
+#: One batch of rows: the column names and, for each, its values as Python objects.
+Columns = tuple[list[str], list[list[Any]]]
+
+
+def _pandas_type(obj: Any) -> str | None:
+    pd = sys.modules.get("pandas")
+    if pd is None:
+        return None
+    if isinstance(obj, pd.Series):
+        return "series"
+    if isinstance(obj, pd.DataFrame):
+        return "frame"
+    return None
+
+
+def _is_dataset(obj: Any) -> bool:
+    ds = sys.modules.get("pyarrow.dataset")
+    return ds is not None and isinstance(obj, ds.Dataset)
+
+
+def is_frame(obj: Any) -> bool:
+    """Whether ``obj`` is a pandas Series/DataFrame or Arrow data (Table, RecordBatch, reader, Dataset, stream)."""
+    pa = sys.modules.get("pyarrow")
+    return (
+        _pandas_type(obj) is not None
+        or _is_dataset(obj)
+        or hasattr(obj, "__arrow_c_stream__")
+        or (pa is not None and isinstance(obj, pa.Table | pa.RecordBatch | pa.RecordBatchReader))
+    )
+
+
+def _columns(spec: RecordSpec, present: list[Any], source: str) -> list[Any]:
+    """The columns a record needs (missing ones fail now) and the id column when there is one."""
+    needed = ["table", "query"] if spec.task in TABLE_TASKS else [spec.text_field]
+    if spec.pair_field and spec.task not in TABLE_TASKS:
+        needed.append(spec.pair_field)
+    for name in needed:
+        if name not in present:
+            shown = ", ".join(map(str, present)) or "none"
+            raise InputError(f"missing column {name!r} (columns present: {shown})", source=source)
+    if spec.id_field and spec.id_field in present:
+        needed.append(spec.id_field)
+    return needed
+
+
+def _series(obj: Any, spec: RecordSpec, source: str) -> Iterator[Columns]:
+    if spec.pair_field or spec.task in TABLE_TASKS:
+        raise InputError("a Series holds single texts; pass a DataFrame with the columns the task needs", source=source)
+    names = [spec.text_field] + ([spec.id_field] if spec.id_field else [])
+    for start in range(0, len(obj), READ_BATCH_ROWS):
+        part = obj.iloc[start : start + READ_BATCH_ROWS]
+        values = [part.tolist()]
+        if spec.id_field:
+            values.append(part.index.tolist())
+        yield names, values
+
+
+def _dataframe(obj: Any, spec: RecordSpec, source: str) -> Iterator[Columns]:
+    names = _columns(spec, list(obj.columns), source)
+    for start in range(0, len(obj), READ_BATCH_ROWS):
+        yield names, [obj[name].iloc[start : start + READ_BATCH_ROWS].tolist() for name in names]
+
+
+def _arrow(obj: Any, spec: RecordSpec, source: str) -> Iterator[Columns]:
+    import pyarrow as pa
+
+    if isinstance(obj, pa.RecordBatch):
+        obj = pa.Table.from_batches([obj])
+    if _is_dataset(obj):
+        names = _columns(spec, obj.schema.names, source)
+        batches: Iterable[Any] = obj.to_batches(columns=names, batch_size=READ_BATCH_ROWS)
+    else:
+        reader = obj if isinstance(obj, pa.RecordBatchReader) else pa.RecordBatchReader.from_stream(obj)
+        names = _columns(spec, reader.schema.names, source)
+        batches = reader
+    for batch in batches:
+        for start in range(0, batch.num_rows, READ_BATCH_ROWS):
+            part = batch.slice(start, READ_BATCH_ROWS)
+            yield names, [part.column(name).to_pylist() for name in names]
+
+
+def read_frame(obj: Any, spec: RecordSpec) -> Iterator[Record]:
+    """Yield validated records from a pandas or Arrow object; errors name the row, counted from 1."""
+    source = f"<{type(obj).__name__}>"
+    kind = _pandas_type(obj)
+    chunks = _series if kind == "series" else _dataframe if kind == "frame" else _arrow
+    line = 0
+    for names, values in chunks(obj, spec, source):
+        for cells in zip(*values, strict=True):
+            line += 1
+            record = make_record(dict(zip(names, cells, strict=True)), spec, source, line)
+            if record is not None:
+                yield record
+
+
+def results_table(rows: Iterable[dict[str, Any]]) -> Any:
+    """``Job.results()`` rows as a pyarrow Table of flat columns, one record batch a page."""
+    import pyarrow as pa
+
+    return pa.Table.from_batches(list(arrow_batches(rows)), schema=arrow_schema())
+
+
+def results_frame(rows: Iterable[dict[str, Any]]) -> Any:
+    """``Job.results()`` rows as a pandas DataFrame of flat columns, ``output`` decoded to Python objects."""
+    try:
+        import pandas as pd
+    except ImportError:
+        raise ConfigurationError("Job.to_pandas() needs pandas: pip install pandas") from None
+    table = results_table(rows)
+    outputs = [None if text is None else json.loads(text) for text in table.column("output").to_pylist()]
+    frame = table.to_pandas()
+    frame["output"] = pd.Series(outputs, index=frame.index, dtype=object)
+    return frame

@@ -1,0 +1,72 @@
+"""The reconciler: queue again the pending items of jobs that stopped moving.
+
+The SQL store, not the broker, is the record of what is left to do. When Redis loses its data
+(a restart without persistence), a producer dies between commit and publish, or a message is
+dropped, a job's pending items would wait forever. The reconciler finds jobs that made no
+progress for ``stalled_after`` seconds while their queue was idle, and publishes their pending
+items again. Sending an item twice is harmless: workers skip finished items.
+
+Workers run it over their own queue every ``reconcile_interval`` seconds; ``pipeq reconcile``
+runs one pass over every queue that has a live worker.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from celery import Celery
+
+from pipeq.models.store import Store
+from pipeq.producer.publish import longest_first, publish_chunks
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Requeued:
+    """One job whose pending items a reconciler pass queued again."""
+
+    job_id: str
+    queue: str
+    items: int
+    messages: int
+
+
+def reconcile(
+    store: Store,
+    celery: Celery,
+    *,
+    stalled_after: float,
+    chunk_size: int,
+    queues: Sequence[str] | None = None,
+    live_only: bool = True,
+) -> list[Requeued]:
+    """One pass: queue again the pending items of every stalled job (on ``queues``, if given).
+
+    With ``live_only`` (the default), only queues that a live worker serves are considered:
+    queuing work nobody can take would only pile up copies.
+    """
+    if queues is None and live_only:
+        queues = sorted({w["queue"] for w in store.live_workers()})
+    done: list[Requeued] = []
+    for job in store.stalled_jobs(stalled_after, queues):
+        if not store.take_requeue(job["id"], stalled_after):
+            continue  # another reconciler got there first, or the job moved meanwhile
+        items = messages = 0
+        for page in store.iter_pending(job["id"]):
+            messages += publish_chunks(
+                celery, job["id"], job["queue"], longest_first(page), chunk_size=chunk_size, priority=job["priority"]
+            )
+            items += len(page)
+        if items:
+            log.warning(
+                "job %s made no progress for %.0fs: queued its %d pending items again (%d messages)",
+                job["id"],
+                stalled_after,
+                items,
+                messages,
+            )
+        done.append(Requeued(job["id"], job["queue"], items, messages))
+    return done

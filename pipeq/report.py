@@ -1,0 +1,449 @@
+"""A job's report from the store: throughput over time, per-phase timing, batch shapes, failures, workers.
+
+Everything is read-only SQL: counts and sums are aggregated by the database; only the batches' timing
+columns are streamed (a few numbers a batch) to take percentiles and time buckets. Items are never
+loaded one by one, so a million-item job reports in the time its batches take to read.
+"""
+
+from __future__ import annotations
+
+import re
+from array import array
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+from sqlalchemy import Table, func, select
+
+from pipeq import constants as C
+from pipeq.models import Batch, Item, Worker, utcnow
+from pipeq.models.store import Store, as_utc
+
+_items: Table = Item.__table__  # type: ignore[assignment]
+_batches: Table = Batch.__table__  # type: ignore[assignment]
+_workers: Table = Worker.__table__  # type: ignore[assignment]
+
+#: Per-batch timing columns, in the order they are reported; all but queue_wait add up to total.
+PHASES = ("queue_wait", "preprocess", "forward", "postprocess", "total")
+#: Phases whose sum is a batch's total_ms (queue wait happens before a chunk starts).
+WORK_PHASES = ("preprocess", "forward", "postprocess")
+#: Percentiles reported for each phase.
+PERCENTILES = (50, 95, 99)
+#: Most time buckets in the throughput timeline.
+MAX_BUCKETS = 60
+#: Shortest time bucket in seconds (a short job gets fewer buckets rather than empty ones).
+MIN_BUCKET_SECONDS = 1.0
+#: Bins of the batch latency (total_ms) histogram.
+LATENCY_BINS = 40
+#: Batches read per round trip while streaming their timing.
+STREAM_ROWS = 10_000
+#: Label of batches whose worker row is gone (or was never registered).
+UNKNOWN_WORKER = "unknown"
+#: Longest failure reason kept; the example keeps the whole error.
+MAX_REASON_CHARS = 80
+
+#: pipeq's own item errors read "stage: ExceptionClass: message" (runtime.describe_error).
+_STAGE_ERROR = re.compile(r"^(\w+): ([A-Za-z_][\w.]*):")
+#: Variable parts of other error texts, masked so that one cause makes one reason.
+_VARIABLE = ((re.compile(r"\([^()]*\)"), "(…)"), (re.compile(r"'[^']*'|\"[^\"]*\""), "'…'"), (re.compile(r"\d+"), "N"))
+
+
+@dataclass
+class JobSummary:
+    """The job's row: what ran, its counts, and how long it took."""
+
+    id: str
+    task: str
+    model: str
+    precision: str
+    status: str
+    total: int
+    done: int
+    failed: int
+    cancelled: int
+    pending: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    wall_seconds: float
+    items_per_second: float
+    error: str | None
+
+
+@dataclass
+class ModelInfo:
+    """What served the job, from its batches and its workers' rows."""
+
+    precision: str
+    revisions: list[str]
+    devices: list[str]
+    quantization: list[str]
+    footprint_bytes: int | None
+    load_seconds: float | None
+
+
+@dataclass
+class PhaseStats:
+    """One timing phase over all batches, in milliseconds; share is of the summed total_ms."""
+
+    name: str
+    mean_ms: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+    sum_ms: float
+    share: float | None
+
+
+@dataclass
+class Histogram:
+    """Counts between consecutive edges (len(edges) == len(counts) + 1)."""
+
+    edges: list[float]
+    counts: list[int]
+
+
+@dataclass
+class BatchShapes:
+    """Micro-batch sizes and how much of each padded forward pass was real tokens."""
+
+    batches: int
+    items: int
+    mean_items: float | None
+    mean_rows: float | None
+    #: [rows per forward pass, batches] pairs, ascending.
+    rows_histogram: list[tuple[int, int]]
+    real_tokens: int
+    padded_tokens: int
+    padding_efficiency: float | None
+
+
+@dataclass
+class Throughput:
+    """Items finished per time bucket (by the batch's finished_at), overall and per worker."""
+
+    start: datetime | None
+    bucket_seconds: float
+    items: list[int]
+    per_worker: dict[str, list[int]]
+
+
+@dataclass
+class FailureReason:
+    """Failed items sharing a reason (stage and exception class, or the error's masked text)."""
+
+    reason: str
+    count: int
+    example_idx: int
+    example_error: str
+
+
+@dataclass
+class WorkerShare:
+    """One worker's part of the job, with its configuration from the workers table."""
+
+    worker_id: str
+    host: str | None
+    pid: int | None
+    device: str | None
+    precision: str | None
+    quantization: str | None
+    footprint_bytes: int | None
+    load_seconds: float | None
+    items: int
+    batches: int
+    busy_seconds: float
+    share: float
+    real_tokens: int
+    padded_tokens: int
+    padding_efficiency: float | None
+    #: Mean milliseconds per batch of each work phase.
+    phase_mean_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class JobReport:
+    """Everything ``pipeq report`` shows about one job."""
+
+    job: JobSummary
+    model: ModelInfo
+    phases: list[PhaseStats]
+    batches: BatchShapes
+    latency: Histogram
+    throughput: Throughput
+    failures: list[FailureReason]
+    workers: list[WorkerShare]
+    generated_at: datetime
+
+    def as_dict(self) -> dict[str, Any]:
+        """The report as plain JSON types (datetimes as ISO 8601 strings)."""
+        return _jsonable(asdict(self))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def failure_reason(error: str | None) -> str:
+    """The part of an item's error that names its cause, shared by items that failed alike."""
+    lines = (error or "").strip().splitlines()
+    if not lines:
+        return "(no error text)"
+    text = lines[0]
+    stage = _STAGE_ERROR.match(text)
+    if stage:
+        return f"{stage.group(1)}: {stage.group(2)}"
+    for pattern, mask in _VARIABLE:
+        text = pattern.sub(mask, text)
+    text = text.split(":", 1)[0].strip()
+    return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 1] + "…"
+
+
+def time_buckets(span_seconds: float) -> tuple[int, float]:
+    """(count, width in seconds) of equal buckets that cover the span exactly, so none is partly empty."""
+    n = max(1, min(MAX_BUCKETS, int(span_seconds // MIN_BUCKET_SECONDS)))
+    return n, span_seconds / n if span_seconds > 0 else MIN_BUCKET_SECONDS
+
+
+def build_report(store: Store, job_id: str) -> JobReport:
+    """Read a job's report from the store; raises JobNotFoundError for an unknown job."""
+    progress = store.job(job_id)
+    job = JobSummary(
+        id=progress.id,
+        task=progress.task,
+        model=progress.model,
+        precision=progress.precision,
+        status=progress.status,
+        total=progress.total,
+        done=progress.done,
+        failed=progress.failed,
+        cancelled=progress.cancelled,
+        pending=progress.pending,
+        created_at=progress.created_at,
+        started_at=progress.started_at,
+        finished_at=progress.finished_at,
+        wall_seconds=progress.elapsed() if progress.started_at else 0.0,
+        items_per_second=progress.rate if progress.started_at else 0.0,
+        error=progress.error,
+    )
+    with store.engine.connect() as conn:
+        workers = _worker_shares(conn, job_id)
+        rows_histogram = [
+            (int(rows), int(n))
+            for rows, n in conn.execute(
+                select(_batches.c.rows, func.count())
+                .where(_batches.c.job_id == job_id)
+                .group_by(_batches.c.rows)
+                .order_by(_batches.c.rows)
+            )
+        ]
+        revisions = sorted(
+            r
+            for r in conn.scalars(select(_batches.c.model_revision).where(_batches.c.job_id == job_id).distinct())
+            if r
+        )
+        failures = _failures(conn, job_id)
+        span = conn.execute(
+            select(func.min(_batches.c.started_at), func.max(_batches.c.finished_at)).where(_batches.c.job_id == job_id)
+        ).one()
+        timing = _stream_timing(conn, job_id, as_utc(span[0]), as_utc(span[1]))
+    return JobReport(
+        job=job,
+        model=_model_info(job.precision, revisions, workers),
+        phases=timing.phases(),
+        batches=_batch_shapes(workers, rows_histogram),
+        latency=timing.latency(),
+        throughput=timing.throughput,
+        failures=failures,
+        workers=workers,
+        generated_at=utcnow(),
+    )
+
+
+def _worker_shares(conn: Any, job_id: str) -> list[WorkerShare]:
+    b = _batches.c
+    sums = conn.execute(
+        select(
+            b.worker_id,
+            func.count(),
+            func.sum(b.size),
+            func.sum(b.real_tokens),
+            func.sum(b.padded_tokens),
+            func.sum(b.total_ms),
+            func.sum(b.preprocess_ms),
+            func.sum(b.forward_ms),
+            func.sum(b.postprocess_ms),
+        )
+        .where(b.job_id == job_id)
+        .group_by(b.worker_id)
+    ).all()
+    ids = [s[0] for s in sums if s[0] is not None]
+    rows = {r["id"]: r for r in conn.execute(select(_workers).where(_workers.c.id.in_(ids))).mappings()} if ids else {}
+    all_items = sum(int(s[2] or 0) for s in sums)
+    shares = []
+    for worker_id, n, items, real, padded, total_ms, pre, fwd, post in sums:
+        w = rows.get(worker_id, {})
+        shares.append(
+            WorkerShare(
+                worker_id=worker_id or UNKNOWN_WORKER,
+                host=w.get("host"),
+                pid=w.get("pid"),
+                device=w.get("device"),
+                precision=w.get("precision"),
+                quantization=w.get("quantization"),
+                footprint_bytes=w.get("footprint_bytes"),
+                load_seconds=w.get("load_seconds"),
+                items=int(items or 0),
+                batches=int(n),
+                busy_seconds=float(total_ms or 0) / 1000,
+                share=int(items or 0) / all_items if all_items else 0.0,
+                real_tokens=int(real or 0),
+                padded_tokens=int(padded or 0),
+                padding_efficiency=_ratio(real, padded),
+                phase_mean_ms={"preprocess": pre / n, "forward": fwd / n, "postprocess": post / n},
+            )
+        )
+    shares.sort(key=lambda s: (-s.items, s.worker_id))
+    return shares
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    return float(num or 0) / float(den) if den else None
+
+
+def _model_info(precision: str, revisions: list[str], workers: list[WorkerShare]) -> ModelInfo:
+    footprints = [w.footprint_bytes for w in workers if w.footprint_bytes is not None]
+    loads = [w.load_seconds for w in workers if w.load_seconds is not None]
+    return ModelInfo(
+        precision=precision,
+        revisions=revisions,
+        devices=sorted({w.device for w in workers if w.device}),
+        quantization=sorted({w.quantization for w in workers if w.quantization}),
+        footprint_bytes=max(footprints) if footprints else None,
+        load_seconds=sum(loads) / len(loads) if loads else None,
+    )
+
+
+def _batch_shapes(workers: list[WorkerShare], rows_histogram: list[tuple[int, int]]) -> BatchShapes:
+    n = sum(w.batches for w in workers)
+    items = sum(w.items for w in workers)
+    rows = sum(r * c for r, c in rows_histogram)
+    real = sum(w.real_tokens for w in workers)
+    padded = sum(w.padded_tokens for w in workers)
+    return BatchShapes(
+        batches=n,
+        items=items,
+        mean_items=items / n if n else None,
+        mean_rows=rows / n if n else None,
+        rows_histogram=rows_histogram,
+        real_tokens=real,
+        padded_tokens=padded,
+        padding_efficiency=_ratio(real, padded),
+    )
+
+
+def _failures(conn: Any, job_id: str) -> list[FailureReason]:
+    """Group failed items by reason; the database first collapses identical error texts."""
+    grouped = conn.execution_options(yield_per=STREAM_ROWS).execute(
+        select(_items.c.error, func.count(), func.min(_items.c.idx))
+        .where(_items.c.job_id == job_id, _items.c.status == C.ITEM_FAILED)
+        .group_by(_items.c.error)
+    )
+    reasons: dict[str, FailureReason] = {}
+    for error, n, idx in grouped:
+        key = failure_reason(error)
+        seen = reasons.get(key)
+        if seen is None:
+            reasons[key] = FailureReason(key, int(n), int(idx), error or "")
+        else:
+            seen.count += int(n)
+            if idx < seen.example_idx:
+                seen.example_idx, seen.example_error = int(idx), error or ""
+    return sorted(reasons.values(), key=lambda r: (-r.count, r.reason))
+
+
+class _Timing:
+    """Per-batch timing columns streamed into arrays, and the throughput buckets filled on the way."""
+
+    def __init__(self, start: datetime | None, end: datetime | None) -> None:
+        self.columns: dict[str, array[float]] = {name: array("d") for name in PHASES}
+        self.start = start
+        span = (end - start).total_seconds() if start and end else 0.0
+        self.n_buckets, self.width = time_buckets(max(span, 0.0)) if start else (0, MIN_BUCKET_SECONDS)
+        self.throughput = Throughput(start, self.width, [0] * self.n_buckets, {})
+
+    def add(self, row: Iterable[Any]) -> None:
+        worker_id, size, finished_at, *phase_ms = row
+        for name, value in zip(PHASES, phase_ms, strict=True):
+            self.columns[name].append(float(value))
+        finished = as_utc(finished_at)
+        assert finished is not None and self.start is not None  # both columns are NOT NULL
+        seconds = (finished - self.start).total_seconds()
+        bucket = min(max(int(seconds // self.width), 0), self.n_buckets - 1)
+        series = self.throughput.per_worker.setdefault(worker_id or UNKNOWN_WORKER, [0] * self.n_buckets)
+        series[bucket] += int(size)
+        self.throughput.items[bucket] += int(size)
+
+    def phases(self) -> list[PhaseStats]:
+        total = self.columns["total"]
+        if not total:
+            return []
+        total_sum = float(np.sum(total))
+        stats = []
+        for name in PHASES:
+            values = np.frombuffer(self.columns[name], dtype=np.float64)
+            p50, p95, p99 = (float(p) for p in np.percentile(values, PERCENTILES))
+            share = None
+            if name in WORK_PHASES or name == "total":
+                share = float(values.sum()) / total_sum if total_sum else None
+            stats.append(
+                PhaseStats(
+                    name=name,
+                    mean_ms=float(values.mean()),
+                    p50_ms=p50,
+                    p95_ms=p95,
+                    p99_ms=p99,
+                    max_ms=float(values.max()),
+                    sum_ms=float(values.sum()),
+                    share=share,
+                )
+            )
+        return stats
+
+    def latency(self) -> Histogram:
+        if not self.columns["total"]:
+            return Histogram([], [])
+        values = np.frombuffer(self.columns["total"], dtype=np.float64)
+        counts, edges = np.histogram(values, bins=LATENCY_BINS, range=(0.0, float(values.max()) or 1.0))
+        return Histogram([float(e) for e in edges], [int(c) for c in counts])
+
+
+def _stream_timing(conn: Any, job_id: str, start: datetime | None, end: datetime | None) -> _Timing:
+    timing = _Timing(start, end)
+    if start is None:
+        return timing
+    b = _batches.c
+    rows = conn.execution_options(yield_per=STREAM_ROWS).execute(
+        select(
+            b.worker_id,
+            b.size,
+            b.finished_at,
+            b.queue_wait_ms,
+            b.preprocess_ms,
+            b.forward_ms,
+            b.postprocess_ms,
+            b.total_ms,
+        ).where(b.job_id == job_id)
+    )
+    for row in rows:
+        timing.add(row)
+    return timing

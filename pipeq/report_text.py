@@ -1,0 +1,64 @@
+"""A job report as plain text for a terminal (``pipeq report JOB``)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from pipeq.report import JobReport, WorkerShare
+
+
+def _mb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e6:,.1f} MB"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _worker_line(w: WorkerShare) -> str:
+    where = f"{w.host or '?'}:{w.pid or '?'}"
+    return (
+        f"{w.worker_id[:8]:<10}{where:<24}{w.device or '-':<8}{w.items:>10,}{_pct(w.share):>8}"
+        f"{w.batches:>9,}{w.busy_seconds:>9.1f}{_pct(w.padding_efficiency):>9}{_mb(w.footprint_bytes):>12}"
+    )
+
+
+def format_text(report: JobReport) -> str:
+    """A summary of the report: job, model, batches, phases, workers and failures."""
+    j, m, b = report.job, report.model, report.batches
+    lines = [
+        f"job {j.id} [{j.task} {j.precision}] {j.status}  model {j.model}",
+        f"items: {j.total:,} total, {j.done:,} done, {j.failed:,} failed, {j.cancelled:,} cancelled, "
+        f"{j.pending:,} pending",
+        f"time: created {j.created_at:%Y-%m-%d %H:%M:%S} UTC, wall {timedelta(seconds=round(j.wall_seconds))}, "
+        f"{j.items_per_second:,.1f} items/s",
+        f"model: revision {', '.join(m.revisions) or '-'}; device {', '.join(m.devices) or '-'}; "
+        f"quantization {', '.join(m.quantization) or '-'}; footprint {_mb(m.footprint_bytes)}",
+    ]
+    if b.mean_items is None or b.mean_rows is None:
+        lines.append("batches: none recorded yet")
+    else:
+        lines += [
+            f"batches: {b.batches:,}, {b.mean_items:.1f} items and {b.mean_rows:.1f} rows each on average; "
+            f"padding efficiency {_pct(b.padding_efficiency)} ({b.real_tokens:,} real of {b.padded_tokens:,} "
+            f"padded tokens)",
+            "",
+            f"{'phase (ms/batch)':<17}{'mean':>10}{'p50':>10}{'p95':>10}{'p99':>10}{'max':>10}{'share':>8}",
+        ]
+        lines += [
+            f"{p.name:<17}{p.mean_ms:>10.2f}{p.p50_ms:>10.2f}{p.p95_ms:>10.2f}{p.p99_ms:>10.2f}{p.max_ms:>10.2f}"
+            f"{_pct(p.share):>8}"
+            for p in report.phases
+        ]
+        lines += [
+            "",
+            f"{'worker':<10}{'host:pid':<24}{'device':<8}{'items':>10}{'share':>8}{'batches':>9}{'busy s':>9}"
+            f"{'padding':>9}{'footprint':>12}",
+        ]
+        lines += [_worker_line(w) for w in report.workers]
+    if report.failures:
+        lines += ["", "failures:"]
+        lines += [f"{f.count:>8,}  {f.reason}  (e.g. item {f.example_idx}: {f.example_error})" for f in report.failures]
+    if j.error:
+        lines.append(f"error: {j.error}")
+    return "\n".join(lines)

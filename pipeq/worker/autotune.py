@@ -1,0 +1,152 @@
+"""Settle what a worker's flags leave open before it serves: ``--precision auto`` and the token budget.
+
+Measurements run in a spawned process (``measure``); the outcome fixes the ServeKey, so a worker
+that chose bf16 serves the bf16 queue exactly as if it had been started with ``--precision bf16``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Any
+
+from pipeq import constants as C
+from pipeq.errors import ConfigurationError
+from pipeq.models.store import Store
+from pipeq.routing import AUTO_PRECISION
+from pipeq.worker.config import WorkerConfig
+from pipeq.worker.loading import SYNTHETIC_TEXT_TASKS
+from pipeq.worker.measure import MEASURE_SECONDS, device_name, in_subprocess, measure_precisions, sweep_budgets
+
+log = logging.getLogger(__name__)
+
+
+def tune(store: Store, cfg: WorkerConfig, *, min_seconds: float = MEASURE_SECONDS) -> WorkerConfig:
+    """``cfg`` with a fixed precision and token budget: measured now, stored by an earlier start, or default."""
+    if cfg.key.precision == AUTO_PRECISION:
+        cfg = choose_precision(cfg, min_seconds=min_seconds)
+    if cfg.calibrate:
+        return calibrate(store, cfg, min_seconds=min_seconds)
+    if cfg.max_batch_tokens is None:
+        return reuse_calibration(store, cfg)
+    return cfg
+
+
+def _rates(speeds: dict[Any, float]) -> str:
+    return ", ".join(f"{name} {rate:,.0f}/s" for name, rate in speeds.items())
+
+
+def choose_precision(cfg: WorkerConfig, *, min_seconds: float = MEASURE_SECONDS) -> WorkerConfig:
+    """Measure each allowed precision the device runs and serve the fastest (``--precision auto``)."""
+    allowed = list(cfg.allowed_precisions)
+    result = in_subprocess(measure_precisions, cfg, allowed, min_seconds)
+    for precision, reason in result.skipped.items():
+        log.warning("--precision auto leaves out %s: %s", precision, reason)
+    if result.measured:
+        chosen = max(result.measured, key=result.measured.__getitem__)
+        log.info(
+            "--precision auto on %s (%s): %s; serving %s",
+            cfg.device,
+            result.device_name,
+            _rates(result.measured),
+            chosen,
+        )
+    elif result.supported and cfg.key.task not in SYNTHETIC_TEXT_TASKS:
+        chosen = result.supported[0]
+        log.warning(
+            "--precision auto cannot make test inputs for task %s; serving %s, the first allowed precision %s runs",
+            cfg.key.task,
+            chosen,
+            cfg.device,
+        )
+    else:
+        reasons = "; ".join(f"{p}: {why}" for p, why in result.skipped.items())
+        raise ConfigurationError(f"--precision auto found no allowed precision that runs on {cfg.device} ({reasons})")
+    choice = {
+        "chosen": chosen,
+        "measured": {p: round(rate, 2) for p, rate in result.measured.items()},
+        "allowed": allowed,
+        "skipped": result.skipped,
+        "device_name": result.device_name,
+    }
+    return replace(cfg.with_precision(chosen), precision_choice=choice)
+
+
+def calibrate(store: Store, cfg: WorkerConfig, *, min_seconds: float = MEASURE_SECONDS) -> WorkerConfig:
+    """Sweep the token budget on the real model, store the fastest and serve with it (``--calibrate``)."""
+    if cfg.key.task not in SYNTHETIC_TEXT_TASKS:
+        raise ConfigurationError(
+            f"--calibrate cannot make test inputs for task {cfg.key.task!r}; set --max-batch-tokens instead"
+        )
+    sweep = in_subprocess(sweep_budgets, cfg, min_seconds)
+    best = max(sweep.items_per_s, key=sweep.items_per_s.__getitem__)
+    rates = {str(budget): round(rate, 2) for budget, rate in sweep.items_per_s.items()}
+    key = cfg.key
+    store.save_calibration(
+        {
+            "task": key.task,
+            "model": key.model,
+            "revision": key.revision,
+            "precision": key.precision,
+            "device": cfg.device,
+            "device_name": sweep.device_name,
+            "max_batch_tokens": best,
+            "items_per_s": rates[str(best)],
+            "sweep": rates,
+        }
+    )
+    log.info(
+        "calibrated %s %s on %s (%s), tokens per batch: %s; keeping %d",
+        key.model,
+        key.precision,
+        cfg.device,
+        sweep.device_name,
+        _rates(sweep.items_per_s),
+        best,
+    )
+    record = {"source": "calibrated", "items_per_s": rates[str(best)], "sweep": rates, "device_name": sweep.device_name}
+    # calibrate=False: the budget is now fixed (a config may not both calibrate and name a budget).
+    return replace(cfg, calibrate=False, max_batch_tokens=best, calibration=record)
+
+
+def reuse_calibration(store: Store, cfg: WorkerConfig) -> WorkerConfig:
+    """The budget an earlier ``--calibrate`` stored for this model, precision and device; else the default."""
+    key, name = cfg.key, device_name(cfg.device)
+    row = store.latest_calibration(
+        task=key.task,
+        model=key.model,
+        revision=key.revision,
+        precision=key.precision,
+        device=cfg.device,
+        device_name=name,
+    )
+    if row is None:
+        return replace(cfg, max_batch_tokens=C.DEFAULT_MAX_BATCH_TOKENS)
+    log.info(
+        "using %d tokens per batch, calibrated on %s (%s) at %s (%.0f items/s); --max-batch-tokens overrides",
+        row["max_batch_tokens"],
+        cfg.device,
+        name,
+        row["created_at"],
+        row["items_per_s"],
+    )
+    record = {
+        "source": "stored",
+        "items_per_s": row["items_per_s"],
+        "sweep": row["sweep"],
+        "device_name": name,
+        "calibrated_at": row["created_at"].isoformat(),
+    }
+    return replace(cfg, max_batch_tokens=row["max_batch_tokens"], calibration=record)
+
+
+def describe(settings: dict[str, Any]) -> tuple[str, str]:
+    """How a worker row's precision and token budget were chosen, for ``pipeq workers``; empty when given."""
+    choice = settings.get("precision_choice")
+    precision = f" (auto: {_rates(choice['measured'])})" if choice and choice.get("measured") else ""
+    calibration = settings.get("calibration")
+    budget = ""
+    if calibration:
+        how = "calibrated now" if calibration["source"] == "calibrated" else "stored calibration"
+        budget = f" tokens {settings['max_batch_tokens']} ({how}, {calibration['items_per_s']:,.0f}/s)"
+    return precision, budget

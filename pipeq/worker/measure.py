@@ -1,0 +1,226 @@
+"""Measure a worker's real pipeline: items/s per precision, per token budget, in a separate process.
+
+The worker's parent process later forks Celery pool children; torch's OpenMP pool (or CUDA)
+started in a parent before fork can hang or break them, so every measurement runs in a freshly
+spawned process that hands back plain results.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import logging
+import math
+import multiprocessing
+import platform
+import random
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from pipeq import constants as C
+from pipeq.errors import ConfigurationError
+from pipeq.worker.config import WorkerConfig
+from pipeq.worker.loading import SYNTHETIC_TEXT_TASKS, load_pipeline, set_threads, synthetic_text
+from pipeq.worker.runtime import PipelineRuntime
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Inputs in the synthetic measuring set: enough for several batches at the largest budget.
+MEASURE_ITEMS = 128
+#: Least seconds of timed passes per measurement (after the warm-up pass); more passes smooth noise.
+MEASURE_SECONDS = 2.0
+#: Median and spread (log-normal) of the synthetic inputs' token lengths: short texts with a long tail.
+_MEDIAN_TOKENS, _LENGTH_SIGMA = 32, 0.9
+#: Longest synthetic input, in tokens (further capped by the model's maximum).
+_LONGEST_TOKENS = 512
+#: Rounds over all budgets in a calibration sweep (each budget keeps its best round).
+_SWEEP_ROUNDS = 3
+
+
+@dataclass(frozen=True)
+class PrecisionMeasurement:
+    """Items/s per precision measured on one device, and why the others were left out."""
+
+    device_name: str
+    measured: dict[str, float]
+    skipped: dict[str, str]
+    supported: list[str]
+
+
+@dataclass(frozen=True)
+class BudgetSweep:
+    """Items/s per token budget at one precision on one device."""
+
+    device_name: str
+    items_per_s: dict[int, float]
+
+
+def in_subprocess(fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn(*args)`` in a freshly spawned process and return its (picklable) result."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            return pool.submit(fn, *args).result()
+        except BrokenProcessPool as exc:
+            raise ConfigurationError(f"the measuring process died: {exc}") from None
+
+
+def synthetic_inputs(pipe: Any, task: str, *, max_length: int | None, n: int = MEASURE_ITEMS) -> list[str]:
+    """``n`` texts of uneven, heavy-tailed token lengths, the same on every call; [] for tasks that need more."""
+    longest = min(max_length or _LONGEST_TOKENS, _LONGEST_TOKENS)
+    rng = random.Random(0)
+    texts: list[str] = []
+    for _ in range(n):
+        tokens = min(longest, max(4, round(rng.lognormvariate(math.log(_MEDIAN_TOKENS), _LENGTH_SIGMA))))
+        text = synthetic_text(pipe, task, tokens)
+        if text is None:
+            return []
+        texts.append(text)
+    return texts
+
+
+def throughput(
+    runtime: PipelineRuntime, inputs: Sequence[Any], *, min_seconds: float = MEASURE_SECONDS, warm_up: bool = True
+) -> float:
+    """Items/s of ``runtime.run`` over ``inputs``: the best of the passes timed within ``min_seconds`` (at least one).
+
+    The best pass rather than the mean: on a shared machine other work only ever slows a pass down.
+    """
+    items = list(enumerate(inputs))
+    if warm_up:
+        _run_all(runtime, items)  # new shapes are slow the first time (kernel choice, oneDNN caches)
+    best, deadline = 0.0, time.perf_counter() + min_seconds
+    while True:
+        t0 = time.perf_counter()
+        done = _run_all(runtime, items)
+        best = max(best, done / (time.perf_counter() - t0))
+        if time.perf_counter() >= deadline:
+            return best
+
+
+def _run_all(runtime: PipelineRuntime, items: list[tuple[int, Any]]) -> int:
+    """Run every item; a failed item makes the measurement meaningless, so it raises."""
+    n = 0
+    for results, _ in runtime.run(items, {}):
+        failed = [r for r in results if r.status != C.ITEM_DONE]
+        if failed:
+            raise ConfigurationError(f"{len(failed)} synthetic inputs failed while measuring: {failed[0].error}")
+        n += len(results)
+    return n
+
+
+def unsupported_reason(cfg: WorkerConfig) -> str | None:
+    """Why ``cfg``'s device cannot run its precision (None when it can); imports torch, so call it in the child."""
+    import torch
+
+    precision, cuda = cfg.key.precision, cfg.device.startswith("cuda")
+    if precision == "fp16" and not cuda:
+        return "fp16 runs only on CUDA here"
+    if precision == "bf16" and not cuda:
+        if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+            return "torch reports no bf16 support on this CPU"
+    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        return "torch reports no bf16 support on this GPU"
+    if precision == "int8" and cfg.resolved_int8_backend == "bnb":
+        if not cuda or importlib.util.find_spec("bitsandbytes") is None:
+            return "bitsandbytes int8 needs CUDA and the bitsandbytes package"
+    if precision == "int8" and cfg.resolved_int8_backend == "dynamic":
+        if cuda or set(torch.backends.quantized.supported_engines) <= {"none"}:
+            return "torch dynamic int8 needs the CPU and a quantized engine"
+    return None
+
+
+def device_name(device: str) -> str:
+    """The CPU's model name or the CUDA device's name (looked up in a spawned process for CUDA)."""
+    return in_subprocess(_device_name_here, device) if device.startswith("cuda") else _cpu_name()
+
+
+def _device_name_here(device: str) -> str:
+    if not device.startswith("cuda"):
+        return _cpu_name()
+    import torch
+
+    return str(torch.cuda.get_device_name(device))
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass  # not Linux
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def _release(device: str) -> None:
+    """Free the last candidate's model (unreferenced once measured) before loading the next."""
+    gc.collect()
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def measure_precisions(cfg: WorkerConfig, candidates: Sequence[str], min_seconds: float) -> PrecisionMeasurement:
+    """Load ``cfg``'s model at each candidate precision the device supports and measure it (runs in the child)."""
+    set_threads(cfg.threads, cfg.concurrency)
+    measured: dict[str, float] = {}
+    skipped: dict[str, str] = {}
+    supported: list[str] = []
+    for precision in candidates:
+        candidate = cfg.with_precision(precision)
+        reason = unsupported_reason(candidate)
+        if reason is not None:
+            skipped[precision] = reason
+            continue
+        supported.append(precision)
+        if cfg.key.task not in SYNTHETIC_TEXT_TASKS:
+            continue
+        try:
+            measured[precision] = _measure_one(candidate, min_seconds)
+        except Exception as exc:  # the model's own code at this precision: recorded, and auto picks another
+            skipped[precision] = f"{type(exc).__name__}: {exc}"
+        _release(cfg.device)
+    return PrecisionMeasurement(_device_name_here(cfg.device), measured, skipped, supported)
+
+
+def _measure_one(cfg: WorkerConfig, min_seconds: float) -> float:
+    loaded = load_pipeline(cfg)
+    runtime = PipelineRuntime(
+        loaded.pipe, cfg.key.task, max_batch_tokens=cfg.batch_tokens, max_batch_size=cfg.max_batch_size
+    )
+    inputs = synthetic_inputs(loaded.pipe, cfg.key.task, max_length=runtime.max_length)
+    if not inputs:
+        raise ConfigurationError(f"pipeq cannot make measuring inputs for task {cfg.key.task!r}")
+    return throughput(runtime, inputs, min_seconds=min_seconds)
+
+
+def budget_candidates(max_batch_size: int, max_length: int | None) -> list[int]:
+    """The calibration budgets, each capped at what one batch can hold (rows x longest input)."""
+    cap = max_batch_size * min(max_length or _LONGEST_TOKENS, _LONGEST_TOKENS)
+    return sorted({min(budget, cap) for budget in C.CALIBRATION_BUDGETS})
+
+
+def sweep_budgets(cfg: WorkerConfig, min_seconds: float) -> BudgetSweep:
+    """Load ``cfg``'s model once and measure items/s at each token budget (runs in the child)."""
+    set_threads(cfg.threads, cfg.concurrency)
+    loaded = load_pipeline(cfg)
+    runtime = PipelineRuntime(loaded.pipe, cfg.key.task, max_batch_size=cfg.max_batch_size)
+    inputs = synthetic_inputs(loaded.pipe, cfg.key.task, max_length=runtime.max_length)
+    if not inputs:
+        raise ConfigurationError(f"--calibrate cannot make inputs for task {cfg.key.task!r}")
+    speeds = dict.fromkeys(budget_candidates(cfg.max_batch_size, runtime.max_length), 0.0)
+    # Interleaved rounds, so a burst of other work on the machine does not decide for one budget.
+    for round_no in range(_SWEEP_ROUNDS):
+        for budget in speeds:
+            runtime.max_batch_tokens = budget
+            rate = throughput(runtime, inputs, min_seconds=min_seconds / _SWEEP_ROUNDS, warm_up=round_no == 0)
+            speeds[budget] = max(speeds[budget], rate)
+    return BudgetSweep(_device_name_here(cfg.device), speeds)

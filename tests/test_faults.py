@@ -1,0 +1,377 @@
+"""Break things on purpose while a job runs, then check the SQL store: every item exactly once.
+
+Real ``pipeq worker`` processes serve a text-classification model through ``faultpipe`` (which
+slows forward passes and fails on marked inputs) on real Redis and PostgreSQL. Each test injects
+faults, lets the job finish, and hands the store to the ``ledger``: every item done or failed
+with a reason, none missing, none counted twice, outputs equal to plain transformers'. The
+session prints the totals ("fault injection: ... 0 lost, 0 duplicates").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+import faultpipe
+from conftest import PG_ADMIN_URL, FaultLedger, WorkerProcess
+from pipeq import Client, Settings
+from pipeq.models.store import Store
+from pipeq.routing import ServeKey
+
+pytestmark = pytest.mark.integration
+
+#: Redelivery and reconciliation within seconds instead of the production hour / five minutes.
+FAST_RECOVERY = {
+    "PIPEQ_VISIBILITY_TIMEOUT": "6",
+    "PIPEQ_BROKER_OPTIONS": json.dumps({"unacked_restore_interval": 1, "unacked_restore_throttle": 1}),
+    "PIPEQ_STALLED_AFTER": "5",
+    "PIPEQ_RECONCILE_INTERVAL": "1",
+}
+TEXTS = [f"review {i}: " + "the battery lasts long and the screen is sharp " * (1 + i % 5) for i in range(400)]
+
+
+@pytest.fixture
+def model(model_dir: Callable[[str], str]) -> str:
+    return model_dir("text-classification")
+
+
+@pytest.fixture
+def serve(start_worker: Callable[..., WorkerProcess], model: str) -> Callable[..., WorkerProcess]:
+    """Start a worker for the faulty pipeline (not waiting for it)."""
+
+    def _serve(broker_url: str, database_url: str, *, delay: float = 0.0, env: dict[str, str] | None = None) -> Any:
+        return start_worker(
+            "--task", faultpipe.TASK, "--model", model,
+            "--pipeline-class", "faultpipe:FaultyClassificationPipeline",
+            "--model-class", "transformers:AutoModelForSequenceClassification",
+            "--max-batch-size", "4", "--no-warmup",
+            broker_url=broker_url,
+            database_url=database_url,
+            extra_env={**FAST_RECOVERY, "PIPEQ_TEST_FORWARD_DELAY": str(delay), **(env or {})},
+        )  # fmt: skip
+
+    return _serve
+
+
+def queue_of(model: str) -> str:
+    return ServeKey(faultpipe.TASK, model).queue
+
+
+def submit(broker_url: str, database_url: str, model: str, texts: list[str]) -> str:
+    with Client(Settings(broker_url=broker_url, database_url=database_url, chunk_size=16)) as client:
+        return client.submit(texts, task=faultpipe.TASK, model=model).id
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float = 120, *, logs: Any = None) -> None:
+    """Poll ``check`` (store errors count as "not yet": a test may have cut the store off)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except sa.exc.OperationalError:
+            pass
+        time.sleep(0.2)
+    tail = "" if logs is None else "\n".join(w.log()[-3000:] for w in logs)
+    raise AssertionError(f"timed out waiting for {what}\n{tail}")
+
+
+def finished(store: Store, job_id: str) -> int:
+    return store.job(job_id).finished
+
+
+def child_pids(store: Store, queue: str) -> list[int]:
+    return [int(w["pid"]) for w in store.live_workers(queue) if w["status"] == "ready"]
+
+
+def expected(model: str, texts: list[str]) -> dict[int, Any]:
+    return dict(enumerate(faultpipe.reference_outputs(model, texts)))
+
+
+def assert_exactly_once(report: dict[str, Any], total: int) -> None:
+    assert report["lost"] == 0, "items lost"
+    assert report["duplicates"] == 0, "items counted twice"
+    assert report["changed"] == 0, "results differ from plain transformers"
+    assert len(report["items"]) == total
+    assert report["job"]["status"] == "done"
+
+
+# ------------------------------------------------------------------ 1, 7: killed workers
+
+
+def test_killed_child_then_killed_worker_then_new_worker(
+    pg_url: str, redis_url: str, model: str, serve: Any, ledger: FaultLedger
+) -> None:
+    store, queue, texts = Store(pg_url), queue_of(model), TEXTS[:160]
+    first = serve(redis_url, pg_url, delay=0.15)
+    first.wait_ready(store, queue)
+    job = submit(redis_url, pg_url, model, texts)
+    wait_for("a first batch", lambda: finished(store, job) >= 8, logs=[first])
+    # SIGKILL the pool child in the middle of a batch: Celery respawns it, the message is redelivered.
+    (child,) = child_pids(store, queue)
+    os.kill(child, signal.SIGKILL)
+    wait_for("the respawned child to go on", lambda: finished(store, job) >= 48, logs=[first])
+    # SIGKILL the whole worker: its unacknowledged message stays in Redis.
+    os.killpg(first.proc.pid, signal.SIGKILL)
+    first.proc.wait(timeout=10)
+    assert 0 < finished(store, job) < len(texts), "the worker died mid-job"
+    second = serve(redis_url, pg_url)
+    wait_for("the job to finish", lambda: store.job(job).is_final, logs=[first, second])
+    report = ledger.check(pg_url, job, faults=2, expected=expected(model, texts))
+    assert_exactly_once(report, len(texts))
+
+
+def test_two_workers_and_a_replacement(
+    pg_url: str, redis_url: str, model: str, serve: Any, ledger: FaultLedger
+) -> None:
+    store, queue, texts = Store(pg_url), queue_of(model), TEXTS[:200]
+    a = serve(redis_url, pg_url, delay=0.1)
+    b = serve(redis_url, pg_url, delay=0.1)
+    a.wait_ready(store, queue)
+    b.wait_ready(store, queue)
+    job = submit(redis_url, pg_url, model, texts)
+    wait_for("both workers to write", lambda: finished(store, job) >= 24, logs=[a, b])
+    os.killpg(a.proc.pid, signal.SIGKILL)
+    a.proc.wait(timeout=10)
+    c = serve(redis_url, pg_url)
+    wait_for("the job to finish", lambda: store.job(job).is_final, logs=[a, b, c])
+    report = ledger.check(pg_url, job, faults=1, expected=expected(model, texts))
+    assert_exactly_once(report, len(texts))
+    with store.engine.connect() as conn:
+        writers = conn.execute(sa.text("SELECT count(DISTINCT worker_id) FROM batches WHERE job_id = :j"), {"j": job})
+        assert writers.scalar_one() >= 2
+
+
+# ------------------------------------------------------------------ 2: graceful stop
+
+
+def test_sigterm_commits_the_running_batch_and_hands_back_the_rest(
+    pg_url: str, redis_url: str, model: str, serve: Any, ledger: FaultLedger
+) -> None:
+    store, queue, texts = Store(pg_url), queue_of(model), TEXTS[:64]
+    worker = serve(redis_url, pg_url, delay=0.3)
+    worker.wait_ready(store, queue)
+    job = submit(redis_url, pg_url, model, texts)
+    wait_for("a first batch", lambda: finished(store, job) >= 4, logs=[worker])
+    # As docker stop or Kubernetes would: SIGTERM to the main process only.
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.proc.wait(timeout=60) == 0, worker.log()[-3000:]
+    assert re.search(r"handed \d+ unstarted items of job", worker.log()), worker.log()[-3000:]
+    state = store.job(job)
+    assert 0 < state.finished < len(texts)
+    with store.engine.connect() as conn:
+        attempts = dict(conn.execute(sa.text("SELECT status, max(attempts) FROM items GROUP BY status")).all())
+    assert attempts.get("pending") == 0, "unstarted items were handed back without an attempt counted"
+    replacement = serve(redis_url, pg_url)
+    wait_for("the job to finish", lambda: store.job(job).is_final, logs=[worker, replacement])
+    report = ledger.check(pg_url, job, faults=1, expected=expected(model, texts))
+    assert_exactly_once(report, len(texts))
+    assert {r["attempts"] for r in report["items"]} == {1}, "no item ran twice"
+
+
+# ------------------------------------------------------------------ 3: broker restarts
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class OwnRedis:
+    """A redis-server of the test's own, on its own port and directory; stopped by pid."""
+
+    def __init__(self, tmp_path: Path, *, aof: bool) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.args = [
+            "redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(tmp_path),
+            "--save", "", "--appendonly", "yes" if aof else "no", "--appendfsync", "always",
+            "--logfile", str(tmp_path / "redis.log"),
+        ]  # fmt: skip
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        import redis
+
+        self.proc = subprocess.Popen(self.args)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                redis.Redis.from_url(self.url, socket_connect_timeout=1).ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.1)
+        raise AssertionError("redis-server did not start")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[Callable[..., OwnRedis]]:
+    servers: list[OwnRedis] = []
+
+    def _start(*, aof: bool) -> OwnRedis:
+        server = OwnRedis(tmp_path, aof=aof)
+        server.start()
+        servers.append(server)
+        return server
+
+    yield _start
+    for server in servers:
+        server.kill()
+
+
+@pytest.mark.parametrize("aof", [True, False], ids=["aof", "no-persistence"])
+def test_redis_restart_mid_job(
+    aof: bool, pg_url: str, own_redis: Any, model: str, serve: Any, ledger: FaultLedger
+) -> None:
+    redis_server = own_redis(aof=aof)
+    store, queue, texts = Store(pg_url), queue_of(model), TEXTS[:120]
+    worker = serve(redis_server.url, pg_url, delay=0.15)
+    worker.wait_ready(store, queue)
+    job = submit(redis_server.url, pg_url, model, texts)
+    wait_for("a first batch", lambda: finished(store, job) >= 8, logs=[worker])
+    redis_server.kill()  # SIGKILL: with AOF (fsync always) the queue survives; without, it is gone
+    time.sleep(1)
+    redis_server.start()
+    wait_for("the job to finish", lambda: store.job(job).is_final, timeout=180, logs=[worker])
+    report = ledger.check(pg_url, job, faults=1, expected=expected(model, texts))
+    assert_exactly_once(report, len(texts))
+    if not aof:
+        assert report["job"]["requeues"] >= 1, "only the reconciler can recover messages Redis forgot"
+
+
+# ------------------------------------------------------------------ 4: store outage
+
+
+def test_postgres_cut_off_mid_job(pg_url: str, redis_url: str, model: str, serve: Any, ledger: FaultLedger) -> None:
+    store, queue, texts = Store(pg_url), queue_of(model), TEXTS[:120]
+    worker = serve(redis_url, pg_url, delay=0.15)
+    worker.wait_ready(store, queue)
+    job = submit(redis_url, pg_url, model, texts)
+    wait_for("a first batch", lambda: finished(store, job) >= 8, logs=[worker])
+    name = pg_url.rsplit("/", 1)[1]
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
+        conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d"), {"d": name})
+    store.engine.dispose()
+    time.sleep(6)  # every connection refused meanwhile: the worker retries with backoff
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
+    admin.dispose()
+    wait_for("the job to finish", lambda: store.job(job).is_final, timeout=180, logs=[worker])
+    assert "store unreachable" in worker.log()
+    report = ledger.check(pg_url, job, faults=1, expected=expected(model, texts))
+    assert_exactly_once(report, len(texts))
+
+
+# ------------------------------------------------------------------ 5: poison items
+
+
+def test_poison_items_fail_alone_with_reasons(
+    sqlite_url: str, redis_url: str, model: str, serve: Any, ledger: FaultLedger
+) -> None:
+    store, queue = Store(sqlite_url), queue_of(model)
+    texts = TEXTS[:40]
+    poison = {5: "POISON-PRE", 12: "POISON-FWD", 20: "POISON-POST", 27: "POISON-KILL"}
+    for idx, marker in poison.items():
+        texts[idx] = f"{marker} {texts[idx]}"
+    worker = serve(redis_url, sqlite_url)
+    worker.wait_ready(store, queue)
+    job = submit(redis_url, sqlite_url, model, texts)
+    wait_for("the job to finish", lambda: store.job(job).is_final, timeout=180, logs=[worker])
+    clean = [i for i in range(len(texts)) if i not in poison]
+    reference = expected(model, texts)
+    report = ledger.check(sqlite_url, job, faults=len(poison), expected={i: reference[i] for i in clean})
+    assert report["lost"] == 0 and report["duplicates"] == 0 and report["changed"] == 0
+    errors = {r["idx"]: r["error"] for r in report["items"] if r["status"] == "failed"}
+    assert set(errors) == set(poison), "only the poisoned items fail"
+    assert errors[5].startswith("preprocess: ValueError: the tokenizer cannot read this input")
+    assert errors[12].startswith("forward: IndexError")
+    assert errors[20].startswith("postprocess: RuntimeError: postprocess cannot handle this output")
+    assert "gave up after 3 deliveries" in errors[27], "the input that kills the worker is dead-lettered"
+
+
+# ------------------------------------------------------------------ 6: duplicate delivery
+
+
+def test_forced_duplicate_delivery_changes_nothing(
+    pg_url: str, redis_url: str, model: str, serve: Any, ledger: FaultLedger
+) -> None:
+    # Redis redelivers a message unacknowledged for 1 s, while chunks take ~1.6 s: every chunk runs twice.
+    store, queue, texts = Store(pg_url), queue_of(model), TEXTS[:64]
+    env = {"PIPEQ_VISIBILITY_TIMEOUT": "1"}
+    a = serve(redis_url, pg_url, delay=0.4, env=env)
+    b = serve(redis_url, pg_url, delay=0.4, env=env)
+    a.wait_ready(store, queue)
+    b.wait_ready(store, queue)
+    job = submit(redis_url, pg_url, model, texts)
+    wait_for("the job to finish", lambda: store.job(job).is_final, logs=[a, b])
+    time.sleep(3)  # let the late copies arrive and be skipped
+    report = ledger.check(pg_url, job, faults=1, expected=expected(model, texts))
+    assert_exactly_once(report, len(texts))
+    logs = a.log() + b.log()
+    reruns = re.findall(r"chunk: \d+ done, \d+ failed, ([1-9]\d*) skipped", logs)
+    assert reruns or max(r["attempts"] for r in report["items"]) > 1, "no chunk was delivered twice"
+
+
+# ------------------------------------------------------------------ 8: bad input at the door
+
+
+BAD_FILES: list[tuple[str, bytes, str]] = [
+    ("malformed.jsonl", b'{"text": "ok"}\n{"text": "broken"\n', "malformed.jsonl:2: malformed JSON"),
+    ("latin1.jsonl", '{"text": "ok"}\n{"text": "café"}\n'.encode("latin-1"), "latin1.jsonl:2: not valid UTF-8"),
+    ("missing.jsonl", b'{"text": "ok"}\n{"body": "x"}\n', "missing.jsonl:2: missing field 'text'"),
+    ("number.jsonl", b'{"text": "ok"}\n{"text": 3}\n', "number.jsonl:2: field 'text' must be a string, got int"),
+    ("empty.csv", b'text\nok\n""\n', "empty.csv:3: field 'text' is empty"),
+    ("huge.jsonl", json.dumps({"text": "x" * 1_048_576}).encode() + b"\n", "huge.jsonl:1: field 'text' is 1,048,576"),
+    ("blank.txt", b"\n" * 100_000, "holds no items"),
+]
+
+
+def test_bad_input_at_the_door_queues_nothing(
+    tmp_path: Path, pg_url: str, redis_url: str, model: str, ledger: FaultLedger
+) -> None:
+    import redis
+    from typer.testing import CliRunner
+
+    from pipeq.cli import app
+
+    env = {"PIPEQ_BROKER_URL": redis_url, "PIPEQ_DATABASE_URL": pg_url}
+    runner = CliRunner()
+    cases: list[tuple[list[str], str]] = []
+    for name, content, message in BAD_FILES:
+        (tmp_path / name).write_bytes(content)
+        cases.append(([str(tmp_path / name), "--task", "text-classification", "--model", model], message))
+    good = tmp_path / "good.txt"
+    good.write_text("fine\n")
+    cases += [
+        ([str(good), "--task", "translation", "--model", model], "removed"),
+        ([str(good), "--task", "text-classification", "--model", str(tmp_path / "nowhere")], "does not exist"),
+        ([str(good), "--task", "text-classification", "--model", model, "--precision", "int4"], "precision"),
+    ]
+    for args, message in cases:
+        out = runner.invoke(app, ["submit", *args], env=env)
+        assert out.exit_code == 2, (args, out.output)
+        assert message in out.output, (args, out.output)
+    with Store(pg_url).engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM jobs")).scalar_one() == 0
+        assert conn.execute(sa.text("SELECT count(*) FROM items")).scalar_one() == 0
+    assert redis.Redis.from_url(redis_url).llen(ServeKey("text-classification", model).queue) == 0
+    ledger.faults += len(cases)

@@ -1,0 +1,284 @@
+"""--precision auto and --calibrate: measuring in a spawned process, the choice, and the stored budget.
+
+Speeds are never asserted: only that what was measured is recorded and that the choice follows it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from transformers import pipeline
+from typer.testing import CliRunner
+
+from pipeq import Client, Settings
+from pipeq import constants as C
+from pipeq.cli import app as cli_app
+from pipeq.errors import ConfigurationError
+from pipeq.models.store import Store
+from pipeq.routing import ServeKey, check_precision
+from pipeq.worker.autotune import calibrate, choose_precision, describe, reuse_calibration, tune
+from pipeq.worker.config import WorkerConfig, parse_precisions
+from pipeq.worker.measure import (
+    MEASURE_ITEMS,
+    budget_candidates,
+    device_name,
+    synthetic_inputs,
+    throughput,
+    unsupported_reason,
+)
+from pipeq.worker.runtime import PipelineRuntime
+
+TASK = "text-classification"
+
+
+def auto_config(model: str, *allowed: str, **more: Any) -> WorkerConfig:
+    return WorkerConfig(key=ServeKey(TASK, model, "auto"), allowed_precisions=allowed, warmup=False, **more)
+
+
+# ------------------------------------------------------------------ measuring
+
+
+def test_synthetic_inputs_are_uneven_repeatable_and_within_the_model_maximum(model_dir: Callable[[str], str]) -> None:
+    pipe = pipeline(TASK, model=model_dir(TASK))
+    inputs = synthetic_inputs(pipe, TASK, max_length=64)
+    lengths = [len(pipe.tokenizer(text)["input_ids"]) for text in inputs]
+    assert len(inputs) == MEASURE_ITEMS and inputs == synthetic_inputs(pipe, TASK, max_length=64)
+    assert len(set(lengths)) > 10 and max(lengths) <= 64  # a spread of shapes, capped
+    uncapped = [len(pipe.tokenizer(text)["input_ids"]) for text in synthetic_inputs(pipe, TASK, max_length=None)]
+    assert sorted(uncapped)[len(uncapped) // 2] * 4 < max(uncapped)  # heavy-tailed: the median is short
+    assert synthetic_inputs(pipe, "zero-shot-classification", max_length=64) == []
+
+
+def test_throughput_runs_every_input_and_refuses_failed_ones(model_dir: Callable[[str], str]) -> None:
+    runtime = PipelineRuntime(pipeline(TASK, model=model_dir(TASK)), TASK, max_batch_size=8)
+    assert throughput(runtime, ["a short text", "word " * 40] * 4, min_seconds=0) > 0
+    # An input the pipeline cannot take would make the figure meaningless.
+    with pytest.raises(ConfigurationError, match="synthetic inputs failed"):
+        throughput(runtime, ["fine", {"not": "a text"}], min_seconds=0)
+
+
+def test_budget_candidates_are_capped_by_what_a_batch_can_hold() -> None:
+    assert budget_candidates(64, 512) == list(C.CALIBRATION_BUDGETS)
+    assert budget_candidates(16, 128) == [1024, 2048]
+    assert budget_candidates(4, 128) == [512]
+    assert budget_candidates(64, None) == list(C.CALIBRATION_BUDGETS)  # no limit: the synthetic longest, 512
+
+
+def test_unsupported_precisions_name_the_reason(model_dir: Callable[[str], str]) -> None:
+    key = ServeKey(TASK, model_dir(TASK))
+    assert unsupported_reason(WorkerConfig(key=key)) is None
+    assert "CUDA" in str(unsupported_reason(WorkerConfig(key=key).with_precision("fp16")))
+    assert "bitsandbytes" in str(unsupported_reason(WorkerConfig(key=key, int8_backend="bnb").with_precision("int8")))
+
+
+# -------------------------------------------------------------- auto precision
+
+
+def test_auto_serves_the_fastest_measured_precision(model_dir: Callable[[str], str]) -> None:
+    model = model_dir(TASK)
+    cfg = choose_precision(auto_config(model, "fp32", "bf16", "int8"), min_seconds=0)
+    choice = cfg.precision_choice
+    assert choice is not None and choice["allowed"] == ["fp32", "bf16", "int8"]
+    # Every allowed precision was either measured or left out with a reason; fp32 always runs.
+    assert set(choice["measured"]) | set(choice["skipped"]) == {"fp32", "bf16", "int8"}
+    assert "fp32" in choice["measured"] and all(rate > 0 for rate in choice["measured"].values())
+    assert choice["chosen"] == max(choice["measured"], key=choice["measured"].get)
+    # The choice fixes the queue exactly as an explicit --precision would.
+    assert cfg.key == ServeKey(TASK, model, choice["chosen"])
+    assert cfg.as_record()["precision_choice"] == choice
+
+
+def test_auto_leaves_out_what_the_device_cannot_run(model_dir: Callable[[str], str]) -> None:
+    cfg = choose_precision(auto_config(model_dir(TASK), "fp16", "fp32"), min_seconds=0)
+    assert cfg.key.precision == "fp32"
+    assert cfg.precision_choice is not None
+    assert list(cfg.precision_choice["measured"]) == ["fp32"] and "CUDA" in cfg.precision_choice["skipped"]["fp16"]
+
+
+def test_auto_for_a_task_without_synthetic_inputs_serves_the_first_allowed_precision_that_runs(
+    model_dir: Callable[[str], str],
+) -> None:
+    key = ServeKey("text-generation", model_dir(TASK), "auto")
+    cfg = choose_precision(WorkerConfig(key=key, allowed_precisions=("fp16", "bf16", "fp32")), min_seconds=0)
+    choice = cfg.precision_choice
+    assert choice is not None and choice["measured"] == {} and "fp16" in choice["skipped"]
+    assert cfg.key.precision == choice["chosen"] == next(p for p in ("bf16", "fp32") if p not in choice["skipped"])
+
+
+def test_auto_with_nothing_that_runs_is_a_clear_error(model_dir: Callable[[str], str]) -> None:
+    with pytest.raises(ConfigurationError, match="no allowed precision that runs on cpu.*fp16"):
+        choose_precision(auto_config(model_dir(TASK), "fp16"), min_seconds=0)
+
+
+def test_precision_names_are_checked() -> None:
+    assert parse_precisions(" fp32, bf16,fp32 ,int8") == ("fp32", "bf16", "int8")
+    with pytest.raises(ConfigurationError, match="unknown precision 'int4'"):
+        parse_precisions("fp32,int4")
+    with pytest.raises(ConfigurationError, match="names no precision"):
+        parse_precisions(" , ")
+    with pytest.raises(ConfigurationError, match="a job names the precision it requires"):
+        parse_precisions("auto")
+    with pytest.raises(ConfigurationError, match="at least one precision"):
+        auto_config("m")
+    with pytest.raises(ConfigurationError, match="a job names the precision it requires"):
+        check_precision("auto")
+
+
+def test_a_job_cannot_ask_for_auto(sqlite_url: str, model_dir: Callable[[str], str]) -> None:
+    with Client(Settings(broker_url="memory://", database_url=sqlite_url)) as client:
+        with pytest.raises(ConfigurationError, match="precision 'auto' is a worker's own choice"):
+            client.submit(["x"], task=TASK, model=model_dir(TASK), precision="auto")
+    env = {"PIPEQ_DATABASE_URL": sqlite_url, "PIPEQ_BROKER_URL": "memory://"}
+    out = CliRunner().invoke(
+        cli_app,
+        ["submit", "-", "--task", TASK, "--model", model_dir(TASK), "--precision", "auto"],
+        input="x\n",
+        env=env,
+    )
+    assert out.exit_code == 2 and "a worker's own choice" in out.stderr
+
+
+def test_submit_warns_when_the_model_is_served_only_at_another_precision(
+    sqlite_url: str, model_dir: Callable[[str], str], caplog: pytest.LogCaptureFixture
+) -> None:
+    model = model_dir(TASK)
+    bf16 = ServeKey(TASK, model, "bf16")
+    with Client(Settings(broker_url="memory://", database_url=sqlite_url)) as client:
+        client.store.register_worker(
+            {"id": "w1", "host": "h", "pid": 1, "queue": bf16.queue, "task": TASK, "model": model, "revision": None,
+             "precision": "bf16", "device": "cpu", "status": "ready", "settings": {}}
+        )  # fmt: skip
+        with caplog.at_level("WARNING", logger="pipeq.producer.client"):
+            client.submit(["x"], task=TASK, model=model, precision="fp32")
+            assert "no live worker serves" in caplog.text and "only at bf16" in caplog.text
+            caplog.clear()
+            client.submit(["x"], task=TASK, model=model, precision="bf16")
+            assert "no live worker serves" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--precision", "bf16", "--allow-precision", "fp32"], "only applies to --precision auto"),
+        (["--allow-precision", "fp32,fp8"], "unknown precision 'fp8'"),
+        (["--calibrate", "--max-batch-tokens", "512"], "pass one or the other"),
+    ],
+)
+def test_worker_flags_that_contradict_are_refused(
+    flags: list[str], message: str, sqlite_url: str, model_dir: Callable[[str], str]
+) -> None:
+    env = {"PIPEQ_DATABASE_URL": sqlite_url, "PIPEQ_BROKER_URL": "memory://"}
+    out = CliRunner().invoke(
+        cli_app, ["worker", "--task", TASK, "--model", model_dir(TASK), "--device", "cpu", *flags], env=env
+    )
+    assert out.exit_code == 2 and message in out.stderr
+
+
+# ----------------------------------------------------------------- calibration
+
+
+def test_store_keeps_the_newest_calibration_per_model_and_device(store: Store) -> None:
+    row = {
+        "task": TASK,
+        "model": "/m",
+        "revision": None,
+        "precision": "int8",
+        "device": "cpu",
+        "device_name": "CPU X",
+        "max_batch_tokens": 2048,
+        "items_per_s": 10.0,
+        "sweep": {"1024": 5.0, "2048": 10.0},
+    }
+    store.save_calibration(row)
+    store.save_calibration({**row, "max_batch_tokens": 4096, "sweep": {"4096": 12.0}})
+    store.save_calibration({**row, "revision": "abc", "max_batch_tokens": 1024})
+    where = {k: row[k] for k in ("task", "model", "revision", "precision", "device", "device_name")}
+    latest = store.latest_calibration(**where)
+    assert latest is not None and (latest["max_batch_tokens"], latest["sweep"]) == (4096, {"4096": 12.0})
+    assert latest["created_at"].tzinfo is not None
+    pinned = store.latest_calibration(**{**where, "revision": "abc"})
+    assert pinned is not None and pinned["max_batch_tokens"] == 1024
+    assert store.latest_calibration(**{**where, "device_name": "CPU Y"}) is None
+    assert store.latest_calibration(**{**where, "precision": "fp32"}) is None
+
+
+def test_calibrate_stores_the_fastest_budget_and_the_next_start_reuses_it(
+    sqlite_url: str, model_dir: Callable[[str], str]
+) -> None:
+    store = Store(sqlite_url)
+    key = ServeKey(TASK, model_dir(TASK), "fp32")
+    # Given a calibration run (16 rows x 128 tokens: budgets 1024 and 2048)
+    cfg = calibrate(store, WorkerConfig(key=key, max_batch_size=16, calibrate=True), min_seconds=0)
+    where = {"task": TASK, "model": key.model, "revision": None, "precision": "fp32", "device": "cpu"}
+    row = store.latest_calibration(**where, device_name=device_name("cpu"))
+    assert row is not None and set(row["sweep"]) == {"1024", "2048"}
+    assert row["max_batch_tokens"] == int(max(row["sweep"], key=row["sweep"].get))
+    assert cfg.max_batch_tokens == row["max_batch_tokens"] and cfg.calibration is not None
+    assert cfg.calibration["source"] == "calibrated"
+    # When a later worker starts without a budget, it serves with the stored one
+    later = reuse_calibration(store, WorkerConfig(key=key, max_batch_size=16))
+    assert later.max_batch_tokens == row["max_batch_tokens"] and later.calibration is not None
+    assert later.calibration["source"] == "stored" and later.as_record()["calibration"]["sweep"] == row["sweep"]
+    # An explicit budget always wins; another precision has no calibration and gets the default
+    assert tune(store, WorkerConfig(key=key, max_batch_tokens=300)).max_batch_tokens == 300
+    other = tune(store, WorkerConfig(key=key).with_precision("int8"))
+    assert (other.max_batch_tokens, other.calibration) == (C.DEFAULT_MAX_BATCH_TOKENS, None)
+    store.close()
+
+
+def test_describe_shows_how_precision_and_budget_were_chosen() -> None:
+    settings = {
+        "max_batch_tokens": 4096,
+        "precision_choice": {"chosen": "bf16", "measured": {"fp32": 120.4, "bf16": 250.0, "int8": 1240.0}},
+        "calibration": {"source": "stored", "items_per_s": 251.2},
+    }
+    assert describe(settings) == (
+        " (auto: fp32 120/s, bf16 250/s, int8 1,240/s)",
+        " tokens 4096 (stored calibration, 251/s)",
+    )
+    assert describe({"max_batch_tokens": 8192, "precision_choice": None, "calibration": None}) == ("", "")
+
+
+@pytest.mark.integration
+def test_worker_cli_auto_and_calibrate_then_reuse(
+    sqlite_url: str, redis_url: str, model_dir: Callable[[str], str], start_worker: Any
+) -> None:
+    model = model_dir(TASK)
+    store = Store(sqlite_url)
+    env = {**os.environ, "PIPEQ_DATABASE_URL": sqlite_url}
+
+    def workers(*flags: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "pipeq", "workers", *flags]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, check=True)
+
+    # Given a first worker that picks its precision (fp32 is all it may) and calibrates
+    queue = ServeKey(TASK, model, "fp32").queue
+    first = start_worker(
+        "--task", TASK, "--model", model, "--allow-precision", "fp32", "--calibrate", "--max-batch-size", "16",
+        broker_url=redis_url, database_url=sqlite_url,
+    )  # fmt: skip
+    first.wait_ready(store, queue)
+    (row,) = json.loads(workers("--json").stdout)
+    choice, calibration = row["settings"]["precision_choice"], row["settings"]["calibration"]
+    assert row["precision"] == choice["chosen"] == "fp32" and list(choice["measured"]) == ["fp32"]
+    assert calibration["source"] == "calibrated" and row["settings"]["max_batch_tokens"] in (1024, 2048)
+    text = workers().stdout
+    assert "precision fp32 (auto: fp32 " in text and "(calibrated now, " in text
+    first.stop()
+    # When a second worker starts for the same model and precision without a budget
+    second = start_worker("--task", TASK, "--model", model, "--precision", "fp32", "--max-batch-size", "16",
+                          broker_url=redis_url, database_url=sqlite_url)  # fmt: skip
+    second.wait_ready(store, queue)
+    # Then it serves with the stored budget and says so
+    (row2,) = json.loads(workers("--json").stdout)
+    assert row2["settings"]["calibration"]["source"] == "stored"
+    assert row2["settings"]["max_batch_tokens"] == row["settings"]["max_batch_tokens"]
+    assert row2["settings"]["precision_choice"] is None
+    assert "calibrated on cpu" in second.log()
+    store.close()
