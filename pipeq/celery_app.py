@@ -13,7 +13,12 @@ def make_celery(settings: Settings, *, name: str = "pipeq") -> Celery:
     Results never go through Celery: the SQL store holds them, so there is no result backend.
     """
     app = Celery(name, broker=settings.broker_url, set_as_current=False)
-    transport_options = {"visibility_timeout": settings.visibility_timeout, **dict(settings.broker_options)}
+    transport_options = {
+        "visibility_timeout": settings.visibility_timeout,
+        # One Redis list per priority 0-9, so every job priority is its own lane.
+        "priority_steps": list(range(10)),
+        **dict(settings.broker_options),
+    }
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],

@@ -136,6 +136,15 @@ def worker(
     metrics_port: Annotated[
         int | None, typer.Option(min=1, max=65535, help="Serve Prometheus metrics on this port (metrics extra).")
     ] = None,
+    shadow_fraction: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Also run this share of done items at fp32 and record label agreement and score difference on the "
+            "job (int8, fp16 or bf16 workers; loads a second, fp32 copy of the model).",
+        ),
+    ] = 0.0,
     broker_url: BrokerOpt = None,
     database_url: DatabaseOpt = None,
 ) -> None:
@@ -178,6 +187,7 @@ def worker(
             allowed_precisions=parse_precisions(allow_precision) if allow_precision else C.DEFAULT_ALLOWED_PRECISIONS,
             calibrate=calibrate,
             metrics_port=metrics_port,
+            shadow_fraction=shadow_fraction,
         )
         level = "DEBUG" if _State.verbosity > 0 else "WARNING" if _State.verbosity < 0 else "INFO"
         run_worker(_settings(broker_url, database_url), cfg, loglevel=level, pool=pool)
@@ -221,7 +231,15 @@ def submit(
     skip_empty: Annotated[bool, typer.Option(help="Drop empty texts instead of refusing the input.")] = False,
     max_text_chars: Annotated[int | None, typer.Option(help="Longest text accepted.")] = None,
     chunk_size: Annotated[int | None, typer.Option(help="Items per broker message.")] = None,
-    priority: Annotated[int, typer.Option(help="Job priority (higher first).")] = 0,
+    priority: Annotated[int, typer.Option(help="Job priority 0-9, higher first; jobs share a queue fairly.")] = 0,
+    cache: Annotated[
+        bool,
+        typer.Option(
+            "--cache",
+            help="Reuse outputs stored for the same input, task, model revision, precision and parameters; "
+            "store this job's outputs for later jobs.",
+        ),
+    ] = False,
     wait: Annotated[bool, typer.Option("--wait", help="Show progress until done; exit 1 if any item failed.")] = False,
     broker_url: BrokerOpt = None,
     database_url: DatabaseOpt = None,
@@ -248,6 +266,7 @@ def submit(
                 skip_empty=skip_empty,
                 priority=priority,
                 input_format=input_format,
+                cache=cache,
             )
             total = job.status().total
             typer.echo(f"queued {total:,} items as job {job.id}", err=True)
@@ -306,6 +325,8 @@ def status(
                     "rate": round(state.rate, 3),
                     "eta_seconds": state.eta_seconds,
                     "error": state.error,
+                    "cache_hits": state.cache_hits,
+                    "shadow": state.shadow,
                     "workers": workers_info,
                 }
             )
@@ -314,6 +335,12 @@ def status(
         typer.echo(f"job {state.id} [{state.task} {state.precision}] {describe(state)}")
         if state.error:
             typer.echo(f"error: {state.error}")
+        if state.cache_hits:
+            typer.echo(f"result cache: {state.cache_hits:,} items reused")
+        if state.shadow:
+            from pipeq.report_text import shadow_line
+
+            typer.echo(f"shadow check: {shadow_line(state.shadow)}")
         busy = sum(w["current_job"] == job_id for w in live)
         typer.echo(f"workers: {len(live)} live on its queue ({busy} on this job), {len(stale)} stale")
         if not state.is_final and not live:
@@ -481,7 +508,6 @@ def reconcile(
             store,
             celery,
             stalled_after=settings.stalled_after,
-            chunk_size=settings.chunk_size,
             live_only=not all_queues,
         )
     except PipeqError as exc:
@@ -490,9 +516,14 @@ def reconcile(
         celery.close()
         store.close()
     for r in done:
-        typer.echo(f"re-queued {r.items:,} pending items of job {r.job_id} ({r.messages} messages)")
+        typer.echo(f"re-queued {r.items:,} pending items of job {r.job_id}")
     if not done:
         typer.echo("no stalled jobs", err=True)
+
+
+def _sql_share(worker: dict[str, Any]) -> str:
+    busy = worker.get("busy_seconds") or 0.0
+    return f", SQL writes {100 * (worker.get('write_seconds') or 0.0) / busy:.1f}% of busy time" if busy > 0 else ""
 
 
 @app.command()
@@ -518,10 +549,19 @@ def workers(
         how_precision, how_budget = describe(w["settings"] or {})
         typer.echo(
             f"{w['id'][:8]} {w['host']}:{w['pid']} {w['status']} {w['task']} precision {w['precision']}{how_precision} "
-            f"{w['device']} {mb:.1f} MB load {w['load_seconds'] or 0:.1f}s{how_budget} {w['model']}"
+            f"{w['device']} {mb:.1f} MB load {w['load_seconds'] or 0:.1f}s{how_budget} {w['model']} "
+            f"| {w['items_done']:,} items, {'running job ' + w['current_job'] if w['current_job'] else 'idle'}"
+            f"{_sql_share(w)}"
         )
     if not rows:
         typer.echo("no live workers", err=True)
+    stale = store.stale_workers()
+    if stale:
+        typer.echo(
+            f"{len(stale)} stale workers (no heartbeat for {C.HEARTBEAT_STALE_AFTER:.0f}s, never stopped):", err=True
+        )
+        for w in stale[:10]:
+            typer.echo(f"  {w['id'][:8]} {w['host']}:{w['pid']} last heartbeat {w['heartbeat_at']}", err=True)
 
 
 @app.command()

@@ -23,6 +23,9 @@ CALIBRATION_BUDGETS = (1024, 2048, 4096, 8192, 16384)
 DEFAULT_MAX_TEXT_CHARS = 100_000
 #: Most items one job may hold.
 DEFAULT_MAX_JOB_ITEMS = 10_000_000
+#: Job priorities: 0 (default) to 9, higher first.
+MIN_PRIORITY = 0
+MAX_PRIORITY = 9
 #: Rows written to SQL per INSERT while a job is stored.
 INSERT_BATCH_ROWS = 5_000
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 from celery import Celery
 
+from pipeq.dispatch import requeue
 from pipeq.models.store import Store
-from pipeq.producer.publish import longest_first, publish_chunks
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,6 @@ class Requeued:
     job_id: str
     queue: str
     items: int
-    messages: int
 
 
 def reconcile(
@@ -39,7 +38,6 @@ def reconcile(
     celery: Celery,
     *,
     stalled_after: float,
-    chunk_size: int,
     queues: Sequence[str] | None = None,
     live_only: bool = True,
 ) -> list[Requeued]:
@@ -54,19 +52,13 @@ def reconcile(
     for job in store.stalled_jobs(stalled_after, queues):
         if not store.take_requeue(job["id"], stalled_after):
             continue  # another reconciler got there first, or the job moved meanwhile
-        items = messages = 0
-        for page in store.iter_pending(job["id"]):
-            messages += publish_chunks(
-                celery, job["id"], job["queue"], longest_first(page), chunk_size=chunk_size, priority=job["priority"]
-            )
-            items += len(page)
+        items = requeue(store, celery, job)
         if items:
             log.warning(
-                "job %s made no progress for %.0fs: queued its %d pending items again (%d messages)",
+                "job %s made no progress for %.0fs: queued %d of its pending items again",
                 job["id"],
                 stalled_after,
                 items,
-                messages,
             )
-        done.append(Requeued(job["id"], job["queue"], items, messages))
+        done.append(Requeued(job["id"], job["queue"], items))
     return done

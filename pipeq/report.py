@@ -70,6 +70,10 @@ class JobSummary:
     wall_seconds: float
     items_per_second: float
     error: str | None
+    #: Items whose output came from the result cache (``--cache``), not the model.
+    cache_hits: int
+    #: What the int8 guard measured (``--shadow-fraction``), None without one.
+    shadow: dict[str, Any] | None
 
 
 @dataclass
@@ -234,6 +238,8 @@ def build_report(store: Store, job_id: str) -> JobReport:
         wall_seconds=progress.elapsed() if progress.started_at else 0.0,
         items_per_second=progress.rate if progress.started_at else 0.0,
         error=progress.error,
+        cache_hits=progress.cache_hits,
+        shadow=progress.shadow,
     )
     with store.engine.connect() as conn:
         workers = _worker_shares(conn, job_id)

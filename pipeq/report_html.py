@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from pipeq.errors import ConfigurationError
 from pipeq.report import WORK_PHASES, JobReport, WorkerShare
+from pipeq.report_text import shadow_line
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -218,6 +219,8 @@ def _page(report: JobReport, charts: dict[str, str]) -> str:
                 f"{j.total:,} total: {j.done:,} done, {j.failed:,} failed, {j.cancelled:,} cancelled, "
                 f"{j.pending:,} pending",
             ],
+            ["result cache", f"{j.cache_hits:,} done items reused, not computed"],
+            *([["shadow check", shadow_line(j.shadow)]] if j.shadow else []),
             ["created / started / finished", f"{_when(j.created_at)} / {_when(j.started_at)} / {_when(j.finished_at)}"],
             ["wall time", f"{_num(j.wall_seconds)} s"],
             ["throughput", f"{_num(j.items_per_second)} items/s"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 from pipeq.report import JobReport, WorkerShare
 
@@ -35,6 +36,10 @@ def format_text(report: JobReport) -> str:
         f"model: revision {', '.join(m.revisions) or '-'}; device {', '.join(m.devices) or '-'}; "
         f"quantization {', '.join(m.quantization) or '-'}; footprint {_mb(m.footprint_bytes)}",
     ]
+    if j.cache_hits:
+        lines.append(f"result cache: {j.cache_hits:,} of the {j.done:,} done items reused, not computed")
+    if j.shadow:
+        lines.append(f"shadow check: {shadow_line(j.shadow)}")
     if b.mean_items is None or b.mean_rows is None:
         lines.append("batches: none recorded yet")
     else:
@@ -62,3 +67,17 @@ def format_text(report: JobReport) -> str:
     if j.error:
         lines.append(f"error: {j.error}")
     return "\n".join(lines)
+
+
+def shadow_line(figures: dict[str, Any]) -> str:
+    """``--shadow-fraction`` figures in a sentence: label agreement and score difference, or cosine similarity."""
+    head = f"{figures.get('precision', '?')} vs fp32 on {figures.get('sampled', 0):,} sampled items"
+    parts = []
+    agree, labelled = figures.get("label_agree"), figures.get("labelled")
+    if agree is not None and labelled:
+        parts.append(f"top label identical on {agree:,} ({100 * agree / labelled:.1f}%)")
+    if figures.get("max_score_diff") is not None:
+        parts.append(f"largest score difference {figures['max_score_diff']:.4f}")
+    if figures.get("min_cosine") is not None:
+        parts.append(f"lowest cosine similarity {figures['min_cosine']:.4f}")
+    return f"{head}: {', '.join(parts)}" if parts else f"{head} (outputs of this task are not compared)"

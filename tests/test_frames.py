@@ -115,7 +115,7 @@ def test_column_aliases_and_pairs(client: Client, model_dir: Callable[[str], str
     job = client.submit(
         frame, task=TASK, model=model_dir(TASK), text_column="premise", pair_column="hypothesis", id_column="key"
     )
-    assert client.store.pending_items(job.id) == [
+    assert next(client.store.iter_pending(job.id)) == [
         (0, {"text": "a cat", "text_pair": "an animal"}),
         (1, {"text": "a dog", "text_pair": "a car"}),
     ]
@@ -158,8 +158,8 @@ def test_arrow_batches_stream_rows() -> None:
         for i in range(250):
             pulled += 1
             timing = dict.fromkeys(TIMING_COLUMNS)
-            yield {"index": i, "id": None, "status": "done", "output": [i], "error": None, "truncated": False,
-                   "timing": timing}  # fmt: skip
+            yield {"index": i, "id": None, "status": "done", "output": [i], "error": None,
+                   "truncated": False, "cached": False, "timing": timing}  # fmt: skip
 
     batches = arrow_batches(rows(), size=100)
     first = next(batches)

@@ -35,3 +35,18 @@ def test_only_the_pipeq_package_is_installed() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert project["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"] == ["pipeq"]
     assert project["project"]["scripts"] == {"pipeq": "pipeq.cli:main"}
+
+
+def test_migrations_build_exactly_the_models(store_url: str) -> None:
+    # The store fixtures are migrated with Alembic: nothing may differ from the SQLAlchemy models.
+    import sqlalchemy as sa
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from pipeq.models import Base
+
+    engine = sa.create_engine(store_url)
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    engine.dispose()
+    assert diff == []

@@ -174,5 +174,5 @@ def test_inputs_round_trip_through_the_bulk_insert(store: Store) -> None:
         new_job_row("rt", ServeKey("t", "m")),
         [rows],
     )
-    assert [x for _, x in store.pending_items("rt")] == inputs
+    assert [x for page in store.iter_pending("rt") for _, x in page] == inputs
     assert store.job("rt").total == len(inputs)

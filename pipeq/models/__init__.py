@@ -17,6 +17,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -70,6 +71,15 @@ class Job(Base):
     activity_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     #: Times the reconciler queued the job's pending items again.
     requeues: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    #: Items with a smaller index have been published; the rest wait for the job's window to move.
+    publish_cursor: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    #: Items per message for this job.
+    chunk_size: Mapped[int] = mapped_column(Integer, default=256, server_default="256")
+    #: Opt-in: reuse outputs stored for the same input, model revision, precision and parameters.
+    use_cache: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    cache_hits: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    #: What running a sample through fp32 as well showed (``--shadow-fraction``).
+    shadow: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class Item(Base):
@@ -88,6 +98,8 @@ class Item(Base):
     truncated: Mapped[bool | None] = mapped_column(Boolean)
     n_tokens: Mapped[int | None] = mapped_column(Integer)
     batch_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("batches.id", ondelete="SET NULL"))
+    #: True when the output came from the result cache instead of the model.
+    cached: Mapped[bool | None] = mapped_column(Boolean)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
@@ -142,6 +154,24 @@ class Worker(Base):
     #: The job whose chunk the worker is running now (None when idle).
     current_job: Mapped[str | None] = mapped_column(String(32))
     items_done: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    #: Seconds spent running chunks, and the part of it spent writing results to SQL.
+    busy_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    write_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+
+
+class ResultCache(Base):
+    """An output stored for reuse, keyed by a hash of (task, model, revision, precision, parameters, input)."""
+
+    __tablename__ = "result_cache"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    task: Mapped[str] = mapped_column(String(100))
+    model: Mapped[str] = mapped_column(String(1024))
+    revision: Mapped[str | None] = mapped_column(String(255))
+    precision: Mapped[str] = mapped_column(String(16))
+    output: Mapped[Any | None] = mapped_column(JSON)
+    hits: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class Calibration(Base):
@@ -165,4 +195,4 @@ class Calibration(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
-__all__ = ["Base", "Batch", "Calibration", "Item", "Job", "Worker", "utcnow"]
+__all__ = ["Base", "Batch", "Calibration", "Item", "Job", "ResultCache", "Worker", "utcnow"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -24,6 +24,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
+from pipeq import cache
 from pipeq import constants as C
 from pipeq.errors import JobNotFoundError, StoreError
 from pipeq.models import Batch, Calibration, Item, Job, Worker, utcnow
@@ -64,6 +65,7 @@ def new_job_row(
     params: dict[str, Any] | None = None,
     priority: int = 0,
     source: str | None = None,
+    use_cache: bool = False,
 ) -> dict[str, Any]:
     """The ``jobs`` row of a job about to be stored (what ``Store.create_job`` takes)."""
     return {
@@ -77,6 +79,7 @@ def new_job_row(
         "status": C.JOB_QUEUED,
         "priority": priority,
         "source": source,
+        "use_cache": use_cache,
     }
 
 
@@ -118,6 +121,8 @@ class ItemResult:
     error: str | None = None
     truncated: bool | None = None
     n_tokens: int | None = None
+    #: True when the output was read from the result cache instead of computed.
+    cached: bool | None = None
 
 
 @dataclass
@@ -165,6 +170,10 @@ class JobProgress:
     finished_at: datetime | None
     error: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    #: Items whose output came from the result cache.
+    cache_hits: int = 0
+    #: What ``--shadow-fraction`` measured (see ``pipeq.worker.shadow``), None without a shadow check.
+    shadow: dict[str, Any] | None = None
 
     @property
     def finished(self) -> int:
@@ -214,6 +223,8 @@ def _job_progress(row: Any) -> JobProgress:
         finished_at=as_utc(row["finished_at"]),
         error=row["error"],
         params=row["params"] or {},
+        cache_hits=row["cache_hits"],
+        shadow=row["shadow"],
     )
 
 
@@ -423,11 +434,13 @@ class Store:
         model_revision: str | None,
         precision: str,
         device: str,
+        cache_scope: cache.CacheScope | None = None,
     ) -> WriteOutcome:
         """Store a micro-batch's results and timing in one transaction, exactly once.
 
         Only items still pending are written (guarded by status, and locked on PostgreSQL), so a
-        redelivered message can neither duplicate a result nor overwrite a finished one.
+        redelivered message can neither duplicate a result nor overwrite a finished one. With a
+        ``cache_scope`` (a use_cache job), computed outputs go into the result cache and cached ones count as hits.
         """
         if not results:
             return WriteOutcome()
@@ -466,6 +479,7 @@ class Store:
                     error=bindparam("b_error"),
                     truncated=bindparam("b_truncated"),
                     n_tokens=bindparam("b_tokens"),
+                    cached=bindparam("b_cached"),
                     batch_id=batch_id,
                     finished_at=now,
                 ),
@@ -477,6 +491,7 @@ class Store:
                         "b_error": r.error,
                         "b_truncated": r.truncated,
                         "b_tokens": r.n_tokens,
+                        "b_cached": r.cached,
                     }
                     for r in todo
                 ],
@@ -485,6 +500,8 @@ class Store:
             failed = sum(r.status == C.ITEM_FAILED for r in todo)
             cancelled = sum(r.status == C.ITEM_CANCELLED for r in todo)
             self._count(conn, job_id, done=done, failed=failed, cancelled=cancelled, now=now)
+            if cache_scope is not None:
+                cache.record(conn, job_id, cache_scope, todo)
         return WriteOutcome(done=done, failed=failed, cancelled=cancelled, skipped=len(results) - len(todo))
 
     def _count(self, conn: Any, job_id: str, *, done: int, failed: int, cancelled: int, now: datetime) -> None:
@@ -520,6 +537,7 @@ class Store:
             _items.c.error,
             _items.c.truncated,
             _items.c.n_tokens,
+            _items.c.cached,
             _items.c.attempts,
             _items.c.finished_at,
             _items.c.batch_id,
@@ -552,21 +570,63 @@ class Store:
                 yield dict(row)
             last = rows[-1]["idx"]
 
-    def iter_pending(self, job_id: str, *, page: int = 5000) -> Iterator[list[tuple[int, Any]]]:
-        """(idx, input) of a job's pending items in input order, a page at a time."""
-        last = -1
+    def iter_pending(
+        self, job_id: str, *, page: int = 5000, start: int = 0, stop: int | None = None
+    ) -> Iterator[list[tuple[int, Any]]]:
+        """(idx, input) of a job's pending items with ``start <= idx < stop``, in input order, a page at a time."""
+        last = start - 1
         while True:
+            q = (
+                select(_items.c.idx, _items.c.input)
+                .where(_items.c.job_id == job_id, _items.c.status == C.ITEM_PENDING, _items.c.idx > last)
+                .order_by(_items.c.idx)
+                .limit(page)
+            )
+            if stop is not None:
+                q = q.where(_items.c.idx < stop)
             with self.engine.connect() as conn:
-                rows = conn.execute(
-                    select(_items.c.idx, _items.c.input)
-                    .where(_items.c.job_id == job_id, _items.c.status == C.ITEM_PENDING, _items.c.idx > last)
-                    .order_by(_items.c.idx)
-                    .limit(page)
-                ).all()
+                rows = conn.execute(q).all()
             if not rows:
                 return
             yield [(int(i), x) for i, x in rows]
             last = int(rows[-1][0])
+
+    # ---------------------------------------------------- result cache, shadow
+
+    def cache_get(self, keys: Sequence[str]) -> dict[str, Any]:
+        """{key: output} of the result cache's entries among ``keys`` (one query)."""
+        with self.engine.connect() as conn:
+            return cache.lookup(conn, keys)
+
+    def cache_put(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Insert ``result_cache`` rows; a key already stored keeps its row."""
+        with self.writer.begin() as conn:
+            cache.put(conn, rows)
+
+    def update_shadow(self, job_id: str, merge: Callable[[dict[str, Any] | None], dict[str, Any]]) -> None:
+        """Replace a job's shadow-check figures by ``merge(current figures)``, the job's row locked meanwhile."""
+        with self.writer.begin() as conn:
+            q = select(_jobs.c.shadow).where(_jobs.c.id == job_id)
+            current = conn.execute(q.with_for_update() if self._is_pg else q).scalar_one_or_none()
+            conn.execute(update(_jobs).where(_jobs.c.id == job_id).values(shadow=merge(current)))
+
+    # -------------------------------------------------------- publish window
+
+    def open_window(self, job_id: str, *, cursor: int, chunk_size: int) -> None:
+        """Record how far a new job's items are published, and its chunk size."""
+        with self.writer.begin() as conn:
+            conn.execute(update(_jobs).where(_jobs.c.id == job_id).values(publish_cursor=cursor, chunk_size=chunk_size))
+
+    def advance_window(self, job_id: str, step: int) -> tuple[int, int] | None:
+        """Move an unfinished job's publish cursor ``step`` items on; returns the items' (start, stop) to publish."""
+        with self.writer.begin() as conn:
+            q = select(_jobs.c.publish_cursor, _jobs.c.total, _jobs.c.status).where(_jobs.c.id == job_id)
+            row = conn.execute(q.with_for_update() if self._is_pg else q).first()
+            if row is None or row.status in C.JOB_FINAL_STATES or row.publish_cursor >= row.total:
+                return None
+            stop = min(row.publish_cursor + step, row.total)
+            conn.execute(update(_jobs).where(_jobs.c.id == job_id).values(publish_cursor=stop))
+        return int(row.publish_cursor), int(stop)
 
     # ------------------------------------------------------------ reconciler
 
@@ -580,7 +640,7 @@ class Store:
         active = [C.JOB_QUEUED, C.JOB_RUNNING]
         last = func.coalesce(_jobs.c.activity_at, _jobs.c.published_at)
         busy = select(_jobs.c.queue).where(_jobs.c.status.in_(active), _jobs.c.activity_at >= cutoff)
-        q = select(_jobs.c.id, _jobs.c.queue, _jobs.c.priority, _jobs.c.total, _jobs.c.requeues).where(
+        q = select(_jobs).where(
             _jobs.c.status.in_(active),
             _jobs.c.published_at.is_not(None),
             last < cutoff,
@@ -607,16 +667,6 @@ class Store:
             ).rowcount
         return bool(n)
 
-    def pending_items(self, job_id: str) -> list[tuple[int, Any]]:
-        """(idx, input) of a job's pending items, in input order."""
-        with self.engine.connect() as conn:
-            rows = conn.execute(
-                select(_items.c.idx, _items.c.input)
-                .where(_items.c.job_id == job_id, _items.c.status == C.ITEM_PENDING)
-                .order_by(_items.c.idx)
-            ).all()
-        return [(int(i), x) for i, x in rows]
-
     # -------------------------------------------------------------- workers
 
     def register_worker(self, row: dict[str, Any]) -> None:
@@ -628,11 +678,9 @@ class Store:
         with self.writer.begin() as conn:
             conn.execute(update(_workers).where(_workers.c.id == worker_id).values(**values))
 
-    def heartbeat(self, worker_id: str, *, current_job: str | None = None, items_done: int | None = None) -> None:
-        values: dict[str, Any] = {"heartbeat_at": utcnow(), "current_job": current_job}
-        if items_done is not None:
-            values["items_done"] = items_done
-        self.update_worker(worker_id, **values)
+    def heartbeat(self, worker_id: str, *, current_job: str | None = None, **totals: float) -> None:
+        """Fresh heartbeat, the job being run, and running totals (items_done, busy_seconds, write_seconds)."""
+        self.update_worker(worker_id, heartbeat_at=utcnow(), current_job=current_job, **totals)
 
     def stale_workers(self, queue: str | None = None) -> list[dict[str, Any]]:
         """Workers that never said they stopped but whose heartbeat is old (killed, host lost)."""

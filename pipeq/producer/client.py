@@ -6,15 +6,16 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import IO, Any
 
 from pipeq import constants as C
 from pipeq.celery_app import make_celery
-from pipeq.errors import BrokerError, InputError, JobNotFoundError
+from pipeq.dispatch import open_job, requeue
+from pipeq.errors import BrokerError, ConfigurationError, InputError, JobNotFoundError
 from pipeq.models.store import JobProgress, Store, new_job_row
 from pipeq.producer.frames import is_frame, read_frame, results_frame, results_table
-from pipeq.producer.publish import input_size, publish_chunks
 from pipeq.producer.readers import Record, RecordSpec, read_objects, read_path
 from pipeq.routing import PRECISIONS, ServeKey, check_model, check_params, check_precision
 from pipeq.settings import Settings
@@ -70,6 +71,7 @@ class Job:
                 "output": row["output"],
                 "error": row["error"],
                 "truncated": row["truncated"],
+                "cached": bool(row["cached"]),
                 "timing": {
                     "batch_id": row["batch_id"],
                     "batch_size": row["batch_size"],
@@ -150,6 +152,7 @@ class Client:
         text_column: str | None = None,
         id_column: str | None = None,
         pair_column: str | None = None,
+        cache: bool = False,
     ) -> Job:
         """Store a job and all its items, then queue it in chunks.
 
@@ -162,6 +165,9 @@ class Client:
 
         ``precision`` left out means the one live workers serve for this task and model (fp32 when
         several do, or none): a worker started with ``--precision auto`` is found without naming it.
+
+        ``cache=True`` reuses outputs stored for the same input, task, model revision, precision and
+        parameters instead of running the model, and stores this job's outputs for later jobs.
         """
         text_field = _alias("text_field", text_field, "text", "text_column", text_column)
         id_field = _alias("id_field", id_field, "id", "id_column", id_column)
@@ -190,14 +196,21 @@ class Client:
         else:
             records = read_objects(inputs, spec)
             source = None
+        if not C.MIN_PRIORITY <= priority <= C.MAX_PRIORITY:
+            raise ConfigurationError(
+                f"priority must be {C.MIN_PRIORITY} to {C.MAX_PRIORITY} (higher first), not {priority}"
+            )
         job_id = uuid.uuid4().hex
-        kept: list[tuple[int, int, Any]] = []  # (size, idx, input) for publishing after commit
+        # Inputs stream from the reader into the store in batches; nothing holds the whole job in memory.
         total = self.store.create_job(
-            new_job_row(job_id, key, params=params, priority=priority, source=source),
-            self._rows(job_id, records, kept),
+            new_job_row(job_id, key, params=params, priority=priority, source=source, use_cache=cache),
+            self._rows(job_id, records),
         )
         log.info("stored job %s: %d items for %s", job_id, total, key.queue)
-        self._publish(job_id, key.queue, kept, priority)
+        row = self.store.job_row(job_id)
+        assert row is not None
+        with self._broker_errors(job_id):
+            open_job(self.store, self._celery, row, chunk_size=self.chunk_size(key.queue, total))
         self.store.mark_published(job_id)
         return Job(self.store, job_id)
 
@@ -230,9 +243,7 @@ class Client:
                 key.precision,
             )
 
-    def _rows(
-        self, job_id: str, records: Iterator[Record], kept: list[tuple[int, int, Any]]
-    ) -> Iterator[list[dict[str, Any]]]:
+    def _rows(self, job_id: str, records: Iterator[Record]) -> Iterator[list[dict[str, Any]]]:
         rows: list[dict[str, Any]] = []
         idx = -1
         for idx, rec in enumerate(records):
@@ -250,7 +261,6 @@ class Client:
                     "attempts": 0,
                 }
             )
-            kept.append((rec.size, idx, rec.input))
             if len(rows) >= C.INSERT_BATCH_ROWS:
                 yield rows
                 rows = []
@@ -264,29 +274,22 @@ class Client:
         spread = -(-total // (workers * C.CHUNKS_PER_WORKER))
         return max(1, min(self.settings.chunk_size, max(C.MIN_CHUNK_SIZE, spread)))
 
-    def _publish(self, job_id: str, queue: str, kept: list[tuple[int, int, Any]], priority: int) -> None:
-        # Longest first, so chunks are homogeneous in length and the slow ones do not trail at the end.
-        kept.sort(key=lambda t: -t[0])
+    @contextmanager
+    def _broker_errors(self, job_id: str) -> Iterator[None]:
+        """A publish that fails leaves the job stored: record why on the job and say how to queue it later."""
         try:
-            publish_chunks(
-                self._celery,
-                job_id,
-                queue,
-                ((idx, value) for _, idx, value in kept),
-                chunk_size=self.chunk_size(queue, len(kept)),
-                priority=priority,
-            )
+            yield
         except BrokerError as exc:
             message = f"job {job_id} is stored but not queued: {exc}; `pipeq resume {job_id}` queues it later"
             self.store.set_job_error(job_id, message)
             raise BrokerError(message) from None
 
     def resume(self, job_id: str) -> int:
-        """Queue a job's pending items again (after a broker loss); returns how many."""
+        """Queue a job's pending items again (after a broker loss); returns how many were published."""
         row = self.store.job_row(job_id)
         if row is None:
             raise JobNotFoundError(f"no job {job_id!r} in the store")
-        pending = [(input_size(x), i, x) for i, x in self.store.pending_items(job_id)]
-        if pending:
-            self._publish(job_id, row["queue"], pending, row["priority"])
-        return len(pending)
+        if row["status"] in C.JOB_FINAL_STATES:
+            return 0
+        with self._broker_errors(job_id):
+            return requeue(self.store, self._celery, row)

@@ -26,7 +26,7 @@ TIMING_COLUMNS = (
     "worker_id",
 )
 #: Flat columns of a CSV, Parquet or Arrow row; ``output`` is JSON text there (its shape differs by task).
-COLUMNS = ("index", "id", "status", "output", "error", "truncated", *TIMING_COLUMNS)
+COLUMNS = ("index", "id", "status", "output", "error", "truncated", "cached", *TIMING_COLUMNS)
 #: Rows per Arrow record batch (one Parquet write, one page of a data frame).
 BATCH_ROWS = 10_000
 
@@ -35,7 +35,7 @@ def flat_row(row: dict[str, Any]) -> dict[str, Any]:
     """A ``Job.results()`` row as flat columns: output as JSON text, timing spread out."""
     timing = row["timing"]
     return {
-        **{k: row[k] for k in ("index", "id", "status", "error", "truncated")},
+        **{k: row[k] for k in ("index", "id", "status", "error", "truncated", "cached")},
         "output": None if row["output"] is None else json.dumps(row["output"], ensure_ascii=False),
         **{k: timing[k] for k in TIMING_COLUMNS},
     }
@@ -47,7 +47,12 @@ def arrow_schema() -> Any:
 
     ints = ("index", "batch_id", "batch_size", "n_tokens", "attempts")
     floats = ("queue_wait_ms", "preprocess_ms", "forward_ms", "postprocess_ms", "batch_total_ms")
-    types = {**dict.fromkeys(ints, pa.int64()), **dict.fromkeys(floats, pa.float64()), "truncated": pa.bool_()}
+    types = {
+        **dict.fromkeys(ints, pa.int64()),
+        **dict.fromkeys(floats, pa.float64()),
+        "truncated": pa.bool_(),
+        "cached": pa.bool_(),
+    }
     return pa.schema([(name, types.get(name, pa.string())) for name in COLUMNS])
 
 

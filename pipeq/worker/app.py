@@ -38,11 +38,13 @@ def create_worker_app(settings: Settings, cfg: WorkerConfig) -> tuple[Celery, Wo
         acks_late=True,
         reject_on_worker_lost=True,
     )
-    def run_chunk(self: Any, job_id: str, items: list[list[Any]], sent_at: float | None = None) -> dict[str, int]:
+    def run_chunk(
+        self: Any, job_id: str, items: list[list[Any]], sent_at: float | None = None, slice_end: bool = False
+    ) -> dict[str, int]:
         if ctx.runtime is None:  # solo pool or eager use: no child process was started
             ctx.start()
         try:
-            return ctx.run_chunk(job_id, items, sent_at)
+            return ctx.run_chunk(job_id, items, sent_at, slice_end=slice_end)
         except StoreError as exc:
             # The store stayed unreachable through the retry budget: hand the message back, never ack it.
             log.error("%s; handing job %s's chunk back to the queue", exc, job_id[:8])

@@ -39,6 +39,8 @@ class WorkerConfig:
     calibration: dict[str, Any] | None = None
     #: Serve Prometheus metrics on this port from the worker's parent (``--metrics-port``); None: no metrics.
     metrics_port: int | None = None
+    #: Share of done items also run through an fp32 copy of the model, to compare outputs (``--shadow-fraction``).
+    shadow_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if self.int8_backend is not None and self.int8_backend not in INT8_BACKENDS:
@@ -55,6 +57,8 @@ class WorkerConfig:
             check_precision(precision)
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigurationError(f"unknown device {self.device!r}; use cpu or cuda[:N]")
+        if not 0.0 <= self.shadow_fraction <= 1.0:
+            raise ConfigurationError(f"--shadow-fraction must be in (0, 1], not {self.shadow_fraction}")
 
     @property
     def batch_tokens(self) -> int:
@@ -64,6 +68,14 @@ class WorkerConfig:
     def with_precision(self, precision: str) -> WorkerConfig:
         """The same configuration serving ``precision`` (its queue changes with it)."""
         return replace(self, key=replace(self.key, precision=precision))
+
+    def check_shadow(self) -> None:
+        """Raise ConfigurationError when a shadow check is asked of a worker that serves fp32 itself."""
+        if self.shadow_fraction and self.key.precision == "fp32":
+            raise ConfigurationError(
+                "--shadow-fraction compares this worker's outputs with fp32 ones, but it serves fp32: nothing to "
+                "compare (with --precision auto, leave fp32 out of --allow-precision)"
+            )
 
     @property
     def resolved_int8_backend(self) -> str:

@@ -16,6 +16,8 @@ from typing import Any
 from celery import Celery
 
 from pipeq import constants as C
+from pipeq.cache import CacheScope
+from pipeq.dispatch import top_up
 from pipeq.errors import ConfigurationError, StoreError
 from pipeq.models import utcnow
 from pipeq.models.store import BatchTiming, ItemResult, Store, WriteOutcome, is_transient
@@ -27,6 +29,7 @@ from pipeq.worker.config import WorkerConfig
 from pipeq.worker.loading import LoadedPipeline, load_pipeline, set_threads, warmup_inputs
 from pipeq.worker.metrics import WorkerMetrics
 from pipeq.worker.runtime import PipelineRuntime
+from pipeq.worker.shadow import ShadowCheck
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +57,17 @@ class WorkerContext:
         #: The job whose chunk runs now, and items finished by this process (reported on heartbeats).
         self.current_job: str | None = None
         self.items_done = 0
+        #: Seconds spent running chunks, and writing results to the store (the SQL share of a worker's time).
+        self.busy_seconds = 0.0
+        self.write_seconds = 0.0
         #: Prometheus metrics of this process; None (and prometheus_client never imported) without a metrics port.
         self.metrics: WorkerMetrics | None = None
         #: One thread that commits results in order, overlapping the next forward pass.
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeq-writer")
+        #: The fp32 copy of the model that ``--shadow-fraction`` compares outputs with.
+        self.shadow: ShadowCheck | None = None
+        #: The result-cache keys of the running chunk when its job uses the cache (read by its writes).
+        self._cache: CacheScope | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -92,6 +102,8 @@ class WorkerContext:
         self.runtime = PipelineRuntime(
             self.loaded.pipe, key.task, max_batch_tokens=cfg.batch_tokens, max_batch_size=cfg.max_batch_size
         )
+        if cfg.shadow_fraction:
+            self.shadow = ShadowCheck.load(self.store, cfg)
         warm_seconds = self._warm_up() if cfg.warmup else 0.0
         self.store.update_worker(
             self.worker_id,
@@ -125,7 +137,15 @@ class WorkerContext:
             self.on_stop()
         if self.store is not None:
             try:
-                self.store.update_worker(self.worker_id, status="stopped", stopped_at=utcnow())
+                self.store.update_worker(
+                    self.worker_id,
+                    status="stopped",
+                    stopped_at=utcnow(),
+                    current_job=None,
+                    items_done=self.items_done,
+                    busy_seconds=self.busy_seconds,
+                    write_seconds=self.write_seconds,
+                )
             except Exception:
                 log.warning("could not mark worker %s stopped", self.worker_id[:8], exc_info=True)
             self.store.close()
@@ -140,7 +160,13 @@ class WorkerContext:
             if now >= next_beat:
                 next_beat = now + C.HEARTBEAT_INTERVAL
                 try:
-                    self.store.heartbeat(self.worker_id, current_job=self.current_job, items_done=self.items_done)
+                    self.store.heartbeat(
+                        self.worker_id,
+                        current_job=self.current_job,
+                        items_done=self.items_done,
+                        busy_seconds=self.busy_seconds,
+                        write_seconds=self.write_seconds,
+                    )
                 except Exception as exc:
                     log.warning("heartbeat failed: %s", mask_url(str(exc)))
             if interval > 0 and now >= next_reconcile:
@@ -155,7 +181,6 @@ class WorkerContext:
                 self.store,
                 self.celery,
                 stalled_after=self.settings.stalled_after,
-                chunk_size=self.settings.chunk_size,
                 queues=[self.cfg.key.queue],
             )
         except Exception as exc:
@@ -180,8 +205,13 @@ class WorkerContext:
 
     # -------------------------------------------------------------- running
 
-    def run_chunk(self, job_id: str, items: list[list[Any]], sent_at: float | None) -> dict[str, int]:
+    def run_chunk(
+        self, job_id: str, items: list[list[Any]], sent_at: float | None, *, slice_end: bool = False
+    ) -> dict[str, int]:
         """Run one message's items and commit each micro-batch's results; returns counts.
+
+        ``slice_end`` marks the last message of a slice of the job: once it is done, this worker
+        publishes the job's next slice (see ``pipeq.dispatch``).
 
         An unreachable store is retried with backoff for ``store_retry_budget`` seconds (the same
         claim is kept, so retries count no extra attempt); after that StoreError is raised and the
@@ -192,10 +222,11 @@ class WorkerContext:
         claim: dict[str, dict[int, int]] = {}
         delay = 0.5
         self.current_job = job_id
+        began = time.perf_counter()
         try:
             while True:
                 try:
-                    return self._run_chunk(job_id, items, sent_at, claim)
+                    return self._run_chunk(job_id, items, sent_at, claim, slice_end)
                 except Exception as exc:
                     if not is_transient(exc):
                         raise
@@ -210,9 +241,16 @@ class WorkerContext:
                     delay = min(delay * 2, C.STORE_RETRY_MAX_SLEEP)
         finally:
             self.current_job = None
+            self.busy_seconds += time.perf_counter() - began
+            self._cache = None
 
     def _run_chunk(
-        self, job_id: str, items: list[list[Any]], sent_at: float | None, claim: dict[str, dict[int, int]]
+        self,
+        job_id: str,
+        items: list[list[Any]],
+        sent_at: float | None,
+        claim: dict[str, dict[int, int]],
+        slice_end: bool,
     ) -> dict[str, int]:
         assert self.store is not None and self.runtime is not None
         started = time.time()
@@ -236,6 +274,10 @@ class WorkerContext:
             self._record(job_id, refused, None, counts)
             return counts
         params = job["params"] or {}
+        if job["use_cache"]:
+            todo = self._from_cache(job, todo, counts)
+        if self.shadow is not None:
+            self.shadow.begin(job_id, params, todo)
         queue_wait_ms = max(0.0, (started - sent_at) * 1000) if sent_at else 0.0
         if any(prior[idx] > 0 for idx, _ in todo):
             # Redelivered: an input in it may kill the process. Run one input at a time, counting each
@@ -246,10 +288,12 @@ class WorkerContext:
             handed = self._write_behind(job_id, batches, counts)
         left = [(idx, value) for idx, value in todo if idx not in handed]
         if left and self.shutting_down.value:
-            self._hand_back(job, left)
+            self._hand_back(job, left, slice_end)
             counts["handed_back"] = len(left)
         elif left:
             log.info("job %s cancelled or finished elsewhere; stopping its chunk", job_id[:8])
+        elif slice_end and self.celery is not None:
+            counts["published"] = top_up(self.store, self.celery, job)
         log.info(
             "job %s chunk: %d done, %d failed, %d skipped in %.0f ms",
             job_id[:8],
@@ -289,14 +333,22 @@ class WorkerContext:
             raise errors[0]
         return handed
 
-    def _hand_back(self, job: dict[str, Any], left: list[tuple[int, Any]]) -> None:
+    def _hand_back(self, job: dict[str, Any], left: list[tuple[int, Any]], slice_end: bool) -> None:
         """The worker is stopping: queue the chunk's unstarted items again, with their attempt taken back."""
         assert self.store is not None
         self.store.release(job["id"], [idx for idx, _ in left])
         if self.celery is None:
             log.warning("job %s: %d unstarted items left for the reconciler", job["id"][:8], len(left))
             return
-        publish_chunks(self.celery, job["id"], job["queue"], left, chunk_size=len(left), priority=job["priority"])
+        publish_chunks(
+            self.celery,
+            job["id"],
+            job["queue"],
+            left,
+            chunk_size=len(left),
+            priority=job["priority"],
+            slice_end=slice_end,  # whoever finishes the rest moves the job's window on
+        )
         log.info("stopping: handed %d unstarted items of job %s back to the queue", len(left), job["id"][:8])
 
     def _refused(self, job: dict[str, Any], todo: list[tuple[int, Any]]) -> list[ItemResult]:
@@ -317,6 +369,26 @@ class WorkerContext:
             except ConfigurationError as exc:
                 error = str(exc)
         return [ItemResult(idx, C.ITEM_FAILED, error=error) for idx, _ in todo]
+
+    def _from_cache(
+        self, job: dict[str, Any], todo: list[tuple[int, Any]], counts: dict[str, int]
+    ) -> list[tuple[int, Any]]:
+        """Write the items whose output the result cache holds (one lookup); returns the others, to run.
+
+        Their outputs go into the cache as their batches are written.
+        """
+        assert self.store is not None and self.loaded is not None
+        self._cache = scope = CacheScope.of(job, self.loaded.resolved_revision, todo)
+        found = self.store.cache_get(sorted(set(scope.keys.values())))
+        if not found:
+            return todo
+        hits = [
+            ItemResult(idx, C.ITEM_DONE, output=found[scope.keys[idx]], cached=True)
+            for idx, _ in todo
+            if scope.keys[idx] in found
+        ]
+        self._record(job["id"], hits, None, counts)
+        return [(idx, value) for idx, value in todo if scope.keys[idx] not in found]
 
     def _one_by_one(
         self,
@@ -359,7 +431,9 @@ class WorkerContext:
         assert self.store is not None
         try:
             try:
+                began = time.perf_counter()
                 outcome = self._write(job_id, results, timing)
+                self.write_seconds += time.perf_counter() - began
             except Exception as exc:
                 if is_transient(exc) or len(results) == 0:
                     raise
@@ -377,6 +451,8 @@ class WorkerContext:
         if stopped is not None and results and outcome.skipped == len(results):
             # Nothing was pending any more: the job was cancelled (or another delivery finished it).
             stopped.set()
+        if self.shadow is not None and outcome.done:
+            self.shadow.after_write(job_id, results)
 
     def _write(self, job_id: str, results: list[ItemResult], timing: BatchTiming | None) -> WriteOutcome:
         assert self.store is not None and self.loaded is not None
@@ -388,6 +464,7 @@ class WorkerContext:
             model_revision=self.loaded.resolved_revision,
             precision=self.cfg.key.precision,
             device=self.cfg.device,
+            cache_scope=self._cache,
         )
 
     def _write_one_by_one(

@@ -24,6 +24,7 @@ def validate(cfg: WorkerConfig) -> None:
     custom = frozenset({cfg.key.task}) if cfg.pipeline_class else frozenset()
     check_task(cfg.key.task, custom_tasks=custom)
     check_model(cfg.key.model)
+    cfg.check_shadow()
     if cfg.device.startswith("cuda"):
         import torch
 
@@ -38,6 +39,7 @@ def run_worker(settings: Settings, cfg: WorkerConfig, *, loglevel: str = "INFO",
     try:
         store.check_schema()
         cfg = tune(store, cfg)  # --precision auto and the token budget, measured in a spawned process
+        cfg.check_shadow()  # auto may have chosen fp32
     finally:
         store.close()
     if cfg.metrics_port is not None:  # before any child forks: they inherit its multiprocess directory

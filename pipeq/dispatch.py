@@ -1,0 +1,75 @@
+"""Which of a job's items are on the broker: a window that moves as workers finish.
+
+A job is cut into slices of ``SLICE_CHUNKS`` messages. Submitting publishes the first
+``WINDOW_SLICES`` slices; the last message of each slice is marked, and the worker that finishes
+it publishes the job's next slice (the publish cursor moves in the store, atomically). So a job
+keeps a few slices on the broker however large it is:
+
+- a million-item job does not put a million texts in Redis;
+- a small job submitted later waits behind a few slices of a large one, not behind all of it:
+  jobs on a queue take turns slice by slice (fair sharing);
+- each slice is sorted by input length before it is cut into messages, so chunks are homogeneous.
+
+The store stays the record: ``requeue`` (the reconciler, ``pipeq resume``) publishes whatever of
+the window is still pending, and restarts the window when its chain was broken.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery
+
+from pipeq.models.store import Store
+from pipeq.producer.publish import longest_first, publish_chunks
+
+log = logging.getLogger(__name__)
+
+#: Messages per slice: the unit a job's window moves by.
+SLICE_CHUNKS = 4
+#: Slices of a job on the broker at once.
+WINDOW_SLICES = 4
+
+
+def slice_items(job: dict[str, Any]) -> int:
+    return int(job["chunk_size"]) * SLICE_CHUNKS
+
+
+def publish_range(store: Store, celery: Celery, job: dict[str, Any], start: int, stop: int) -> int:
+    """Publish the pending items of ``[start, stop)`` slice by slice, each sorted longest first; returns items."""
+    step, sent = slice_items(job), 0
+    for page in store.iter_pending(job["id"], page=step, start=start, stop=stop):
+        publish_chunks(
+            celery,
+            job["id"],
+            job["queue"],
+            longest_first(page),
+            chunk_size=int(job["chunk_size"]),
+            priority=int(job["priority"]),
+            slice_end=True,
+        )
+        sent += len(page)
+    return sent
+
+
+def open_job(store: Store, celery: Celery, job: dict[str, Any], *, chunk_size: int) -> int:
+    """Publish a newly stored job's first window; returns the items published."""
+    job = {**job, "chunk_size": chunk_size}
+    stop = min(int(job["total"]), slice_items(job) * WINDOW_SLICES)
+    store.open_window(job["id"], cursor=stop, chunk_size=chunk_size)  # before any worker can move it
+    return publish_range(store, celery, job, 0, stop)
+
+
+def top_up(store: Store, celery: Celery, job: dict[str, Any]) -> int:
+    """A slice of ``job`` is finished: publish its next one, if any; returns the items published."""
+    span = store.advance_window(job["id"], slice_items(job))
+    if span is None:
+        return 0
+    return publish_range(store, celery, job, *span)
+
+
+def requeue(store: Store, celery: Celery, job: dict[str, Any]) -> int:
+    """Publish again what the job's window still has pending; move the window if nothing is. Returns items."""
+    sent = publish_range(store, celery, job, 0, int(job["publish_cursor"]))
+    return sent if sent else top_up(store, celery, job)

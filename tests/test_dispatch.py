@@ -1,0 +1,141 @@
+"""A job's window on the broker: bounded, moved by workers, fair between jobs, priorities first."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
+
+from pipeq import Client, Settings
+from pipeq.dispatch import SLICE_CHUNKS, WINDOW_SLICES, requeue, top_up
+from pipeq.errors import ConfigurationError
+from pipeq.producer.publish import broker_priority
+from pipeq.routing import ServeKey
+from pipeq.worker.app import create_worker_app
+from pipeq.worker.config import WorkerConfig
+
+TASK = "text-classification"
+
+
+@pytest.fixture
+def settings(sqlite_url: str) -> Settings:
+    return Settings(broker_url="memory://", database_url=sqlite_url, chunk_size=10)
+
+
+@pytest.fixture
+def model(model_dir: Callable[[str], str], tmp_path: Path) -> str:
+    return str(shutil.copytree(model_dir(TASK), tmp_path / "model"))  # a queue of this test's own
+
+
+def capture(client: Client, monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    sent: list[dict[str, Any]] = []
+    monkeypatch.setattr(client._celery, "send_task", lambda name, **kw: sent.append(kw))
+    return sent
+
+
+def test_a_large_job_keeps_only_its_window_on_the_broker(
+    settings: Settings, model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Client(settings) as client:
+        sent = capture(client, monkeypatch)
+        job = client.submit([f"text {i} " * (1 + i % 7) for i in range(1000)], task=TASK, model=model)
+        window = 10 * SLICE_CHUNKS * WINDOW_SLICES
+        assert len(sent) == SLICE_CHUNKS * WINDOW_SLICES, "a few slices, not 100 messages"
+        assert sorted(i for m in sent for i, _ in m["kwargs"]["items"]) == list(range(window))
+        assert [m["kwargs"].get("slice_end", False) for m in sent] == [False, False, False, True] * WINDOW_SLICES
+        first_slice = [len(x) for m in sent[:SLICE_CHUNKS] for _, x in m["kwargs"]["items"]]
+        assert first_slice == sorted(first_slice, reverse=True), "each slice is sorted by length"
+        row = client.store.job_row(job.id)
+        assert row is not None and (row["publish_cursor"], row["chunk_size"]) == (window, 10)
+        # A worker that finishes a slice publishes the next one, once.
+        sent.clear()
+        assert top_up(client.store, client._celery, row) == 10 * SLICE_CHUNKS
+        assert sorted(i for m in sent for i, _ in m["kwargs"]["items"]) == list(range(window, window + 40))
+        assert client.store.job_row(job.id)["publish_cursor"] == window + 40  # type: ignore[index]
+
+
+def test_requeue_publishes_the_window_or_restarts_it(
+    settings: Settings, model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Client(settings) as client:
+        sent = capture(client, monkeypatch)
+        job = client.submit([f"t{i}" for i in range(500)], task=TASK, model=model)
+        row = client.store.job_row(job.id)
+        assert row is not None
+        sent.clear()
+        # Redis lost the window: everything published but pending goes out again.
+        assert requeue(client.store, client._celery, row) == 160
+        # The window's items are done, but the message that would move it on was lost: move it now.
+        client.store.claim(job.id, list(range(160)))
+        from pipeq.models.store import ItemResult
+
+        client.store.record_batch(job.id, [ItemResult(i, "done", output=1) for i in range(160)], None,
+                                  worker_id=None, model_revision=None, precision="fp32", device="cpu")  # fmt: skip
+        sent.clear()
+        row = client.store.job_row(job.id)
+        assert row is not None
+        assert requeue(client.store, client._celery, row) == 40
+        assert min(i for m in sent for i, _ in m["kwargs"]["items"]) == 160
+
+
+@pytest.fixture
+def worker_app(settings: Settings, model: str) -> Iterator[tuple[Celery, WorkerConfig]]:
+    cfg = WorkerConfig(key=ServeKey(TASK, model), max_batch_size=8, warmup=False, max_batch_tokens=4096)
+    app, ctx = create_worker_app(settings, cfg)
+    ctx.start()
+    yield app, cfg
+    ctx.stop()
+
+
+def test_a_small_job_does_not_wait_for_a_large_one(
+    settings: Settings, model: str, worker_app: tuple[Celery, WorkerConfig]
+) -> None:
+    app, cfg = worker_app
+    with Client(settings) as client:
+        # Both jobs are queued before any worker runs: the large one first.
+        large = client.submit([f"a long review number {i}" for i in range(800)], task=TASK, model=model)
+        small = client.submit(["quick one", "and another"], task=TASK, model=model)
+        with start_worker(app, pool="solo", perform_ping_check=False, queues=[cfg.key.queue], shutdown_timeout=30):
+            small_state = small.wait(timeout=120)
+            large_when_small_done = large.status().finished
+            large_state = large.wait(timeout=300)
+    assert small_state.done == 2 and large_state.done == 800
+    assert large_when_small_done < 400, "the small job ran after a few slices of the large one, not after all of it"
+
+
+def test_priorities() -> None:
+    redis, memory = Celery(broker="redis://localhost/0"), Celery(broker="memory://")
+    # Redis serves its priority 0 first: pipeq's 9 (most urgent) becomes 0 there.
+    assert [broker_priority(redis, p) for p in (0, 5, 9)] == [9, 4, 0]
+    assert [broker_priority(memory, p) for p in (0, 5, 9)] == [0, 5, 9]
+
+
+def test_priority_out_of_range_is_refused(settings: Settings, model: str) -> None:
+    with Client(settings) as client, pytest.raises(ConfigurationError, match="priority must be 0 to 9"):
+        client.submit(["x"], task=TASK, model=model, priority=10)
+
+
+@pytest.mark.integration
+def test_a_higher_priority_job_runs_first_on_redis(
+    sqlite_url: str, redis_url: str, model: str, start_worker: Any
+) -> None:
+    from pipeq.models.store import Store
+
+    settings = Settings(broker_url=redis_url, database_url=sqlite_url, chunk_size=16)
+    with Client(settings) as client:
+        # Queued before any worker runs: the routine job first, the urgent one after it.
+        routine = client.submit([f"routine {i}" for i in range(200)], task=TASK, model=model, precision="fp32")
+        urgent = client.submit([f"urgent {i}" for i in range(20)], task=TASK, model=model, precision="fp32", priority=9)
+        worker = start_worker("--task", TASK, "--model", model, "--precision", "fp32", "--no-warmup",
+                              broker_url=redis_url, database_url=sqlite_url)  # fmt: skip
+        worker.wait_ready(Store(sqlite_url), ServeKey(TASK, model).queue)
+        urgent_state = urgent.wait(timeout=120)
+        routine_state = routine.wait(timeout=120)
+    assert (urgent_state.done, routine_state.done) == (20, 200)
+    assert urgent_state.finished_at is not None and routine_state.started_at is not None
+    assert urgent_state.finished_at <= routine_state.started_at, "the urgent job ran before any of the routine one"

@@ -1,0 +1,205 @@
+"""The int8 guard (``--shadow-fraction``): comparing outputs, sampling, and figures recorded on the job."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from pipeq import constants as C
+from pipeq.cli import app as cli_app
+from pipeq.errors import ConfigurationError
+from pipeq.models.store import Store, new_job_row
+from pipeq.report import build_report
+from pipeq.report_text import format_text, shadow_line
+from pipeq.routing import ServeKey
+from pipeq.settings import Settings
+from pipeq.worker.config import WorkerConfig
+from pipeq.worker.context import WorkerContext
+from pipeq.worker.shadow import Comparison, compare, in_sample, merge
+
+TASK = "text-classification"
+TEXTS = [f"some words {i} " * (i % 4 + 1) for i in range(16)]
+
+
+def submit(store: Store, key: ServeKey, texts: list[str], job_id: str) -> list[list[Any]]:
+    rows = [
+        {"job_id": job_id, "idx": i, "input_id": None, "input": t, "status": "pending", "attempts": 0}
+        for i, t in enumerate(texts)
+    ]
+    store.create_job(new_job_row(job_id, key), [rows])
+    return [[i, t] for i, t in enumerate(texts)]
+
+
+# ------------------------------------------------------------- comparing
+
+
+def test_compare_text_classification() -> None:
+    same = compare({"label": "POS", "score": 0.91}, {"label": "POS", "score": 0.95})
+    assert same.label_agree is True and same.score_diff == pytest.approx(0.04) and same.cosine is None
+    assert compare({"label": "NEG", "score": 0.51}, {"label": "POS", "score": 0.52}).label_agree is False
+
+
+def test_compare_top_k_lists_by_their_best_label() -> None:
+    served = [{"label": "a", "score": 0.5}, {"label": "b", "score": 0.3}, {"label": "c", "score": 0.2}]
+    reference = [{"label": "b", "score": 0.45}, {"label": "a", "score": 0.44}, {"label": "c", "score": 0.11}]
+    c = compare(served, reference)
+    assert c.label_agree is False and c.score_diff == pytest.approx(0.15)
+
+
+def test_compare_zero_shot_matches_scores_by_label() -> None:
+    served = {"sequence": "s", "labels": ["x", "y"], "scores": [0.7, 0.3]}
+    reference = {"sequence": "s", "labels": ["x", "y"], "scores": [0.6, 0.4]}
+    c = compare(served, reference)
+    assert c.label_agree is True and c.score_diff == pytest.approx(0.1)
+    flipped = {"sequence": "s", "labels": ["y", "x"], "scores": [0.55, 0.45]}
+    assert compare(served, flipped).label_agree is False
+
+
+def test_compare_entities_by_span_and_label() -> None:
+    served = [
+        {"entity_group": "PER", "score": 0.9, "word": "ann", "start": 0, "end": 3},
+        {"entity_group": "LOC", "score": 0.8, "word": "oslo", "start": 12, "end": 16},
+    ]
+    reference = [
+        {"entity_group": "PER", "score": 0.85, "word": "ann", "start": 0, "end": 3},
+        {"entity_group": "LOC", "score": 0.7, "word": "oslo", "start": 12, "end": 16},
+    ]
+    c = compare(served, reference)
+    assert c.label_agree is True and c.score_diff == pytest.approx(0.1)
+    assert compare(served, reference[:1]).label_agree is False
+    assert compare([], []).label_agree is True
+
+
+def test_compare_vectors_by_cosine_and_other_outputs_not_at_all() -> None:
+    assert compare([[[1.0, 0.0], [0.0, 1.0]]], [[[1.0, 0.0], [0.0, 1.0]]]).cosine == pytest.approx(1.0)
+    assert compare([1.0, 0.0], [0.0, 1.0]).cosine == pytest.approx(0.0)
+    assert compare([1.0, 1.0], [1.0, 1.0, 1.0]) == Comparison()
+    assert compare([{"generated_text": "a"}], [{"generated_text": "b"}]) == Comparison()
+    assert compare({"answer": "x", "score": 0.5}, {"answer": "x", "score": 0.4}) == Comparison()
+
+
+def test_merge_accumulates_over_batches() -> None:
+    first = merge(None, "int8", [Comparison(True, 0.01), Comparison(False, 0.2)])
+    assert first == {
+        "precision": "int8",
+        "sampled": 2,
+        "labelled": 2,
+        "label_agree": 1,
+        "max_score_diff": 0.2,
+        "min_cosine": None,
+    }
+    second = merge(first, "int8", [Comparison(True, 0.05), Comparison()])
+    assert (second["sampled"], second["labelled"], second["label_agree"], second["max_score_diff"]) == (4, 3, 2, 0.2)
+    vectors = merge(None, "bf16", [Comparison(cosine=0.99), Comparison(cosine=0.97)])
+    assert vectors["min_cosine"] == 0.97 and vectors["label_agree"] is None
+    assert shadow_line(first) == "int8 vs fp32 on 2 sampled items: top label identical on 1 (50.0%), " + (
+        "largest score difference 0.2000"
+    )
+    assert shadow_line(vectors) == "bf16 vs fp32 on 2 sampled items: lowest cosine similarity 0.9700"
+
+
+def test_sample_is_deterministic_and_near_the_fraction() -> None:
+    picks = [in_sample("job", i, 0.25) for i in range(4000)]
+    assert picks == [in_sample("job", i, 0.25) for i in range(4000)]
+    assert 0.2 < sum(picks) / len(picks) < 0.3
+    assert all(in_sample("job", i, 1.0) for i in range(100)) and not any(in_sample("job", i, 0.0) for i in range(100))
+
+
+# ----------------------------------------------------------- configuration
+
+
+def test_fp32_worker_with_shadow_is_refused(model_dir: Callable[[str], str], sqlite_url: str) -> None:
+    with pytest.raises(ConfigurationError, match="nothing to compare"):
+        WorkerConfig(key=ServeKey(TASK, model_dir(TASK), "fp32"), shadow_fraction=0.5).check_shadow()
+    WorkerConfig(key=ServeKey(TASK, model_dir(TASK), "int8"), shadow_fraction=0.5).check_shadow()
+    with pytest.raises(ConfigurationError, match="shadow-fraction"):
+        WorkerConfig(key=ServeKey(TASK, model_dir(TASK), "int8"), shadow_fraction=1.5)
+    env = {"PIPEQ_BROKER_URL": "memory://", "PIPEQ_DATABASE_URL": sqlite_url}
+    args = ["worker", "--task", TASK, "--model", model_dir(TASK), "--precision", "fp32", "--shadow-fraction", "0.5"]
+    out = CliRunner().invoke(cli_app, args, env=env)
+    assert out.exit_code == 2 and "nothing to compare" in out.output
+
+
+# ------------------------------------------------------------ worker runs
+
+
+def start(sqlite_url: str, model: str, task: str, fraction: float) -> WorkerContext:
+    cfg = WorkerConfig(key=ServeKey(task, model, "int8"), max_batch_size=4, warmup=False, shadow_fraction=fraction)
+    context = WorkerContext(Settings(broker_url="memory://", database_url=sqlite_url), cfg)
+    context.start()
+    return context
+
+
+@pytest.fixture
+def int8_ctx(sqlite_url: str, model_dir: Callable[[str], str]) -> Iterator[WorkerContext]:
+    context = start(sqlite_url, model_dir(TASK), TASK, 1.0)
+    yield context
+    context.stop()
+
+
+def test_every_done_item_is_compared_at_fraction_one(int8_ctx: WorkerContext, sqlite_url: str) -> None:
+    store = Store(sqlite_url)
+    counts = int8_ctx.run_chunk("job", submit(store, int8_ctx.cfg.key, TEXTS, "job"), None)
+    assert counts["done"] == len(TEXTS)
+    shadow = store.job("job").shadow
+    assert shadow is not None and shadow["precision"] == "int8"
+    assert shadow["sampled"] == shadow["labelled"] == len(TEXTS)
+    assert 0 <= shadow["label_agree"] <= shadow["sampled"]
+    assert shadow["max_score_diff"] >= 0 and shadow["min_cosine"] is None
+    # Shown by status and the report
+    env = {"PIPEQ_DATABASE_URL": sqlite_url}
+    status = json.loads(CliRunner().invoke(cli_app, ["status", "job", "--json"], env=env).stdout)
+    assert status["shadow"] == shadow
+    assert f"int8 vs fp32 on {len(TEXTS)} sampled items: top label identical on" in format_text(
+        build_report(store, "job")
+    )
+    assert "shadow check: int8 vs fp32" in CliRunner().invoke(cli_app, ["status", "job"], env=env).stdout
+
+
+def test_half_the_items_sampled_deterministically(sqlite_url: str, model_dir: Callable[[str], str]) -> None:
+    context = start(sqlite_url, model_dir(TASK), TASK, 0.5)
+    store = Store(sqlite_url)
+    try:
+        for job_id in ("job-a", "job-b"):
+            context.run_chunk(job_id, submit(store, context.cfg.key, TEXTS, job_id), None)
+    finally:
+        context.stop()
+    for job_id in ("job-a", "job-b"):
+        expected = sum(in_sample(job_id, i, 0.5) for i in range(len(TEXTS)))
+        assert 0 < expected < len(TEXTS)
+        assert store.job(job_id).shadow["sampled"] == expected  # type: ignore[index]
+
+
+def test_embeddings_record_cosine(sqlite_url: str, model_dir: Callable[[str], str]) -> None:
+    task = "feature-extraction"
+    context = start(sqlite_url, model_dir(task), task, 1.0)
+    store = Store(sqlite_url)
+    try:
+        context.run_chunk("emb", submit(store, context.cfg.key, TEXTS[:6], "emb"), None)
+    finally:
+        context.stop()
+    shadow = store.job("emb").shadow
+    assert shadow is not None and shadow["sampled"] == 6 and shadow["label_agree"] is None
+    assert 0.0 < shadow["min_cosine"] <= 1.0 + 1e-9
+
+
+def test_a_failing_shadow_run_fails_no_item(
+    int8_ctx: WorkerContext, sqlite_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert int8_ctx.shadow is not None
+
+    def broken(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        raise RuntimeError("fp32 copy exploded")
+
+    monkeypatch.setattr(int8_ctx.shadow.runtime, "run", broken)
+    store = Store(sqlite_url)
+    with caplog.at_level(logging.WARNING, logger="pipeq.worker.shadow"):
+        counts = int8_ctx.run_chunk("job", submit(store, int8_ctx.cfg.key, TEXTS, "job"), None)
+    assert counts["done"] == len(TEXTS) and store.job("job").status == C.JOB_DONE
+    assert store.job("job").shadow is None
+    assert "shadow check of" in caplog.text and "fp32 copy exploded" in caplog.text
