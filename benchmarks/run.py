@@ -63,6 +63,7 @@ class Row:
     footprint_mb: float = 0.0
     rates: dict[str, float] = field(default_factory=dict)
     worker_rss_mb: float = 0.0
+    sql_share: float = float("nan")
     accuracy: dict[str, float] = field(default_factory=dict)
 
 
@@ -155,8 +156,11 @@ def child_rss_mb(pids: list[int]) -> float:
 
 def pipeq_end_to_end(
     model: str, precision: str, texts: list[str], workers: int, budget: int, size: int, work: Path
-) -> tuple[float, float, float]:
-    """Returns (texts/s from submit to last commit, worker footprint MB, worker peak RSS MB)."""
+) -> tuple[float, float, float, float]:
+    """Returns (texts/s from submit to last commit, worker footprint MB, worker peak RSS MB, SQL share).
+
+    The SQL share is the worker children's time in result writes over their time running chunks.
+    """
     url = f"sqlite:///{work / f'store-{precision}-{workers}-{time.time_ns()}.db'}"
     db.upgrade(url)
     env = {**os.environ, "PIPEQ_BROKER_URL": REDIS, "PIPEQ_DATABASE_URL": url}
@@ -209,8 +213,12 @@ def pipeq_end_to_end(
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(timeout=120)
-        store.close()
-    return rate(len(texts), elapsed), footprint, rss
+    ids = {w["id"] for w in live}
+    rows = [w for w in _all_workers(store) if w["id"] in ids]  # totals written as they stopped
+    store.close()
+    busy = sum(w["busy_seconds"] or 0.0 for w in rows)
+    share = sum(w["write_seconds"] or 0.0 for w in rows) / busy if busy else float("nan")
+    return rate(len(texts), elapsed), footprint, rss, share
 
 
 @dataclass
@@ -377,15 +385,15 @@ def fmt(x: float) -> str:
 def table(rows: list[Row]) -> str:
     head = (
         "| model | lang | precision | footprint MB | (a) seeds loop | (b) pipeline bs32 | (c) sorted loop | "
-        "(d) pipeq 1 worker | (e) pipeq 2 workers | d/c | d/a | d/b | worker peak RSS MB |"
+        "(d) pipeq 1 worker | (e) pipeq 2 workers | d/c | d/a | d/b | worker peak RSS MB | SQL share of (d) |"
     )
-    lines = [head, "|" + " --- |" * 13]
+    lines = [head, "|" + " --- |" * 14]
     for r in rows:
         a, b, c, d, e = (r.rates.get(k, float("nan")) for k in "abcde")
         lines.append(
             f"| {r.model} | {r.lang} | {r.precision} | {fmt(r.footprint_mb)} | {fmt(a)} | {fmt(b)} | "
             f"{fmt(c)} | {fmt(d)} | {fmt(e)} | {d / c:.2f} | {d / a:.2f} | {d / b:.2f} | "
-            f"{fmt(r.worker_rss_mb)} |"
+            f"{fmt(r.worker_rss_mb)} | {r.sql_share * 100:.1f}% |"
         )
     return "\n".join(lines)
 
@@ -548,14 +556,14 @@ def main() -> None:
                     row.rates["a"] = seeds_loop(pipe, base)
                     row.rates["b"] = pipeline_batched(pipe, base)
                     c_before, outputs[precision] = sorted_loop(pipe, sample, budget, size)
-                    row.rates["d"], row.footprint_mb, row.worker_rss_mb = pipeq_end_to_end(
+                    row.rates["d"], row.footprint_mb, row.worker_rss_mb, row.sql_share = pipeq_end_to_end(
                         path, precision, sample, 1, budget, size, work
                     )
                     # (c) again after (d): the ceiling is their mean, so drift on a noisy machine cancels out.
                     c_after, _ = sorted_loop(pipe, sample, budget, size)
                     row.rates["c"] = (c_before + c_after) / 2
                     del pipe
-                    row.rates["e"], _, _ = pipeq_end_to_end(path, precision, sample, 2, budget, size, work)
+                    row.rates["e"], _, _, _ = pipeq_end_to_end(path, precision, sample, 2, budget, size, work)
                     if precision != "fp32" and "fp32" in outputs and name == "minilm":
                         agree, diff = label_agreement(outputs["fp32"], outputs[precision])
                         row.accuracy = {"agree": agree, "max_diff": diff}
@@ -573,6 +581,7 @@ def main() -> None:
                                 "rates": {k: round(v, 1) for k, v in row.rates.items()},
                                 "footprint_mb": round(row.footprint_mb, 1),
                                 "worker_rss_mb": round(row.worker_rss_mb, 1),
+                                "sql_share": round(row.sql_share, 4),
                                 **row.accuracy,
                             }
                         ),
