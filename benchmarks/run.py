@@ -154,6 +154,37 @@ def child_rss_mb(pids: list[int]) -> float:
     return peak / 1024
 
 
+def start_worker(
+    model: str, precision: str, url: str, *extra: str, workers: int = 1
+) -> tuple[subprocess.Popen[bytes], Store, list[dict[str, Any]]]:
+    """Start ``pipeq worker`` on a migrated store and wait until its children are ready; returns them too."""
+    db.upgrade(url)
+    env = {**os.environ, "PIPEQ_BROKER_URL": REDIS, "PIPEQ_DATABASE_URL": url}
+    args = ["--task", TASK, "--model", model, "--precision", precision, "--concurrency", str(workers), *extra]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeq", "-q", "worker", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    store = Store(url)
+    queue = ServeKey(TASK, model, precision).queue
+    deadline = time.monotonic() + 300
+    while len(ready := [w for w in store.live_workers(queue) if w["status"] == "ready"]) < workers:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_worker(proc)
+            raise SystemExit(f"worker for {model} {precision} did not start")
+        time.sleep(0.2)
+    return proc, store, ready
+
+
+def stop_worker(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, 15)
+    proc.wait(timeout=120)
+
+
 def pipeq_end_to_end(
     model: str, precision: str, texts: list[str], workers: int, budget: int, size: int, work: Path
 ) -> tuple[float, float, float, float]:
@@ -162,45 +193,10 @@ def pipeq_end_to_end(
     The SQL share is the worker children's time in result writes over their time running chunks.
     """
     url = f"sqlite:///{work / f'store-{precision}-{workers}-{time.time_ns()}.db'}"
-    db.upgrade(url)
-    env = {**os.environ, "PIPEQ_BROKER_URL": REDIS, "PIPEQ_DATABASE_URL": url}
     threads = max(1, (os.cpu_count() or 1) // workers)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pipeq",
-            "-q",
-            "worker",
-            "--task",
-            TASK,
-            "--model",
-            model,
-            "--precision",
-            precision,
-            "--concurrency",
-            str(workers),
-            "--threads",
-            str(threads),
-            "--max-batch-tokens",
-            str(budget),
-            "--max-batch-size",
-            str(size),
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    store = Store(url)
-    queue = ServeKey(TASK, model, precision).queue
+    extra = ("--threads", str(threads), "--max-batch-tokens", str(budget), "--max-batch-size", str(size))
+    proc, store, live = start_worker(model, precision, url, *extra, workers=workers)
     try:
-        deadline = time.monotonic() + 300
-        while len([w for w in store.live_workers(queue) if w["status"] == "ready"]) < workers:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"worker for {model} {precision} did not start")
-            time.sleep(0.2)
-        live = store.live_workers(queue)
         with Client(Settings(broker_url=REDIS, database_url=url)) as client:
             t0 = time.perf_counter()
             job = client.submit(texts, task=TASK, model=model, precision=precision)
@@ -211,8 +207,7 @@ def pipeq_end_to_end(
         rss = child_rss_mb([w["pid"] for w in live])
         footprint = max(w["footprint_bytes"] or 0 for w in live) / 1e6
     finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=120)
+        stop_worker(proc)
     ids = {w["id"] for w in live}
     rows = [w for w in _all_workers(store) if w["id"] in ids]  # totals written as they stopped
     store.close()
@@ -235,26 +230,11 @@ def scale_run(model: str, sizes: list[int], work: Path) -> tuple[list[ScalePoint
     accounting, written when it stops; writes overlap the next forward pass, so this is an upper
     bound of what they cost) and the busy seconds.
     """
-    url = f"sqlite:///{work / 'scale.db'}"
-    db.upgrade(url)
-    env = {**os.environ, "PIPEQ_BROKER_URL": REDIS, "PIPEQ_DATABASE_URL": url}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeq", "-q", "worker", "--task", TASK, "--model", model, "--precision", "fp32"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    store = Store(url)
+    proc, store, (child,) = start_worker(model, "fp32", f"sqlite:///{work / 'scale.db'}")
+    url = store.url
     points: list[ScalePoint] = []
     base = corpus.english(max(sizes))
     try:
-        queue = ServeKey(TASK, model).queue
-        while not [w for w in store.live_workers(queue) if w["status"] == "ready"]:
-            if proc.poll() is not None:
-                raise SystemExit("scale worker did not start")
-            time.sleep(0.2)
-        (child,) = store.live_workers(queue)
         with Client(Settings(broker_url=REDIS, database_url=url)) as client:
             for n in sizes:
                 texts = base[:n]
@@ -268,8 +248,7 @@ def scale_run(model: str, sizes: list[int], work: Path) -> tuple[list[ScalePoint
                 print(json.dumps({"scale_items": n, "rate": round(points[-1].rate, 1),
                                   "rss_mb": round(points[-1].rss_mb, 1)}), flush=True)  # fmt: skip
     finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=120)
+        stop_worker(proc)
     (row,) = [w for w in _all_workers(store) if w["id"] == child["id"]]  # totals written as it stopped
     store.close()
     busy = float(row["busy_seconds"] or 0.0)
@@ -322,22 +301,9 @@ def submit_rate(model: str, n: int, work: Path) -> dict[str, float]:
 
 def one_item_latency(model: str, work: Path, repeats: int = 20) -> tuple[float, float]:
     """Median milliseconds from submit to committed result for a one-item job, and its forward time."""
-    url = f"sqlite:///{work / 'latency.db'}"
-    db.upgrade(url)
-    env = {**os.environ, "PIPEQ_BROKER_URL": REDIS, "PIPEQ_DATABASE_URL": url}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeq", "-q", "worker", "--task", TASK, "--model", model, "--precision", "fp32"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    store = Store(url)
+    proc, store, _ = start_worker(model, "fp32", f"sqlite:///{work / 'latency.db'}")
+    url = store.url
     try:
-        while not [w for w in store.live_workers(ServeKey(TASK, model).queue) if w["status"] == "ready"]:
-            if proc.poll() is not None:
-                raise SystemExit("latency worker did not start")
-            time.sleep(0.2)
         total, forward = [], []
         with Client(Settings(broker_url=REDIS, database_url=url)) as client:
             for _ in range(repeats):
@@ -347,8 +313,7 @@ def one_item_latency(model: str, work: Path, repeats: int = 20) -> tuple[float, 
                 total.append((time.perf_counter() - t0) * 1000)
                 forward.append(next(job.results())["timing"]["forward_ms"])
     finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=60)
+        stop_worker(proc)
         store.close()
     return float(np.median(total)), float(np.median(forward))
 

@@ -73,7 +73,10 @@ def _main(
 def db_upgrade(
     database_url: DatabaseOpt = None, revision: Annotated[str, typer.Argument(help="Target revision.")] = "head"
 ) -> None:
-    """Create or migrate the store's tables (SQLite ./pipeq.db unless PIPEQ_DATABASE_URL is set)."""
+    """Create or migrate the store's tables (SQLite ./pipeq.db unless PIPEQ_DATABASE_URL is set).
+
+    Example: PIPEQ_DATABASE_URL=postgresql+psycopg://pipeq@db/pipeq pipeq db upgrade
+    """
     from pipeq import db
     from pipeq.settings import mask_url
 
@@ -92,7 +95,10 @@ def db_upgrade(
 def db_downgrade(
     revision: Annotated[str, typer.Argument(help="Target revision, e.g. base.")], database_url: DatabaseOpt = None
 ) -> None:
-    """Migrate the store's schema down to REVISION."""
+    """Migrate the store's schema down to REVISION.
+
+    Example: pipeq db downgrade 0003
+    """
     from pipeq import db
 
     db.downgrade(_settings(database_url=database_url).database_url, revision)
@@ -289,7 +295,10 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     database_url: DatabaseOpt = None,
 ) -> None:
-    """Counts, progress, rate and ETA of a job."""
+    """Counts, progress, rate and ETA of a job, and the workers on its queue.
+
+    Example: pipeq status 3f2a9c... --watch
+    """
     from pipeq.models.store import Store
     from pipeq.progress import describe
     from pipeq.progress import watch as watch_job
@@ -357,7 +366,10 @@ def results(
     output: Annotated[str | None, typer.Option("--output", "-o", help="File (default: stdout).")] = None,
     database_url: DatabaseOpt = None,
 ) -> None:
-    """One row per input item in input order: index, id, status, output, error, timing."""
+    """One row per input item in input order: index, id, status, output, error, timing.
+
+    Example: pipeq results 3f2a9c... --format parquet -o results.parquet
+    """
     from pipeq.models.store import Store
     from pipeq.producer.client import Job
     from pipeq.producer.writers import write_results
@@ -452,7 +464,10 @@ def jobs(
 
 @app.command()
 def cancel(job_id: Annotated[str, typer.Argument(help="Job id.")], database_url: DatabaseOpt = None) -> None:
-    """Stop a job's remaining items from running; finished results are kept."""
+    """Stop a job's remaining items from running; finished results are kept.
+
+    Example: pipeq cancel 3f2a9c...
+    """
     from pipeq.models.store import Store
 
     try:
@@ -470,7 +485,10 @@ def resume(
     broker_url: BrokerOpt = None,
     database_url: DatabaseOpt = None,
 ) -> None:
-    """Queue a job's pending items again (after the broker lost them, or a failed publish)."""
+    """Queue a job's pending items again (after the broker lost them, or a failed publish).
+
+    Example: pipeq resume 3f2a9c...
+    """
     from pipeq.producer.client import Client
 
     try:
@@ -531,7 +549,10 @@ def workers(
     database_url: DatabaseOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """Live workers (fresh heartbeat): configuration, footprint, load time, how auto precision chose."""
+    """Live workers (fresh heartbeat): configuration, footprint, load time, how auto precision chose.
+
+    Example: pipeq workers --json
+    """
     from pipeq.models.store import Store
     from pipeq.worker.autotune import describe
 
@@ -569,6 +590,7 @@ def demo(broker_url: BrokerOpt = None, database_url: DatabaseOpt = None) -> None
     """Run the whole path here: migrate the store, start a worker, embed sample texts, print neighbours.
 
     Needs a Redis server (PIPEQ_BROKER_URL, default redis://localhost:6379/0) and the minilm extra.
+    Example: pipeq demo
     """
     from pipeq import db
     from pipeq.demo import run_demo

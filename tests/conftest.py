@@ -141,6 +141,73 @@ def redis_url() -> str:
     return REDIS_URL
 
 
+# ------------------------------------------------------------------ in-process workers
+
+IN_PROCESS_TASK = "text-classification"
+
+
+@pytest.fixture
+def settings(sqlite_url: str) -> Any:
+    """An in-process broker (memory://) and an SQLite store: no service needed."""
+    from pipeq import Settings
+
+    return Settings(broker_url="memory://", database_url=sqlite_url)
+
+
+@pytest.fixture
+def client(settings: Any) -> Iterator[Any]:
+    from pipeq import Client
+
+    with Client(settings) as c:
+        yield c
+
+
+@pytest.fixture
+def worker_batch_size() -> int:
+    """Rows per forward pass of ``thread_worker`` (a test module may override it)."""
+    return 4
+
+
+@pytest.fixture
+def thread_worker(
+    settings: Any, model_dir: Callable[[str], str], tmp_path: Path, worker_batch_size: int
+) -> Iterator[Any]:
+    """A real Celery worker (solo pool, in a thread) on the memory broker, serving a private copy of the
+    tiny text-classification model (so each test has a queue of its own); yields its WorkerConfig."""
+    import shutil
+
+    from celery.contrib.testing.worker import start_worker as start_thread_worker
+
+    from pipeq.routing import ServeKey
+    from pipeq.worker.app import create_worker_app
+    from pipeq.worker.config import WorkerConfig
+
+    model = shutil.copytree(model_dir(IN_PROCESS_TASK), tmp_path / "model")
+    cfg = WorkerConfig(key=ServeKey(IN_PROCESS_TASK, str(model)), max_batch_size=worker_batch_size, warmup=False)
+    app, ctx = create_worker_app(settings, cfg)
+    ctx.start()
+    with start_thread_worker(app, pool="solo", perform_ping_check=False, queues=[cfg.key.queue], shutdown_timeout=30):
+        yield cfg
+    ctx.stop()
+
+
+@pytest.fixture
+def ctx(sqlite_url: str, model_dir: Callable[[str], str]) -> Iterator[Any]:
+    """A started WorkerContext (no broker) serving the tiny text-classification model, batches of 4."""
+    from pipeq import Settings
+    from pipeq.routing import ServeKey
+    from pipeq.worker.config import WorkerConfig
+    from pipeq.worker.context import WorkerContext
+
+    context = WorkerContext(
+        Settings(broker_url="memory://", database_url=sqlite_url),
+        WorkerConfig(key=ServeKey(IN_PROCESS_TASK, model_dir(IN_PROCESS_TASK)), max_batch_size=4, warmup=False),
+    )
+    context.start()
+    yield context
+    context.stop()
+
+
 # ------------------------------------------------------------------ workers
 
 

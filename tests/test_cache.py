@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import json
-import shutil
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import sqlalchemy as sa
-from celery.contrib.testing.worker import start_worker
 from typer.testing import CliRunner
 
 from pipeq import Client, Settings
@@ -22,7 +18,6 @@ from pipeq.report import build_report
 from pipeq.report_html import write_html
 from pipeq.report_text import format_text
 from pipeq.routing import ServeKey
-from pipeq.worker.app import create_worker_app
 from pipeq.worker.config import WorkerConfig
 from pipeq.worker.context import WorkerContext
 
@@ -140,17 +135,6 @@ def test_update_shadow_reads_modifies_writes(store: Store) -> None:
 # ----------------------------------------------------------- worker context
 
 
-@pytest.fixture
-def ctx(sqlite_url: str, model_dir: Callable[[str], str]) -> Iterator[WorkerContext]:
-    context = WorkerContext(
-        Settings(broker_url="memory://", database_url=sqlite_url),
-        WorkerConfig(key=ServeKey(TASK, model_dir(TASK)), max_batch_size=4, warmup=False),
-    )
-    context.start()
-    yield context
-    context.stop()
-
-
 def test_resubmitted_job_runs_no_model(ctx: WorkerContext, sqlite_url: str) -> None:
     store = Store(sqlite_url)
     # Given a cached job that ran
@@ -225,23 +209,6 @@ def test_repeated_texts_in_one_job_are_stored_once(ctx: WorkerContext, sqlite_ur
 
 
 # ------------------------------------------------------ client, CLI, report
-
-
-@pytest.fixture
-def settings(sqlite_url: str) -> Settings:
-    return Settings(broker_url="memory://", database_url=sqlite_url)
-
-
-@pytest.fixture
-def thread_worker(settings: Settings, model_dir: Callable[[str], str], tmp_path: Path) -> Iterator[WorkerConfig]:
-    """A Celery worker in a thread on the memory broker (its own model copy, so its own queue)."""
-    model = shutil.copytree(model_dir(TASK), tmp_path / "model")
-    cfg = WorkerConfig(key=ServeKey(TASK, str(model)), max_batch_size=4, warmup=False)
-    app, ctx = create_worker_app(settings, cfg)
-    ctx.start()
-    with start_worker(app, pool="solo", perform_ping_check=False, queues=[cfg.key.queue], shutdown_timeout=30):
-        yield cfg
-    ctx.stop()
 
 
 def test_cli_submit_cache_and_hits_in_status_and_report(

@@ -3,52 +3,21 @@
 from __future__ import annotations
 
 import json
-import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from celery.contrib.testing.worker import start_worker
 from typer.testing import CliRunner
 
 from pipeq import Client, Settings
 from pipeq.cli import app as cli_app
 from pipeq.errors import InputError, ModelNotFoundError, UnsupportedTaskError
 from pipeq.routing import ServeKey
-from pipeq.worker.app import create_worker_app
 from pipeq.worker.config import WorkerConfig
 
 TASK = "text-classification"
-
-
-@pytest.fixture
-def settings(sqlite_url: str) -> Settings:
-    """An in-process broker (memory://) and an SQLite store: no service needed."""
-    return Settings(broker_url="memory://", database_url=sqlite_url)
-
-
-@pytest.fixture
-def client(settings: Settings) -> Iterator[Client]:
-    with Client(settings) as c:
-        yield c
-
-
-@pytest.fixture
-def thread_worker(settings: Settings, model_dir: Callable[[str], str], tmp_path: Path) -> Iterator[WorkerConfig]:
-    """A real Celery worker (solo pool, in a thread) consuming the memory broker, with the model loaded.
-
-    The model is copied per test so each test has a queue of its own.
-    """
-    settings = settings
-    model = shutil.copytree(model_dir(TASK), tmp_path / "model")
-    cfg = WorkerConfig(key=ServeKey(TASK, str(model)), max_batch_size=4, warmup=False)
-    app, ctx = create_worker_app(settings, cfg)
-    ctx.start()
-    with start_worker(app, pool="solo", perform_ping_check=False, queues=[cfg.key.queue], shutdown_timeout=30):
-        yield cfg
-    ctx.stop()
 
 
 def count(url: str, table: str) -> int:

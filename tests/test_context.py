@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -10,22 +10,9 @@ import pytest
 from pipeq import constants as C
 from pipeq.models.store import ItemResult, Store, new_job_row
 from pipeq.routing import ServeKey
-from pipeq.settings import Settings
-from pipeq.worker.config import WorkerConfig
 from pipeq.worker.context import WorkerContext
 
 TASK = "text-classification"
-
-
-@pytest.fixture
-def ctx(sqlite_url: str, model_dir: Callable[[str], str]) -> Iterator[WorkerContext]:
-    context = WorkerContext(
-        Settings(broker_url="memory://", database_url=sqlite_url),
-        WorkerConfig(key=ServeKey(TASK, model_dir(TASK)), max_batch_size=4, warmup=False),
-    )
-    context.start()
-    yield context
-    context.stop()
 
 
 def submit(store: Store, key: ServeKey, texts: list[str], job_id: str = "job") -> list[list[object]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -16,13 +15,10 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 import sqlalchemy as sa
-from celery.contrib.testing.worker import start_worker
 
 from pipeq import Client, Job, Settings
 from pipeq.errors import InputError
 from pipeq.producer.writers import COLUMNS, TIMING_COLUMNS, arrow_batches, write_results
-from pipeq.routing import ServeKey
-from pipeq.worker.app import create_worker_app
 from pipeq.worker.config import WorkerConfig
 
 TASK = "text-classification"
@@ -30,26 +26,14 @@ TEXTS = ["good", "bad", "我非常讨厌这个！", "word " * 9, "ok then"]
 
 
 @pytest.fixture
-def settings(sqlite_url: str) -> Settings:
-    return Settings(broker_url="memory://", database_url=sqlite_url)
+def worker_batch_size() -> int:
+    return 64
 
 
 @pytest.fixture
-def client(settings: Settings) -> Iterator[Client]:
-    with Client(settings) as c:
-        yield c
-
-
-@pytest.fixture
-def model(settings: Settings, model_dir: Callable[[str], str], tmp_path: Path) -> Iterator[str]:
-    """A real Celery worker (solo pool, in a thread) serving a private copy of the tiny model; yields its path."""
-    path = str(shutil.copytree(model_dir(TASK), tmp_path / "model"))
-    cfg = WorkerConfig(key=ServeKey(TASK, path), max_batch_size=64, warmup=False)
-    app, ctx = create_worker_app(settings, cfg)
-    ctx.start()
-    with start_worker(app, pool="solo", perform_ping_check=False, queues=[cfg.key.queue], shutdown_timeout=30):
-        yield path
-    ctx.stop()
+def model(thread_worker: WorkerConfig) -> str:
+    """The path of the model a thread worker serves (its own copy, so its own queue)."""
+    return thread_worker.key.model
 
 
 def count(url: str, table: str) -> int:

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import os
-import shutil
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from celery.contrib.testing.worker import start_worker
 from kombu import Queue
 
 from pipeq import Client, Settings
@@ -19,7 +17,6 @@ from pipeq import constants as C
 from pipeq.errors import BrokerError, ConfigurationError
 from pipeq.models.store import Store, new_job_row
 from pipeq.routing import ServeKey
-from pipeq.worker.app import create_worker_app
 from pipeq.worker.config import WorkerConfig
 
 TASK = "text-classification"
@@ -36,15 +33,8 @@ class _Exploit:
 
 
 @pytest.fixture
-def served(sqlite_url: str, model_dir: Callable[[str], str], tmp_path: Path) -> Iterator[tuple[Settings, WorkerConfig]]:
-    settings = Settings(broker_url="memory://", database_url=sqlite_url)
-    model = shutil.copytree(model_dir(TASK), tmp_path / "model")
-    cfg = WorkerConfig(key=ServeKey(TASK, str(model)), max_batch_size=4, warmup=False, max_batch_tokens=4096)
-    app, ctx = create_worker_app(settings, cfg)
-    ctx.start()
-    with start_worker(app, pool="solo", perform_ping_check=False, queues=[cfg.key.queue], shutdown_timeout=30):
-        yield settings, cfg
-    ctx.stop()
+def served(settings: Settings, thread_worker: WorkerConfig) -> tuple[Settings, WorkerConfig]:
+    return settings, thread_worker
 
 
 def test_a_pickled_message_is_never_deserialized(served: tuple[Settings, WorkerConfig], tmp_path: Path) -> None:

@@ -269,6 +269,8 @@ class WorkerContext:
             prior = {idx: n for idx, n in claim["prior"].items() if idx in still}
         todo = [(int(idx), value) for idx, value in items if int(idx) in prior]
         counts = {"done": 0, "failed": 0, "skipped": len(items) - len(todo)}
+        if not todo:  # a duplicate delivery: the first one ran it, and moved the job's window on
+            return counts
         refused = self._refused(job, todo)
         if refused:
             self._record(job_id, refused, None, counts)
