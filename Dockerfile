@@ -8,6 +8,7 @@ RUN pip install "${TORCH_SPEC}"
 COPY pyproject.toml README.md ./
 COPY pipeq ./pipeq
 COPY migrations ./migrations
-RUN pip install ".[bnb,minilm]"
+# metrics: `pipeq worker --metrics-port`; report: the charts of `pipeq report JOB --html FILE`.
+RUN pip install ".[bnb,minilm,metrics,report]"
 ENTRYPOINT ["pipeq"]
 CMD ["--help"]

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch that lies on this machine; on a CUDA host the same pin takes PyPI's CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test test-fast lint format typecheck check bench bench-quick clean
+.PHONY: install demo test test-fast test-gpu lint format typecheck check bench bench-quick clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,10 @@ test:
 	$(PY) -m pytest
 
 test-fast:
-	$(PY) -m pytest -m "not integration"
+	$(PY) -m pytest -m "not integration and not gpu"
+
+test-gpu:
+	$(PY) -m pytest -m gpu
 
 lint:
 	$(VENV)/bin/ruff check pipeq migrations tests

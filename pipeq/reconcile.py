@@ -4,7 +4,9 @@ The SQL store, not the broker, is the record of what is left to do. When Redis l
 (a restart without persistence), a producer dies between commit and publish, or a message is
 dropped, a job's pending items would wait forever. The reconciler finds jobs that made no
 progress for ``stalled_after`` seconds while their queue was idle, and publishes their pending
-items again. Sending an item twice is harmless: workers skip finished items.
+items again. A job that was stored but never published is published once its commit is
+``stalled_after`` seconds old, busy queue or not (a producer still publishing it is left alone).
+Sending an item twice is harmless: workers skip finished items.
 
 Workers run it over their own queue every ``reconcile_interval`` seconds; ``pipeq reconcile``
 runs one pass over every queue that has a live worker.
@@ -31,6 +33,8 @@ class Requeued:
     job_id: str
     queue: str
     items: int
+    #: True when the job had never been published (its producer stopped between commit and publish).
+    unpublished: bool = False
 
 
 def reconcile(
@@ -52,13 +56,21 @@ def reconcile(
     for job in store.stalled_jobs(stalled_after, queues):
         if not store.take_requeue(job["id"], stalled_after):
             continue  # another reconciler got there first, or the job moved meanwhile
+        unpublished = job["published_at"] is None
         items = requeue(store, celery, job)
-        if items:
+        if unpublished:
+            log.warning(
+                "job %s was stored but never published (no activity for %.0fs): published %d of its pending items",
+                job["id"],
+                stalled_after,
+                items,
+            )
+        elif items:
             log.warning(
                 "job %s made no progress for %.0fs: queued %d of its pending items again",
                 job["id"],
                 stalled_after,
                 items,
             )
-        done.append(Requeued(job["id"], job["queue"], items))
+        done.append(Requeued(job["id"], job["queue"], items, unpublished))
     return done

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
 import typer
@@ -55,3 +57,47 @@ def test_exit_codes_are_documented() -> None:
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert re.search(r"Exit codes: `0` success; `1` .*`2` bad", readme.replace("\n", " "))
+
+
+@pytest.mark.parametrize(
+    ("flags", "info", "debug"),
+    [([], True, False), (["-q"], False, False), (["-v"], True, True), (["--verbose"], True, True)],
+)
+def test_quiet_and_verbose_set_what_reaches_stderr(
+    flags: list[str], info: bool, debug: bool, sqlite_url: str, model_dir: Callable[[str], str]
+) -> None:
+    # `submit` logs the stored job at INFO and each published range of items at DEBUG.
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeq", *flags, "submit", "-", "--task", "text-classification",
+         "--model", model_dir("text-classification"), "--precision", "fp32"],
+        input="good\nbad\n", capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PIPEQ_BROKER_URL": "memory://", "PIPEQ_DATABASE_URL": sqlite_url},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    job_id = proc.stdout.strip()
+    assert re.fullmatch(r"[0-9a-f]{32}", job_id)  # the data on stdout is the same at every verbosity
+    assert bool(re.search(rf"INFO pipeq\.producer\.client: stored job {job_id}: 2 items", proc.stderr)) is info
+    assert bool(re.search(rf"DEBUG pipeq\.dispatch: job {job_id[:8]}: published 2 pending", proc.stderr)) is debug
+    if flags == ["-q"]:
+        assert " INFO " not in proc.stderr and " DEBUG " not in proc.stderr
+    if not debug:
+        assert " DEBUG " not in proc.stderr
+
+
+def test_cli_conventions_are_documented() -> None:
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    section = readme.split("\n### CLI conventions\n", 1)[1].split("\n## ", 1)[0]
+    for flag in ("pipeq --version", "pipeq --install-completion", "-q`/`--quiet", "-v`/`--verbose", "--watch"):
+        assert flag in section, flag
+    # The ports the README sends people to are the ones docker-compose.yml publishes.
+    services = yaml.safe_load((root / "docker-compose.yml").read_text())["services"]
+    flower_port = services["flower"]["ports"][0].split(":")[0]
+    assert f"Flower on port {flower_port}" in section and f"http://localhost:{flower_port}" in section
+    command = services["worker"]["command"]
+    metrics_port = command[command.index("--metrics-port") + 1]
+    assert f"http://localhost:{metrics_port}/metrics" in section

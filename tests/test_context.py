@@ -188,3 +188,38 @@ def test_a_result_the_store_refuses_fails_alone(
     rows = list(store.iter_results("job"))
     assert rows[3]["status"] == "failed" and "DataError" in rows[3]["error"]
     assert store.job("job").status == C.JOB_DONE
+
+
+def test_warm_up_covers_batch_shapes_and_counts_as_load_time(
+    sqlite_url: str, model_dir: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Warm-up runs batches from a few tokens up to the model's maximum before the worker says ready,
+    and the worker row's load time includes it."""
+    import time
+
+    from pipeq import Settings
+    from pipeq.worker.config import WorkerConfig
+    from pipeq.worker.runtime import PipelineRuntime
+
+    seen: list[int] = []
+    real_run = PipelineRuntime.run
+
+    def recording_run(self: PipelineRuntime, items: list[Any], params: dict[str, Any]) -> Iterator[Any]:
+        seen.extend(len(self.pipe.tokenizer(text)["input_ids"]) for _, text in items)
+        time.sleep(0.3)  # a slow warm-up, so its share of the load time is certain
+        yield from real_run(self, items, params)
+
+    monkeypatch.setattr(PipelineRuntime, "run", recording_run)
+    cfg = WorkerConfig(key=ServeKey(TASK, model_dir(TASK)), max_batch_size=8, max_batch_tokens=512)
+    context = WorkerContext(Settings(broker_url="memory://", database_url=sqlite_url), cfg)
+    context.start()
+    try:
+        assert context.loaded is not None
+        (row,) = Store(sqlite_url).live_workers(cfg.key.queue)
+        assert row["status"] == "ready"
+        assert row["load_seconds"] >= context.loaded.load_seconds + 0.3
+        # Short and long shapes, capped at the model's maximum (128 tokens for the tiny model).
+        assert min(seen) <= 10 and 100 <= max(seen) <= 128
+        assert len(set(seen)) >= 4
+    finally:
+        context.stop()

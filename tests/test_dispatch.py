@@ -85,6 +85,27 @@ def test_requeue_publishes_the_window_or_restarts_it(
         assert min(i for m in sent for i, _ in m["kwargs"]["items"]) == 160
 
 
+def test_requeue_opens_the_window_a_producer_never_opened(
+    settings: Settings, model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeq.models.store import new_job_row
+
+    with Client(settings) as client:
+        sent = capture(client, monkeypatch)
+        # Stored through the store API, as a producer that died before publishing leaves it.
+        rows = [{"job_id": "orphan", "idx": i, "input_id": None, "input": f"t{i}", "status": "pending", "attempts": 0}
+                for i in range(500)]  # fmt: skip
+        client.store.create_job(new_job_row("orphan", ServeKey(TASK, model), chunk_size=10), [rows])
+        row = client.store.job_row("orphan")
+        assert row is not None and (row["publish_cursor"], row["published_at"]) == (0, None)
+        # A whole first window goes out, in the producer's chunk size, and the job counts as published.
+        assert requeue(client.store, client._celery, row) == 10 * SLICE_CHUNKS * WINDOW_SLICES
+        assert [len(m["kwargs"]["items"]) for m in sent] == [10] * SLICE_CHUNKS * WINDOW_SLICES
+        row = client.store.job_row("orphan")
+        assert row is not None and row["published_at"] is not None
+        assert (row["publish_cursor"], row["chunk_size"]) == (160, 10)
+
+
 @pytest.fixture
 def worker_app(settings: Settings, model: str) -> Iterator[tuple[Celery, WorkerConfig]]:
     cfg = WorkerConfig(key=ServeKey(TASK, model), max_batch_size=8, warmup=False, max_batch_tokens=4096)

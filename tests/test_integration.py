@@ -227,6 +227,12 @@ def test_worker_start_errors_are_clear(tmp_path: Path) -> None:
     assert out.returncode == 2 and "does not exist" in out.stderr
     out = cli("worker", "--task", TASK, "--model", str(tmp_path), "--precision", "int4", env=env)
     assert out.returncode == 2 and "unknown precision 'int4'" in out.stderr
+    out = cli("worker", "--task", TASK, "--model", str(tmp_path), "--device", "gpu0", env=env)
+    assert out.returncode == 2 and "unknown device 'gpu0'" in out.stderr
+    # This machine's torch is a CPU build: a CUDA device is refused before anything loads.
+    (tmp_path / "config.json").write_text("{}")
+    out = cli("worker", "--task", TASK, "--model", str(tmp_path), "--precision", "fp16", "--device", "cuda:0", env=env)
+    assert out.returncode == 2 and "cuda:0 asked for, but torch sees no CUDA device" in out.stderr
 
 
 def test_worker_that_cannot_load_its_model_exits_2(tmp_path: Path, model_dir: Callable[[str], str]) -> None:

@@ -92,6 +92,7 @@ def test_auto_serves_the_fastest_measured_precision(model_dir: Callable[[str], s
     # The choice fixes the queue exactly as an explicit --precision would.
     assert cfg.key == ServeKey(TASK, model, choice["chosen"])
     assert cfg.as_record()["precision_choice"] == choice
+    assert choice["seconds"] > 0  # the time choosing took at start is kept with the choice
 
 
 def test_auto_leaves_out_what_the_device_cannot_run(model_dir: Callable[[str], str]) -> None:
@@ -243,6 +244,8 @@ def test_describe_shows_how_precision_and_budget_were_chosen() -> None:
         " tokens 4096 (stored calibration, 251/s)",
     )
     assert describe({"max_batch_tokens": 8192, "precision_choice": None, "calibration": None}) == ("", "")
+    settings["precision_choice"] = {"chosen": "fp32", "measured": {"fp32": 120.4}, "seconds": 7.4}
+    assert describe(settings)[0] == " (auto: fp32 120/s, chosen in 7s)"
 
 
 @pytest.mark.integration

@@ -1,21 +1,33 @@
-"""The reconciler queues again what a stalled job still has pending, once, and only when the queue is idle."""
+"""The reconciler queues again what a stalled job still has pending, once, and only when the queue is idle.
+
+It also queues a job whose producer stored it and never published it, once that commit is old; and
+``pipeq reconcile`` / ``pipeq resume JOB`` say what they queued, with the README's exit codes.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import logging
+import shutil
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
 import pytest
 from celery import Celery
 from sqlalchemy import update
+from typer.testing import CliRunner
 
+from conftest import FaultLedger
+from pipeq import Client, Settings
 from pipeq import constants as C
+from pipeq.cli import app as cli_app
+from pipeq.errors import BrokerError
 from pipeq.models import Job, utcnow
 from pipeq.models.store import ItemResult, Store, new_job_row
 from pipeq.reconcile import reconcile
 from pipeq.routing import ServeKey
+from pipeq.worker.config import WorkerConfig
 
 KEY = ServeKey("text-classification", "/models/m")
 
@@ -29,16 +41,29 @@ def celery() -> Iterator[Celery]:
     app.close()
 
 
-def add_job(store: Store, job_id: str, n: int, *, idle_for: float, key: ServeKey = KEY) -> None:
-    rows = [
+def item_rows(job_id: str, n: int, start: int = 0) -> list[dict[str, Any]]:
+    return [
         {"job_id": job_id, "idx": i, "input_id": None, "input": f"text {i}", "status": "pending", "attempts": 0}
-        for i in range(n)
+        for i in range(start, start + n)
     ]
-    store.create_job(new_job_row(job_id, key), [rows])
-    store.open_window(job_id, cursor=n, chunk_size=4)  # as submit does: all of it published
-    long_ago = utcnow() - timedelta(seconds=idle_for)
+
+
+def store_job(store: Store, job_id: str, n: int, *, key: ServeKey = KEY) -> None:
+    """Commit a job as submit does, and publish none of it: its producer died right after the commit."""
+    store.create_job(new_job_row(job_id, key, chunk_size=4), [item_rows(job_id, n)])
+
+
+def age(store: Store, job_id: str, seconds: float, columns: tuple[str, ...] = ("activity_at",)) -> None:
+    """Set the job's ``columns`` (its last activity) to ``seconds`` ago."""
+    long_ago = utcnow() - timedelta(seconds=seconds)
     with store.engine.begin() as conn:
-        conn.execute(update(Job.__table__).where(Job.__table__.c.id == job_id).values(published_at=long_ago))
+        conn.execute(update(Job.__table__).where(Job.__table__.c.id == job_id).values(dict.fromkeys(columns, long_ago)))
+
+
+def add_job(store: Store, job_id: str, n: int, *, idle_for: float, key: ServeKey = KEY) -> None:
+    store_job(store, job_id, n, key=key)
+    store.open_window(job_id, cursor=n, chunk_size=4)  # as submit does: all of it published
+    age(store, job_id, idle_for, ("activity_at", "published_at"))
 
 
 def live_worker(store: Store, queue: str = KEY.queue) -> None:
@@ -105,14 +130,11 @@ def test_finished_and_fresh_jobs_are_not_touched(store: Store, celery: Celery) -
 
 
 def test_status_and_workers_show_liveness(store: Store, store_url: str) -> None:
-    from typer.testing import CliRunner
-
-    from pipeq.cli import app
     from pipeq.models import Worker
 
-    env = {"PIPEQ_DATABASE_URL": store_url, "PIPEQ_BROKER_URL": "memory://"}
+    settings = Settings(broker_url="memory://", database_url=store_url)
     add_job(store, "job1", 3, idle_for=0)
-    out = CliRunner().invoke(app, ["status", "job1"], env=env)
+    out = run_cli(["status", "job1"], settings)
     assert out.exit_code == 0 and "0 live on its queue" in out.output
     assert (
         "warning: no live worker serves this job" in out.output
@@ -130,9 +152,228 @@ def test_status_and_workers_show_liveness(store: Store, store_url: str) -> None:
             .where(Worker.__table__.c.id == "w-dead")
             .values(heartbeat_at=utcnow() - timedelta(minutes=5))
         )
-    out = CliRunner().invoke(app, ["status", "job1", "--json"], env=env)
+    out = run_cli(["status", "job1", "--json"], settings)
     status = json.loads(out.stdout)
     assert [w["current_job"] for w in status["workers"]["live"]] == ["job1"]
     assert [w["host"] for w in status["workers"]["stale"]] == ["gone"]
-    out = CliRunner().invoke(app, ["workers"], env=env)
+    out = run_cli(["workers"], settings)
     assert "42 items, running job job1" in out.output and "1 stale workers" in out.output and "gone:9" in out.output
+
+
+# ------------------------------------------------- jobs stored but never published
+
+
+def test_a_job_stored_but_never_published_is_published_once_its_commit_is_old(store: Store, celery: Celery) -> None:
+    # Given: a job whose producer died right after the commit, on a queue that is busy with another job
+    live_worker(store)
+    store_job(store, "orphan", 10)
+    add_job(store, "running", 3, idle_for=600)
+    store.claim("running", [0])
+    # When the commit is recent, the producer may still be publishing it: nothing is sent.
+    assert reconcile(store, celery, stalled_after=300) == []
+    assert drain(celery, KEY.queue) == []
+    # Once the commit is older than the deadline, the job is published: a busy queue does not hold it back.
+    age(store, "orphan", 600)
+    (requeued,) = reconcile(store, celery, stalled_after=300)
+    assert (requeued.job_id, requeued.items, requeued.unpublished) == ("orphan", 10, True)
+    messages = drain(celery, KEY.queue)
+    assert all(m["job_id"] == "orphan" for m in messages)
+    assert sorted(i for m in messages for i, _ in m["items"]) == list(range(10))
+    assert [len(m["items"]) for m in messages] == [4, 4, 2], "the producer's chunk size is kept"
+    row = store.job_row("orphan")
+    assert row is not None and row["published_at"] is not None
+    assert (row["publish_cursor"], row["requeues"]) == (10, 1)
+    # A second pass right away sends nothing.
+    assert reconcile(store, celery, stalled_after=300) == []
+    assert drain(celery, KEY.queue) == []
+
+
+def test_a_submission_still_being_written_is_left_alone(store: Store, celery: Celery) -> None:
+    live_worker(store)
+    seen: list[list[dict[str, Any]]] = []
+
+    def streamed() -> Iterator[list[dict[str, Any]]]:
+        for start in range(0, 30, 10):
+            seen.append(store.stalled_jobs(0))  # what a reconciler sees while the producer streams
+            yield item_rows("big", 10, start)
+
+    # Given: a big submission that started streaming its items ten minutes ago
+    row = {**new_job_row("big", KEY), "created_at": utcnow() - timedelta(minutes=10)}
+    assert store.create_job(row, streamed()) == 30
+    # Then: while it streams the job is invisible, and just committed it is still its producer's to publish.
+    assert seen == [[], [], []]
+    assert reconcile(store, celery, stalled_after=300) == []
+    assert drain(celery, KEY.queue) == []
+    assert store.job_row("big")["published_at"] is None  # type: ignore[index]
+
+
+def test_finished_or_cancelled_unpublished_jobs_are_not_published(store: Store, celery: Celery) -> None:
+    live_worker(store)
+    store_job(store, "cancelled", 3)
+    store.cancel_job("cancelled")
+    store_job(store, "finished", 2)
+    store.claim("finished", [0, 1])
+    store.record_batch("finished", [ItemResult(i, C.ITEM_DONE, output=1) for i in (0, 1)], None, worker_id=None,
+                       model_revision=None, precision="fp32", device="cpu")  # fmt: skip
+    for job_id in ("cancelled", "finished"):
+        age(store, job_id, 600)
+    assert reconcile(store, celery, stalled_after=300) == []
+    assert drain(celery, KEY.queue) == []
+
+
+class ProducerDied(BaseException):
+    """Stands for the producer process being killed between its commit and its publish."""
+
+
+def die(*_args: Any, **_kwargs: Any) -> int:
+    raise ProducerDied
+
+
+def refuse(*_args: Any, **_kwargs: Any) -> None:
+    raise ConnectionError("Error 111 connecting to broker. Connection refused.")
+
+
+def submit_unpublished(client: Client, how: str, texts: list[str], model: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Submit ``texts`` so that they are committed and never published; returns the job id."""
+    with monkeypatch.context() as patch:
+        if how == "producer died":
+            patch.setattr("pipeq.producer.client.open_job", die)
+            with pytest.raises(ProducerDied):
+                client.submit(texts, task=KEY.task, model=model, precision="fp32")
+        else:
+            patch.setattr(client._celery, "send_task", refuse)
+            with pytest.raises(BrokerError, match="stored but not queued"):
+                client.submit(texts, task=KEY.task, model=model, precision="fp32")
+    (job,) = client.store.recent_jobs(1)
+    assert job.total == len(texts) and client.store.job_row(job.id)["published_at"] is None  # type: ignore[index]
+    return job.id
+
+
+def run_cli(args: list[str], settings: Settings, *, env: dict[str, str] | None = None, stdin: str | None = None) -> Any:
+    """Invoke ``pipeq`` in-process on ``settings``' URLs (and ``env``).
+
+    The CLI points the root logger at the runner's stderr, closed once the call returns: the
+    logging set-up is put back, so a worker thread logging later does not write to a closed stream.
+    """
+    env = {"PIPEQ_BROKER_URL": settings.broker_url, "PIPEQ_DATABASE_URL": settings.database_url, **(env or {})}
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        return CliRunner().invoke(cli_app, args, env=env, input=stdin)
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+def assert_each_item_ran_once(ledger: FaultLedger, database_url: str, job_id: str, total: int) -> None:
+    report = ledger.check(database_url, job_id, faults=1)
+    assert (report["lost"], report["duplicates"]) == (0, 0)
+    assert [(r["status"], r["attempts"]) for r in report["items"]] == [("done", 1)] * total
+    assert report["job"]["n_done"] == total
+
+
+@pytest.mark.parametrize("how", ["producer died", "broker refused"])
+def test_cli_reconcile_finishes_a_job_that_was_never_published(
+    how: str,
+    settings: Settings,
+    thread_worker: WorkerConfig,
+    ledger: FaultLedger,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    texts = [f"review {i}: " + "good " * (i % 5 + 1) for i in range(37)]
+    with Client(settings, chunk_size=8) as client:
+        # Given: a job committed to the store whose publish never happened
+        job_id = submit_unpublished(client, how, texts, thread_worker.key.model, monkeypatch)
+        # When: a reconciler pass runs with a zero deadline
+        out = run_cli(["reconcile", "--stalled-after", "0"], settings)
+        assert out.exit_code == 0, out.output
+        assert out.stdout == f"published 37 pending items of job {job_id} (stored but never queued)\n"
+        # Then: the worker runs it to the end, every item once
+        state = client.job(job_id).wait(timeout=120)
+    assert (state.status, state.done, state.failed) == ("done", 37, 0)
+    assert_each_item_ran_once(ledger, settings.database_url, job_id, len(texts))
+    assert run_cli(["reconcile", "--stalled-after", "0"], settings).stdout == "", "nothing left to queue"
+
+
+def test_cli_reconcile_output_and_exit_codes(store: Store, store_url: str, celery: Celery) -> None:
+    settings = Settings(broker_url="memory://", database_url=store_url)
+    live_worker(store)
+    out = run_cli(["reconcile"], settings)
+    assert (out.exit_code, out.stdout, out.stderr) == (0, "", "no stalled jobs\n")
+    # Given: a published job that stalled, and one that was never published
+    add_job(store, "lost", 5, idle_for=600)
+    store_job(store, "orphan", 3)
+    age(store, "orphan", 600)
+    out = run_cli(["reconcile"], settings)
+    assert out.exit_code == 0, out.output
+    assert out.stdout.splitlines() == [
+        "re-queued 5 pending items of job lost",
+        "published 3 pending items of job orphan (stored but never queued)",
+    ]
+    assert sorted((m["job_id"], i) for m in drain(celery, KEY.queue) for i, _ in m["items"]) == [
+        *(("lost", i) for i in range(5)),
+        *(("orphan", i) for i in range(3)),
+    ]
+    # A store without pipeq's schema: exit 3 (store unreachable), the reason on stderr.
+    out = run_cli(["reconcile", "--database-url", "sqlite:///:memory:"], settings)
+    assert out.exit_code == 3 and out.stdout == "" and "has no pipeq schema" in out.stderr
+
+
+def test_cli_resume_queues_one_jobs_pending_items(
+    settings: Settings, thread_worker: WorkerConfig, ledger: FaultLedger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    texts = [f"text number {i}" for i in range(21)]
+    with Client(settings, chunk_size=8) as client:
+        # Given: a job the broker refused at submit
+        job_id = submit_unpublished(client, "broker refused", texts, thread_worker.key.model, monkeypatch)
+        # When: it is resumed by hand
+        out = run_cli(["resume", job_id], settings)
+        assert (out.exit_code, out.stdout) == (0, f"re-queued 21 pending items of job {job_id}\n"), out.output
+        # Then: it runs to the end, every item once, and is marked published
+        state = client.job(job_id).wait(timeout=120)
+        assert client.store.job_row(job_id)["published_at"] is not None  # type: ignore[index]
+    assert (state.status, state.done) == ("done", 21)
+    assert_each_item_ran_once(ledger, settings.database_url, job_id, len(texts))
+    # A finished job has nothing left to queue.
+    out = run_cli(["resume", job_id], settings)
+    assert (out.exit_code, out.stdout) == (0, f"re-queued 0 pending items of job {job_id}\n")
+    # An unknown job: exit 2 (bad usage, nothing queued) with the reason on stderr, nothing on stdout.
+    out = run_cli(["resume", "no-such-job"], settings)
+    assert (out.exit_code, out.stdout) == (2, "")
+    assert out.stderr == "pipeq: error: no job 'no-such-job' in the store\n"
+
+
+@pytest.mark.integration
+def test_a_worker_publishes_a_job_its_producer_died_before_publishing(
+    pg_url: str,
+    redis_url: str,
+    model_dir: Callable[[str], str],
+    tmp_path: Any,
+    start_worker: Any,
+    ledger: FaultLedger,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from test_runtime import reference
+
+    model = str(shutil.copytree(model_dir(KEY.task), tmp_path / "model"))  # a Redis queue of this test's own
+    texts = [f"review {i}: " + "the screen is sharp " * (i % 4 + 1) for i in range(60)]
+    settings = Settings(broker_url=redis_url, database_url=pg_url, chunk_size=8)
+    # Given: a producer that died between committing its job and publishing it
+    with Client(settings) as client:
+        job_id = submit_unpublished(client, "producer died", texts, model, monkeypatch)
+    # When: a worker starts whose periodic reconciler has a short deadline
+    worker = start_worker("--task", KEY.task, "--model", model, "--precision", "fp32", "--no-warmup",
+                          broker_url=redis_url, database_url=pg_url,
+                          extra_env={"PIPEQ_STALLED_AFTER": "2", "PIPEQ_RECONCILE_INTERVAL": "0.5"})  # fmt: skip
+    store = Store(pg_url)
+    worker.wait_ready(store, ServeKey(KEY.task, model).queue)
+    # Then: the worker publishes and runs it, every item once, with plain transformers' outputs
+    with Client(settings) as client:
+        state = client.job(job_id).wait(timeout=120)
+    assert (state.status, state.done) == ("done", len(texts)), worker.log()[-3000:]
+    expected = dict(enumerate(reference(KEY.task, model, texts, {})))
+    report = ledger.check(pg_url, job_id, faults=1, expected=expected)
+    assert (report["lost"], report["duplicates"], report["changed"]) == (0, 0, 0)
+    assert report["job"]["published_at"] is not None and report["job"]["requeues"] == 1
+    assert "was stored but never published" in worker.log()
+    store.close()

@@ -44,18 +44,18 @@ CASES: dict[str, tuple[list[Any], dict[str, Any]]] = {
 }
 
 
-def assert_close(got: Any, want: Any, path: str = "$") -> None:
-    """Labels, tokens and structure identical; floats within 1e-4 (fp32)."""
+def assert_close(got: Any, want: Any, path: str = "$", *, tol: float = 1e-4) -> None:
+    """Labels, tokens and structure identical; floats within ``tol`` (1e-4: fp32 on the same device)."""
     if isinstance(want, float) or isinstance(got, float):
-        assert got == pytest.approx(want, abs=1e-4), path
+        assert got == pytest.approx(want, abs=tol), path
     elif isinstance(want, list):
         assert isinstance(got, list) and len(got) == len(want), path
         for i, (g, w) in enumerate(zip(got, want, strict=True)):
-            assert_close(g, w, f"{path}[{i}]")
+            assert_close(g, w, f"{path}[{i}]", tol=tol)
     elif isinstance(want, dict):
         assert isinstance(got, dict) and got.keys() == want.keys(), path
         for k in want:
-            assert_close(got[k], want[k], f"{path}.{k}")
+            assert_close(got[k], want[k], f"{path}.{k}", tol=tol)
     else:
         assert got == want, path
 

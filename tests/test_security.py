@@ -14,7 +14,7 @@ from kombu import Queue
 
 from pipeq import Client, Settings
 from pipeq import constants as C
-from pipeq.errors import BrokerError, ConfigurationError
+from pipeq.errors import BrokerError, ConfigurationError, InputError
 from pipeq.models.store import Store, new_job_row
 from pipeq.routing import ServeKey
 from pipeq.worker.config import WorkerConfig
@@ -72,6 +72,65 @@ def test_a_job_cannot_pick_code_or_models_through_parameters(
         client.job("evil").wait(timeout=60)
         (row,) = client.job("evil").results()
     assert row["status"] == "failed" and "may not set trust_remote_code" in row["error"]
+
+
+def count_rows(url: str) -> tuple[int, int]:
+    """(jobs, items) in the store at ``url``."""
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        counts = tuple(conn.execute(sa.text(f"select count(*) from {t}")).scalar_one() for t in ("jobs", "items"))
+    engine.dispose()
+    return counts  # type: ignore[return-value]
+
+
+def test_a_job_over_the_item_limit_is_refused_whole(
+    store_url: str, model_dir: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One more than an insert batch: the first batch is already written when the limit is hit.
+    limit = C.INSERT_BATCH_ROWS + 1
+    texts = [f"t{i}" for i in range(limit + 1)]
+    with Client(Settings(broker_url="memory://", database_url=store_url, max_job_items=limit)) as client:
+        sent: list[dict[str, Any]] = []
+        monkeypatch.setattr(client._celery, "send_task", lambda name, **kw: sent.append(kw))
+        with pytest.raises(InputError) as err:
+            client.submit(texts, task=TASK, model=model_dir(TASK))
+        assert str(err.value) == f"line {limit + 1}: job has more than {limit:,} items (PIPEQ_MAX_JOB_ITEMS)"
+        assert count_rows(store_url) == (0, 0) and sent == [], "nothing stored, nothing queued"
+        # Exactly at the limit is accepted.
+        assert client.submit(texts[:limit], task=TASK, model=model_dir(TASK)).status().total == limit
+        assert sent
+
+
+def test_the_cli_names_the_item_limit(settings: Settings, model_dir: Callable[[str], str]) -> None:
+    from test_reconcile import run_cli
+
+    args = ["submit", "-", "--task", TASK, "--model", model_dir(TASK)]
+    out = run_cli(args, settings, env={"PIPEQ_MAX_JOB_ITEMS": "2"}, stdin="a\nb\nc\n")
+    assert (out.exit_code, out.stdout) == (2, "")
+    assert "line 3: job has more than 2 items (PIPEQ_MAX_JOB_ITEMS)" in out.stderr
+    assert count_rows(settings.database_url) == (0, 0)
+
+
+def test_outputs_never_carry_another_jobs_inputs(served: tuple[Settings, WorkerConfig]) -> None:
+    from test_runtime import assert_close, reference
+
+    settings, cfg = served
+    english = [{"id": f"en-{i}", "text": f"I loved this phone, review {i}. " * (1 + i % 4)} for i in range(14)]
+    chinese = [{"id": f"zh-{i}", "text": f"我非常讨厌这个，第{i}条评论。" * (1 + i % 3)} for i in range(14)]
+    params = {"top_k": None}  # every label's score: a swapped input shows in all of them
+    # Given: two jobs back to back on the same queue, in chunks of 3, all run by one worker
+    with Client(settings, chunk_size=3) as client:
+        jobs = [client.submit(texts, task=TASK, model=cfg.key.model, params=params) for texts in (english, chinese)]
+        states = [job.wait(timeout=120) for job in jobs]
+        results = [list(job.results()) for job in jobs]
+    assert [(s.status, s.done) for s in states] == [("done", 14), ("done", 14)]
+    # Then: each result is what plain transformers gives for that job's own input, under that job's own id.
+    wants = [reference(TASK, cfg.key.model, [r["text"] for r in texts], params) for texts in (english, chinese)]
+    assert wants[0] != wants[1], "the two jobs' inputs give different outputs, so a mix-up would show"
+    for texts, rows, want in zip((english, chinese), results, wants, strict=True):
+        assert [r["id"] for r in rows] == [t["id"] for t in texts]
+        for row, expected in zip(rows, want, strict=True):
+            assert_close(row["output"], expected, row["id"])
 
 
 def test_broker_credentials_are_masked_in_errors_and_the_store(

@@ -67,7 +67,8 @@ class Job(Base):
     published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    #: Last time a worker claimed or wrote the job's items, or the reconciler queued them again.
+    #: Last time the job was stored (committed), a worker claimed or wrote its items, or the reconciler
+    #: queued them again.
     activity_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     #: Times the reconciler queued the job's pending items again.
     requeues: Mapped[int] = mapped_column(Integer, default=0, server_default="0")

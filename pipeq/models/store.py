@@ -19,6 +19,7 @@ from sqlalchemy import (
     func,
     insert,
     inspect,
+    or_,
     select,
     update,
 )
@@ -38,6 +39,9 @@ _jobs: Table = Job.__table__  # type: ignore[assignment]
 _batches: Table = Batch.__table__  # type: ignore[assignment]
 _workers: Table = Worker.__table__  # type: ignore[assignment]
 _calibrations: Table = Calibration.__table__  # type: ignore[assignment]
+#: A job's last sign of life for the reconciler: a worker's claim or write, a requeue, or the commit that
+#: stored it (``published_at`` and ``created_at`` only for rows written before commits set ``activity_at``).
+_LAST_ACTIVITY = func.coalesce(_jobs.c.activity_at, _jobs.c.published_at, _jobs.c.created_at)
 #: Execution option marking a connection that writes (SQLite: BEGIN IMMEDIATE).
 _WRITE = "pipeq_write"
 #: Columns a new item is inserted with (the rest start NULL).
@@ -66,8 +70,12 @@ def new_job_row(
     priority: int = 0,
     source: str | None = None,
     use_cache: bool = False,
+    chunk_size: int = C.DEFAULT_CHUNK_SIZE,
 ) -> dict[str, Any]:
-    """The ``jobs`` row of a job about to be stored (what ``Store.create_job`` takes)."""
+    """The ``jobs`` row of a job about to be stored (what ``Store.create_job`` takes).
+
+    ``chunk_size`` is the most items per message; publishing the job's window sets the size it uses.
+    """
     return {
         "id": job_id,
         "task": key.task,
@@ -80,6 +88,7 @@ def new_job_row(
         "priority": priority,
         "source": source,
         "use_cache": use_cache,
+        "chunk_size": chunk_size,
     }
 
 
@@ -261,7 +270,8 @@ class Store:
         """Insert a job and all its items in one transaction; returns the item count.
 
         ``items`` yields lists of rows; an exception while it is consumed (bad input) rolls
-        back everything, so a rejected submission leaves nothing behind.
+        back everything, so a rejected submission leaves nothing behind. The commit counts as the
+        job's activity: the reconciler leaves a job alone while its producer may still be publishing it.
         """
         total = 0
         with self.writer.begin() as conn:
@@ -270,7 +280,7 @@ class Store:
                 if rows:
                     self._insert_items(conn, rows)
                     total += len(rows)
-            conn.execute(update(_jobs).where(_jobs.c.id == job["id"]).values(total=total))
+            conn.execute(update(_jobs).where(_jobs.c.id == job["id"]).values(total=total, activity_at=utcnow()))
         return total
 
     def _insert_items(self, conn: Any, rows: Sequence[dict[str, Any]]) -> None:
@@ -631,20 +641,21 @@ class Store:
     # ------------------------------------------------------------ reconciler
 
     def stalled_jobs(self, stalled_after: float, queues: Sequence[str] | None = None) -> list[dict[str, Any]]:
-        """Unfinished, published jobs with no progress for ``stalled_after`` seconds on an idle queue.
+        """Unfinished jobs with pending items and no activity for ``stalled_after`` seconds.
 
-        A queue counts as idle when no job on it made progress in that time: a job waiting behind
-        a long one on a busy queue is not stalled, so nothing is queued twice while work flows.
+        A published job counts only on an idle queue, where no job made progress in that time: a
+        job waiting behind a long one on a busy queue is not stalled, so nothing is queued twice
+        while work flows. A job stored but never published (its producer died after the commit, or
+        the broker refused it) is not on the broker at all, so it counts whatever its queue is doing.
         """
         cutoff = utcnow() - timedelta(seconds=stalled_after)
         active = [C.JOB_QUEUED, C.JOB_RUNNING]
-        last = func.coalesce(_jobs.c.activity_at, _jobs.c.published_at)
         busy = select(_jobs.c.queue).where(_jobs.c.status.in_(active), _jobs.c.activity_at >= cutoff)
         q = select(_jobs).where(
             _jobs.c.status.in_(active),
-            _jobs.c.published_at.is_not(None),
-            last < cutoff,
-            _jobs.c.queue.not_in(busy),
+            _jobs.c.n_done + _jobs.c.n_failed + _jobs.c.n_cancelled < _jobs.c.total,
+            _LAST_ACTIVITY < cutoff,
+            or_(_jobs.c.published_at.is_(None), _jobs.c.queue.not_in(busy)),
         )
         if queues is not None:
             q = q.where(_jobs.c.queue.in_(list(queues)))
@@ -661,7 +672,7 @@ class Store:
                 .where(
                     _jobs.c.id == job_id,
                     _jobs.c.status.in_([C.JOB_QUEUED, C.JOB_RUNNING]),
-                    func.coalesce(_jobs.c.activity_at, _jobs.c.published_at) < cutoff,
+                    _LAST_ACTIVITY < cutoff,
                 )
                 .values(activity_at=now, requeues=_jobs.c.requeues + 1)
             ).rowcount

@@ -12,7 +12,7 @@ from typing import IO, Any
 
 from pipeq import constants as C
 from pipeq.celery_app import make_celery
-from pipeq.dispatch import open_job, requeue
+from pipeq.dispatch import chunk_size_for, open_job, requeue
 from pipeq.errors import BrokerError, ConfigurationError, InputError, JobNotFoundError
 from pipeq.models.store import JobProgress, Store, new_job_row
 from pipeq.producer.frames import is_frame, read_frame, results_frame, results_table
@@ -203,14 +203,23 @@ class Client:
         job_id = uuid.uuid4().hex
         # Inputs stream from the reader into the store in batches; nothing holds the whole job in memory.
         total = self.store.create_job(
-            new_job_row(job_id, key, params=params, priority=priority, source=source, use_cache=cache),
+            new_job_row(
+                job_id,
+                key,
+                params=params,
+                priority=priority,
+                source=source,
+                use_cache=cache,
+                chunk_size=self.settings.chunk_size,
+            ),
             self._rows(job_id, records),
         )
         log.info("stored job %s: %d items for %s", job_id, total, key.queue)
         row = self.store.job_row(job_id)
         assert row is not None
+        size = chunk_size_for(self.store, key.queue, total, self.settings.chunk_size)
         with self._broker_errors(job_id):
-            open_job(self.store, self._celery, row, chunk_size=self.chunk_size(key.queue, total))
+            open_job(self.store, self._celery, row, chunk_size=size)
         self.store.mark_published(job_id)
         return Job(self.store, job_id)
 
@@ -267,12 +276,6 @@ class Client:
         if idx < 0:
             raise InputError("the input holds no items")
         yield rows
-
-    def chunk_size(self, queue: str, total: int) -> int:
-        """Items per message: at most the configured size, smaller so a small job spreads over the live workers."""
-        workers = max(1, len(self.store.live_workers(queue)))
-        spread = -(-total // (workers * C.CHUNKS_PER_WORKER))
-        return max(1, min(self.settings.chunk_size, max(C.MIN_CHUNK_SIZE, spread)))
 
     @contextmanager
     def _broker_errors(self, job_id: str) -> Iterator[None]:

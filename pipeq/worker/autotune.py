@@ -7,6 +7,7 @@ that chose bf16 serves the bf16 queue exactly as if it had been started with ``-
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -39,7 +40,9 @@ def _rates(speeds: dict[Any, float]) -> str:
 def choose_precision(cfg: WorkerConfig, *, min_seconds: float = MEASURE_SECONDS) -> WorkerConfig:
     """Measure each allowed precision the device runs and serve the fastest (``--precision auto``)."""
     allowed = list(cfg.allowed_precisions)
+    t0 = time.perf_counter()
     result = in_subprocess(measure_precisions, cfg, allowed, min_seconds)
+    seconds = time.perf_counter() - t0
     for precision, reason in result.skipped.items():
         log.warning("--precision auto leaves out %s: %s", precision, reason)
     if result.measured:
@@ -68,6 +71,7 @@ def choose_precision(cfg: WorkerConfig, *, min_seconds: float = MEASURE_SECONDS)
         "allowed": allowed,
         "skipped": result.skipped,
         "device_name": result.device_name,
+        "seconds": round(seconds, 1),  # what choosing cost at start: loads and measuring, in a spawned process
     }
     return replace(cfg.with_precision(chosen), precision_choice=choice)
 
@@ -143,7 +147,10 @@ def reuse_calibration(store: Store, cfg: WorkerConfig) -> WorkerConfig:
 def describe(settings: dict[str, Any]) -> tuple[str, str]:
     """How a worker row's precision and token budget were chosen, for ``pipeq workers``; empty when given."""
     choice = settings.get("precision_choice")
-    precision = f" (auto: {_rates(choice['measured'])})" if choice and choice.get("measured") else ""
+    precision = ""
+    if choice and choice.get("measured"):
+        took = f", chosen in {choice['seconds']:.0f}s" if "seconds" in choice else ""
+        precision = f" (auto: {_rates(choice['measured'])}{took})"
     calibration = settings.get("calibration")
     budget = ""
     if calibration:

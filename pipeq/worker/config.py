@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -55,7 +56,7 @@ class WorkerConfig:
             raise ConfigurationError("--precision auto needs at least one precision in --allow-precision")
         for precision in self.allowed_precisions:
             check_precision(precision)
-        if not (self.device == "cpu" or self.device.startswith("cuda")):
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ConfigurationError(f"unknown device {self.device!r}; use cpu or cuda[:N]")
         if not 0.0 <= self.shadow_fraction <= 1.0:
             raise ConfigurationError(f"--shadow-fraction must be in (0, 1], not {self.shadow_fraction}")

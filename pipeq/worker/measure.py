@@ -7,6 +7,7 @@ spawned process that hands back plain results.
 
 from __future__ import annotations
 
+import functools
 import gc
 import importlib.util
 import logging
@@ -68,6 +69,35 @@ def in_subprocess(fn: Callable[..., T], *args: Any) -> T:
             return pool.submit(fn, *args).result()
         except BrokenProcessPool as exc:
             raise ConfigurationError(f"the measuring process died: {exc}") from None
+
+
+@functools.cache
+def cuda_device_names() -> tuple[str, ...]:
+    """The names of the CUDA devices torch sees (index order), asked once, in a spawned process.
+
+    Asking in the worker's parent would poison its prefork pool: once the parent has touched the CUDA
+    runtime (``torch.cuda.is_available()`` does), a forked child cannot initialise CUDA at all.
+    """
+    import torch
+
+    if not torch.backends.cuda.is_built():  # a CPU build of torch: no need to ask
+        return ()
+    return in_subprocess(_cuda_device_names_here)
+
+
+def _cuda_device_names_here() -> tuple[str, ...]:
+    import torch
+
+    return tuple(str(torch.cuda.get_device_name(i)) for i in range(torch.cuda.device_count()))
+
+
+def cuda_device_count() -> int:
+    return len(cuda_device_names())
+
+
+def cuda_index(device: str) -> int:
+    """0 for ``cuda``, N for ``cuda:N``."""
+    return int(device.partition(":")[2] or 0)
 
 
 def synthetic_inputs(pipe: Any, task: str, *, max_length: int | None, n: int = MEASURE_ITEMS) -> list[str]:
@@ -136,8 +166,13 @@ def unsupported_reason(cfg: WorkerConfig) -> str | None:
 
 
 def device_name(device: str) -> str:
-    """The CPU's model name or the CUDA device's name (looked up in a spawned process for CUDA)."""
-    return in_subprocess(_device_name_here, device) if device.startswith("cuda") else _cpu_name()
+    """The CPU's model name or the CUDA device's name (from the one spawned lookup, for CUDA)."""
+    if not device.startswith("cuda"):
+        return _cpu_name()
+    names, index = cuda_device_names(), cuda_index(device)
+    if index >= len(names):
+        raise ConfigurationError(f"device {device} asked for, but torch sees {len(names)} CUDA device(s)")
+    return names[index]
 
 
 def _device_name_here(device: str) -> str:

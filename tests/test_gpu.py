@@ -1,0 +1,125 @@
+"""The CUDA paths: fp32, fp16, bf16 and bitsandbytes LLM.int8 on a GPU, in process and through a real worker.
+
+Marked ``gpu`` and deselected by default (CI and this project's machines have no GPU); run them where
+a GPU is: ``pytest -m gpu``. Without CUDA they fail rather than skip, so a GPU run can't pass empty.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import pipeline
+
+from pipeq import Client, Settings, db
+from pipeq.models.store import Store
+from pipeq.routing import ServeKey
+from pipeq.worker.config import WorkerConfig
+from pipeq.worker.loading import LoadedPipeline, load_pipeline
+from pipeq.worker.runtime import PipelineRuntime
+from test_runtime import assert_close
+
+pytestmark = pytest.mark.gpu
+
+TASK = "text-classification"
+TEXTS = [
+    "I've been waiting for a HuggingFace course my whole life.",
+    "I hate this so much!",
+    "我非常讨厌这个！",
+    "ok",
+    "a somewhat longer sentence about the weather " * 6,
+    "word " * 400,  # over the model's maximum: truncated
+] * 4
+DEVICE = "cuda:0"
+
+
+@pytest.fixture(autouse=True)
+def _needs_cuda() -> None:
+    if not torch.cuda.is_available():
+        pytest.fail("the gpu tests need CUDA: run them on a GPU machine (pytest -m gpu)")
+
+
+def load(model: str, precision: str, task: str = TASK) -> LoadedPipeline:
+    return load_pipeline(WorkerConfig(key=ServeKey(task, model, precision), device=DEVICE))
+
+
+def run(loaded: LoadedPipeline, task: str = TASK, params: dict[str, Any] | None = None) -> list[Any]:
+    rt = PipelineRuntime(loaded.pipe, task, max_batch_tokens=512, max_batch_size=8)
+    out = {r.idx: r for results, _ in rt.run(list(enumerate(TEXTS)), params or {}) for r in results}
+    assert sorted(out) == list(range(len(TEXTS)))
+    assert all(r.status == "done" for r in out.values()), [r.error for r in out.values() if r.error]
+    return [out[i].output for i in range(len(TEXTS))]
+
+
+def scores(output: list[dict[str, Any]]) -> dict[str, float]:
+    return {d["label"]: d["score"] for d in output}
+
+
+@pytest.mark.parametrize("task", [TASK, "feature-extraction"])
+def test_fp32_on_cuda_equals_plain_pipeline_on_the_cpu(task: str, model_dir: Callable[[str], str]) -> None:
+    model = model_dir(task)
+    loaded = load(model, "fp32", task)
+    assert next(loaded.pipe.model.parameters()).device.type == "cuda"
+    params = {"top_k": None} if task == TASK else {}
+    got = run(loaded, task, params)
+    cpu = pipeline(task, model=model, device="cpu")
+    want = [cpu(t, truncation=True, **params) for t in TEXTS]
+    assert_close(got, want, tol=1e-3)  # TF32-free fp32 on the GPU, different kernels: 1e-3 not 1e-4
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_half_precisions_on_cuda_stay_close_to_fp32(
+    precision: str, dtype: torch.dtype, model_dir: Callable[[str], str]
+) -> None:
+    model = model_dir(TASK)
+    half = load(model, precision)
+    assert next(half.pipe.model.parameters()).dtype == dtype
+    assert half.footprint_bytes < load(model, "fp32").footprint_bytes * 0.6
+    ref, got = run(load(model, "fp32"), params={"top_k": None}), run(half, params={"top_k": None})
+    for a, b in zip(ref, got, strict=True):
+        sa, sb = scores(a), scores(b)
+        assert sa.keys() == sb.keys()
+        assert max(abs(sa[k] - sb[k]) for k in sa) < 2e-2
+
+
+def test_bitsandbytes_int8_on_cuda(model_dir: Callable[[str], str]) -> None:
+    import bitsandbytes as bnb
+
+    model = model_dir(TASK)
+    fp32, int8 = load(model, "fp32"), load(model, "int8")
+    assert int8.quantization == "bitsandbytes-llm-int8"
+    linears = [m for m in int8.pipe.model.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+    assert linears and all(m.weight.dtype == torch.int8 for m in linears)
+    assert int8.footprint_bytes < fp32.footprint_bytes
+    for a, b in zip(run(fp32, params={"top_k": None}), run(int8, params={"top_k": None}), strict=True):
+        sa, sb = scores(a), scores(b)
+        assert max(abs(sa[k] - sb[k]) for k in sa) < 0.05
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_worker_on_cuda_end_to_end(
+    precision: str, tmp_path: Path, redis_url: str, model_dir: Callable[[str], str], start_worker: Any
+) -> None:
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    db.upgrade(url)
+    model = model_dir(TASK)
+    args = ("--task", TASK, "--model", model, "--precision", precision, "--device", DEVICE, "--concurrency", "2")
+    worker = start_worker(*args, broker_url=redis_url, database_url=url)
+    store = Store(url)
+    queue = ServeKey(TASK, model, precision).queue
+    worker.wait_ready(store, queue)
+    with Client(Settings(broker_url=redis_url, database_url=url, chunk_size=8)) as client:
+        job = client.submit(TEXTS, task=TASK, model=model, precision=precision)
+        state = job.wait(timeout=120)
+        results = list(job.results())
+    assert (state.status, state.done, state.failed) == ("done", len(TEXTS), 0)
+    assert [r["index"] for r in results] == list(range(len(TEXTS)))
+    assert all(r["timing"]["forward_ms"] > 0 for r in results)
+    live = store.live_workers(queue)
+    assert {w["device"] for w in live} == {DEVICE}
+    want = "bitsandbytes-llm-int8" if precision == "int8" else "none"
+    assert {w["quantization"] for w in live} == {want}
+    store.close()
