@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import corpus  # noqa: E402
 
 from pipeq import Client, Settings, db  # noqa: E402
-from pipeq.demo import minilm_path, sentence_vectors  # noqa: E402
+from pipeq.demo import EMBEDDING_PARAMS, minilm_path  # noqa: E402
 from pipeq.models.store import Store  # noqa: E402
 from pipeq.routing import ServeKey  # noqa: E402
 from pipeq.worker.config import WorkerConfig  # noqa: E402
@@ -160,12 +160,12 @@ def child_rss_mb(pids: list[int]) -> float:
 
 
 def start_worker(
-    model: str, precision: str, url: str, *extra: str, workers: int = 1
+    model: str, precision: str, url: str, *extra: str, workers: int = 1, task: str = TASK
 ) -> tuple[subprocess.Popen[bytes], Store, list[dict[str, Any]]]:
     """Start ``pipeq worker`` on a migrated store and wait until its children are ready; returns them too."""
     db.upgrade(url)
     env = {**os.environ, "PIPEQ_BROKER_URL": REDIS, "PIPEQ_DATABASE_URL": url}
-    args = ["--task", TASK, "--model", model, "--precision", precision, "--concurrency", str(workers)]
+    args = ["--task", task, "--model", model, "--precision", precision, "--concurrency", str(workers)]
     args += ["--device", DEVICE, *extra]
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeq", "-q", "worker", *args],
@@ -175,7 +175,7 @@ def start_worker(
         start_new_session=True,
     )
     store = Store(url)
-    queue = ServeKey(TASK, model, precision).queue
+    queue = ServeKey(task, model, precision).queue
     deadline = time.monotonic() + 300
     while len(ready := [w for w in store.live_workers(queue) if w["status"] == "ready"]) < workers:
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -342,8 +342,8 @@ def embedding_cosines(texts: list[str], precision: str) -> tuple[float, float]:
         key = ServeKey("feature-extraction", minilm_path(), p)
         pipe = load_pipeline(WorkerConfig(key=key, device=DEVICE)).pipe
         rt = PipelineRuntime(pipe, "feature-extraction")
-        out = {r.idx: r.output for b, _ in rt.run(list(enumerate(texts)), {}) for r in b}
-        return sentence_vectors([out[i] for i in range(len(texts))])
+        out = {r.idx: r.output for b, _ in rt.run(list(enumerate(texts)), EMBEDDING_PARAMS) for r in b}
+        return np.asarray([out[i] for i in range(len(texts))])
 
     cos = (embed("fp32") * embed(precision)).sum(axis=1)
     return float(cos.min()), float(cos.mean())

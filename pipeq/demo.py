@@ -41,11 +41,8 @@ def sample_texts() -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
 
 
-def sentence_vectors(outputs: list[list[list[list[float]]]]) -> np.ndarray:
-    """Mean-pool token embeddings and normalise, as all-MiniLM-L6-v2 was trained to be used."""
-    vectors = [np.asarray(out[0]).mean(axis=0) for out in outputs]
-    matrix = np.stack(vectors)
-    return matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
+#: One unit vector per text, mean-pooled over its tokens: how all-MiniLM-L6-v2 was trained to be used.
+EMBEDDING_PARAMS = {"pooling": "mean", "normalize": True}
 
 
 def run_demo(settings: Settings, *, timeout: float = 300) -> int:
@@ -75,7 +72,7 @@ def run_demo(settings: Settings, *, timeout: float = 300) -> int:
                         f"pipeq worker --task {TASK} --model {model}"
                     )
                 time.sleep(0.3)
-            job = client.submit(texts, task=TASK, model=model)
+            job = client.submit(texts, task=TASK, model=model, params=EMBEDDING_PARAMS)
             print(f"job {job.id}: {len(texts)} texts", file=sys.stderr)
             state = job.wait(progress=True, timeout=timeout)
             rows = list(job.results())
@@ -83,8 +80,8 @@ def run_demo(settings: Settings, *, timeout: float = 300) -> int:
         worker.terminate()
         worker.wait(timeout=60)
     done = [r for r in rows if r["status"] == "done"]
-    vectors = sentence_vectors([r["output"] for r in done])
-    similarity = vectors @ vectors.T
+    vectors = np.asarray([r["output"] for r in done])
+    similarity = vectors @ vectors.T  # unit vectors: dot products are cosine similarities
     print(
         f"\nNearest neighbours by cosine similarity of stored embeddings ({len(done)} texts, {state.failed} failed):\n"
     )

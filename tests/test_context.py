@@ -15,16 +15,29 @@ from pipeq.worker.context import WorkerContext
 TASK = "text-classification"
 
 
-def submit(store: Store, key: ServeKey, texts: list[str], job_id: str = "job") -> list[list[object]]:
+def submit(
+    store: Store, key: ServeKey, texts: list[str], job_id: str = "job", params: dict[str, Any] | None = None
+) -> list[list[object]]:
     rows = [
         {"job_id": job_id, "idx": i, "input_id": None, "input": t, "status": "pending", "attempts": 0}
         for i, t in enumerate(texts)
     ]
-    store.create_job(
-        new_job_row(job_id, key),
-        [rows],
-    )
+    store.create_job(new_job_row(job_id, key, params=params), [rows])
     return [[i, t] for i, t in enumerate(texts)]
+
+
+def test_parameters_the_pipeline_rejects_fail_the_job_at_once(ctx: WorkerContext, sqlite_url: str) -> None:
+    # Written to the store by anything (the client cannot know every pipeline's parameters): the
+    # pipeline's own check refuses them before any input runs, with the reason, on the first delivery.
+    store = Store(sqlite_url)
+    message = submit(store, ctx.cfg.key, ["good", "also good"], params={"function_to_apply": "cubic"})
+    counts = ctx.run_chunk("job", message, None)
+    assert counts["failed"] == 2
+    rows = list(store.iter_results("job"))
+    assert {r["status"] for r in rows} == {C.ITEM_FAILED}
+    assert all(r["error"].startswith("invalid parameters for text-classification: KeyError") for r in rows)
+    assert {r["attempts"] for r in rows} == {1}
+    assert store.job("job").is_final
 
 
 def test_duplicate_delivery_changes_nothing(ctx: WorkerContext, sqlite_url: str) -> None:

@@ -7,9 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
-from pipeq.demo import sentence_vectors
 from pipeq.routing import ServeKey
 from pipeq.worker.config import WorkerConfig
 from pipeq.worker.loading import load_pipeline
@@ -25,15 +24,28 @@ TASK = "feature-extraction"
 
 
 def sentence_embeddings(minilm_dir: str, texts: list[str], precision: str = "fp32") -> np.ndarray:
-    """Mean-pooled, normalised token embeddings: how all-MiniLM-L6-v2 makes sentence vectors."""
+    """What a job with pooling=mean, normalize=true stores: how all-MiniLM-L6-v2 makes sentence vectors."""
     loaded = load_pipeline(WorkerConfig(key=ServeKey(TASK, minilm_dir, precision)))
     rt = PipelineRuntime(loaded.pipe, TASK, max_batch_size=4)
-    out = {r.idx: r for results, _ in rt.run(list(enumerate(texts)), {}) for r in results}
+    params = {"pooling": "mean", "normalize": True}
+    out = {r.idx: r for results, _ in rt.run(list(enumerate(texts)), params) for r in results}
     for i in range(len(texts)):
         assert out[i].status == "done", out[i].error
-    vectors = sentence_vectors([out[i].output for i in range(len(texts))])  # token rows are unpadded
+    vectors = np.asarray([out[i].output for i in range(len(texts))])
     assert vectors.shape == (len(texts), 384)
     return vectors
+
+
+def test_embeddings_match_the_model_cards_recipe(minilm_dir: str) -> None:
+    # all-MiniLM-L6-v2's model card: one padded batch, mean over the attention mask, then L2 normalisation.
+    texts = [t for triple in PAIRS for t in triple]
+    tokenizer, model = AutoTokenizer.from_pretrained(minilm_dir), AutoModel.from_pretrained(minilm_dir).eval()
+    enc = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**enc).last_hidden_state
+    mask = enc["attention_mask"].unsqueeze(-1).float()
+    card = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=1).numpy()
+    np.testing.assert_allclose(sentence_embeddings(minilm_dir, texts), card, atol=1e-5)
 
 
 def test_paraphrases_score_closer_than_unrelated(minilm_dir: str) -> None:

@@ -11,6 +11,7 @@ from dataclasses import replace
 from typing import IO, Any
 
 from pipeq import constants as C
+from pipeq import embedding
 from pipeq.celery_app import make_celery
 from pipeq.dispatch import chunk_size_for, open_job, requeue
 from pipeq.errors import BrokerError, ConfigurationError, InputError, JobNotFoundError
@@ -179,6 +180,8 @@ class Client:
         key = ServeKey(task=name, model=model, precision=check_precision(precision), revision=revision)
         self._warn_if_served_elsewhere(key)
         params = check_params(params)
+        if name == embedding.TASK:
+            embedding.check_embedding_params(params)
         spec = RecordSpec(
             task=name,
             text_field=text_field,

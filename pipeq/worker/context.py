@@ -356,8 +356,10 @@ class WorkerContext:
     def _refused(self, job: dict[str, Any], todo: list[tuple[int, Any]]) -> list[ItemResult]:
         """Failed results for all of a job this worker must not run (none if it may).
 
-        A job that names another configuration, or parameters that would pick code or a model
-        (written to the store by something other than pipeq's client), never reaches the pipeline.
+        A job that names another configuration, parameters that would pick code or a model
+        (written to the store by something other than pipeq's client), or parameters the
+        pipeline's own ``_sanitize_parameters`` rejects never reaches the pipeline: its items fail
+        with the reason at once instead of failing one delivery after another.
         """
         key = self.cfg.key
         wanted = (job["task"], job["model"], job["precision"], job["revision"])
@@ -367,9 +369,15 @@ class WorkerContext:
         else:
             try:
                 check_params(job["params"])
-                return []
             except ConfigurationError as exc:
                 error = str(exc)
+            else:
+                assert self.runtime is not None
+                try:  # the pipeline's own check of its parameters, before any input runs
+                    self.runtime.stage_params(job["params"] or {})
+                    return []
+                except Exception as exc:
+                    error = f"invalid parameters for {key.task}: {type(exc).__name__}: {exc}"
         return [ItemResult(idx, C.ITEM_FAILED, error=error) for idx, _ in todo]
 
     def _from_cache(

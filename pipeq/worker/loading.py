@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeq.embedding import TASK as EMBEDDING_TASK
 from pipeq.errors import ConfigurationError, ModelNotFoundError
 from pipeq.worker.config import WorkerConfig
 from pipeq.worker.quantize import bnb_config, memory_footprint, quantize_dynamic_int8
@@ -85,6 +86,10 @@ def load_pipeline(cfg: WorkerConfig) -> LoadedPipeline:
         quantization = "bitsandbytes-llm-int8"
     else:
         kwargs["device"] = cfg.device
+    if key.task == EMBEDDING_TASK and not cfg.pipeline_class:
+        from pipeq.worker.embedding import EmbeddingPipeline
+
+        kwargs["pipeline_class"] = EmbeddingPipeline  # transformers' own, plus pooling and normalize
     if key.precision == "fp16" and cfg.device == "cpu":
         log.warning("fp16 on the CPU is slow; bf16 or int8 are the fast CPU precisions")
     try:

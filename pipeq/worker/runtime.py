@@ -38,8 +38,11 @@ def offline_defaults(task: str, params: dict[str, Any]) -> dict[str, Any]:
     A job's own ``truncation`` (or ``tokenizer_kwargs``) always wins; truncated items are flagged.
     """
     params = dict(params)
-    if task in ("text-classification", "feature-extraction"):
+    if task == "text-classification":
         params.setdefault("truncation", True)
+    elif task == "feature-extraction":
+        if "truncation" not in (params.get("tokenize_kwargs") or {}):
+            params.setdefault("truncation", True)
     elif task == "fill-mask":
         tokenizer_kwargs = dict(params.get("tokenizer_kwargs") or {})
         tokenizer_kwargs.setdefault("truncation", True)
@@ -295,9 +298,12 @@ class PipelineRuntime:
 
     def _unpad(self, out: Any, n_tokens: int) -> Any:
         """Drop padded positions so a per-token output is what an unbatched call returns."""
-        hidden = out.get("last_hidden_state") if hasattr(out, "get") else None
-        if hidden is not None and hidden.ndim >= 2 and hidden.shape[1] > n_tokens:
-            out["last_hidden_state"] = hidden[:, -n_tokens:] if self._padding_side == "left" else hidden[:, :n_tokens]
+        if not hasattr(out, "get"):
+            return out
+        for name in ("last_hidden_state", "attention_mask"):
+            tensor = out.get(name)
+            if tensor is not None and tensor.ndim >= 2 and tensor.shape[1] > n_tokens:
+                out[name] = tensor[:, -n_tokens:] if self._padding_side == "left" else tensor[:, :n_tokens]
         return out
 
     def _forward_once(self, batch: list[Unit], fwd: dict[str, Any]) -> list[Any]:
