@@ -53,10 +53,7 @@ def end_to_end(
     proc, store, live = run.start_worker(model, precision, url, "--threads", threads, workers=workers, task=TASK)
     try:
         with Client(Settings(broker_url=run.REDIS, database_url=url)) as client:
-            t0 = time.perf_counter()
-            job = client.submit(texts, task=TASK, model=model, precision=precision, params=params)
-            state = job.wait(poll=0.02, timeout=3600)
-            elapsed = time.perf_counter() - t0
+            state, elapsed = run.run_job(client, texts, task=TASK, model=model, precision=precision, params=params)
         if state.done != len(texts):
             raise SystemExit(f"job ended {state.status} with {state.failed} failed")
     finally:
