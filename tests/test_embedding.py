@@ -74,6 +74,16 @@ def test_plain_transformers_batches_pool_the_same(runtime: PipelineRuntime, mode
     np.testing.assert_allclose(theirs, np.asarray(run(runtime, {"pooling": "mean"})), atol=1e-5)
 
 
+def test_a_custom_class_without_pooling_refuses_it_instead_of_storing_token_vectors(
+    model_dir: Callable[[str], str],
+) -> None:
+    # transformers' FeatureExtractionPipeline swallows unknown keywords, so pooling would vanish silently.
+    rt = PipelineRuntime(pipeline(TASK, model=model_dir(TASK)), TASK)
+    with pytest.raises(ConfigurationError, match="pooling need pipeq's embedding pipeline.*FeatureExtractionPipeline"):
+        rt.stage_params({"pooling": "mean"})
+    assert rt.stage_params({})  # without pooling, the custom class serves the job as it is
+
+
 @pytest.mark.parametrize(
     ("params", "message"),
     [

@@ -17,6 +17,9 @@ from pipeq.embedding import check_embedding_params
 class EmbeddingPipeline(FeatureExtractionPipeline):
     """transformers' FeatureExtractionPipeline that can also pool token vectors into one per text."""
 
+    #: What the worker checks before it passes a job's ``pooling``/``normalize`` on (subclasses keep it).
+    accepts_pooling = True
+
     def _sanitize_parameters(  # type: ignore[override]
         self, pooling: str | None = None, normalize: bool | None = None, **kwargs: Any
     ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pipeq import constants as C
+from pipeq.errors import ConfigurationError
 from pipeq.models.store import BatchTiming, ItemResult
 from pipeq.worker.batching import Unit, cut_batches, padded_tokens, token_length
 from pipeq.worker.serialize import to_jsonable
@@ -122,6 +123,14 @@ class PipelineRuntime:
         """The pipeline's own split of job parameters into preprocess/forward/postprocess ones."""
         pipe = self.pipe
         extra: dict[str, Any] = {}
+        pooling = {name for name in ("pooling", "normalize") if params.get(name) is not None}
+        if pooling and not getattr(pipe, "accepts_pooling", False):
+            # A custom feature-extraction class would silently drop them (transformers' own
+            # _sanitize_parameters swallows unknown keywords) and store a vector per token.
+            raise ConfigurationError(
+                f"{' and '.join(sorted(pooling))} need pipeq's embedding pipeline; this worker serves "
+                f"{type(pipe).__module__}.{type(pipe).__qualname__}"
+            )
         if self.task == "token-classification":
             # TokenClassificationPipeline.__call__ fills these in before _sanitize_parameters.
             extra = {"is_split_into_words": False, "delimiter": None}
