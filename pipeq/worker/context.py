@@ -27,6 +27,7 @@ from pipeq.routing import check_params
 from pipeq.settings import Settings, mask_url
 from pipeq.worker.config import WorkerConfig
 from pipeq.worker.loading import LoadedPipeline, load_pipeline, set_threads, warmup_inputs
+from pipeq.worker.memory import release_free_memory
 from pipeq.worker.metrics import WorkerMetrics
 from pipeq.worker.runtime import PipelineRuntime
 from pipeq.worker.shadow import ShadowCheck
@@ -241,8 +242,9 @@ class WorkerContext:
                     delay = min(delay * 2, C.STORE_RETRY_MAX_SLEEP)
         finally:
             self.current_job = None
-            self.busy_seconds += time.perf_counter() - began
             self._cache = None
+            release_free_memory()  # or a long job of uneven texts keeps growing the heap (see memory.py)
+            self.busy_seconds += time.perf_counter() - began
 
     def _run_chunk(
         self,
