@@ -595,7 +595,22 @@ def main() -> None:
     report = render(args, rows, submit, latency, latency_forward, next(iter(models)), scale)
     print("\n" + report)
     if args.results:
-        Path(args.results).write_text(report)
+        write_results(Path(args.results), report)
+
+
+BEGIN, END = "<!-- benchmarks/run.py: begin -->", "<!-- benchmarks/run.py: end -->"
+
+
+def write_results(path: Path, report: str) -> None:
+    """Put the tables between the markers of an existing results file, keeping the prose around them."""
+    block = f"{BEGIN}\n{report}\n{END}"
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + block + rest.split(END, 1)[1]
+    else:
+        text = block + "\n"
+    path.write_text(text, encoding="utf-8")
 
 
 def row_record(row: Row) -> dict[str, Any]:
