@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pipeq import constants as C
+from pipeq.embedding import TASK as EMBEDDING_TASK
 from pipeq.errors import ConfigurationError
 from pipeq.models.store import BatchTiming, ItemResult
 from pipeq.worker.batching import Unit, cut_batches, padded_tokens, token_length
@@ -124,7 +125,7 @@ class PipelineRuntime:
         pipe = self.pipe
         extra: dict[str, Any] = {}
         pooling = {name for name in ("pooling", "normalize") if params.get(name) is not None}
-        if pooling and not getattr(pipe, "accepts_pooling", False):
+        if self.task == EMBEDDING_TASK and pooling and not getattr(pipe, "accepts_pooling", False):
             # A custom feature-extraction class would silently drop them (transformers' own
             # _sanitize_parameters swallows unknown keywords) and store a vector per token.
             raise ConfigurationError(
