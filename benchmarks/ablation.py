@@ -151,18 +151,20 @@ def main() -> None:
             tps = two_processes(path, texts, n)
             threads.setdefault(label, []).append(tps)
             print(json.dumps({"variant": label, "texts_per_s": round(tps, 1)}))
-    print("\n| variant (one thing switched off) | texts/s, median (best) | vs pipeq | padding efficiency |")
-    print("| --- | --- | --- | --- |")
+    print_table("variant (one thing switched off)", rates, padding)
+    print_table("two worker processes on the same cores", threads)
+
+
+def print_table(title: str, rates: dict[str, list[float]], padding: dict[str, float] | None = None) -> None:
+    """Median (and best) texts/s of each variant, against the first one's median."""
+    extra = " padding efficiency |" if padding else ""
+    print(f"\n| {title} | texts/s, median (best) | vs pipeq |{extra}")
+    print("| --- | --- | --- |" + (" --- |" if padding else ""))
     base = statistics.median(next(iter(rates.values())))
     for label, got in rates.items():
         mid = statistics.median(got)
-        print(f"| {label} | {mid:.1f} ({max(got):.1f}) | {mid / base:.2f}x | {padding[label]:.1%} |")
-    print("\n| two worker processes on the same cores | texts/s, median (best) | vs pipeq |")
-    print("| --- | --- | --- |")
-    base = statistics.median(next(iter(threads.values())))
-    for label, got in threads.items():
-        mid = statistics.median(got)
-        print(f"| {label} | {mid:.1f} ({max(got):.1f}) | {mid / base:.2f}x |")
+        cell = f" {padding[label]:.1%} |" if padding else ""
+        print(f"| {label} | {mid:.1f} ({max(got):.1f}) | {mid / base:.2f}x |{cell}")
 
 
 if __name__ == "__main__":
