@@ -14,7 +14,7 @@ from pipeq.worker.app import create_worker_app
 from pipeq.worker.autotune import tune
 from pipeq.worker.config import WorkerConfig
 from pipeq.worker.loading import register_custom_pipeline
-from pipeq.worker.measure import cuda_device_count, cuda_index
+from pipeq.worker.measure import device_name
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +27,7 @@ def validate(cfg: WorkerConfig) -> None:
     check_model(cfg.key.model)
     cfg.check_shadow()
     if cfg.device.startswith("cuda"):
-        count = cuda_device_count()  # in a spawned process: the pool forks from this one
-        if cuda_index(cfg.device) >= count:
-            seen = f"{count} CUDA device(s)" if count else "no CUDA device"
-            raise ConfigurationError(f"device {cfg.device} asked for, but torch sees {seen}")
+        device_name(cfg.device)  # asked in a spawned process (the pool forks from this one); raises if unseen
 
 
 def run_worker(settings: Settings, cfg: WorkerConfig, *, loglevel: str = "INFO", pool: str = "prefork") -> None:

@@ -166,12 +166,16 @@ def unsupported_reason(cfg: WorkerConfig) -> str | None:
 
 
 def device_name(device: str) -> str:
-    """The CPU's model name or the CUDA device's name (from the one spawned lookup, for CUDA)."""
+    """The CPU's model name or the CUDA device's name (from the one spawned lookup, for CUDA).
+
+    Raises ConfigurationError for a CUDA device torch does not see.
+    """
     if not device.startswith("cuda"):
         return _cpu_name()
     names, index = cuda_device_names(), cuda_index(device)
     if index >= len(names):
-        raise ConfigurationError(f"device {device} asked for, but torch sees {len(names)} CUDA device(s)")
+        seen = f"{len(names)} CUDA device(s)" if names else "no CUDA device"
+        raise ConfigurationError(f"device {device} asked for, but torch sees {seen}")
     return names[index]
 
 
