@@ -46,7 +46,7 @@ import corpus  # noqa: E402
 from run import build_models, machine  # noqa: E402
 
 from pipeq import constants as C  # noqa: E402
-from pipeq.producer.publish import longest_first  # noqa: E402
+from pipeq.broker.publish import longest_first  # noqa: E402
 from pipeq.worker.runtime import PipelineRuntime  # noqa: E402
 
 TASK = "text-classification"

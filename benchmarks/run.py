@@ -45,10 +45,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import corpus  # noqa: E402
 
-from pipeq import Client, Settings, db  # noqa: E402
+from pipeq import Client, Settings  # noqa: E402
 from pipeq.demo import EMBEDDING_PARAMS, minilm_path  # noqa: E402
-from pipeq.models.store import Store  # noqa: E402
 from pipeq.routing import ServeKey  # noqa: E402
+from pipeq.store import Store  # noqa: E402
+from pipeq.store import schema as db  # noqa: E402
 from pipeq.worker.config import WorkerConfig  # noqa: E402
 from pipeq.worker.loading import load_pipeline  # noqa: E402
 from pipeq.worker.runtime import PipelineRuntime  # noqa: E402

@@ -8,13 +8,20 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated, Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from pipeq import constants as C
 from pipeq.errors import BrokerError, InputError, PipeqError, StoreError
+from pipeq.precisions import DEFAULT_ALLOWED_PRECISIONS, INT8_BACKENDS, PRECISIONS, REFERENCE
+from pipeq.producer.readers import INPUT_FORMATS
 from pipeq.settings import Settings
+
+if TYPE_CHECKING:
+    from pipeq.store import Store
 
 app = typer.Typer(
     name="pipeq",
@@ -27,7 +34,19 @@ app.add_typer(db_app, name="db")
 
 BrokerOpt = Annotated[str | None, typer.Option("--broker-url", help="Broker URL [env: PIPEQ_BROKER_URL].")]
 DatabaseOpt = Annotated[str | None, typer.Option("--database-url", help="Store URL [env: PIPEQ_DATABASE_URL].")]
-PrecisionOpt = Annotated[str, typer.Option("--precision", help="fp32, fp16, bf16 or int8.")]
+
+
+def _either(names: list[str]) -> str:
+    """``a, b or c``, for help texts."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+#: Help texts listing what the registries hold (``pipeq.precisions``, the input formats of ``readers``).
+_PRECISION_NAMES = _either(list(PRECISIONS))
+_PRECISIONS_DESCRIBED = ", ".join(f"{p.name} ({p.description})" for p in PRECISIONS.values())
+_INPUT_FORMAT_NAMES = _either(list(INPUT_FORMATS))
+_INPUT_SUFFIXES = _either([f.suffixes[0] for f in INPUT_FORMATS.values()])
+_SHADOWED = _either([name for name in PRECISIONS if name != REFERENCE])
 
 
 class _State:
@@ -42,6 +61,29 @@ def _fail(exc: PipeqError) -> typer.Exit:
     typer.echo(f"pipeq: error: {exc}", err=True)
     code = 3 if isinstance(exc, StoreError | BrokerError) else 2
     return typer.Exit(code)
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Report pipeq's errors on stderr and exit with their code (2 bad input, 3 store or broker)."""
+    try:
+        yield
+    except PipeqError as exc:
+        raise _fail(exc) from None
+
+
+@contextmanager
+def _open_store(database_url: str | None) -> Iterator[Store]:
+    """The store of the settings, checked to be reachable and migrated, closed afterwards; errors as ``_errors``."""
+    from pipeq.store import Store
+
+    with _errors():
+        store = Store(_settings(database_url=database_url).database_url)
+        try:
+            store.check_schema()
+            yield store
+        finally:
+            store.close()
 
 
 def _version(value: bool) -> None:
@@ -77,8 +119,8 @@ def db_upgrade(
 
     Example: PIPEQ_DATABASE_URL=postgresql+psycopg://pipeq@db/pipeq pipeq db upgrade
     """
-    from pipeq import db
     from pipeq.settings import mask_url
+    from pipeq.store import schema as db
 
     settings = _settings(database_url=database_url)
     try:
@@ -99,7 +141,7 @@ def db_downgrade(
 
     Example: pipeq db downgrade 0003
     """
-    from pipeq import db
+    from pipeq.store import schema as db
 
     db.downgrade(_settings(database_url=database_url).database_url, revision)
 
@@ -114,12 +156,16 @@ def worker(
     precision: Annotated[
         str,
         typer.Option(
-            "--precision", help="fp32, fp16, bf16, int8, or auto: measure the allowed ones, serve the fastest."
+            "--precision",
+            help=f"{_PRECISIONS_DESCRIBED}; or auto: measure the allowed ones, serve the fastest.",
         ),
     ] = "auto",
     allow_precision: Annotated[
         str | None,
-        typer.Option("--allow-precision", help="What auto may pick, comma-separated [default: fp32,bf16,int8]."),
+        typer.Option(
+            "--allow-precision",
+            help=f"What auto may pick, comma-separated [default: {','.join(DEFAULT_ALLOWED_PRECISIONS)}].",
+        ),
     ] = None,
     revision: Annotated[str | None, typer.Option("--revision", help="Model revision (hub).")] = None,
     device: Annotated[str | None, typer.Option("--device", help="cpu or cuda:N [default: cuda:0 if any].")] = None,
@@ -132,7 +178,9 @@ def worker(
         bool, typer.Option("--calibrate", help="Sweep --max-batch-tokens on this model and device; store the fastest.")
     ] = False,
     max_batch_size: Annotated[int, typer.Option(help="Rows per forward pass.")] = C.DEFAULT_MAX_BATCH_SIZE,
-    int8_backend: Annotated[str | None, typer.Option(help="bnb or dynamic [default: bnb on CUDA].")] = None,
+    int8_backend: Annotated[
+        str | None, typer.Option(help=f"{_either(list(INT8_BACKENDS))} [default: bnb on CUDA, else dynamic].")
+    ] = None,
     pipeline_class: Annotated[str | None, typer.Option(help="Custom Pipeline subclass, module:Class.")] = None,
     model_class: Annotated[str | None, typer.Option(help="Model class for --pipeline-class, module:Class.")] = None,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own code to run.")] = False,
@@ -147,8 +195,8 @@ def worker(
         typer.Option(
             min=0.0,
             max=1.0,
-            help="Also run this share of done items at fp32 and record label agreement and score difference on the "
-            "job (int8, fp16 or bf16 workers; loads a second, fp32 copy of the model).",
+            help=f"Also run this share of done items at {REFERENCE} and record label agreement and score difference "
+            f"on the job ({_SHADOWED} workers; loads a second, {REFERENCE} copy of the model).",
         ),
     ] = 0.0,
     broker_url: BrokerOpt = None,
@@ -190,7 +238,7 @@ def worker(
             trust_remote_code=trust_remote_code,
             threads=threads,
             warmup=warmup,
-            allowed_precisions=parse_precisions(allow_precision) if allow_precision else C.DEFAULT_ALLOWED_PRECISIONS,
+            allowed_precisions=parse_precisions(allow_precision) if allow_precision else DEFAULT_ALLOWED_PRECISIONS,
             calibrate=calibrate,
             metrics_port=metrics_port,
             shadow_fraction=shadow_fraction,
@@ -219,13 +267,14 @@ def _parse_params(pairs: list[str]) -> dict[str, Any]:
 
 @app.command()
 def submit(
-    input: Annotated[str, typer.Argument(help=".jsonl, .csv, .parquet or .txt file, or - for stdin.")],
+    input: Annotated[str, typer.Argument(help=f"{_INPUT_SUFFIXES} file, or - for stdin.")],
     task: Annotated[str, typer.Option("--task", help="Task, e.g. sentiment-analysis.")],
     model: Annotated[str, typer.Option("--model", help="Model served by a worker (same string).")],
     precision: Annotated[
         str | None,
         typer.Option(
-            "--precision", help="fp32, fp16, bf16 or int8 [default: what live workers serve for the model, else fp32]."
+            "--precision",
+            help=f"{_PRECISION_NAMES} [default: what live workers serve for the model, else fp32].",
         ),
     ] = None,
     revision: Annotated[str | None, typer.Option("--revision")] = None,
@@ -233,7 +282,7 @@ def submit(
     id_field: Annotated[str, typer.Option(help="Field holding your id (optional in records).")] = "id",
     pair_field: Annotated[str | None, typer.Option(help="Field with the second text of a pair.")] = None,
     param: Annotated[list[str] | None, typer.Option("--param", help="Task parameter KEY=VALUE (JSON).")] = None,
-    input_format: Annotated[str | None, typer.Option(help="jsonl, csv, parquet or txt.")] = None,
+    input_format: Annotated[str | None, typer.Option(help=f"{_INPUT_FORMAT_NAMES}.")] = None,
     skip_empty: Annotated[bool, typer.Option(help="Drop empty texts instead of refusing the input.")] = False,
     max_text_chars: Annotated[int | None, typer.Option(help="Longest text accepted.")] = None,
     chunk_size: Annotated[int | None, typer.Option(help="Items per broker message.")] = None,
@@ -256,33 +305,30 @@ def submit(
     """
     from pipeq.producer.client import Client
 
-    try:
-        settings = _settings(broker_url, database_url, max_text_chars=max_text_chars, chunk_size=chunk_size)
-        with Client(settings) as client:
-            job = client.submit(
-                input,
-                task=task,
-                model=model,
-                precision=precision,
-                revision=revision,
-                params=_parse_params(param or []),
-                text_field=text_field,
-                id_field=id_field,
-                pair_field=pair_field,
-                skip_empty=skip_empty,
-                priority=priority,
-                input_format=input_format,
-                cache=cache,
-            )
-            total = job.status().total
-            typer.echo(f"queued {total:,} items as job {job.id}", err=True)
-            if wait:
-                state = job.wait(progress=True)
-                typer.echo(job.id)
-                raise typer.Exit(0 if state.failed == 0 and state.cancelled == 0 else 1)
+    more = {"max_text_chars": max_text_chars, "chunk_size": chunk_size}
+    with _errors(), Client(_settings(broker_url, database_url, **more)) as client:
+        job = client.submit(
+            input,
+            task=task,
+            model=model,
+            precision=precision,
+            revision=revision,
+            params=_parse_params(param or []),
+            text_field=text_field,
+            id_field=id_field,
+            pair_field=pair_field,
+            skip_empty=skip_empty,
+            priority=priority,
+            input_format=input_format,
+            cache=cache,
+        )
+        total = job.status().total
+        typer.echo(f"queued {total:,} items as job {job.id}", err=True)
+        if wait:
+            state = job.wait(progress=True)
             typer.echo(job.id)
-    except PipeqError as exc:
-        raise _fail(exc) from None
+            raise typer.Exit(0 if state.failed == 0 and state.cancelled == 0 else 1)
+        typer.echo(job.id)
 
 
 # ---------------------------------------------------------------- status & results
@@ -299,19 +345,14 @@ def status(
 
     Example: pipeq status 3f2a9c... --watch
     """
-    from pipeq.models.store import Store
     from pipeq.progress import describe
     from pipeq.progress import watch as watch_job
 
-    try:
-        store = Store(_settings(database_url=database_url).database_url)
-        store.check_schema()
+    with _open_store(database_url) as store:
         state = watch_job(store, job_id) if watch else store.job(job_id)
         queue = (store.job_row(job_id) or {}).get("queue")
         live = store.live_workers(queue) if queue else []
         stale = store.stale_workers(queue) if queue else []
-    except PipeqError as exc:
-        raise _fail(exc) from None
     workers_info = {
         "live": [{"id": w["id"], "host": w["host"], "pid": w["pid"], "current_job": w["current_job"]} for w in live],
         "stale": [{"id": w["id"], "host": w["host"], "pid": w["pid"], "heartbeat_at": str(w["heartbeat_at"])}
@@ -347,7 +388,7 @@ def status(
         if state.cache_hits:
             typer.echo(f"result cache: {state.cache_hits:,} items reused")
         if state.shadow:
-            from pipeq.report_text import shadow_line
+            from pipeq.report.text import shadow_line
 
             typer.echo(f"shadow check: {shadow_line(state.shadow)}")
         busy = sum(w["current_job"] == job_id for w in live)
@@ -370,18 +411,13 @@ def results(
 
     Example: pipeq results 3f2a9c... --format parquet -o results.parquet
     """
-    from pipeq.models.store import Store
     from pipeq.producer.client import Job
     from pipeq.producer.writers import write_results
 
-    try:
-        store = Store(_settings(database_url=database_url).database_url)
-        store.check_schema()
+    with _open_store(database_url) as store:
         store.job(job_id)
         rows = Job(store, job_id).results()
         n = write_results(rows, fmt, out=sys.stdout, path=output)
-    except PipeqError as exc:
-        raise _fail(exc) from None
     if output:
         typer.echo(f"wrote {n:,} rows to {output}", err=True)
 
@@ -401,20 +437,16 @@ def report(
 
     Example: pipeq report JOB --html report.html
     """
-    from pipeq.models.store import Store
     from pipeq.report import build_report
-    from pipeq.report_text import format_text
+    from pipeq.report.text import format_text
 
-    try:
-        store = Store(_settings(database_url=database_url).database_url)
-        store.check_schema()
+    with _open_store(database_url) as store:
         job_report = build_report(store, job_id)
-        if html:
-            from pipeq.report_html import write_html
+    if html:
+        from pipeq.report.html import write_html
 
+        with _errors():
             write_html(job_report, html)
-    except PipeqError as exc:
-        raise _fail(exc) from None
     if html:
         typer.echo(f"wrote the report of job {job_id} to {html}", err=True)
     if as_json:
@@ -434,17 +466,11 @@ def jobs(
 
     Example: pipeq jobs --status running --limit 5
     """
-    from pipeq.models.store import Store
-
     states = (C.JOB_QUEUED, C.JOB_RUNNING, *C.JOB_FINAL_STATES)
     if status is not None and status not in states:
         raise typer.BadParameter(f"{status!r} is not one of {', '.join(states)}", param_hint="--status")
-    try:
-        store = Store(_settings(database_url=database_url).database_url)
-        store.check_schema()
+    with _open_store(database_url) as store:
         rows = store.recent_jobs(limit, status)
-    except PipeqError as exc:
-        raise _fail(exc) from None
     if as_json:
         keys = ("id", "status", "task", "model", "precision", "total", "done", "failed", "cancelled")
         listed = [
@@ -468,14 +494,8 @@ def cancel(job_id: Annotated[str, typer.Argument(help="Job id.")], database_url:
 
     Example: pipeq cancel 3f2a9c...
     """
-    from pipeq.models.store import Store
-
-    try:
-        store = Store(_settings(database_url=database_url).database_url)
-        store.check_schema()
+    with _open_store(database_url) as store:
         n = store.cancel_job(job_id)
-    except PipeqError as exc:
-        raise _fail(exc) from None
     typer.echo(f"cancelled {n:,} pending items of job {job_id}")
 
 
@@ -491,11 +511,8 @@ def resume(
     """
     from pipeq.producer.client import Client
 
-    try:
-        with Client(_settings(broker_url, database_url)) as client:
-            n = client.resume(job_id)
-    except PipeqError as exc:
-        raise _fail(exc) from None
+    with _errors(), Client(_settings(broker_url, database_url)) as client:
+        n = client.resume(job_id)
     typer.echo(f"re-queued {n:,} pending items of job {job_id}")
 
 
@@ -514,26 +531,13 @@ def reconcile(
     Workers do this for their own queue every PIPEQ_RECONCILE_INTERVAL seconds; this runs one pass now.
     Example: pipeq reconcile --stalled-after 60
     """
-    from pipeq.celery_app import make_celery
-    from pipeq.models.store import Store
-    from pipeq.reconcile import reconcile as reconcile_once
+    from pipeq.broker.app import make_celery
+    from pipeq.broker.reconcile import reconcile as reconcile_once
 
-    settings = _settings(broker_url, database_url, stalled_after=stalled_after)
-    store = Store(settings.database_url)
-    celery = make_celery(settings)
-    try:
-        store.check_schema()
-        done = reconcile_once(
-            store,
-            celery,
-            stalled_after=settings.stalled_after,
-            live_only=not all_queues,
-        )
-    except PipeqError as exc:
-        raise _fail(exc) from None
-    finally:
-        celery.close()
-        store.close()
+    with _errors():
+        settings = _settings(broker_url, database_url, stalled_after=stalled_after)
+    with _open_store(settings.database_url) as store, make_celery(settings) as celery:
+        done = reconcile_once(store, celery, stalled_after=settings.stalled_after, live_only=not all_queues)
     for r in done:
         if r.unpublished:
             typer.echo(f"published {r.items:,} pending items of job {r.job_id} (stored but never queued)")
@@ -557,15 +561,11 @@ def workers(
 
     Example: pipeq workers --json
     """
-    from pipeq.models.store import Store
     from pipeq.worker.autotune import describe
 
-    store = Store(_settings(database_url=database_url).database_url)
-    try:
-        store.check_schema()
-    except PipeqError as exc:
-        raise _fail(exc) from None
-    rows = store.live_workers()
+    with _open_store(database_url) as store:
+        rows = store.live_workers()
+        stale = store.stale_workers()
     if as_json:
         typer.echo(json.dumps(rows, default=str))
         return
@@ -580,7 +580,6 @@ def workers(
         )
     if not rows:
         typer.echo("no live workers", err=True)
-    stale = store.stale_workers()
     if stale:
         typer.echo(
             f"{len(stale)} stale workers (no heartbeat for {C.HEARTBEAT_STALE_AFTER:.0f}s, never stopped):", err=True
@@ -596,15 +595,13 @@ def demo(broker_url: BrokerOpt = None, database_url: DatabaseOpt = None) -> None
     Needs a Redis server (PIPEQ_BROKER_URL, default redis://localhost:6379/0) and the minilm extra.
     Example: pipeq demo
     """
-    from pipeq import db
     from pipeq.demo import run_demo
+    from pipeq.store import schema as db
 
     settings = _settings(broker_url, database_url)
-    try:
+    with _errors():
         db.upgrade(settings.database_url)
         failed = run_demo(settings)
-    except PipeqError as exc:
-        raise _fail(exc) from None
     raise typer.Exit(1 if failed else 0)
 
 

@@ -15,8 +15,6 @@ CHUNKS_PER_WORKER = 4
 DEFAULT_MAX_BATCH_TOKENS = 8192
 #: Rows allowed in one forward pass, whatever their length.
 DEFAULT_MAX_BATCH_SIZE = 64
-#: Precisions ``pipeq worker --precision auto`` measures and picks from, unless --allow-precision says otherwise.
-DEFAULT_ALLOWED_PRECISIONS = ("fp32", "bf16", "int8")
 #: Token budgets ``pipeq worker --calibrate`` tries (each capped at max batch size x the model's maximum length).
 CALIBRATION_BUDGETS = (1024, 2048, 4096, 8192, 16384)
 #: Longest text accepted at submit, in characters (a 1 MB text is refused at the door).

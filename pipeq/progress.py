@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pipeq import constants as C
-from pipeq.models.store import JobProgress, Store
+from pipeq.primitives import JobProgress
+from pipeq.store import Store
 
 
 def describe(state: JobProgress) -> str:
@@ -21,6 +23,27 @@ def describe(state: JobProgress) -> str:
     )
 
 
+def follow(
+    store: Store,
+    job_id: str,
+    *,
+    timeout: float | None = None,
+    poll: float = C.WAIT_POLL_INTERVAL,
+    on_update: Callable[[JobProgress], None] | None = None,
+) -> JobProgress:
+    """Read the job's progress every ``poll`` seconds until it is final; raises TimeoutError after ``timeout``."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        state = store.job(job_id)
+        if on_update is not None:
+            on_update(state)
+        if state.is_final:
+            return state
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"job {job_id} not finished after {timeout}s: {state.finished}/{state.total}")
+        time.sleep(poll)
+
+
 def watch(
     store: Store,
     job_id: str,
@@ -30,9 +53,6 @@ def watch(
     console: Console | None = None,
 ) -> JobProgress:
     """Show a progress bar on stderr until the job is final; returns its last state."""
-    console = console or Console(stderr=True)
-    deadline = None if timeout is None else time.monotonic() + timeout
-    state = store.job(job_id)
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -40,18 +60,15 @@ def watch(
         TextColumn("{task.fields[detail]}"),
         TimeElapsedColumn(),
     )
-    with Progress(*columns, console=console, transient=False) as bar:
-        handle = bar.add_task(job_id[:8], total=state.total, detail="")
-        while True:
+    with Progress(*columns, console=console or Console(stderr=True), transient=False) as bar:
+        handle = bar.add_task(job_id[:8], total=None, detail="")
+
+        def show(state: JobProgress) -> None:
             eta = state.eta_seconds
             detail = (
                 f"done {state.done:,} failed {state.failed:,} | {state.rate:,.1f}/s"
                 f" | ETA {'?' if eta is None else f'{eta:,.0f}s'}"
             )
             bar.update(handle, completed=state.finished, total=state.total, detail=detail)
-            if state.is_final:
-                return state
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} not finished after {timeout}s: {state.finished}/{state.total}")
-            time.sleep(poll)
-            state = store.job(job_id)
+
+        return follow(store, job_id, timeout=timeout, poll=poll, on_update=show)

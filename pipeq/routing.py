@@ -7,13 +7,14 @@ import json
 import os
 import re
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any
 
 from pipeq import constants
+from pipeq import precisions as registry
 from pipeq.errors import ConfigurationError, ModelNotFoundError
 
-Precision = Literal["fp32", "fp16", "bf16", "int8"]
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8")
+#: The names of the precisions in ``pipeq.precisions.PRECISIONS``, in its order.
+PRECISIONS: tuple[str, ...] = tuple(registry.PRECISIONS)
 #: A worker's ``--precision auto``: it measures the allowed precisions and serves the fastest.
 AUTO_PRECISION = "auto"
 

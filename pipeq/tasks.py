@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from functools import cache
 from importlib import metadata
 from pathlib import Path
@@ -16,6 +17,38 @@ REMOVED_IN_TRANSFORMERS_5 = frozenset(
 )
 #: Tasks whose input is text but whose output is not JSON (audio arrays).
 _NOT_JSON_OUTPUT = frozenset({"text-to-audio"})
+
+
+@dataclass(frozen=True)
+class TaskTraits:
+    """What pipeq does differently for one task; the defaults fit an unknown or custom task."""
+
+    #: Input is text (or a text pair) fed straight to the tokenizer: pipeq can tell if it was truncated.
+    truncation_flag: bool = False
+    #: Inputs can share a padded forward pass (not so for objects the collator cannot stack: pandas tables).
+    batchable: bool = True
+    #: Output is per token: padded positions must be cut off after a batched forward.
+    per_token_output: bool = False
+    #: Synthetic text is a valid input: warm-up and measurement runs can use it.
+    synthetic_warmup: bool = False
+    #: A record carries a table and a query instead of text.
+    table_input: bool = False
+
+
+#: Traits of the built-in tasks that differ from the defaults; a new task trait is one field above.
+TASK_TRAITS: dict[str, TaskTraits] = {
+    "text-classification": TaskTraits(truncation_flag=True, synthetic_warmup=True),
+    "feature-extraction": TaskTraits(truncation_flag=True, per_token_output=True, synthetic_warmup=True),
+    "fill-mask": TaskTraits(truncation_flag=True, synthetic_warmup=True),
+    "token-classification": TaskTraits(synthetic_warmup=True),
+    "table-question-answering": TaskTraits(batchable=False, table_input=True),
+}
+_DEFAULT_TRAITS = TaskTraits()
+
+
+def traits(task: str) -> TaskTraits:
+    """The traits of a canonical task name; the defaults for an unknown or custom task."""
+    return TASK_TRAITS.get(task, _DEFAULT_TRAITS)
 
 
 def _cache_file() -> Path:

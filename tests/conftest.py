@@ -83,7 +83,7 @@ def pg_url() -> Iterator[str]:
     """A fresh, migrated PostgreSQL database, dropped afterwards."""
     import sqlalchemy as sa
 
-    from pipeq import db
+    from pipeq.store import schema as db
 
     if not _pg_reachable():
         unavailable("PostgreSQL at 127.0.0.1:5432")
@@ -104,7 +104,7 @@ def pg_url() -> Iterator[str]:
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
     """A migrated SQLite file."""
-    from pipeq import db
+    from pipeq.store import schema as db
 
     url = f"sqlite:///{tmp_path / 'pipeq.db'}"
     db.upgrade(url)
@@ -120,7 +120,7 @@ def store_url(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def store(store_url: str) -> Iterator[Any]:
-    from pipeq.models.store import Store
+    from pipeq.store import Store
 
     s = Store(store_url)
     yield s

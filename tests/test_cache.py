@@ -13,11 +13,12 @@ from pipeq import Client, Settings
 from pipeq import constants as C
 from pipeq.cache import CacheScope, cache_key
 from pipeq.cli import app as cli_app
-from pipeq.models.store import ItemResult, Store, new_job_row
+from pipeq.primitives import ItemResult
 from pipeq.report import build_report
-from pipeq.report_html import write_html
-from pipeq.report_text import format_text
+from pipeq.report.html import write_html
+from pipeq.report.text import format_text
 from pipeq.routing import ServeKey
+from pipeq.store import Store, new_job_row
 from pipeq.worker.config import WorkerConfig
 from pipeq.worker.context import WorkerContext
 

@@ -77,7 +77,7 @@ def test_quiet_and_verbose_set_what_reaches_stderr(
     job_id = proc.stdout.strip()
     assert re.fullmatch(r"[0-9a-f]{32}", job_id)  # the data on stdout is the same at every verbosity
     assert bool(re.search(rf"INFO pipeq\.producer\.client: stored job {job_id}: 2 items", proc.stderr)) is info
-    assert bool(re.search(rf"DEBUG pipeq\.dispatch: job {job_id[:8]}: published 2 pending", proc.stderr)) is debug
+    assert bool(re.search(rf"DEBUG pipeq\.broker\.window: job {job_id[:8]}: published 2 pending", proc.stderr)) is debug
     if flags == ["-q"]:
         assert " INFO " not in proc.stderr and " DEBUG " not in proc.stderr
     if not debug:

@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 
 from pipeq import constants as C
-from pipeq.models.store import ItemResult, Store, new_job_row
+from pipeq.primitives import ItemResult
 from pipeq.routing import ServeKey
+from pipeq.store import Store, new_job_row
 from pipeq.worker.context import WorkerContext
 
 TASK = "text-classification"

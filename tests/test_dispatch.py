@@ -13,10 +13,10 @@ from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
 from pipeq import Client, Settings
-from pipeq.dispatch import SLICE_CHUNKS, WINDOW_SLICES, requeue, top_up
+from pipeq.broker.publish import broker_priority
+from pipeq.broker.window import SLICE_CHUNKS, WINDOW_SLICES, requeue, top_up
 from pipeq.errors import ConfigurationError
 from pipeq.models import Item
-from pipeq.producer.publish import broker_priority
 from pipeq.routing import ServeKey
 from pipeq.worker.app import create_worker_app
 from pipeq.worker.config import WorkerConfig
@@ -74,7 +74,7 @@ def test_requeue_publishes_the_window_or_restarts_it(
         assert requeue(client.store, client._celery, row) == 160
         # The window's items are done, but the message that would move it on was lost: move it now.
         client.store.claim(job.id, list(range(160)))
-        from pipeq.models.store import ItemResult
+        from pipeq.primitives import ItemResult
 
         client.store.record_batch(job.id, [ItemResult(i, "done", output=1) for i in range(160)], None,
                                   worker_id=None, model_revision=None, precision="fp32", device="cpu")  # fmt: skip
@@ -88,7 +88,7 @@ def test_requeue_publishes_the_window_or_restarts_it(
 def test_requeue_opens_the_window_a_producer_never_opened(
     settings: Settings, model: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeq.models.store import new_job_row
+    from pipeq.store import new_job_row
 
     with Client(settings) as client:
         sent = capture(client, monkeypatch)
@@ -153,7 +153,7 @@ def test_priority_out_of_range_is_refused(settings: Settings, model: str) -> Non
 def test_a_higher_priority_job_runs_first_on_redis(
     sqlite_url: str, redis_url: str, model: str, start_worker: Any
 ) -> None:
-    from pipeq.models.store import Store
+    from pipeq.store import Store
 
     settings = Settings(broker_url=redis_url, database_url=sqlite_url, chunk_size=16)
     with Client(settings) as client:

@@ -26,8 +26,8 @@ import sqlalchemy as sa
 import faultpipe
 from conftest import PG_ADMIN_URL, FaultLedger, WorkerProcess
 from pipeq import Client, Settings
-from pipeq.models.store import Store
 from pipeq.routing import ServeKey
+from pipeq.store import Store
 
 pytestmark = pytest.mark.integration
 

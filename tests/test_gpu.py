@@ -14,9 +14,10 @@ import pytest
 import torch
 from transformers import pipeline
 
-from pipeq import Client, Settings, db
-from pipeq.models.store import Store
+from pipeq import Client, Settings
 from pipeq.routing import ServeKey
+from pipeq.store import Store
+from pipeq.store import schema as db
 from pipeq.worker.config import WorkerConfig
 from pipeq.worker.loading import LoadedPipeline, load_pipeline
 from pipeq.worker.runtime import PipelineRuntime

@@ -17,9 +17,9 @@ import sqlalchemy as sa
 from transformers import pipeline
 
 from pipeq import Client, Settings
-from pipeq.models.store import Store
 from pipeq.producer.writers import COLUMNS
 from pipeq.routing import ServeKey
+from pipeq.store import Store
 from test_runtime import assert_close
 
 pytestmark = pytest.mark.integration

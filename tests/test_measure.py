@@ -20,8 +20,8 @@ from pipeq import Client, Settings
 from pipeq import constants as C
 from pipeq.cli import app as cli_app
 from pipeq.errors import ConfigurationError
-from pipeq.models.store import Store
 from pipeq.routing import ServeKey, check_precision
+from pipeq.store import Store
 from pipeq.worker.autotune import calibrate, choose_precision, describe, reuse_calibration, tune
 from pipeq.worker.config import WorkerConfig, parse_precisions
 from pipeq.worker.measure import (

@@ -21,10 +21,11 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeq import Client, Settings
-from pipeq.models.store import BatchTiming, ItemResult, Store, WriteOutcome
+from pipeq.primitives import BatchTiming, ItemResult, WriteOutcome
 from pipeq.routing import ServeKey
+from pipeq.store import Store
 from pipeq.worker.config import WorkerConfig
-from pipeq.worker.metrics import QueueSampler, WorkerMetrics, failure_reason
+from pipeq.worker.metrics import QueueSampler, WorkerMetrics, failure_label
 
 TASK = "text-classification"
 
@@ -86,8 +87,8 @@ def test_worker_metrics_count_batches() -> None:
         (None, "other"),
     ],
 )
-def test_failure_reason(error: str | None, reason: str) -> None:
-    assert failure_reason(error) == reason
+def test_failure_label(error: str | None, reason: str) -> None:
+    assert failure_label(error) == reason
 
 
 def test_queue_sampler_counts_priority_lists_and_sweeps_exited_children(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeq import db
+from pipeq.store import schema as db
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,8 +18,9 @@ import pytest
 from rich.console import Console
 
 from pipeq import Client, Settings
-from pipeq.models.store import JobProgress, Store
+from pipeq.primitives import JobProgress
 from pipeq.progress import watch
+from pipeq.store import Store
 from pipeq.worker.context import WorkerContext
 
 TASK = "text-classification"

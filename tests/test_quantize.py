@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import torch
 
+from pipeq import precisions
 from pipeq.routing import ServeKey
-from pipeq.worker import quantize
 from pipeq.worker.config import WorkerConfig
 from pipeq.worker.loading import LoadedPipeline, load_pipeline
 from pipeq.worker.runtime import PipelineRuntime
@@ -66,7 +66,7 @@ def test_bnb_int8_skips_heads_missing_from_the_checkpoint(
     assert loaded.quantization == "bitsandbytes-llm-int8"
     assert {r.status for r in run(loaded)} == {"done"}
     # Without the skip list the same load fails in forward with bitsandbytes' "CB" error.
-    monkeypatch.setattr(quantize, "BNB_SKIP_MODULES", [])
+    monkeypatch.setattr(precisions, "BNB_SKIP_MODULES", [])
     broken = run(load(encoder_only, "int8", "bnb"))
     assert all(r.status == "failed" and "'CB'" in r.error for r in broken)
 

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from pipeq import Client, Settings
-from pipeq.models.store import Store
 from pipeq.routing import ServeKey
+from pipeq.store import Store
 from pipeq.tasks import normalize_task
 
 pytestmark = pytest.mark.integration

@@ -21,12 +21,13 @@ from typer.testing import CliRunner
 from conftest import FaultLedger
 from pipeq import Client, Settings
 from pipeq import constants as C
+from pipeq.broker.reconcile import reconcile
 from pipeq.cli import app as cli_app
 from pipeq.errors import BrokerError
-from pipeq.models import Job, utcnow
-from pipeq.models.store import ItemResult, Store, new_job_row
-from pipeq.reconcile import reconcile
+from pipeq.models import Job
+from pipeq.primitives import ItemResult, utcnow
 from pipeq.routing import ServeKey
+from pipeq.store import Store, new_job_row
 from pipeq.worker.config import WorkerConfig
 
 KEY = ServeKey("text-classification", "/models/m")

@@ -14,11 +14,12 @@ from typer.testing import CliRunner
 from pipeq import constants as C
 from pipeq.cli import app as cli_app
 from pipeq.errors import ConfigurationError, JobNotFoundError
-from pipeq.models.store import BatchTiming, ItemResult, Store, new_job_row
+from pipeq.primitives import BatchTiming, ItemResult
 from pipeq.report import JobReport, build_report, failure_reason, time_buckets
-from pipeq.report_html import write_html
-from pipeq.report_text import format_text
+from pipeq.report.html import write_html
+from pipeq.report.text import format_text
 from pipeq.routing import ServeKey
+from pipeq.store import Store, new_job_row
 
 #: Worker A runs batches 1..60, worker B batches 61..100; each batch holds two items.
 WORKER_A = "a" * 32

@@ -15,8 +15,8 @@ from kombu import Queue
 from pipeq import Client, Settings
 from pipeq import constants as C
 from pipeq.errors import BrokerError, ConfigurationError, InputError
-from pipeq.models.store import Store, new_job_row
 from pipeq.routing import ServeKey
+from pipeq.store import Store, new_job_row
 from pipeq.worker.config import WorkerConfig
 
 TASK = "text-classification"

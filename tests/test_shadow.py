@@ -13,11 +13,11 @@ from typer.testing import CliRunner
 from pipeq import constants as C
 from pipeq.cli import app as cli_app
 from pipeq.errors import ConfigurationError
-from pipeq.models.store import Store, new_job_row
 from pipeq.report import build_report
-from pipeq.report_text import format_text, shadow_line
+from pipeq.report.text import format_text, shadow_line
 from pipeq.routing import ServeKey
 from pipeq.settings import Settings
+from pipeq.store import Store, new_job_row
 from pipeq.worker.config import WorkerConfig
 from pipeq.worker.context import WorkerContext
 from pipeq.worker.shadow import Comparison, compare, in_sample, merge

@@ -10,8 +10,9 @@ import pytest
 
 from pipeq import constants as C
 from pipeq.errors import JobNotFoundError, StoreError
-from pipeq.models.store import BatchTiming, ItemResult, Store, new_job_row
+from pipeq.primitives import BatchTiming, ItemResult
 from pipeq.routing import ServeKey
+from pipeq.store import Store, new_job_row
 
 
 def make_job(store: Store, n: int, job_id: str = "job1") -> str:

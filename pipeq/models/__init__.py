@@ -1,8 +1,8 @@
-"""pipeq's SQL store: SQLAlchemy 2.x tables (this module) and the store's queries (``store``)."""
+"""pipeq's SQL tables (SQLAlchemy 2.x). Every query of them lives in ``pipeq.store``."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -21,6 +21,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from pipeq.primitives import utcnow
+
 #: Constraint names fixed so Alembic migrations are the same on SQLite and PostgreSQL.
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -32,10 +34,6 @@ NAMING = {
 
 #: 64-bit ids on PostgreSQL; SQLite only autoincrements a plain INTEGER primary key.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class Base(DeclarativeBase):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -12,14 +11,15 @@ from typing import IO, Any
 
 from pipeq import constants as C
 from pipeq import embedding
-from pipeq.celery_app import make_celery
-from pipeq.dispatch import chunk_size_for, open_job, requeue
+from pipeq.broker.app import make_celery
+from pipeq.broker.window import chunk_size_for, open_job, requeue
 from pipeq.errors import BrokerError, ConfigurationError, InputError, JobNotFoundError
-from pipeq.models.store import JobProgress, Store, new_job_row
+from pipeq.primitives import JobProgress
 from pipeq.producer.frames import is_frame, read_frame, results_frame, results_table
 from pipeq.producer.readers import Record, RecordSpec, read_objects, read_path
 from pipeq.routing import PRECISIONS, ServeKey, check_model, check_params, check_precision
 from pipeq.settings import Settings
+from pipeq.store import Store, new_job_row
 from pipeq.tasks import check_task
 
 log = logging.getLogger(__name__)
@@ -47,20 +47,11 @@ class Job:
         on_update: Callable[[JobProgress], None] | None = None,
     ) -> JobProgress:
         """Block until the job is done or cancelled; raises TimeoutError after ``timeout`` seconds."""
-        if progress:
-            from pipeq.progress import watch
+        from pipeq.progress import follow, watch
 
+        if progress:
             return watch(self.store, self.id, timeout=timeout, poll=poll)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            state = self.status()
-            if on_update is not None:
-                on_update(state)
-            if state.is_final:
-                return state
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"job {self.id} not finished after {timeout}s: {state.finished}/{state.total}")
-            time.sleep(poll)
+        return follow(self.store, self.id, timeout=timeout, poll=poll, on_update=on_update)
 
     def results(self) -> Iterator[dict[str, Any]]:
         """One row per input item, in input order: index, id, status, output, error, truncated, timing."""

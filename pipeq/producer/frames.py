@@ -12,8 +12,9 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from pipeq.errors import ConfigurationError, InputError
-from pipeq.producer.readers import TABLE_TASKS, Record, RecordSpec, make_record
+from pipeq.producer.readers import Record, RecordSpec, make_record
 from pipeq.producer.writers import arrow_batches, arrow_schema
+from pipeq.tasks import traits
 
 #: Rows of a frame turned into Python objects at a time, so a big frame is never copied whole.
 READ_BATCH_ROWS = 8192
@@ -51,8 +52,9 @@ def is_frame(obj: Any) -> bool:
 
 def _columns(spec: RecordSpec, present: list[Any], source: str) -> list[Any]:
     """The columns a record needs (missing ones fail now) and the id column when there is one."""
-    needed = ["table", "query"] if spec.task in TABLE_TASKS else [spec.text_field]
-    if spec.pair_field and spec.task not in TABLE_TASKS:
+    table_input = traits(spec.task).table_input
+    needed = ["table", "query"] if table_input else [spec.text_field]
+    if spec.pair_field and not table_input:
         needed.append(spec.pair_field)
     for name in needed:
         if name not in present:
@@ -64,7 +66,7 @@ def _columns(spec: RecordSpec, present: list[Any], source: str) -> list[Any]:
 
 
 def _series(obj: Any, spec: RecordSpec, source: str) -> Iterator[Columns]:
-    if spec.pair_field or spec.task in TABLE_TASKS:
+    if spec.pair_field or traits(spec.task).table_input:
         raise InputError("a Series holds single texts; pass a DataFrame with the columns the task needs", source=source)
     names = [spec.text_field] + ([spec.id_field] if spec.id_field else [])
     for start in range(0, len(obj), READ_BATCH_ROWS):

@@ -12,16 +12,16 @@ import json
 import math
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, Any
 
 from pipeq.errors import InputError
+from pipeq.tasks import traits
 
-#: File suffixes and the format each means.
-FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet", ".txt": "txt"}
-#: Input shapes: ``text`` (a string, or a text pair), ``table`` (table-question-answering).
-TABLE_TASKS = frozenset({"table-question-answering"})
+#: (line or row number, raw record) pairs, as a format's reader yields them.
+RawRecords = Iterator[tuple[int, Any]]
 
 
 @dataclass(frozen=True)
@@ -44,23 +44,6 @@ class RecordSpec:
     pair_field: str | None = None
     max_text_chars: int = 100_000
     skip_empty: bool = False
-
-
-def detect_format(path: str, explicit: str | None = None) -> str:
-    """The input format from ``--input-format`` or the file's suffix."""
-    if explicit:
-        if explicit not in set(FORMATS.values()):
-            raise InputError(f"unknown input format {explicit!r}; choose jsonl, csv, parquet or txt")
-        return explicit
-    if path == "-":
-        return "sniff"
-    suffix = os.path.splitext(path)[1].lower()
-    if suffix not in FORMATS:
-        raise InputError(
-            f"cannot tell the format of {path!r} from its suffix; use .jsonl, .csv, .parquet or .txt "
-            f"(or pass --input-format)"
-        )
-    return FORMATS[suffix]
 
 
 def _decoded_lines(stream: IO[bytes], source: str) -> Iterator[tuple[int, str]]:
@@ -121,16 +104,14 @@ def _field(record: dict[str, Any], name: str, source: str, line: int) -> Any:
 def make_record(raw: Any, spec: RecordSpec, source: str, line: int) -> Record | None:
     """Validate one raw record; None when it is an empty text that ``skip_empty`` drops."""
     if isinstance(raw, str):
-        if spec.task in TABLE_TASKS:
-            raise InputError(
-                "table-question-answering needs records with 'table' and 'query'", source=source, line=line
-            )
+        if traits(spec.task).table_input:
+            raise InputError(f"{spec.task} needs records with 'table' and 'query'", source=source, line=line)
         text = _check_text(raw, "text", spec, source, line)
         return None if text is None else Record(line, text, None, len(text))
     if not isinstance(raw, dict):
         raise InputError(f"a record must be an object or a string, got {type(raw).__name__}", source=source, line=line)
     input_id = _input_id(raw, spec, source, line)
-    if spec.task in TABLE_TASKS:
+    if traits(spec.task).table_input:
         table = _field(raw, "table", source, line)
         if not isinstance(table, dict) or not all(isinstance(v, list) for v in table.values()):
             raise InputError("'table' must map column names to lists of cells", source=source, line=line)
@@ -149,7 +130,39 @@ def make_record(raw: Any, spec: RecordSpec, source: str, line: int) -> Record | 
     return Record(line, text, input_id, len(text))
 
 
-def _jsonl(stream: IO[bytes], source: str) -> Iterator[tuple[int, Any]]:
+@dataclass(frozen=True)
+class Source:
+    """Where a job's records are read from: a file path, or ``-`` for standard input."""
+
+    path: str
+    stdin: IO[bytes] | None = None
+
+    @property
+    def name(self) -> str:
+        """How errors name the source."""
+        return "<stdin>" if self.path == "-" else self.path
+
+    @contextmanager
+    def stream(self) -> Iterator[IO[bytes]]:
+        """The source opened as a binary stream."""
+        if self.path == "-":
+            yield self.stdin if self.stdin is not None else sys.stdin.buffer
+            return
+        with open(self.path, "rb") as fh:
+            yield fh
+
+
+def _streamed(read: Callable[[IO[bytes], str], RawRecords]) -> Callable[[Source], RawRecords]:
+    """A reader of binary streams as a reader of sources (a file opened in binary, or stdin)."""
+
+    def read_source(source: Source) -> RawRecords:
+        with source.stream() as stream:
+            yield from read(stream, source.name)
+
+    return read_source
+
+
+def _jsonl(stream: IO[bytes], source: str) -> RawRecords:
     for line, text in _decoded_lines(stream, source):
         if not text.strip():
             continue
@@ -159,7 +172,7 @@ def _jsonl(stream: IO[bytes], source: str) -> Iterator[tuple[int, Any]]:
             raise InputError(f"malformed JSON ({exc.msg} at column {exc.colno})", source=source, line=line) from None
 
 
-def _txt(stream: IO[bytes], source: str) -> Iterator[tuple[int, Any]]:
+def _txt(stream: IO[bytes], source: str) -> RawRecords:
     pending_blank: list[int] = []
     for line, text in _decoded_lines(stream, source):
         text = text.rstrip("\r\n")
@@ -173,7 +186,7 @@ def _txt(stream: IO[bytes], source: str) -> Iterator[tuple[int, Any]]:
         yield line, text
 
 
-def _csv(stream: IO[bytes], source: str) -> Iterator[tuple[int, Any]]:
+def _csv(stream: IO[bytes], source: str) -> RawRecords:
     lines = (text for _, text in _decoded_lines(stream, source))
     reader = csv.DictReader(lines)
     if not reader.fieldnames:
@@ -191,14 +204,15 @@ def _csv(stream: IO[bytes], source: str) -> Iterator[tuple[int, Any]]:
         raise InputError(f"malformed CSV: {exc}", source=source, line=reader.line_num) from None
 
 
-def _parquet(path: str, source: str) -> Iterator[tuple[int, Any]]:
+def _parquet(source: Source) -> RawRecords:
+    """Rows of a Parquet file, opened by path (Arrow reads it natively, with random access)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(source.path)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise InputError(f"not a readable Parquet file: {exc}", source=source) from None
+        raise InputError(f"not a readable Parquet file: {exc}", source=source.name) from None
     row = 0
     for batch in pf.iter_batches(batch_size=8192):
         for rec in batch.to_pylist():
@@ -206,31 +220,66 @@ def _parquet(path: str, source: str) -> Iterator[tuple[int, Any]]:
             yield row, rec
 
 
-def _sniff(stream: IO[bytes], source: str) -> Iterator[tuple[int, Any]]:
+def _sniff(stream: IO[bytes], source: str) -> RawRecords:
     buffered = io.BufferedReader(stream)  # type: ignore[type-var]
     head = buffered.peek(64).lstrip()
     yield from (_jsonl if head.startswith(b"{") else _txt)(buffered, source)
+
+
+@dataclass(frozen=True)
+class InputFormat:
+    """An input file format: its ``--input-format`` name, the file suffixes that mean it, and its reader."""
+
+    name: str
+    #: Lower-case suffixes, the one shown in messages first.
+    suffixes: tuple[str, ...]
+    #: Yields (line or row number, raw record) pairs; a record is validated by ``make_record`` afterwards.
+    read: Callable[[Source], RawRecords]
+
+
+#: Every input file format, by name (``--input-format``); a new format is one entry.
+INPUT_FORMATS: dict[str, InputFormat] = {
+    f.name: f
+    for f in (
+        InputFormat("jsonl", (".jsonl", ".ndjson", ".json"), _streamed(_jsonl)),
+        InputFormat("csv", (".csv",), _streamed(_csv)),
+        InputFormat("parquet", (".parquet",), _parquet),
+        InputFormat("txt", (".txt",), _streamed(_txt)),
+    )
+}
+#: File suffixes and the format each means.
+FORMATS = {suffix: f.name for f in INPUT_FORMATS.values() for suffix in f.suffixes}
+#: Standard input with no ``--input-format``: JSON lines when it starts with ``{``, else lines of text.
+_SNIFF = InputFormat("sniff", (), _streamed(_sniff))
+
+
+def detect_format(path: str, explicit: str | None = None) -> str:
+    """The input format from ``--input-format`` or the file's suffix (``sniff`` for stdin)."""
+    if explicit:
+        if explicit not in INPUT_FORMATS:
+            raise InputError(f"unknown input format {explicit!r}; choose one of {', '.join(INPUT_FORMATS)}")
+        return explicit
+    if path == "-":
+        return _SNIFF.name
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in FORMATS:
+        shown = ", ".join(f.suffixes[0] for f in INPUT_FORMATS.values())
+        raise InputError(
+            f"cannot tell the format of {path!r} from its suffix; use one of {shown} (or pass --input-format)"
+        )
+    return FORMATS[suffix]
 
 
 def read_path(
     path: str, spec: RecordSpec, *, input_format: str | None = None, stdin: IO[bytes] | None = None
 ) -> Iterator[Record]:
     """Yield validated records from a file (or ``-`` for stdin)."""
-    fmt = detect_format(path, input_format)
-    source = "<stdin>" if path == "-" else path
+    name = detect_format(path, input_format)
+    fmt = _SNIFF if name == _SNIFF.name else INPUT_FORMATS[name]
+    source = Source(path, stdin)
     if path != "-" and not os.path.isfile(path):
         raise InputError(f"no such file: {path}")
-    if fmt == "parquet":
-        raw_iter: Iterator[tuple[int, Any]] = _parquet(path, source)
-        yield from _records(raw_iter, spec, source)
-        return
-    readers = {"jsonl": _jsonl, "txt": _txt, "csv": _csv, "sniff": _sniff}
-    if path == "-":
-        stream = stdin if stdin is not None else sys.stdin.buffer
-        yield from _records(readers[fmt](stream, source), spec, source)
-        return
-    with open(path, "rb") as fh:
-        yield from _records(readers[fmt](fh, source), spec, source)
+    yield from _records(fmt.read(source), spec, source.name)
 
 
 def read_objects(objects: Iterable[Any], spec: RecordSpec, source: str = "<inputs>") -> Iterator[Record]:

@@ -12,7 +12,7 @@ from celery.exceptions import Reject
 from celery.signals import worker_process_init, worker_process_shutdown, worker_shutting_down
 
 from pipeq import constants as C
-from pipeq.celery_app import make_celery
+from pipeq.broker.app import make_celery
 from pipeq.errors import StoreError
 from pipeq.settings import Settings
 from pipeq.worker.config import WorkerConfig

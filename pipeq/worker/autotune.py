@@ -13,10 +13,10 @@ from typing import Any
 
 from pipeq import constants as C
 from pipeq.errors import ConfigurationError
-from pipeq.models.store import Store
 from pipeq.routing import AUTO_PRECISION
+from pipeq.store import Store
+from pipeq.tasks import traits
 from pipeq.worker.config import WorkerConfig
-from pipeq.worker.loading import SYNTHETIC_TEXT_TASKS
 from pipeq.worker.measure import MEASURE_SECONDS, device_name, in_subprocess, measure_precisions, sweep_budgets
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def choose_precision(cfg: WorkerConfig, *, min_seconds: float = MEASURE_SECONDS)
             _rates(result.measured),
             chosen,
         )
-    elif result.supported and cfg.key.task not in SYNTHETIC_TEXT_TASKS:
+    elif result.supported and not traits(cfg.key.task).synthetic_warmup:
         chosen = result.supported[0]
         log.warning(
             "--precision auto cannot make test inputs for task %s; serving %s, the first allowed precision %s runs",
@@ -78,7 +78,7 @@ def choose_precision(cfg: WorkerConfig, *, min_seconds: float = MEASURE_SECONDS)
 
 def calibrate(store: Store, cfg: WorkerConfig, *, min_seconds: float = MEASURE_SECONDS) -> WorkerConfig:
     """Sweep the token budget on the real model, store the fastest and serve with it (``--calibrate``)."""
-    if cfg.key.task not in SYNTHETIC_TEXT_TASKS:
+    if not traits(cfg.key.task).synthetic_warmup:
         raise ConfigurationError(
             f"--calibrate cannot make test inputs for task {cfg.key.task!r}; set --max-batch-tokens instead"
         )

@@ -8,10 +8,8 @@ from typing import Any
 
 from pipeq import constants as C
 from pipeq.errors import ConfigurationError
+from pipeq.precisions import DEFAULT_ALLOWED_PRECISIONS, INT8_BACKENDS, REFERENCE, int8_backend
 from pipeq.routing import AUTO_PRECISION, ServeKey, check_precision
-
-#: int8 implementations: bitsandbytes LLM.int8 (CUDA) or torch dynamic quantization (CPU).
-INT8_BACKENDS = ("bnb", "dynamic")
 
 
 @dataclass(frozen=True)
@@ -31,7 +29,7 @@ class WorkerConfig:
     threads: int | None = None
     warmup: bool = True
     #: What ``--precision auto`` may pick from (ignored for a fixed precision).
-    allowed_precisions: tuple[str, ...] = C.DEFAULT_ALLOWED_PRECISIONS
+    allowed_precisions: tuple[str, ...] = DEFAULT_ALLOWED_PRECISIONS
     #: Sweep the token budget at start and store the fastest (``--calibrate``).
     calibrate: bool = False
     #: How ``--precision auto`` chose: chosen, measured items/s per precision, allowed, skipped.
@@ -45,7 +43,7 @@ class WorkerConfig:
 
     def __post_init__(self) -> None:
         if self.int8_backend is not None and self.int8_backend not in INT8_BACKENDS:
-            raise ConfigurationError(f"unknown int8 backend {self.int8_backend!r}; choose bnb or dynamic")
+            raise ConfigurationError(f"unknown int8 backend {self.int8_backend!r}; choose {' or '.join(INT8_BACKENDS)}")
         if self.concurrency < 1:
             raise ConfigurationError("--concurrency must be at least 1")
         if self.batch_tokens < 1 or self.max_batch_size < 1:
@@ -72,18 +70,16 @@ class WorkerConfig:
 
     def check_shadow(self) -> None:
         """Raise ConfigurationError when a shadow check is asked of a worker that serves fp32 itself."""
-        if self.shadow_fraction and self.key.precision == "fp32":
+        if self.shadow_fraction and self.key.precision == REFERENCE:
             raise ConfigurationError(
-                "--shadow-fraction compares this worker's outputs with fp32 ones, but it serves fp32: nothing to "
-                "compare (with --precision auto, leave fp32 out of --allow-precision)"
+                f"--shadow-fraction compares this worker's outputs with {REFERENCE} ones, but it serves {REFERENCE}: "
+                f"nothing to compare (with --precision auto, leave {REFERENCE} out of --allow-precision)"
             )
 
     @property
     def resolved_int8_backend(self) -> str:
         """bitsandbytes on CUDA, torch dynamic quantization on the CPU, unless chosen explicitly."""
-        if self.int8_backend:
-            return self.int8_backend
-        return "bnb" if self.device.startswith("cuda") else "dynamic"
+        return int8_backend(self.device, self.int8_backend)
 
     def as_record(self) -> dict[str, Any]:
         data = asdict(self)

@@ -16,15 +16,15 @@ from typing import Any
 from celery import Celery
 
 from pipeq import constants as C
+from pipeq.broker.publish import publish_chunks
+from pipeq.broker.reconcile import reconcile
+from pipeq.broker.window import top_up
 from pipeq.cache import CacheScope
-from pipeq.dispatch import top_up
 from pipeq.errors import ConfigurationError, StoreError
-from pipeq.models import utcnow
-from pipeq.models.store import BatchTiming, ItemResult, Store, WriteOutcome, is_transient
-from pipeq.producer.publish import publish_chunks
-from pipeq.reconcile import reconcile
+from pipeq.primitives import BatchTiming, ItemResult, WriteOutcome, utcnow
 from pipeq.routing import check_params
 from pipeq.settings import Settings, mask_url
+from pipeq.store import Store, is_transient
 from pipeq.worker.config import WorkerConfig
 from pipeq.worker.loading import LoadedPipeline, load_pipeline, set_threads, warmup_inputs
 from pipeq.worker.memory import release_free_memory
@@ -212,7 +212,7 @@ class WorkerContext:
         """Run one message's items and commit each micro-batch's results; returns counts.
 
         ``slice_end`` marks the last message of a slice of the job: once it is done, this worker
-        publishes the job's next slice (see ``pipeq.dispatch``).
+        publishes the job's next slice (see ``pipeq.broker.window``).
 
         An unreachable store is retried with backoff for ``store_retry_budget`` seconds (the same
         claim is kept, so retries count no extra attempt); after that StoreError is raised and the

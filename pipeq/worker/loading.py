@@ -12,15 +12,15 @@ from typing import Any
 
 from pipeq.embedding import TASK as EMBEDDING_TASK
 from pipeq.errors import ConfigurationError, ModelNotFoundError
+from pipeq.precisions import PRECISIONS
+from pipeq.tasks import traits
 from pipeq.worker.config import WorkerConfig
-from pipeq.worker.quantize import bnb_config, memory_footprint, quantize_dynamic_int8
+from pipeq.worker.quantize import memory_footprint
 
 log = logging.getLogger(__name__)
 
 #: Token lengths of the warm-up batches (up to the model's maximum).
 _WARMUP_LENGTHS = (8, 16, 32, 64, 96, 128, 256, 512)
-#: Tasks whose input is one text, so pipeq can make inputs of a chosen length (warm-up, measuring).
-SYNTHETIC_TEXT_TASKS = frozenset({"text-classification", "feature-extraction", "token-classification", "fill-mask"})
 
 
 @dataclass
@@ -57,48 +57,38 @@ def register_custom_pipeline(cfg: WorkerConfig) -> None:
     PIPELINE_REGISTRY.register_pipeline(cfg.key.task, pipeline_class=pipeline_class, pt_model=model_class, type="text")
 
 
-def _dtype(precision: str) -> Any:
-    import torch
-
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32}[precision]
-
-
 def load_pipeline(cfg: WorkerConfig) -> LoadedPipeline:
-    """Load the pipeline once; int8 is bitsandbytes on CUDA and dynamic quantization on the CPU."""
+    """Load the pipeline once, at its precision's dtype and with its precision's load and post-load steps."""
     import torch
     from transformers import pipeline as make_pipeline
 
     register_custom_pipeline(cfg)
     key = cfg.key
+    precision = PRECISIONS[key.precision]
     t0 = time.perf_counter()
-    kwargs: dict[str, Any] = {"dtype": _dtype(key.precision), "trust_remote_code": cfg.trust_remote_code}
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, precision.dtype), "trust_remote_code": cfg.trust_remote_code}
     if key.revision:
         kwargs["revision"] = key.revision
-    quantization = "none"
     if cfg.device.startswith("cuda"):
         # cuDNN attention builds an execution plan for every new (batch, length) shape: on an H100 that
         # cost ~43 ms a shape at fp16/bf16 (seeds' loop 47.8 -> 4.8 ms a text with it off), and uneven
         # texts make new shapes all the time. Flash / memory-efficient SDPA need no per-shape plan.
         torch.backends.cuda.enable_cudnn_sdp(False)
-    if key.precision == "int8" and cfg.resolved_int8_backend == "bnb":
-        kwargs["model_kwargs"] = {"quantization_config": bnb_config()}
-        kwargs["device_map"] = {"": cfg.device}
-        quantization = "bitsandbytes-llm-int8"
-    else:
+    kwargs.update(precision.load_kwargs(cfg))
+    if "device_map" not in kwargs:
         kwargs["device"] = cfg.device
     if key.task == EMBEDDING_TASK and not cfg.pipeline_class:
         from pipeq.worker.embedding import EmbeddingPipeline
 
         kwargs["pipeline_class"] = EmbeddingPipeline  # transformers' own, plus pooling and normalize
-    if key.precision == "fp16" and cfg.device == "cpu":
-        log.warning("fp16 on the CPU is slow; bf16 or int8 are the fast CPU precisions")
+    warning = precision.load_warning(cfg)
+    if warning:
+        log.warning("%s", warning)
     try:
         pipe = make_pipeline(key.task, model=key.model, **kwargs)  # type: ignore[call-overload]
     except OSError as exc:
         raise ModelNotFoundError(f"cannot load model {key.model!r}: {exc}") from None
-    if key.precision == "int8" and quantization == "none":
-        pipe.model = quantize_dynamic_int8(pipe.model)
-        quantization = "torch-dynamic-int8"
+    quantization = precision.after_load(pipe, cfg)
     pipe.model.eval()
     # inference_mode is cheaper than the no_grad transformers uses by default.
     pipe.get_inference_context = lambda: torch.inference_mode
@@ -153,7 +143,7 @@ def warmup_inputs(
 
 def synthetic_text(pipe: Any, task: str, tokens: int) -> str | None:
     """An input of about ``tokens`` tokens for a task that takes one text; None for other tasks."""
-    if task not in SYNTHETIC_TEXT_TASKS:
+    if not traits(task).synthetic_warmup:
         return None
     mask = getattr(pipe.tokenizer, "mask_token", None) if task == "fill-mask" else ""
     if mask is None:

@@ -6,9 +6,9 @@ import logging
 import socket
 
 from pipeq.errors import ConfigurationError
-from pipeq.models.store import Store
 from pipeq.routing import check_model
 from pipeq.settings import Settings
+from pipeq.store import Store
 from pipeq.tasks import check_task
 from pipeq.worker.app import create_worker_app
 from pipeq.worker.autotune import tune

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import importlib.util
 import logging
 import math
 import multiprocessing
@@ -24,8 +23,10 @@ from typing import Any, TypeVar
 
 from pipeq import constants as C
 from pipeq.errors import ConfigurationError
+from pipeq.precisions import PRECISIONS
+from pipeq.tasks import traits
 from pipeq.worker.config import WorkerConfig
-from pipeq.worker.loading import SYNTHETIC_TEXT_TASKS, load_pipeline, set_threads, synthetic_text
+from pipeq.worker.loading import load_pipeline, set_threads, synthetic_text
 from pipeq.worker.runtime import PipelineRuntime
 
 log = logging.getLogger(__name__)
@@ -145,24 +146,8 @@ def _run_all(runtime: PipelineRuntime, items: list[tuple[int, Any]]) -> int:
 
 
 def unsupported_reason(cfg: WorkerConfig) -> str | None:
-    """Why ``cfg``'s device cannot run its precision (None when it can); imports torch, so call it in the child."""
-    import torch
-
-    precision, cuda = cfg.key.precision, cfg.device.startswith("cuda")
-    if precision == "fp16" and not cuda:
-        return "fp16 runs only on CUDA here"
-    if precision == "bf16" and not cuda:
-        if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
-            return "torch reports no bf16 support on this CPU"
-    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
-        return "torch reports no bf16 support on this GPU"
-    if precision == "int8" and cfg.resolved_int8_backend == "bnb":
-        if not cuda or importlib.util.find_spec("bitsandbytes") is None:
-            return "bitsandbytes int8 needs CUDA and the bitsandbytes package"
-    if precision == "int8" and cfg.resolved_int8_backend == "dynamic":
-        if cuda or set(torch.backends.quantized.supported_engines) <= {"none"}:
-            return "torch dynamic int8 needs the CPU and a quantized engine"
-    return None
+    """Why ``cfg``'s device cannot run its precision (None when it can); may import torch, so call it in the child."""
+    return PRECISIONS[cfg.key.precision].unsupported(cfg)
 
 
 def device_name(device: str) -> str:
@@ -220,7 +205,7 @@ def measure_precisions(cfg: WorkerConfig, candidates: Sequence[str], min_seconds
             skipped[precision] = reason
             continue
         supported.append(precision)
-        if cfg.key.task not in SYNTHETIC_TEXT_TASKS:
+        if not traits(cfg.key.task).synthetic_warmup:
             continue
         try:
             measured[precision] = _measure_one(candidate, min_seconds)

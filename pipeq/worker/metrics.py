@@ -13,7 +13,6 @@ import glob
 import logging
 import math
 import os
-import re
 import shutil
 import tempfile
 import threading
@@ -24,7 +23,7 @@ from urllib.parse import urlsplit
 
 from pipeq import constants as C
 from pipeq.errors import ConfigurationError
-from pipeq.models.store import BatchTiming, ItemResult, WriteOutcome
+from pipeq.primitives import PHASES, BatchTiming, ItemResult, WriteOutcome, parse_error
 from pipeq.worker.config import WorkerConfig
 
 if TYPE_CHECKING:
@@ -37,15 +36,12 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 #: Seconds between the parent's queue-depth samples (and its sweeps for exited children).
 SAMPLE_INTERVAL = 5.0
 #: Batch phases timed, as in the ``batches`` table.
-PHASES = ("queue_wait", "preprocess", "forward", "postprocess", "total")
 #: Histogram buckets of a phase's duration, in seconds.
 PHASE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 #: Histogram buckets of inputs per micro-batch.
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 #: Labels every worker metric carries.
 LABELS = ("task", "model", "precision")
-#: An item's error as the runtime writes it: ``stage: ExceptionClass: message``.
-_ERROR = re.compile(r"^\w+: (?P<cls>[A-Za-z_][\w.]*): ")
 
 
 def _labels(cfg: WorkerConfig) -> dict[str, str]:
@@ -53,10 +49,10 @@ def _labels(cfg: WorkerConfig) -> dict[str, str]:
     return {"task": key.task, "model": os.path.basename(key.model.rstrip("/")), "precision": key.precision}
 
 
-def failure_reason(error: str | None) -> str:
-    """The exception class named in an item's error, else ``other``."""
-    match = _ERROR.match(error or "")
-    return match.group("cls") if match else "other"
+def failure_label(error: str | None) -> str:
+    """The exception class named in an item's error, else ``other`` (a metric label of few values)."""
+    parsed = parse_error(error)
+    return parsed.exception if parsed else "other"
 
 
 class WorkerMetrics:
@@ -102,7 +98,7 @@ class WorkerMetrics:
         if outcome.failed:
             self._failed.inc(outcome.failed)
         for result in failures:
-            self._failures.labels(**self._labels, reason=failure_reason(result.error)).inc()
+            self._failures.labels(**self._labels, reason=failure_label(result.error)).inc()
         if timing is None:
             return
         self._token_count.inc(timing.real_tokens)

@@ -18,18 +18,13 @@ from typing import Any
 from pipeq import constants as C
 from pipeq.embedding import TASK as EMBEDDING_TASK
 from pipeq.errors import ConfigurationError
-from pipeq.models.store import BatchTiming, ItemResult
+from pipeq.primitives import BatchTiming, ItemResult, describe_error
+from pipeq.tasks import traits
 from pipeq.worker.batching import Unit, cut_batches, padded_tokens, token_length
 from pipeq.worker.serialize import to_jsonable
 
 log = logging.getLogger(__name__)
 
-#: Tasks whose input is text (or a text pair) fed straight to the tokenizer: pipeq can tell if it was truncated.
-_TRUNCATION_FLAG_TASKS = frozenset({"text-classification", "feature-extraction", "fill-mask"})
-#: Tasks whose inputs carry objects the padding collator cannot stack (pandas tables).
-_UNBATCHABLE_TASKS = frozenset({"table-question-answering"})
-#: Tasks whose output is per token: padded positions must be cut off after a batched forward.
-_PER_TOKEN_OUTPUT_TASKS = frozenset({"feature-extraction"})
 #: Tokenizer limits above this are "no limit" placeholders (transformers uses 1e30).
 _NO_LIMIT = 1_000_000
 
@@ -50,10 +45,6 @@ def offline_defaults(task: str, params: dict[str, Any]) -> dict[str, Any]:
         tokenizer_kwargs.setdefault("truncation", True)
         params["tokenizer_kwargs"] = tokenizer_kwargs
     return params
-
-
-def describe_error(stage: str, exc: BaseException) -> str:
-    return f"{stage}: {type(exc).__name__}: {exc}"
 
 
 @dataclass
@@ -110,7 +101,7 @@ class PipelineRuntime:
         except ValueError as exc:  # e.g. a tokenizer without a pad token: one row per forward
             log.warning("batching disabled for this model: %s", exc)
             self._collate = None
-        if task in _UNBATCHABLE_TASKS:
+        if not traits(task).batchable:
             self._collate = None
         self._padding_side = getattr(pipe.tokenizer, "padding_side", "right")
         tokenizer = pipe.tokenizer
@@ -201,7 +192,7 @@ class PipelineRuntime:
         return units, failed
 
     def _was_truncated(self, value: Any, lengths: list[int], pre: dict[str, Any]) -> bool | None:
-        if self.task not in _TRUNCATION_FLAG_TASKS or len(lengths) != 1:
+        if not traits(self.task).truncation_flag or len(lengths) != 1:
             return None
         tokenizer_kwargs = pre.get("tokenizer_kwargs") or pre.get("tokenize_kwargs") or pre
         cap = tokenizer_kwargs.get("max_length") or self.max_length
@@ -326,7 +317,7 @@ class PipelineRuntime:
             # transformers' own unbatching: each output looks as if it ran with batch size 1.
             unbatch = iter(PipelineIterator([collated], self.pipe.forward, fwd, loader_batch_size=len(batch)))
             outs = [next(unbatch) for _ in batch]
-            if self.task in _PER_TOKEN_OUTPUT_TASKS:
+            if traits(self.task).per_token_output:
                 outs = [self._unpad(out, unit.n_tokens) for out, unit in zip(outs, batch, strict=True)]
         if self.is_chunk:
             for out in outs:

@@ -16,7 +16,9 @@ from typing import Any
 import numpy as np
 
 from pipeq import constants as C
-from pipeq.models.store import ItemResult, Store
+from pipeq.precisions import REFERENCE
+from pipeq.primitives import ItemResult
+from pipeq.store import Store
 from pipeq.worker.config import WorkerConfig
 from pipeq.worker.loading import load_pipeline
 from pipeq.worker.runtime import PipelineRuntime
@@ -27,8 +29,6 @@ log = logging.getLogger(__name__)
 _LABEL_KEYS = ("label", "entity_group", "entity")
 #: Keys that place an entity in its text (token classification): entities match on these and the label.
 _SPAN_KEYS = ("start", "end", "index")
-#: The reference precision.
-REFERENCE = "fp32"
 
 
 def in_sample(job_id: str, idx: int, fraction: float) -> bool:

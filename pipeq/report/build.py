@@ -10,25 +10,15 @@ from __future__ import annotations
 import re
 from array import array
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Table, func, select
 
-from pipeq import constants as C
-from pipeq.models import Batch, Item, Worker, utcnow
-from pipeq.models.store import Store, as_utc
+from pipeq.primitives import PHASES, WORK_PHASES, JobProgress, parse_error, utcnow
+from pipeq.store import Store
 
-_items: Table = Item.__table__  # type: ignore[assignment]
-_batches: Table = Batch.__table__  # type: ignore[assignment]
-_workers: Table = Worker.__table__  # type: ignore[assignment]
-
-#: Per-batch timing columns, in the order they are reported; all but queue_wait add up to total.
-PHASES = ("queue_wait", "preprocess", "forward", "postprocess", "total")
-#: Phases whose sum is a batch's total_ms (queue wait happens before a chunk starts).
-WORK_PHASES = ("preprocess", "forward", "postprocess")
 #: Percentiles reported for each phase.
 PERCENTILES = (50, 95, 99)
 #: Most time buckets in the throughput timeline.
@@ -37,43 +27,30 @@ MAX_BUCKETS = 60
 MIN_BUCKET_SECONDS = 1.0
 #: Bins of the batch latency (total_ms) histogram.
 LATENCY_BINS = 40
-#: Batches read per round trip while streaming their timing.
-STREAM_ROWS = 10_000
 #: Label of batches whose worker row is gone (or was never registered).
 UNKNOWN_WORKER = "unknown"
 #: Longest failure reason kept; the example keeps the whole error.
 MAX_REASON_CHARS = 80
 
-#: pipeq's own item errors read "stage: ExceptionClass: message" (runtime.describe_error).
-_STAGE_ERROR = re.compile(r"^(\w+): ([A-Za-z_][\w.]*):")
 #: Variable parts of other error texts, masked so that one cause makes one reason.
 _VARIABLE = ((re.compile(r"\([^()]*\)"), "(…)"), (re.compile(r"'[^']*'|\"[^\"]*\""), "'…'"), (re.compile(r"\d+"), "N"))
 
 
 @dataclass
-class JobSummary:
-    """The job's row: what ran, its counts, and how long it took."""
+class JobSummary(JobProgress):
+    """The job's row and counts (``JobProgress``), and how long it took."""
 
-    id: str
-    task: str
-    model: str
-    precision: str
-    status: str
-    total: int
-    done: int
-    failed: int
-    cancelled: int
-    pending: int
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    wall_seconds: float
-    items_per_second: float
-    error: str | None
-    #: Items whose output came from the result cache (``--cache``), not the model.
-    cache_hits: int
-    #: What the int8 guard measured (``--shadow-fraction``), None without one.
-    shadow: dict[str, Any] | None
+    wall_seconds: float = 0.0
+    items_per_second: float = 0.0
+
+    @classmethod
+    def of(cls, progress: JobProgress) -> JobSummary:
+        started = progress.started_at is not None
+        return cls(
+            **{f.name: getattr(progress, f.name) for f in fields(JobProgress)},
+            wall_seconds=progress.elapsed() if started else 0.0,
+            items_per_second=progress.rate if started else 0.0,
+        )
 
 
 @dataclass
@@ -184,7 +161,9 @@ class JobReport:
 
     def as_dict(self) -> dict[str, Any]:
         """The report as plain JSON types (datetimes as ISO 8601 strings)."""
-        return _jsonable(asdict(self))
+        report = _jsonable(asdict(self))
+        report["job"]["pending"] = self.job.pending
+        return report
 
 
 def _jsonable(value: Any) -> Any:
@@ -203,9 +182,9 @@ def failure_reason(error: str | None) -> str:
     if not lines:
         return "(no error text)"
     text = lines[0]
-    stage = _STAGE_ERROR.match(text)
-    if stage:
-        return f"{stage.group(1)}: {stage.group(2)}"
+    parsed = parse_error(text)
+    if parsed is not None:
+        return f"{parsed.stage}: {parsed.exception}"
     for pattern, mask in _VARIABLE:
         text = pattern.sub(mask, text)
     text = text.split(":", 1)[0].strip()
@@ -220,48 +199,12 @@ def time_buckets(span_seconds: float) -> tuple[int, float]:
 
 def build_report(store: Store, job_id: str) -> JobReport:
     """Read a job's report from the store; raises JobNotFoundError for an unknown job."""
-    progress = store.job(job_id)
-    job = JobSummary(
-        id=progress.id,
-        task=progress.task,
-        model=progress.model,
-        precision=progress.precision,
-        status=progress.status,
-        total=progress.total,
-        done=progress.done,
-        failed=progress.failed,
-        cancelled=progress.cancelled,
-        pending=progress.pending,
-        created_at=progress.created_at,
-        started_at=progress.started_at,
-        finished_at=progress.finished_at,
-        wall_seconds=progress.elapsed() if progress.started_at else 0.0,
-        items_per_second=progress.rate if progress.started_at else 0.0,
-        error=progress.error,
-        cache_hits=progress.cache_hits,
-        shadow=progress.shadow,
-    )
-    with store.engine.connect() as conn:
-        workers = _worker_shares(conn, job_id)
-        rows_histogram = [
-            (int(rows), int(n))
-            for rows, n in conn.execute(
-                select(_batches.c.rows, func.count())
-                .where(_batches.c.job_id == job_id)
-                .group_by(_batches.c.rows)
-                .order_by(_batches.c.rows)
-            )
-        ]
-        revisions = sorted(
-            r
-            for r in conn.scalars(select(_batches.c.model_revision).where(_batches.c.job_id == job_id).distinct())
-            if r
-        )
-        failures = _failures(conn, job_id)
-        span = conn.execute(
-            select(func.min(_batches.c.started_at), func.max(_batches.c.finished_at)).where(_batches.c.job_id == job_id)
-        ).one()
-        timing = _stream_timing(conn, job_id, as_utc(span[0]), as_utc(span[1]))
+    job = JobSummary.of(store.job(job_id))
+    workers = _worker_shares(store, job_id)
+    rows_histogram = store.batch_rows_histogram(job_id)
+    revisions = store.batch_revisions(job_id)
+    failures = _failures(store, job_id)
+    timing = _stream_timing(store, job_id, *store.batch_span(job_id))
     return JobReport(
         job=job,
         model=_model_info(job.precision, revisions, workers),
@@ -275,25 +218,9 @@ def build_report(store: Store, job_id: str) -> JobReport:
     )
 
 
-def _worker_shares(conn: Any, job_id: str) -> list[WorkerShare]:
-    b = _batches.c
-    sums = conn.execute(
-        select(
-            b.worker_id,
-            func.count(),
-            func.sum(b.size),
-            func.sum(b.real_tokens),
-            func.sum(b.padded_tokens),
-            func.sum(b.total_ms),
-            func.sum(b.preprocess_ms),
-            func.sum(b.forward_ms),
-            func.sum(b.postprocess_ms),
-        )
-        .where(b.job_id == job_id)
-        .group_by(b.worker_id)
-    ).all()
-    ids = [s[0] for s in sums if s[0] is not None]
-    rows = {r["id"]: r for r in conn.execute(select(_workers).where(_workers.c.id.in_(ids))).mappings()} if ids else {}
+def _worker_shares(store: Store, job_id: str) -> list[WorkerShare]:
+    sums = store.batch_sums_by_worker(job_id)
+    rows = store.workers_by_id([s[0] for s in sums if s[0] is not None])
     all_items = sum(int(s[2] or 0) for s in sums)
     shares = []
     for worker_id, n, items, real, padded, total_ms, pre, fwd, post in sums:
@@ -357,23 +284,18 @@ def _batch_shapes(workers: list[WorkerShare], rows_histogram: list[tuple[int, in
     )
 
 
-def _failures(conn: Any, job_id: str) -> list[FailureReason]:
+def _failures(store: Store, job_id: str) -> list[FailureReason]:
     """Group failed items by reason; the database first collapses identical error texts."""
-    grouped = conn.execution_options(yield_per=STREAM_ROWS).execute(
-        select(_items.c.error, func.count(), func.min(_items.c.idx))
-        .where(_items.c.job_id == job_id, _items.c.status == C.ITEM_FAILED)
-        .group_by(_items.c.error)
-    )
     reasons: dict[str, FailureReason] = {}
-    for error, n, idx in grouped:
+    for error, n, idx in store.failure_groups(job_id):
         key = failure_reason(error)
         seen = reasons.get(key)
         if seen is None:
-            reasons[key] = FailureReason(key, int(n), int(idx), error or "")
+            reasons[key] = FailureReason(key, n, idx, error or "")
         else:
-            seen.count += int(n)
+            seen.count += n
             if idx < seen.example_idx:
-                seen.example_idx, seen.example_error = int(idx), error or ""
+                seen.example_idx, seen.example_error = idx, error or ""
     return sorted(reasons.values(), key=lambda r: (-r.count, r.reason))
 
 
@@ -391,7 +313,7 @@ class _Timing:
         worker_id, size, finished_at, *phase_ms = row
         for name, value in zip(PHASES, phase_ms, strict=True):
             self.columns[name].append(float(value))
-        finished = as_utc(finished_at)
+        finished = finished_at
         assert finished is not None and self.start is not None  # both columns are NOT NULL
         seconds = (finished - self.start).total_seconds()
         bucket = min(max(int(seconds // self.width), 0), self.n_buckets - 1)
@@ -433,23 +355,10 @@ class _Timing:
         return Histogram([float(e) for e in edges], [int(c) for c in counts])
 
 
-def _stream_timing(conn: Any, job_id: str, start: datetime | None, end: datetime | None) -> _Timing:
+def _stream_timing(store: Store, job_id: str, start: datetime | None, end: datetime | None) -> _Timing:
     timing = _Timing(start, end)
     if start is None:
         return timing
-    b = _batches.c
-    rows = conn.execution_options(yield_per=STREAM_ROWS).execute(
-        select(
-            b.worker_id,
-            b.size,
-            b.finished_at,
-            b.queue_wait_ms,
-            b.preprocess_ms,
-            b.forward_ms,
-            b.postprocess_ms,
-            b.total_ms,
-        ).where(b.job_id == job_id)
-    )
-    for row in rows:
+    for row in store.iter_batch_timing(job_id):
         timing.add(row)
     return timing

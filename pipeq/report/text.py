@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from pipeq.report import JobReport, WorkerShare
+from pipeq.report.build import JobReport, WorkerShare
 
 
 def _mb(n: int | None) -> str:

@@ -23,8 +23,8 @@ from typing import Any
 from celery import Celery
 
 from pipeq import constants as C
-from pipeq.models.store import Store
-from pipeq.producer.publish import longest_first, publish_chunks
+from pipeq.broker.publish import longest_first, publish_chunks
+from pipeq.store import Store
 
 log = logging.getLogger(__name__)
 

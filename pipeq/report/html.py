@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeq.errors import ConfigurationError
-from pipeq.report import WORK_PHASES, JobReport, WorkerShare
-from pipeq.report_text import shadow_line
+from pipeq.primitives import WORK_PHASES
+from pipeq.report.build import JobReport, WorkerShare
+from pipeq.report.text import shadow_line
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 from celery import Celery
 
-from pipeq.dispatch import requeue
-from pipeq.models.store import Store
+from pipeq.broker.window import requeue
+from pipeq.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,170 @@
+"""The precision registry: each precision a worker serves, how its model loads, and where it runs.
+
+A new precision is one ``Precision`` in ``PRECISIONS``: its name, dtype and description, and hooks
+for loading (keyword arguments for ``transformers.pipeline``, a post-load step that names the
+quantization) and for the device check ``--precision auto`` uses. The CLI's help texts, the
+errors and the default ``--allow-precision`` list are derived from the registry. The producer
+imports this module (through ``routing``) to check a job's precision, so it stays free of torch:
+the hooks import torch, transformers or bitsandbytes when a worker calls them, and only then.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeq.worker.config import WorkerConfig
+
+#: The precision a model's weights are saved in: what a shadow check compares other precisions with.
+REFERENCE = "fp32"
+#: int8 implementations (``--int8-backend``): bitsandbytes LLM.int8 (CUDA) or torch dynamic quantization (CPU).
+INT8_BACKENDS = ("bnb", "dynamic")
+#: Task heads kept in full precision under bitsandbytes: often absent from a checkpoint (newly
+#: initialised), where quantizing them fails with "'Parameter' object has no attribute 'CB'",
+#: and too small for int8 to save anything.
+BNB_SKIP_MODULES = ["classifier", "pre_classifier", "score", "qa_outputs", "lm_head", "cls", "pooler"]
+
+
+def _on_cuda(cfg: WorkerConfig) -> bool:
+    return cfg.device.startswith("cuda")
+
+
+def _no_load_kwargs(cfg: WorkerConfig) -> dict[str, Any]:
+    return {}
+
+
+def _unquantized(pipe: Any, cfg: WorkerConfig) -> str:
+    return "none"
+
+
+def _runs_anywhere(cfg: WorkerConfig) -> str | None:
+    return None
+
+
+def _no_warning(cfg: WorkerConfig) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class Precision:
+    """One precision: its name, the dtype its weights load in, and its load and device-check hooks."""
+
+    #: What jobs and workers call it (``--precision``); part of the queue name.
+    name: str
+    #: The torch dtype the weights are loaded in, as an attribute name of ``torch``.
+    dtype: str
+    #: What it is, for help texts.
+    description: str
+    #: Whether ``--precision auto`` tries it when ``--allow-precision`` is not given.
+    auto_default: bool = False
+    #: Keyword arguments for ``transformers.pipeline`` besides the dtype; a ``device_map`` replaces ``device``.
+    load_kwargs: Callable[[WorkerConfig], dict[str, Any]] = _no_load_kwargs
+    #: Runs on the loaded pipeline (it may replace ``pipe.model``); returns the quantization label the store records.
+    after_load: Callable[[Any, WorkerConfig], str] = _unquantized
+    #: Why the configuration's device cannot run it, None when it can (may import torch: a worker's question).
+    unsupported: Callable[[WorkerConfig], str | None] = _runs_anywhere
+    #: A warning to log when a worker loads it on a device where it runs but poorly.
+    load_warning: Callable[[WorkerConfig], str | None] = _no_warning
+
+
+def int8_backend(device: str, chosen: str | None) -> str:
+    """bitsandbytes on CUDA, torch dynamic quantization on the CPU, unless chosen explicitly."""
+    if chosen:
+        return chosen
+    return "bnb" if device.startswith("cuda") else "dynamic"
+
+
+def bnb_config() -> Any:
+    """BitsAndBytesConfig for LLM.int8 with the task heads left unquantized."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(BNB_SKIP_MODULES))
+
+
+def quantize_dynamic_int8(model: Any) -> Any:
+    """Replace every nn.Linear by a dynamically quantized int8 Linear (int8 weights, activations scaled per batch)."""
+    import warnings
+
+    import torch
+
+    engines = torch.backends.quantized.supported_engines
+    if "x86" in engines:
+        torch.backends.quantized.engine = "x86"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao deprecation notices, once per worker
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        # Per-channel weight scales: on all-MiniLM-L6-v2 embeddings they keep cosine to fp32 at 0.97
+        # where one scale per tensor gives 0.92, at the same speed.
+        return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=False)
+
+
+def _fp16_unsupported(cfg: WorkerConfig) -> str | None:
+    return None if _on_cuda(cfg) else "fp16 runs only on CUDA here"
+
+
+def _fp16_warning(cfg: WorkerConfig) -> str | None:
+    return None if _on_cuda(cfg) else "fp16 on the CPU is slow; bf16 or int8 are the fast CPU precisions"
+
+
+def _bf16_unsupported(cfg: WorkerConfig) -> str | None:
+    import torch
+
+    if _on_cuda(cfg):
+        return None if torch.cuda.is_bf16_supported() else "torch reports no bf16 support on this GPU"
+    if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return None
+    return "torch reports no bf16 support on this CPU"
+
+
+def _int8_load_kwargs(cfg: WorkerConfig) -> dict[str, Any]:
+    if cfg.resolved_int8_backend != "bnb":
+        return {}  # dynamic quantization: fp32 weights, quantized after loading
+    return {"model_kwargs": {"quantization_config": bnb_config()}, "device_map": {"": cfg.device}}
+
+
+def _int8_after_load(pipe: Any, cfg: WorkerConfig) -> str:
+    if cfg.resolved_int8_backend == "bnb":
+        return "bitsandbytes-llm-int8"  # quantized while loading
+    pipe.model = quantize_dynamic_int8(pipe.model)
+    return "torch-dynamic-int8"
+
+
+def _int8_unsupported(cfg: WorkerConfig) -> str | None:
+    if cfg.resolved_int8_backend == "bnb":
+        if not _on_cuda(cfg) or importlib.util.find_spec("bitsandbytes") is None:
+            return "bitsandbytes int8 needs CUDA and the bitsandbytes package"
+        return None
+    import torch
+
+    if _on_cuda(cfg) or set(torch.backends.quantized.supported_engines) <= {"none"}:
+        return "torch dynamic int8 needs the CPU and a quantized engine"
+    return None
+
+
+#: Every precision pipeq serves, by name, in the order help texts list them and a job without a precision
+#: prefers among those live workers serve.
+PRECISIONS: dict[str, Precision] = {
+    p.name: p
+    for p in (
+        Precision("fp32", "float32", "full precision, the weights as saved", auto_default=True),
+        Precision(
+            "fp16", "float16", "half precision, for CUDA", unsupported=_fp16_unsupported, load_warning=_fp16_warning
+        ),
+        Precision("bf16", "bfloat16", "bfloat16", auto_default=True, unsupported=_bf16_unsupported),
+        Precision(
+            "int8",
+            "float32",
+            "bitsandbytes on CUDA, torch dynamic quantization on the CPU",
+            auto_default=True,
+            load_kwargs=_int8_load_kwargs,
+            after_load=_int8_after_load,
+            unsupported=_int8_unsupported,
+        ),
+    )
+}
+#: Precisions ``pipeq worker --precision auto`` measures and picks from, unless --allow-precision says otherwise.
+DEFAULT_ALLOWED_PRECISIONS = tuple(name for name, p in PRECISIONS.items() if p.auto_default)

@@ -1,0 +1,54 @@
+"""The store's engine and dialect helpers: SQLite and PostgreSQL, tuned for pipeq's write pattern."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+#: Execution option marking a connection that writes (SQLite: BEGIN IMMEDIATE).
+WRITE = "pipeq_write"
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """SQLite hands datetimes back naive; pipeq writes UTC, so read them as UTC."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a store error means "unreachable or busy, try again" rather than "this write is wrong"."""
+    if isinstance(exc, OperationalError | InterfaceError):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+def make_engine(url: str) -> Engine:
+    """Create an engine tuned for pipeq's write pattern on SQLite or PostgreSQL."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 60})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
+            # Let SQLAlchemy, not pysqlite, say when transactions begin (so BEGIN IMMEDIATE works);
+            # WAL lets readers (status, results) run while a worker writes.
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=60000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn: Any) -> None:
+            # Writes take the write lock up front: two workers' read-then-write transactions
+            # serialize instead of failing with "database is locked" on upgrade. Reads (status,
+            # results, reports) take no lock, so they never hold up a worker's writes.
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(WRITE) else "BEGIN")
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)

@@ -1,0 +1,235 @@
+"""Jobs: storing one with its items, its progress, cancelling, its publish window, the reconciler's view."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import func, insert, or_, select, update
+
+from pipeq import constants as C
+from pipeq.errors import JobNotFoundError
+from pipeq.primitives import JobProgress, utcnow
+from pipeq.routing import ServeKey
+from pipeq.store.base import ITEMS, JOBS, StoreBase
+from pipeq.store.engine import as_utc
+
+#: A job's last sign of life for the reconciler: a worker's claim or write, a requeue, or the commit that
+#: stored it (``published_at`` and ``created_at`` only for rows written before commits set ``activity_at``).
+LAST_ACTIVITY = func.coalesce(JOBS.c.activity_at, JOBS.c.published_at, JOBS.c.created_at)
+#: Columns a new item is inserted with (the rest start NULL).
+_ITEM_COLUMNS = "job_id, idx, input_id, input, status, attempts"
+
+
+def new_job_row(
+    job_id: str,
+    key: ServeKey,
+    *,
+    params: dict[str, Any] | None = None,
+    priority: int = 0,
+    source: str | None = None,
+    use_cache: bool = False,
+    chunk_size: int = C.DEFAULT_CHUNK_SIZE,
+) -> dict[str, Any]:
+    """The ``jobs`` row of a job about to be stored (what ``Store.create_job`` takes).
+
+    ``chunk_size`` is the most items per message; publishing the job's window sets the size it uses.
+    """
+    return {
+        "id": job_id,
+        "task": key.task,
+        "model": key.model,
+        "revision": key.revision,
+        "precision": key.precision,
+        "queue": key.queue,
+        "params": dict(params or {}),
+        "status": C.JOB_QUEUED,
+        "priority": priority,
+        "source": source,
+        "use_cache": use_cache,
+        "chunk_size": chunk_size,
+    }
+
+
+def _job_progress(row: Any) -> JobProgress:
+    """A ``jobs`` row as JobProgress."""
+    return JobProgress(
+        id=row["id"],
+        task=row["task"],
+        model=row["model"],
+        precision=row["precision"],
+        status=row["status"],
+        total=row["total"],
+        done=row["n_done"],
+        failed=row["n_failed"],
+        cancelled=row["n_cancelled"],
+        created_at=as_utc(row["created_at"]) or utcnow(),
+        started_at=as_utc(row["started_at"]),
+        finished_at=as_utc(row["finished_at"]),
+        error=row["error"],
+        params=row["params"] or {},
+        cache_hits=row["cache_hits"],
+        shadow=row["shadow"],
+    )
+
+
+class JobQueries(StoreBase):
+    """A job's row: create, read, cancel, shadow figures, publish window, reconciler."""
+
+    def create_job(self, job: dict[str, Any], items: Iterable[Sequence[dict[str, Any]]]) -> int:
+        """Insert a job and all its items in one transaction; returns the item count.
+
+        ``items`` yields lists of rows; an exception while it is consumed (bad input) rolls
+        back everything, so a rejected submission leaves nothing behind. The commit counts as the
+        job's activity: the reconciler leaves a job alone while its producer may still be publishing it.
+        """
+        total = 0
+        with self.writer.begin() as conn:
+            conn.execute(insert(JOBS), [{**job, "total": 0}])
+            for rows in items:
+                if rows:
+                    self._insert_items(conn, rows)
+                    total += len(rows)
+            conn.execute(update(JOBS).where(JOBS.c.id == job["id"]).values(total=total, activity_at=utcnow()))
+        return total
+
+    def _insert_items(self, conn: Any, rows: Sequence[dict[str, Any]]) -> None:
+        """Bulk-insert new items: COPY on PostgreSQL, a plain executemany on SQLite.
+
+        Submission is bound by this insert, so it bypasses per-row ORM/Core processing; the
+        input is JSON-encoded here exactly as the JSON column would encode it.
+        """
+        tuples = [
+            (r["job_id"], r["idx"], r["input_id"], json.dumps(r["input"], ensure_ascii=False), C.ITEM_PENDING, 0)
+            for r in rows
+        ]
+        if self._is_pg:
+            cursor = conn.connection.dbapi_connection.cursor()
+            with cursor.copy(f"COPY items ({_ITEM_COLUMNS}) FROM STDIN") as copy:
+                for row in tuples:
+                    copy.write_row(row)
+            cursor.close()
+        else:
+            conn.exec_driver_sql(f"INSERT INTO items ({_ITEM_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", tuples)
+
+    def mark_published(self, job_id: str) -> None:
+        with self.writer.begin() as conn:
+            conn.execute(update(JOBS).where(JOBS.c.id == job_id).values(published_at=utcnow()))
+
+    def set_job_error(self, job_id: str, error: str) -> None:
+        with self.writer.begin() as conn:
+            conn.execute(update(JOBS).where(JOBS.c.id == job_id).values(error=error))
+
+    def job(self, job_id: str) -> JobProgress:
+        """Return a job's progress, or raise JobNotFoundError."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(JOBS).where(JOBS.c.id == job_id)).mappings().first()
+        if row is None:
+            raise JobNotFoundError(f"no job {job_id!r} in the store")
+        return _job_progress(row)
+
+    def job_row(self, job_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(JOBS).where(JOBS.c.id == job_id)).mappings().first()
+        return dict(row) if row else None
+
+    def job_status(self, job_id: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(JOBS.c.status).where(JOBS.c.id == job_id)).scalar_one_or_none()
+
+    def recent_jobs(self, limit: int = 20, status: str | None = None) -> list[JobProgress]:
+        """The newest ``limit`` jobs, newest first, optionally only those in ``status``."""
+        q = select(JOBS).order_by(JOBS.c.created_at.desc(), JOBS.c.id).limit(limit)
+        if status is not None:
+            q = q.where(JOBS.c.status == status)
+        with self.engine.connect() as conn:
+            return [_job_progress(row) for row in conn.execute(q).mappings()]
+
+    def cancel_job(self, job_id: str) -> int:
+        """Cancel a job's pending items (finished results are kept); returns how many."""
+        now = utcnow()
+        with self.writer.begin() as conn:
+            q = select(JOBS.c.status).where(JOBS.c.id == job_id)
+            status = conn.execute(self.locked(q)).scalar_one_or_none()
+            if status is None:
+                raise JobNotFoundError(f"no job {job_id!r} in the store")
+            if status in C.JOB_FINAL_STATES:
+                return 0
+            n = conn.execute(
+                update(ITEMS)
+                .where(ITEMS.c.job_id == job_id, ITEMS.c.status == C.ITEM_PENDING)
+                .values(status=C.ITEM_CANCELLED, finished_at=now)
+            ).rowcount
+            conn.execute(
+                update(JOBS)
+                .where(JOBS.c.id == job_id)
+                .values(status=C.JOB_CANCELLED, n_cancelled=JOBS.c.n_cancelled + n, finished_at=now)
+            )
+        return int(n)
+
+    def update_shadow(self, job_id: str, merge: Callable[[dict[str, Any] | None], dict[str, Any]]) -> None:
+        """Replace a job's shadow-check figures by ``merge(current figures)``, the job's row locked meanwhile."""
+        with self.writer.begin() as conn:
+            q = select(JOBS.c.shadow).where(JOBS.c.id == job_id)
+            current = conn.execute(self.locked(q)).scalar_one_or_none()
+            conn.execute(update(JOBS).where(JOBS.c.id == job_id).values(shadow=merge(current)))
+
+    # -------------------------------------------------------- publish window
+
+    def open_window(self, job_id: str, *, cursor: int, chunk_size: int) -> None:
+        """Record how far a new job's items are published, and its chunk size."""
+        with self.writer.begin() as conn:
+            conn.execute(update(JOBS).where(JOBS.c.id == job_id).values(publish_cursor=cursor, chunk_size=chunk_size))
+
+    def advance_window(self, job_id: str, step: int) -> tuple[int, int] | None:
+        """Move an unfinished job's publish cursor ``step`` items on; returns the items' (start, stop) to publish."""
+        with self.writer.begin() as conn:
+            q = select(JOBS.c.publish_cursor, JOBS.c.total, JOBS.c.status).where(JOBS.c.id == job_id)
+            row = conn.execute(self.locked(q)).first()
+            if row is None or row.status in C.JOB_FINAL_STATES or row.publish_cursor >= row.total:
+                return None
+            stop = min(row.publish_cursor + step, row.total)
+            conn.execute(update(JOBS).where(JOBS.c.id == job_id).values(publish_cursor=stop))
+        return int(row.publish_cursor), int(stop)
+
+    # ------------------------------------------------------------ reconciler
+
+    def stalled_jobs(self, stalled_after: float, queues: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """Unfinished jobs with pending items and no activity for ``stalled_after`` seconds.
+
+        A published job counts only on an idle queue, where no job made progress in that time: a
+        job waiting behind a long one on a busy queue is not stalled, so nothing is queued twice
+        while work flows. A job stored but never published (its producer died after the commit, or
+        the broker refused it) is not on the broker at all, so it counts whatever its queue is doing.
+        """
+        cutoff = utcnow() - timedelta(seconds=stalled_after)
+        active = [C.JOB_QUEUED, C.JOB_RUNNING]
+        busy = select(JOBS.c.queue).where(JOBS.c.status.in_(active), JOBS.c.activity_at >= cutoff)
+        q = select(JOBS).where(
+            JOBS.c.status.in_(active),
+            JOBS.c.n_done + JOBS.c.n_failed + JOBS.c.n_cancelled < JOBS.c.total,
+            LAST_ACTIVITY < cutoff,
+            or_(JOBS.c.published_at.is_(None), JOBS.c.queue.not_in(busy)),
+        )
+        if queues is not None:
+            q = q.where(JOBS.c.queue.in_(list(queues)))
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(q.order_by(JOBS.c.created_at)).mappings()]
+
+    def take_requeue(self, job_id: str, stalled_after: float) -> bool:
+        """Atomically claim the right to queue a stalled job again (one reconciler wins; the next waits a period)."""
+        now = utcnow()
+        cutoff = now - timedelta(seconds=stalled_after)
+        with self.writer.begin() as conn:
+            n = conn.execute(
+                update(JOBS)
+                .where(
+                    JOBS.c.id == job_id,
+                    JOBS.c.status.in_([C.JOB_QUEUED, C.JOB_RUNNING]),
+                    LAST_ACTIVITY < cutoff,
+                )
+                .values(activity_at=now, requeues=JOBS.c.requeues + 1)
+            ).rowcount
+        return bool(n)

@@ -1,0 +1,341 @@
+"""Tokenize a whole micro-batch in one fast-tokenizer call, and pad it without per-input tensors.
+
+Why: for text-classification, feature-extraction and fill-mask, a pipeline's ``preprocess`` is one
+tokenizer call per input that returns ``(1, n)`` tensors, which the worker then collates with
+transformers' ``pad_collate_fn``. With small models the per-text calls and per-item tensors cost
+more than the forward pass. The Rust tokenizer encodes a list of texts in one call
+(``encode_batch``, which transformers uses even for a single text), so :class:`BatchTokenizer`
+makes one call for all single texts and one for all text pairs, keeps the token ids as lists,
+and builds each padded batch as one numpy array per key.
+
+What is guaranteed, for the inputs and parameters it takes (``for_pipeline`` and ``accepts`` say
+which; everything else stays on the per-input path):
+
+* ``model_inputs(enc)`` equals ``pipe.preprocess(value, **pre)``: same keys, dtypes, ``(1, n)``
+  shapes and values;
+* an input whose ``preprocess`` raises gets that exception (same type and message) in place of its
+  encoding, and never fails its batch-mates: a batched call that raises is split in halves until the
+  failing input is alone, and that input is run through ``pipe.preprocess`` itself for its own error;
+* ``collate(encs)`` equals ``pad_collate_fn(tokenizer, None)`` over those per-input outputs (same
+  padding value per key, same padding side, int64).
+
+Where batched and per-input tokenization could differ, and how that is handled:
+
+* a text pair whose second text is empty (or None): a single call drops it (transformers tests
+  ``if text_pair``) while a batched call would encode an empty second segment (an extra ``[SEP]``
+  and different token type ids); such inputs are tokenized as single texts;
+* one bad input in a batched call (a non-string, a lone surrogate, a pair too short for
+  ``only_first``/``only_second`` truncation) makes the Rust tokenizer reject the whole call;
+* tokenizer parameters that work across a batch (padding, overflowing tokens with a stride,
+  offsets, lengths, pre-split words) or that are not known here: ``accepts`` says no;
+* ``padding=None`` is not "no padding": transformers raises on it, so it is not accepted either;
+* tokenizer classes that override ``__call__`` or ``_encode_plus`` (DPR, LUKE, MarkupLM, ...) and
+  slow (Python) tokenizers are not used;
+* input forms other than a string (and, for text-classification, ``{"text", "text_pair"}`` dicts
+  and the ``[[text, pair]]`` list) are run through ``pipe.preprocess`` itself; their outputs, and
+  rows with no tokens at all (which ``pad_collate_fn`` cannot left-pad), are collated by
+  ``pad_collate_fn`` itself;
+* ``pad_collate_fn`` pads ``token_type_ids`` with 0, not with the tokenizer's ``pad_token_type_id``;
+  the same is done here.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from transformers.pipelines.base import pad_collate_fn
+from transformers.pipelines.feature_extraction import FeatureExtractionPipeline
+from transformers.pipelines.fill_mask import FillMaskPipeline
+from transformers.pipelines.text_classification import TextClassificationPipeline
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+log = logging.getLogger(__name__)
+
+TEXT_CLASSIFICATION = "text-classification"
+FEATURE_EXTRACTION = "feature-extraction"
+FILL_MASK = "fill-mask"
+
+#: The preprocess functions that are one plain tokenizer call, and the kind each one is.
+_KINDS: dict[Callable[..., Any], str] = {
+    TextClassificationPipeline.preprocess: TEXT_CLASSIFICATION,
+    FeatureExtractionPipeline.preprocess: FEATURE_EXTRACTION,
+    FillMaskPipeline.preprocess: FILL_MASK,
+}
+#: FillMaskPipeline.preprocess calls these for its mask check: they must be transformers' own too.
+_MASK_CHECKS = ("ensure_exactly_one_mask_token", "_ensure_exactly_one_mask_token", "get_masked_index")
+#: Tokenizer methods whose batched and single calls are known to agree (transformers' own).
+_TOKENIZER_METHODS: dict[str, Any] = {
+    "__call__": PreTrainedTokenizerBase.__call__,
+    "_encode_plus": TokenizersBackend._encode_plus,
+}
+
+_TRUNCATIONS = (True, False, None, "longest_first", "only_first", "only_second", "do_not_truncate")
+_NO_PADDING = (False, "do_not_pad")
+_FLAGS = ("add_special_tokens", "return_special_tokens_mask", "verbose", "split_special_tokens")
+_OPTIONAL_FLAGS = ("return_token_type_ids", "return_attention_mask")
+#: Accepted only at their default: they change what a batched call returns, or need padding.
+_DEFAULT_ONLY: dict[str, Any] = {
+    "stride": 0,
+    "return_overflowing_tokens": False,
+    "return_offsets_mapping": False,
+    "return_length": False,
+    "is_split_into_words": False,
+    "pad_to_multiple_of": None,
+    "padding_side": None,
+}
+#: Keys pad_collate_fn pads with 1 (input_ids take the pad token id, everything else 0).
+_PAD_WITH_ONE = frozenset({"p_mask", "special_tokens_mask"})
+
+
+def _is_flag(value: Any, *, optional: bool = False) -> bool:
+    return isinstance(value, bool) or (optional and value is None)
+
+
+def _safe_tokenizer_kwarg(name: str, value: Any) -> bool:
+    """Whether one tokenizer keyword gives per input what a call for that input alone gives."""
+    if name == "truncation":
+        return any(value is ok or (isinstance(ok, str) and value == ok) for ok in _TRUNCATIONS)
+    if name == "padding":
+        return any(value is ok or (isinstance(ok, str) and value == ok) for ok in _NO_PADDING)
+    if name == "max_length":
+        return value is None or (isinstance(value, int) and not isinstance(value, bool))
+    if name in _FLAGS:
+        return _is_flag(value)
+    if name in _OPTIONAL_FLAGS:
+        return _is_flag(value, optional=True)
+    if name in _DEFAULT_ONLY:
+        default = _DEFAULT_ONLY[name]
+        return value is default or (type(value) is type(default) and value == default)
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """One tokenized input: its token lists per model-input key, or the pipeline's own output for it."""
+
+    #: Token lists per model-input key (``input_ids``, ``attention_mask``, ...); empty when ``preprocessed`` is set.
+    tokens: dict[str, list[int]]
+    #: Tokens in the input (its ``input_ids`` width).
+    n_tokens: int
+    #: ``pipe.preprocess``'s own output, for an input form that was not tokenized in a batch.
+    preprocessed: Mapping[str, Any] | None = None
+
+
+class BatchTokenizer:
+    """Batch tokenization for a pipeline whose ``preprocess`` is exactly one fast-tokenizer call."""
+
+    def __init__(self, pipe: Any, kind: str) -> None:
+        self.pipe = pipe
+        self.kind = kind
+        self.tokenizer: Any = pipe.tokenizer
+        # Read once, as pad_collate_fn does when the runtime builds it.
+        self.padding_side: str = self.tokenizer.padding_side
+        self.pad_token_id: int | None = self.tokenizer.pad_token_id
+        self._pad_collate: Callable[[list[Any]], dict[str, Any]] | None = None
+        self._collate_error: ValueError | None = None
+        try:
+            self._pad_collate = pad_collate_fn(self.tokenizer, None)
+        except ValueError as exc:  # no pad token: nothing can be collated, as in the runtime
+            self._collate_error = exc
+
+    # ------------------------------------------------------------ choosing
+
+    @classmethod
+    def for_pipeline(cls, pipe: Any, task: str) -> BatchTokenizer | None:
+        """A BatchTokenizer for ``pipe``, or None where its inputs must be preprocessed one by one.
+
+        What qualifies is the preprocess function itself (transformers' text-classification,
+        feature-extraction or fill-mask one, inherited unchanged), not the task name: a subclass that
+        overrides ``preprocess`` keeps the per-input path. ``task`` names the pipeline in the log.
+        """
+        preprocess = getattr(type(pipe), "preprocess", None)
+        kind = _KINDS.get(preprocess) if preprocess is not None else None
+        reason = cls._unsupported(pipe, kind)
+        if kind is None or reason is not None:
+            log.debug("per-input preprocessing for %s (%s): %s", task, type(pipe).__qualname__, reason)
+            return None
+        log.debug("batch tokenization for %s (%s)", task, type(pipe).__qualname__)
+        return cls(pipe, kind)
+
+    @staticmethod
+    def _unsupported(pipe: Any, kind: str | None) -> str | None:
+        if kind is None:
+            return "its preprocess is not a plain tokenizer call"
+        tokenizer = getattr(pipe, "tokenizer", None)
+        if tokenizer is None or not getattr(tokenizer, "is_fast", False):
+            return "no fast tokenizer"
+        if not isinstance(tokenizer, TokenizersBackend) or any(
+            getattr(type(tokenizer), name, None) is not method for name, method in _TOKENIZER_METHODS.items()
+        ):
+            return f"{type(tokenizer).__qualname__} has its own tokenizer call"
+        if getattr(pipe, "feature_extractor", None) is not None or getattr(pipe, "image_processor", None) is not None:
+            return "it has a feature extractor or image processor too"
+        if kind == FILL_MASK:
+            if tokenizer.mask_token_id is None:
+                return "the tokenizer has no mask token"
+            if any(getattr(type(pipe), name, None) is not getattr(FillMaskPipeline, name) for name in _MASK_CHECKS):
+                return "it has its own mask-token check"
+        return None
+
+    def tokenizer_kwargs(self, pre: Mapping[str, Any]) -> dict[str, Any] | None:
+        """What ``preprocess`` passes to the tokenizer for ``pre``; None when a batched call could differ."""
+        if self.kind == FILL_MASK:
+            # Fill-mask's preprocess ignores its other keywords (**preprocess_parameters).
+            if pre.get("return_tensors") not in (None, "pt"):
+                return None
+            kwargs = pre.get("tokenizer_kwargs")
+            if kwargs is None:
+                kwargs = {}
+            if not isinstance(kwargs, Mapping):
+                return None
+        else:
+            kwargs = pre
+        if all(isinstance(name, str) and _safe_tokenizer_kwarg(name, value) for name, value in kwargs.items()):
+            return dict(kwargs)
+        return None
+
+    def accepts(self, pre: Mapping[str, Any]) -> bool:
+        """Whether ``encode`` gives, under these preprocess parameters, what per-input preprocess gives."""
+        return self.tokenizer_kwargs(pre) is not None
+
+    # ------------------------------------------------------------ encoding
+
+    def _text_and_pair(self, value: Any) -> tuple[str, str | None] | None:
+        """The (text, pair) the tokenizer gets for ``value``; None for a form left to ``preprocess``."""
+        if isinstance(value, str):
+            return value, None
+        if self.kind != TEXT_CLASSIFICATION:
+            return None
+        if isinstance(value, dict):
+            if not value.keys() <= {"text", "text_pair"}:
+                return None
+            text, pair = value.get("text"), value.get("text_pair")
+        elif isinstance(value, list) and len(value) == 1 and isinstance(value[0], list) and len(value[0]) == 2:
+            text, pair = value[0]
+        else:
+            return None
+        if not isinstance(text, str) or not (pair is None or isinstance(pair, str)):
+            return None
+        # A single call treats a falsy pair as no pair at all; a batched call would not.
+        return text, pair or None
+
+    def encode(self, values: Sequence[Any], pre: Mapping[str, Any]) -> list[Encoded | Exception]:
+        """Tokenize ``values`` in as few calls as possible; per input its encoding or its preprocess error."""
+        kwargs = self.tokenizer_kwargs(pre)
+        if kwargs is None:
+            raise ValueError(f"batch tokenization does not take these preprocess parameters: {sorted(pre)}")
+        results: list[Encoded | Exception | None] = [None] * len(values)
+        singles: list[tuple[int, str, None]] = []
+        pairs: list[tuple[int, str, str]] = []
+        for pos, value in enumerate(values):
+            form = self._text_and_pair(value)
+            if form is None:
+                results[pos] = self._preprocess_alone(value, pre)
+            elif form[1] is None:
+                singles.append((pos, form[0], None))
+            else:
+                pairs.append((pos, form[0], form[1]))
+        for group in (singles, pairs):
+            if group:
+                self._encode_group(group, values, pre, kwargs, results)
+        return [r if r is not None else RuntimeError("input was not encoded") for r in results]
+
+    def _encode_group(
+        self,
+        group: Sequence[tuple[int, str, str | None]],
+        values: Sequence[Any],
+        pre: Mapping[str, Any],
+        kwargs: dict[str, Any],
+        results: list[Encoded | Exception | None],
+    ) -> None:
+        try:
+            rows = self._call(group, kwargs)
+        except Exception as exc:
+            if len(group) == 1:  # alone, the input gets the error its own preprocess raises
+                pos = group[0][0]
+                results[pos] = self._preprocess_alone(values[pos], pre)
+                return
+            # One input can make the whole call fail: split until it is alone.
+            log.debug("tokenizer call on %d inputs failed (%s); splitting", len(group), type(exc).__name__)
+            mid = len(group) // 2
+            self._encode_group(group[:mid], values, pre, kwargs, results)
+            self._encode_group(group[mid:], values, pre, kwargs, results)
+            return
+        for (pos, _text, _pair), tokens in zip(group, rows, strict=True):
+            if self.kind == FILL_MASK and self.tokenizer.mask_token_id not in tokens["input_ids"]:
+                results[pos] = self._preprocess_alone(values[pos], pre)  # raises the pipeline's own error
+            else:
+                results[pos] = Encoded(tokens, len(tokens["input_ids"]))
+
+    def _call(self, group: Sequence[tuple[int, str, str | None]], kwargs: dict[str, Any]) -> list[dict[str, list[int]]]:
+        """One tokenizer call over the group: token lists per key, per member."""
+        texts = [text for _pos, text, _pair in group]
+        if group[0][2] is None:
+            data = self.tokenizer(texts, **kwargs).data
+        else:
+            data = self.tokenizer(text=texts, text_pair=[pair for _pos, _text, pair in group], **kwargs).data
+        keys = list(data)
+        return [dict(zip(keys, row, strict=True)) for row in zip(*(data[k] for k in keys), strict=True)]
+
+    def _preprocess_alone(self, value: Any, pre: Mapping[str, Any]) -> Encoded | Exception:
+        try:
+            out = self.pipe.preprocess(value, **pre)
+        except Exception as exc:
+            return exc
+        ids = out.get("input_ids") if hasattr(out, "get") else None
+        shape = getattr(ids, "shape", None)
+        if shape:
+            n_tokens = int(shape[-1])
+        elif isinstance(ids, list):
+            n_tokens = len(ids[0]) if ids and isinstance(ids[0], list) else len(ids)
+        else:
+            n_tokens = 1
+        return Encoded({}, n_tokens, preprocessed=out)
+
+    # ------------------------------------------------------------ tensors
+
+    def model_inputs(self, enc: Encoded) -> dict[str, torch.Tensor]:
+        """What ``pipe.preprocess`` returns for this input: ``(1, n)`` int64 tensors per key."""
+        if enc.preprocessed is not None:
+            return dict(enc.preprocessed)  # a copy: forward passes may add keys to it
+        return {key: torch.tensor([row], dtype=torch.int64) for key, row in enc.tokens.items()}
+
+    def _pad_value(self, key: str) -> int:
+        if key == "input_ids":
+            assert self.pad_token_id is not None
+            return int(self.pad_token_id)
+        return 1 if key in _PAD_WITH_ONE else 0
+
+    def collate(self, encs: Sequence[Encoded]) -> dict[str, torch.Tensor]:
+        """What ``pad_collate_fn(tokenizer, None)`` returns for these inputs' preprocess outputs."""
+        if self._pad_collate is None:
+            assert self._collate_error is not None
+            raise self._collate_error
+        if not encs:
+            raise ValueError("nothing to collate")
+        keys = list(encs[0].tokens)
+        if any(e.preprocessed is not None or e.n_tokens == 0 or list(e.tokens) != keys for e in encs):
+            # Rare forms, rows with no tokens (which it cannot left-pad) and mismatched keys: its own result or error.
+            return self._pad_collate([self.model_inputs(e) for e in encs])
+        lengths = np.fromiter((e.n_tokens for e in encs), dtype=np.int64, count=len(encs))
+        width = int(lengths.max())
+        columns = np.arange(width)
+        if self.padding_side == "left":
+            keep = columns >= (width - lengths)[:, None]
+        else:
+            keep = columns < lengths[:, None]
+        total = int(lengths.sum())
+        out: dict[str, torch.Tensor] = {}
+        for key in keys:
+            array = np.full((len(encs), width), self._pad_value(key), dtype=np.int64)
+            flat = np.fromiter(itertools.chain.from_iterable(e.tokens[key] for e in encs), dtype=np.int64, count=total)
+            array[keep] = flat  # row-major order: each row's tokens land in its kept positions, in order
+            out[key] = torch.from_numpy(array)
+        return out
