@@ -23,12 +23,14 @@ each pipeq run sits between two raw runs and is divided by their mean: drift tha
 over the three cancels, where a single raw figure taken minutes earlier would not. Nothing else runs
 in parallel (the worker is stopped before the second raw run).
 
-Stage shares split the worker's wall time (the job's started_at to finished_at) by the job report's
-per-batch timing (``pipeq report --json``): preprocess (tokenization), forward, postprocess;
-"other" is the rest (Celery messages, claims and job reads in SQL, waiting on the result writer,
-time between chunks). Two further figures are not part of that sum: "SQL writes", the result commits,
-which run on a writer thread overlapping the next forward pass, and "outside chunks", the wall time in
-which the worker ran no chunk at all (both from the worker's own totals, ``pipeq workers --json``).
+Stage shares are each stage's busy time over the worker's wall time (the job's started_at to
+finished_at), from the job report's per-batch timing (``pipeq report --json``): preprocess (tokenize
+and collate, on the prepare thread), forward (the task thread), postprocess (the writer thread). The
+three threads overlap, so the shares need not add up to 100%. "Model idle" is the wall time with no
+forward pass running (Celery messages, claims and job reads in SQL, waiting for the prepare thread or
+the writer, time between chunks). Two more figures come from the worker's own totals (``pipeq workers
+--json``): "SQL writes", the result commits on the writer thread, and "outside chunks", the wall time
+in which the worker ran no chunk at all.
 
 Needs Redis (database 12 unless PIPEQ_BENCH_HOSTPATH_REDIS_URL says otherwise; the queue is named
 after a fresh model folder, so nothing else is served from it, and its keys are deleted afterwards)
@@ -159,9 +161,9 @@ class Raw:
         return out
 
     def warm_up(self, texts: list[str], batch_size: int) -> None:
-        """About eight batches spread over the length range: first passes over new shapes are slow."""
-        by_length = sorted(texts, key=len)
-        self.run(by_length[:: max(1, len(texts) // (8 * batch_size))], batch_size)
+        """One untimed pass over all the texts: the first pass over each new batch shape is slow (oneDNN
+        builds its kernels per shape), and the worker warms up before it says ready, so the raw loop does too."""
+        self.run(texts, batch_size)
 
     def rate(self, texts: list[str], batch_size: int) -> tuple[float, list[dict[str, Any]]]:
         t0 = time.perf_counter()
@@ -289,7 +291,7 @@ class PipeqRun:
     rate: float
     wall_seconds: float
     submit_seconds: float
-    #: Seconds of the worker's wall time by stage: preprocess, forward, postprocess, other.
+    #: Seconds each stage was busy (they overlap: prepare, forward and writer threads), and the model's idle time.
     stages: dict[str, float]
     sql_write_seconds: float | None
     outside_chunks_seconds: float | None
@@ -328,7 +330,7 @@ def pipeq_run(
     stages = {
         p["name"]: p["sum_ms"] / 1000 for p in report["phases"] if p["name"] in ("preprocess", "forward", "postprocess")
     }
-    stages["other"] = wall - sum(stages.values())
+    stages["model idle"] = max(0.0, wall - stages.get("forward", 0.0))
     agree = sum(a["label"] == b["label"] for a, b in zip(sample, check, strict=True)) / max(len(check), 1)
     diff = max((abs(a["score"] - b["score"]) for a, b in zip(sample, check, strict=True)), default=0.0)
     return PipeqRun(
@@ -382,7 +384,7 @@ def pct(x: float | None) -> str:
 
 def table(results: list[StoreResult]) -> str:
     head = (
-        "| store | raw before | pipeq | raw after | pipeq / raw | preprocess | forward | postprocess | other "
+        "| store | raw before | pipeq | raw after | pipeq / raw | preprocess | forward | postprocess | model idle "
         "| SQL writes* | outside chunks* |"
     )
     lines = [head, "|" + " --- |" * 11]
@@ -390,7 +392,7 @@ def table(results: list[StoreResult]) -> str:
         s = r.shares()
         lines.append(
             f"| {r.store} | {r.raw_before:,.0f} | {r.pipeq.rate:,.0f} | {r.raw_after:,.0f} | {r.ratio:.3f} | "
-            f"{pct(s['preprocess'])} | {pct(s['forward'])} | {pct(s['postprocess'])} | {pct(s['other'])} | "
+            f"{pct(s['preprocess'])} | {pct(s['forward'])} | {pct(s['postprocess'])} | {pct(s['model idle'])} | "
             f"{pct(s['sql_writes'])} | {pct(s['outside_chunks'])} |"
         )
     return "\n".join(lines)
@@ -427,9 +429,11 @@ def render(args: argparse.Namespace, texts: list[str], results: list[StoreResult
             "",
             table(results),
             "",
-            "Shares are of the worker's wall time: preprocess + forward + postprocess + other = 100%. "
-            "*Not in that sum: SQL writes run on a writer thread that overlaps the next forward pass; "
-            "outside chunks is wall time in which the worker ran no chunk (between Celery messages).",
+            "Shares are of the worker's wall time, each stage's busy time on its own thread: preprocess "
+            "(tokenize and collate, on the prepare thread, a slice ahead), forward (the task thread), "
+            "postprocess (on the writer thread, with *SQL writes); they overlap, so they need not add up to "
+            "100%. Model idle is the wall time with no forward pass running. *Outside chunks is wall time in "
+            "which the worker ran no chunk (between Celery messages).",
             *(
                 f"\nWarning: the raw runs around {r.store} differ by {r.drift * 100:.0f}% "
                 f"(over {DRIFT_LIMIT * 100:.0f}%): the machine was not steady, so its ratio is unreliable; "

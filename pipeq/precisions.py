@@ -2,10 +2,11 @@
 
 A new precision is one ``Precision`` in ``PRECISIONS``: its name, dtype and description, and hooks
 for loading (keyword arguments for ``transformers.pipeline``, a post-load step that names the
-quantization) and for the device check ``--precision auto`` uses. The CLI's help texts, the
-errors and the default ``--allow-precision`` list are derived from the registry. The producer
-imports this module (through ``routing``) to check a job's precision, so it stays free of torch:
-the hooks import torch, transformers or bitsandbytes when a worker calls them, and only then.
+quantization) and for the device check of ``--precision auto``. Names in help texts and errors,
+and the default ``--allow-precision``, follow from the registry. The hooks live here rather than in
+``pipeq/worker/`` so that one entry is the whole precision; the producer imports this module
+(through ``routing``) for the names only, so nothing here imports torch, transformers or
+bitsandbytes until a worker calls a hook.
 """
 
 from __future__ import annotations

@@ -108,15 +108,19 @@ def test_stopping_worker_commits_its_batch_and_hands_the_rest_back(
     message = submit(store, ctx.cfg.key, [f"text {i}" for i in range(12)])
     ctx.celery = Celery("t", broker="memory://", set_as_current=False)
     assert ctx.runtime is not None
-    run = ctx.runtime.run
+    stream = ctx.runtime.stream
 
     def stop_during_first_batch(*args: Any, **kwargs: Any) -> Iterator[Any]:
-        for n, batch in enumerate(run(*args, **kwargs)):
-            if n == 0:
-                ctx.shutting_down.value = 1  # SIGTERM arrives while the first batch runs
-            yield batch
+        steps = stream(*args, **kwargs)
+        try:
+            for n, step in enumerate(steps):
+                if n == 0:
+                    ctx.shutting_down.value = 1  # SIGTERM arrives while the first batch runs
+                yield step
+        finally:
+            steps.close()
 
-    monkeypatch.setattr(ctx.runtime, "run", stop_during_first_batch)
+    monkeypatch.setattr(ctx.runtime, "stream", stop_during_first_batch)
     counts = ctx.run_chunk("job", message, None)
     assert (counts["done"], counts["handed_back"]) == (4, 8), "the running batch (of 4) commits, the rest goes back"
     rows = list(store.iter_results("job"))
@@ -139,7 +143,7 @@ def test_unreachable_store_is_retried_without_counting_attempts(
     store = Store(sqlite_url)
     message = submit(store, ctx.cfg.key, [f"text {i}" for i in range(8)])
     assert ctx.store is not None
-    real = ctx.store.record_batch
+    real = ctx.store.record_batches
     outages = {"left": 3}
 
     def flaky(*args: object, **kwargs: object) -> object:
@@ -148,7 +152,7 @@ def test_unreachable_store_is_retried_without_counting_attempts(
             raise OperationalError("UPDATE items", {}, Exception("server closed the connection unexpectedly"))
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(ctx.store, "record_batch", flaky)
+    monkeypatch.setattr(ctx.store, "record_batches", flaky)
     monkeypatch.setattr("pipeq.worker.context.time.sleep", lambda _s: None)
     ctx.run_chunk("job", message, None)
     rows = list(store.iter_results("job"))
@@ -189,14 +193,14 @@ def test_a_result_the_store_refuses_fails_alone(
     store = Store(sqlite_url)
     message = submit(store, ctx.cfg.key, [f"text {i}" for i in range(6)])
     assert ctx.store is not None
-    real = ctx.store.record_batch
+    real = ctx.store.record_batches
 
-    def picky(job_id: str, results: list[ItemResult], *args: object, **kwargs: object) -> object:
-        if any(r.idx == 3 and r.status == "done" for r in results):
+    def picky(job_id: str, batches: list[tuple[list[ItemResult], Any]], *args: object, **kwargs: object) -> object:
+        if any(r.idx == 3 and r.status == "done" for results, _ in batches for r in results):
             raise DataError("UPDATE items", {}, Exception("unsupported Unicode escape sequence"))
-        return real(job_id, results, *args, **kwargs)  # type: ignore[arg-type]
+        return real(job_id, batches, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(ctx.store, "record_batch", picky)
+    monkeypatch.setattr(ctx.store, "record_batches", picky)
     counts = ctx.run_chunk("job", message, None)
     assert (counts["done"], counts["failed"]) == (5, 1)
     rows = list(store.iter_results("job"))

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
 import torch
 
-from pipeq import precisions
+from pipeq import precisions, routing
+from pipeq.errors import ConfigurationError
+from pipeq.precisions import DEFAULT_ALLOWED_PRECISIONS, PRECISIONS
 from pipeq.routing import ServeKey
 from pipeq.worker.config import WorkerConfig
 from pipeq.worker.loading import LoadedPipeline, load_pipeline
@@ -76,3 +79,17 @@ def test_int8_backend_defaults_follow_the_device() -> None:
     assert WorkerConfig(key=key, device="cpu").resolved_int8_backend == "dynamic"
     assert WorkerConfig(key=key, device="cuda:0").resolved_int8_backend == "bnb"
     assert WorkerConfig(key=key, device="cpu", int8_backend="bnb").resolved_int8_backend == "bnb"
+
+
+def test_the_precision_registry_names_the_precisions() -> None:
+    assert routing.PRECISIONS == tuple(PRECISIONS) == ("fp32", "fp16", "bf16", "int8")
+    assert DEFAULT_ALLOWED_PRECISIONS == ("fp32", "bf16", "int8")
+    assert {p.name: getattr(torch, p.dtype) for p in PRECISIONS.values()} == {
+        "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32,
+    }  # fmt: skip
+    cpu = WorkerConfig(key=ServeKey(TASK, "m", "fp16"))
+    assert PRECISIONS["fp16"].load_warning(cpu) is not None
+    assert PRECISIONS["fp16"].load_warning(replace(cpu, device="cuda:0")) is None
+    assert PRECISIONS["int8"].load_kwargs(cpu) == {}  # dynamic quantization: after loading
+    with pytest.raises(ConfigurationError, match="unknown precision 'fp8'; choose one of fp32, fp16, bf16, int8"):
+        routing.check_precision("fp8")

@@ -127,3 +127,15 @@ def test_python_objects_are_numbered_from_one() -> None:
         list(read_objects(["ok", 5], SPEC))
     with pytest.raises(InputError, match="not a single str"):
         list(read_objects("just one string", SPEC))
+
+
+def test_format_errors_name_the_registered_formats(tmp_path: Path) -> None:
+    f = tmp_path / "in.txt"
+    f.write_text("good\n")
+    with pytest.raises(InputError, match="unknown input format 'xlsx'; choose one of jsonl, csv, parquet, txt"):
+        records(f, input_format="xlsx")
+    with pytest.raises(InputError, match=r"use one of \.jsonl, \.csv, \.parquet, \.txt \(or pass --input-format\)"):
+        records(tmp_path / "in.xlsx")
+    ndjson = tmp_path / "in.ndjson"  # a second suffix of one format
+    ndjson.write_text('{"text": "good"}\n')
+    assert records(ndjson) == records(f) == [("good", None)]

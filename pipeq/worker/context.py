@@ -9,8 +9,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
@@ -21,7 +20,7 @@ from pipeq.broker.reconcile import reconcile
 from pipeq.broker.window import top_up
 from pipeq.cache import CacheScope
 from pipeq.errors import ConfigurationError, StoreError
-from pipeq.primitives import BatchTiming, ItemResult, WriteOutcome, utcnow
+from pipeq.primitives import BatchTiming, ItemResult, utcnow
 from pipeq.routing import check_params
 from pipeq.settings import Settings, mask_url
 from pipeq.store import Store, is_transient
@@ -31,6 +30,7 @@ from pipeq.worker.memory import release_free_memory
 from pipeq.worker.metrics import WorkerMetrics
 from pipeq.worker.runtime import PipelineRuntime
 from pipeq.worker.shadow import ShadowCheck
+from pipeq.worker.writer import Recorder, WriteBehind
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +57,15 @@ class WorkerContext:
         self.celery: Celery | None = None
         #: The job whose chunk runs now, and items finished by this process (reported on heartbeats).
         self.current_job: str | None = None
-        self.items_done = 0
-        #: Seconds spent running chunks, and writing results to the store (the SQL share of a worker's time).
+        #: Seconds spent running chunks (writes to the store are counted by the recorder).
         self.busy_seconds = 0.0
-        self.write_seconds = 0.0
         #: Prometheus metrics of this process; None (and prometheus_client never imported) without a metrics port.
         self.metrics: WorkerMetrics | None = None
-        #: One thread that commits results in order, overlapping the next forward pass.
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeq-writer")
+        #: Writes results exactly once; the writer thread commits them in order, overlapping the next forward pass.
+        self.recorder: Recorder | None = None
+        self._behind: WriteBehind | None = None
         #: The fp32 copy of the model that ``--shadow-fraction`` compares outputs with.
         self.shadow: ShadowCheck | None = None
-        #: The result-cache keys of the running chunk when its job uses the cache (read by its writes).
-        self._cache: CacheScope | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -105,6 +102,15 @@ class WorkerContext:
         )
         if cfg.shadow_fraction:
             self.shadow = ShadowCheck.load(self.store, cfg)
+        self.recorder = Recorder(
+            self.store,
+            worker_id=self.worker_id,
+            model_revision=self.loaded.resolved_revision,
+            precision=key.precision,
+            device=cfg.device,
+            shadow=self.shadow,
+        )
+        self._behind = WriteBehind(self.recorder)
         warm_seconds = self._warm_up() if cfg.warmup else 0.0
         self.store.update_worker(
             self.worker_id,
@@ -121,6 +127,17 @@ class WorkerContext:
         if cfg.metrics_port is not None:
             self.metrics = WorkerMetrics(cfg)
             self.metrics.model_loaded(self.loaded.footprint_bytes, self.loaded.load_seconds + warm_seconds)
+            self.recorder.metrics = self.metrics
+
+    @property
+    def items_done(self) -> int:
+        """Items this process moved to a final state."""
+        return self.recorder.items_done if self.recorder is not None else 0
+
+    @property
+    def write_seconds(self) -> float:
+        """Seconds this process spent writing results (the SQL share of its busy time)."""
+        return self.recorder.write_seconds if self.recorder is not None else 0.0
 
     def mark_failed(self) -> None:
         """Record in the store that this process could not load its pipeline."""
@@ -133,7 +150,8 @@ class WorkerContext:
 
     def stop(self) -> None:
         self._stop.set()
-        self._writer.shutdown(wait=True)
+        if self._behind is not None:
+            self._behind.close()
         if self.on_stop is not None:
             self.on_stop()
         if self.store is not None:
@@ -242,7 +260,8 @@ class WorkerContext:
                     delay = min(delay * 2, C.STORE_RETRY_MAX_SLEEP)
         finally:
             self.current_job = None
-            self._cache = None
+            if self.recorder is not None:
+                self.recorder.cache = None
             release_free_memory()  # or a long job of uneven texts keeps growing the heap (see memory.py)
             self.busy_seconds += time.perf_counter() - began
 
@@ -288,8 +307,9 @@ class WorkerContext:
             # attempt as it starts, so batch-mates get committed and the culprit alone runs out.
             handed = self._one_by_one(job_id, todo, prior, params, queue_wait_ms, counts)
         else:
-            batches = iter(self.runtime.run(todo, params, queue_wait_ms=queue_wait_ms))
-            handed = self._write_behind(job_id, batches, counts)
+            assert self._behind is not None
+            steps = self.runtime.stream(todo, params, queue_wait_ms=queue_wait_ms)
+            handed = self._behind.run(job_id, steps, counts, keep_going=lambda: not self.shutting_down.value)
         left = [(idx, value) for idx, value in todo if idx not in handed]
         if left and self.shutting_down.value:
             self._hand_back(job, left, slice_end)
@@ -307,35 +327,6 @@ class WorkerContext:
             (time.time() - started) * 1000,
         )
         return counts
-
-    def _write_behind(
-        self, job_id: str, batches: Iterator[tuple[list[ItemResult], BatchTiming | None]], counts: dict[str, int]
-    ) -> set[int]:
-        """Commit each batch on the writer thread while the next one runs; returns the items handed to it.
-
-        Torch releases the GIL in forward, so writes overlap compute. Stops early when the worker
-        is shutting down, or when a write finds nothing pending (cancelled) or fails. Returns only
-        after every write has returned; a failed write is re-raised, so the message is not acked.
-        """
-        stopped = threading.Event()
-        pending: list[Future[None]] = []
-        handed: set[int] = set()
-        while not stopped.is_set() and not self.shutting_down.value:
-            batch = next(batches, None)
-            if batch is None:
-                break
-            results, timing = batch
-            handed.update(r.idx for r in results)
-            pending.append(self._writer.submit(self._record, job_id, results, timing, counts, stopped))
-        errors = []
-        for future in pending:
-            try:
-                future.result()
-            except Exception as exc:
-                errors.append(exc)
-        if errors:
-            raise errors[0]
-        return handed
 
     def _hand_back(self, job: dict[str, Any], left: list[tuple[int, Any]], slice_end: bool) -> None:
         """The worker is stopping: queue the chunk's unstarted items again, with their attempt taken back."""
@@ -389,8 +380,8 @@ class WorkerContext:
 
         Their outputs go into the cache as their batches are written.
         """
-        assert self.store is not None and self.loaded is not None
-        self._cache = scope = CacheScope.of(job, self.loaded.resolved_revision, todo)
+        assert self.store is not None and self.loaded is not None and self.recorder is not None
+        self.recorder.cache = scope = CacheScope.of(job, self.loaded.resolved_revision, todo)
         found = self.store.cache_get(sorted(set(scope.keys.values())))
         if not found:
             return todo
@@ -436,68 +427,10 @@ class WorkerContext:
         self,
         job_id: str,
         results: list[ItemResult],
-        timing: Any,
+        timing: BatchTiming | None,
         counts: dict[str, int],
         stopped: threading.Event | None = None,
     ) -> None:
-        assert self.store is not None
-        try:
-            try:
-                began = time.perf_counter()
-                outcome = self._write(job_id, results, timing)
-                self.write_seconds += time.perf_counter() - began
-            except Exception as exc:
-                if is_transient(exc) or len(results) == 0:
-                    raise
-                outcome = self._write_one_by_one(job_id, results, timing, exc)
-        except BaseException:
-            if stopped is not None:
-                stopped.set()  # no point running more batches: the chunk is retried as a whole
-            raise
-        self.items_done += outcome.done + outcome.failed
-        if self.metrics is not None:
-            self.metrics.observe_batch(timing, outcome, [r for r in results if r.status == C.ITEM_FAILED])
-        counts["done"] += outcome.done
-        counts["failed"] += outcome.failed
-        counts["skipped"] += outcome.skipped
-        if stopped is not None and results and outcome.skipped == len(results):
-            # Nothing was pending any more: the job was cancelled (or another delivery finished it).
-            stopped.set()
-        if self.shadow is not None and outcome.done:
-            self.shadow.after_write(job_id, results)
-
-    def _write(self, job_id: str, results: list[ItemResult], timing: BatchTiming | None) -> WriteOutcome:
-        assert self.store is not None and self.loaded is not None
-        return self.store.record_batch(
-            job_id,
-            results,
-            timing,
-            worker_id=self.worker_id,
-            model_revision=self.loaded.resolved_revision,
-            precision=self.cfg.key.precision,
-            device=self.cfg.device,
-            cache_scope=self._cache,
-        )
-
-    def _write_one_by_one(
-        self, job_id: str, results: list[ItemResult], timing: BatchTiming | None, error: Exception
-    ) -> WriteOutcome:
-        """The store refused a batch's write (not a connection problem): write items alone, failing the bad ones."""
-        log.warning("store refused a batch of job %s (%s); writing its items one by one", job_id[:8], error)
-        total = WriteOutcome()
-        for result in results:
-            try:
-                outcome = self._write(job_id, [result], timing)
-                timing = None  # the batch's timing is stored once
-            except Exception as exc:
-                if is_transient(exc):
-                    raise
-                reason = f"store: {type(exc).__name__}: {getattr(exc, 'orig', exc)}"[:2000]
-                outcome = self._write(job_id, [ItemResult(result.idx, C.ITEM_FAILED, error=reason)], None)
-            total = WriteOutcome(
-                done=total.done + outcome.done,
-                failed=total.failed + outcome.failed,
-                cancelled=total.cancelled + outcome.cancelled,
-                skipped=total.skipped + outcome.skipped,
-            )
-        return total
+        """Commit one batch's results now, on this thread."""
+        assert self.recorder is not None
+        self.recorder.record(job_id, [(results, timing)], counts, stopped)

@@ -1,19 +1,33 @@
-"""Run a loaded transformers Pipeline over micro-batches, stage by stage, with timing.
+"""Run a loaded transformers Pipeline over micro-batches in overlapping stages, with timing.
 
 Everything task-specific is the pipeline's own code: ``_sanitize_parameters``, ``preprocess``,
 its padding collation, ``forward`` and ``postprocess``; unbatching reuses transformers'
-``PipelineIterator``. pipeq only decides which inputs share a forward pass (sorted by token
-length, cut by a token budget) and keeps one failing input from failing its batch-mates.
+``PipelineIterator``. pipeq decides which inputs share a forward pass (sorted by token length,
+cut by a token budget), keeps one failing input from failing its batch-mates, and overlaps the
+stages, as the fast serving peers do:
+
+- **prepare**, on a thread of its own, one slice of the chunk ahead: tokenize the slice (one call
+  of the fast tokenizer where the pipeline's ``preprocess`` is one, see ``tokenizing``; else
+  ``preprocess`` per input), cut it into batches and collate each one (on CUDA, copy it to the
+  device from pinned memory without blocking);
+- **forward**, on the calling thread: one forward pass per batch;
+- **finish**, on whichever thread calls ``Step.finish`` (the worker's writer thread): unbatch,
+  ``postprocess``, JSON values.
+
+The tokenizer (Rust) and torch release the GIL, so the stages run at once on real cores. At most
+``PREFETCH`` prepared batches wait for the model, so memory stays flat.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from pipeq import constants as C
 from pipeq.embedding import TASK as EMBEDDING_TASK
@@ -22,11 +36,18 @@ from pipeq.primitives import BatchTiming, ItemResult, describe_error
 from pipeq.tasks import traits
 from pipeq.worker.batching import Unit, cut_batches, padded_tokens, token_length
 from pipeq.worker.serialize import to_jsonable
+from pipeq.worker.tokenizing import BatchTokenizer, Encoded
 
 log = logging.getLogger(__name__)
 
 #: Tokenizer limits above this are "no limit" placeholders (transformers uses 1e30).
 _NO_LIMIT = 1_000_000
+#: Prepared (tokenized, collated) batches that may wait for the model.
+PREFETCH = 2
+#: Inputs tokenized at a time, in batch sizes: a chunk's first forward waits for one slice, not all of it.
+SLICE_BATCHES = 2
+
+_T = TypeVar("_T")
 
 
 def offline_defaults(task: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -52,11 +73,183 @@ class _Item:
     idx: int
     input: Any
     preprocess_ms: float = 0.0
-    units_left: int = 0
+    #: Forward rows the item's preprocess made (one, or one per chunk for ChunkPipeline tasks) and how many ran.
+    n_units: int = 0
+    units_done: int = 0
     outputs: dict[int, Any] = field(default_factory=dict)
     n_tokens: int = 0
     truncated: bool | None = None
     error: str | None = None
+
+
+def failed_result(it: _Item) -> ItemResult:
+    return ItemResult(it.idx, C.ITEM_FAILED, error=it.error, truncated=it.truncated, n_tokens=it.n_tokens or None)
+
+
+def _keys(inputs: Any) -> tuple[str, ...]:
+    if isinstance(inputs, Encoded):
+        return tuple(sorted(inputs.preprocessed.keys() if inputs.preprocessed is not None else inputs.tokens))
+    return tuple(sorted(inputs.keys()))
+
+
+def _passthrough(outputs: Any, **_: Any) -> Any:
+    return outputs
+
+
+class Step:
+    """A micro-batch whose forward pass has run (or inputs that need none): ``finish`` gives its results."""
+
+    def __init__(self, idxs: list[int], finish: Callable[[], tuple[list[ItemResult], BatchTiming | None]]) -> None:
+        #: The items whose result this step gives (known before it is finished).
+        self.idxs = idxs
+        self.finish = finish
+
+
+@dataclass
+class _Prepared:
+    """A batch cut and collated, waiting for the model."""
+
+    batch: list[Unit]
+    #: Padded model inputs, or None where the rows run one by one.
+    inputs: Any
+    prepare_ms: float
+
+
+@dataclass
+class _Ready:
+    """Items (positions in the chunk) that failed in preprocess, or made no forward rows at all."""
+
+    items: list[int]
+    failed: bool
+
+    def finish(
+        self, runtime: PipelineRuntime, state: list[_Item], post: dict[str, Any]
+    ) -> Callable[[], tuple[list[ItemResult], BatchTiming | None]]:
+        def results() -> tuple[list[ItemResult], BatchTiming | None]:
+            if self.failed:
+                return [failed_result(state[p]) for p in self.items], None
+            return [runtime.finish_item(state[p], post) for p in self.items], None
+
+        return results
+
+
+@dataclass
+class _Segment:
+    """Forward outputs of some of a batch's units: one batched output, or one output (or exception) per unit."""
+
+    units: list[Unit]
+    outputs: Any
+    batched: bool
+
+
+@dataclass
+class _Timing:
+    started: datetime
+    prepare_ms: float
+    forward_ms: float
+    queue_wait_ms: float
+
+
+@dataclass
+class _BatchFinish:
+    """Unbatch a forward pass's outputs, postprocess the items it completes, and time it."""
+
+    runtime: PipelineRuntime
+    state: list[_Item]
+    batch: list[Unit]
+    segments: list[_Segment]
+    post: dict[str, Any]
+    timing: _Timing
+
+    def __call__(self) -> tuple[list[ItemResult], BatchTiming]:
+        t0 = time.perf_counter()
+        completed: list[_Item] = []
+        for segment in self.segments:
+            for unit, out in zip(segment.units, self.runtime.unbatch(segment), strict=True):
+                it = self.state[unit.item]
+                if isinstance(out, BaseException):
+                    it.error = it.error or describe_error("forward", out)
+                else:
+                    it.outputs[unit.pos] = out
+                it.units_done += 1
+                if it.units_done == it.n_units:
+                    completed.append(it)
+        results = []
+        for it in completed:
+            results.append(self.runtime.finish_item(it, self.post))
+            it.outputs = {}  # the model's outputs are not needed any more
+        postprocess_ms = (time.perf_counter() - t0) * 1000
+        preprocess_ms = sum(it.preprocess_ms for it in completed) + self.timing.prepare_ms
+        timing = BatchTiming(
+            size=len(completed),
+            rows=len(self.batch),
+            real_tokens=sum(u.n_tokens for u in self.batch),
+            padded_tokens=padded_tokens(self.batch),
+            queue_wait_ms=self.timing.queue_wait_ms,
+            preprocess_ms=preprocess_ms,
+            forward_ms=self.timing.forward_ms,
+            postprocess_ms=postprocess_ms,
+            total_ms=preprocess_ms + self.timing.forward_ms + postprocess_ms,
+            started_at=self.timing.started,
+            finished_at=datetime.now(UTC),
+        )
+        log.debug(
+            "batch of %d rows x %d tokens: forward %.1f ms",
+            len(self.batch),
+            timing.padded_tokens // len(self.batch),
+            self.timing.forward_ms,
+        )
+        return results, timing
+
+
+class _Raised:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+_END = object()
+
+
+def _prefetch(source: Iterator[_T], depth: int) -> Generator[_T, None, None]:
+    """Run ``source`` on a thread of its own, at most ``depth`` items ahead of the consumer; closing stops it."""
+    ahead: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                ahead.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def fill() -> None:
+        try:
+            for item in source:
+                if not put(item):
+                    return
+            put(_END)
+        except BaseException as exc:  # handed to the consumer, which raises it
+            put(_Raised(exc))
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=fill, name="pipeq-prepare", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = ahead.get()
+            if item is _END:
+                return
+            if isinstance(item, _Raised):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -103,6 +296,11 @@ class PipelineRuntime:
             self._collate = None
         if not traits(task).batchable:
             self._collate = None
+        #: One tokenizer call per slice of inputs, where the pipeline's preprocess is one tokenizer call.
+        self._batch_tokenizer = BatchTokenizer.for_pipeline(pipe, task)
+        device = getattr(pipe, "device", None)
+        #: Where prepared batches are copied ahead of the forward pass (CUDA only; None keeps them where they are).
+        self._device = device if getattr(device, "type", None) == "cuda" else None
         self._padding_side = getattr(pipe.tokenizer, "padding_side", "right")
         tokenizer = pipe.tokenizer
         limit = getattr(tokenizer, "model_max_length", None) if tokenizer is not None else None
@@ -148,28 +346,81 @@ class PipelineRuntime:
         *,
         queue_wait_ms: float = 0.0,
         max_batch_size: int | None = None,
-    ) -> Iterator[tuple[list[ItemResult], BatchTiming | None]]:
-        """Yield each micro-batch's results (and timing) as soon as it is done.
+    ) -> Generator[tuple[list[ItemResult], BatchTiming | None], None, None]:
+        """Yield each micro-batch's results (and timing) as soon as it is done (``stream``, finished in turn)."""
+        steps = self.stream(items, params, queue_wait_ms=queue_wait_ms, max_batch_size=max_batch_size)
+        try:
+            for step in steps:
+                yield step.finish()
+        finally:
+            steps.close()
 
-        Inputs that fail in preprocess come first, with no timing; a forward failure is narrowed
-        down by splitting the batch until the failing input is alone.
+    def stream(
+        self,
+        items: Sequence[tuple[int, Any]],
+        params: dict[str, Any],
+        *,
+        queue_wait_ms: float = 0.0,
+        max_batch_size: int | None = None,
+    ) -> Generator[Step, None, None]:
+        """Yield a Step per micro-batch once its forward pass has run; ``Step.finish`` gives its results.
+
+        Steps must be finished in the order they come, on one thread. Inputs that fail in
+        preprocess come in steps without timing; a forward failure is narrowed down by splitting
+        the batch until the failing input is alone. The next batches are prepared meanwhile on
+        another thread; closing the iterator stops it.
         """
         pre, fwd, post = self.stage_params(params)
         state = [_Item(idx, value) for idx, value in items]
-        units, failed = self._preprocess(state, pre)
-        if failed:
-            yield [self._result(it) for it in failed], None
-        empty = [it for it in state if it.error is None and it.units_left == 0]
-        if empty:  # a chunk task that made no forward rows for an input: its postprocess([]) decides
-            yield [self._finish(it, post) for it in empty], None
         size = max_batch_size or self.max_batch_size
-        for batch in cut_batches(units, max_tokens=self.max_batch_tokens, max_size=size):
-            yield self._run_batch(state, batch, fwd, post, queue_wait_ms)
+        prepared = _prefetch(self._prepare(state, pre, size), PREFETCH)
+        dispatched = [0] * len(state)
+        try:
+            for ready in prepared:
+                if isinstance(ready, _Ready):
+                    yield Step([state[p].idx for p in ready.items], ready.finish(self, state, post))
+                    continue
+                started = datetime.now(UTC)
+                t0 = time.perf_counter()
+                segments = self._forward(ready.batch, ready.inputs, fwd)
+                forward_ms = (time.perf_counter() - t0) * 1000
+                done = []
+                for unit in ready.batch:
+                    dispatched[unit.item] += 1
+                    if dispatched[unit.item] == state[unit.item].n_units:
+                        done.append(unit.item)
+                timing = _Timing(started, ready.prepare_ms, forward_ms, queue_wait_ms)
+                finish = _BatchFinish(self, state, ready.batch, segments, post, timing)
+                yield Step([state[p].idx for p in done], finish)
+        finally:
+            prepared.close()
 
-    def _preprocess(self, state: list[_Item], pre: dict[str, Any]) -> tuple[list[Unit], list[_Item]]:
+    def _prepare(self, state: list[_Item], pre: dict[str, Any], size: int) -> Iterator[_Ready | _Prepared]:
+        """Slice by slice: inputs that failed or need no forward, then collated batches."""
+        step = max(1, size * SLICE_BATCHES)
+        for start in range(0, len(state), step):
+            positions = range(start, min(start + step, len(state)))
+            units, failed = self._preprocess(state, positions, pre)
+            if failed:
+                yield _Ready(failed, failed=True)
+            empty = [p for p in positions if state[p].error is None and state[p].n_units == 0]
+            if empty:  # a chunk task that made no forward rows for an input: its postprocess([]) decides
+                yield _Ready(empty, failed=False)
+            for batch in cut_batches(units, max_tokens=self.max_batch_tokens, max_size=size):
+                t0 = time.perf_counter()
+                inputs = self._collated(batch)
+                yield _Prepared(batch, inputs, (time.perf_counter() - t0) * 1000)
+
+    def _preprocess(
+        self, state: list[_Item], positions: Sequence[int], pre: dict[str, Any]
+    ) -> tuple[list[Unit], list[int]]:
+        """Preprocess the items at ``positions``: their forward units, and the positions that failed."""
+        if self._batch_tokenizer is not None and self._batch_tokenizer.accepts(pre):
+            return self._preprocess_batched(state, positions, pre, self._batch_tokenizer)
         units: list[Unit] = []
-        failed: list[_Item] = []
-        for pos, it in enumerate(state):
+        failed: list[int] = []
+        for pos in positions:
+            it = state[pos]
             t0 = time.perf_counter()
             try:
                 value = self.adapt_input(it.input)
@@ -179,17 +430,41 @@ class PipelineRuntime:
             except Exception as exc:
                 log.debug("preprocess failed for item %d", it.idx, exc_info=True)
                 it.error = describe_error("preprocess", exc)
-                failed.append(it)
+                failed.append(pos)
                 continue
             finally:
                 it.preprocess_ms = (time.perf_counter() - t0) * 1000
             lengths = [token_length(p) for p in produced]
-            it.n_tokens = sum(lengths)
-            it.units_left = len(produced)
-            it.truncated = self._was_truncated(it.input, lengths, pre)
-            for chunk_pos, (inputs, n) in enumerate(zip(produced, lengths, strict=True)):
-                units.append(Unit(pos, chunk_pos, inputs, n, tuple(sorted(inputs.keys()))))
+            self._units(it, pos, produced, lengths, pre, units)
         return units, failed
+
+    def _preprocess_batched(
+        self, state: list[_Item], positions: Sequence[int], pre: dict[str, Any], tokenizer: BatchTokenizer
+    ) -> tuple[list[Unit], list[int]]:
+        """Tokenize the items at ``positions`` in one call; each gets an equal share of its time."""
+        t0 = time.perf_counter()
+        encoded = tokenizer.encode([self.adapt_input(state[p].input) for p in positions], pre)
+        share = (time.perf_counter() - t0) * 1000 / max(1, len(positions))
+        units: list[Unit] = []
+        failed: list[int] = []
+        for pos, enc in zip(positions, encoded, strict=True):
+            it = state[pos]
+            it.preprocess_ms = share
+            if isinstance(enc, Exception):
+                it.error = describe_error("preprocess", enc)
+                failed.append(pos)
+            else:
+                self._units(it, pos, [enc], [enc.n_tokens], pre, units)
+        return units, failed
+
+    def _units(
+        self, it: _Item, pos: int, produced: list[Any], lengths: list[int], pre: dict[str, Any], units: list[Unit]
+    ) -> None:
+        it.n_tokens = sum(lengths)
+        it.n_units = len(produced)
+        it.truncated = self._was_truncated(it.input, lengths, pre)
+        for chunk_pos, (inputs, n) in enumerate(zip(produced, lengths, strict=True)):
+            units.append(Unit(pos, chunk_pos, inputs, n, _keys(inputs)))
 
     def _was_truncated(self, value: Any, lengths: list[int], pre: dict[str, Any]) -> bool | None:
         if not traits(self.task).truncation_flag or len(lengths) != 1:
@@ -205,46 +480,80 @@ class PipelineRuntime:
             full = self.pipe.tokenizer(value, verbose=False)
         return len(full["input_ids"]) > lengths[0]
 
-    def _run_batch(
-        self, state: list[_Item], batch: list[Unit], fwd: dict[str, Any], post: dict[str, Any], queue_wait_ms: float
-    ) -> tuple[list[ItemResult], BatchTiming]:
-        started = datetime.now(UTC)
-        t0 = time.perf_counter()
-        outputs = self._forward(batch, fwd)
-        forward_ms = (time.perf_counter() - t0) * 1000
-        completed: list[_Item] = []
-        for unit, out in zip(batch, outputs, strict=True):
-            it = state[unit.item]
-            if isinstance(out, BaseException):
-                it.error = it.error or describe_error("forward", out)
+    def _forward(self, batch: list[Unit], inputs: Any, fwd: dict[str, Any]) -> list[_Segment]:
+        """Forward outputs of the batch; where it fails, of its halves, down to the one input that fails alone."""
+        try:
+            return [self._forward_once(batch, inputs, fwd)]
+        except Exception as exc:
+            if len(batch) == 1:
+                log.warning("forward failed for one input: %s: %s", type(exc).__name__, exc)
+                return [_Segment(batch, [exc], batched=False)]
+            if _is_oom(exc):
+                self._lower_budget(batch)
             else:
-                it.outputs[unit.pos] = out
-            it.units_left -= 1
-            if it.units_left == 0:
-                completed.append(it)
-        t1 = time.perf_counter()
-        results = [self._finish(it, post) for it in completed]
-        postprocess_ms = (time.perf_counter() - t1) * 1000
-        preprocess_ms = sum(it.preprocess_ms for it in completed)
-        timing = BatchTiming(
-            size=len(completed),
-            rows=len(batch),
-            real_tokens=sum(u.n_tokens for u in batch),
-            padded_tokens=padded_tokens(batch),
-            queue_wait_ms=queue_wait_ms,
-            preprocess_ms=preprocess_ms,
-            forward_ms=forward_ms,
-            postprocess_ms=postprocess_ms,
-            total_ms=preprocess_ms + forward_ms + postprocess_ms,
-            started_at=started,
-            finished_at=datetime.now(UTC),
-        )
-        log.debug(
-            "batch of %d rows x %d tokens: forward %.1f ms", len(batch), timing.padded_tokens // len(batch), forward_ms
-        )
-        return results, timing
+                log.warning(
+                    "forward failed on %d rows (%s); splitting to isolate the input", len(batch), type(exc).__name__
+                )
+            halves = batch[: len(batch) // 2], batch[len(batch) // 2 :]
+            return [seg for half in halves for seg in self._forward(half, self._collated(half), fwd)]
 
-    def _finish(self, it: _Item, post: dict[str, Any]) -> ItemResult:
+    def _forward_once(self, batch: list[Unit], inputs: Any, fwd: dict[str, Any]) -> _Segment:
+        if inputs is None:  # one row, or a task whose inputs cannot be collated
+            return _Segment(batch, [self.pipe.forward(self._inputs(u), **fwd) for u in batch], batched=False)
+        return _Segment(batch, self.pipe.forward(inputs, **fwd), batched=True)
+
+    def _inputs(self, unit: Unit) -> Any:
+        """The unit's model inputs as ``preprocess`` returns them (for a forward pass of its own)."""
+        if isinstance(unit.inputs, Encoded):
+            assert self._batch_tokenizer is not None
+            return self._batch_tokenizer.model_inputs(unit.inputs)
+        return unit.inputs
+
+    def _collated(self, batch: list[Unit]) -> Any:
+        """The batch's padded model inputs (on the model's device), or None where its rows run one by one."""
+        if len(batch) == 1 or self._collate is None:
+            return None
+        try:
+            if self._batch_tokenizer is not None and all(isinstance(u.inputs, Encoded) for u in batch):
+                collated = self._batch_tokenizer.collate([u.inputs for u in batch])
+            else:
+                collated = self._collate([self._inputs(u) for u in batch])
+        except Exception as exc:  # the forward pass isolates the input that cannot be collated
+            log.debug("collating %d rows failed (%s); running them one by one", len(batch), exc)
+            return None
+        return self._to_device(collated)
+
+    def _to_device(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """On CUDA: copy a prepared batch from pinned memory without blocking, so it lands while the model runs."""
+        if self._device is None:
+            return inputs
+        return {
+            k: v.pin_memory().to(self._device, non_blocking=True) if hasattr(v, "pin_memory") else v
+            for k, v in inputs.items()
+        }
+
+    def unbatch(self, segment: _Segment) -> list[Any]:
+        """One output per unit, each as if it had run alone (transformers' own unbatching)."""
+        from transformers.pipelines.pt_utils import PipelineIterator
+
+        batch = segment.units
+        if not segment.batched:
+            outs = list(segment.outputs)
+        else:
+            # The forward pass already ran: the iterator's "infer" just hands its output over.
+            loader = PipelineIterator([segment.outputs], _passthrough, {}, loader_batch_size=len(batch))
+            unbatch = iter(loader)
+            outs = [next(unbatch) for _ in batch]
+            if traits(self.task).per_token_output:
+                outs = [self._unpad(out, unit.n_tokens) for out, unit in zip(outs, batch, strict=True)]
+        if self.is_chunk:
+            for out in outs:
+                if not isinstance(out, BaseException):
+                    out.pop("is_last", None)
+        return outs
+
+    def finish_item(self, it: _Item, post: dict[str, Any]) -> ItemResult:
+        """An item whose forward rows are all done: its postprocessed result, or its failure."""
         if it.error is None:
             try:
                 if self.is_chunk:
@@ -257,28 +566,7 @@ class PipelineRuntime:
                 it.error = describe_error("postprocess", exc)
             else:
                 return ItemResult(it.idx, C.ITEM_DONE, output=output, truncated=it.truncated, n_tokens=it.n_tokens)
-        return self._result(it)
-
-    @staticmethod
-    def _result(it: _Item) -> ItemResult:
-        return ItemResult(it.idx, C.ITEM_FAILED, error=it.error, truncated=it.truncated, n_tokens=it.n_tokens or None)
-
-    def _forward(self, batch: list[Unit], fwd: dict[str, Any]) -> list[Any]:
-        """Forward outputs per unit; an exception in place of the output of a unit that fails alone."""
-        try:
-            return self._forward_once(batch, fwd)
-        except Exception as exc:
-            if len(batch) == 1:
-                log.warning("forward failed for one input: %s: %s", type(exc).__name__, exc)
-                return [exc]
-            if _is_oom(exc):
-                self._lower_budget(batch)
-            else:
-                log.warning(
-                    "forward failed on %d rows (%s); splitting to isolate the input", len(batch), type(exc).__name__
-                )
-            mid = len(batch) // 2
-            return self._forward(batch[:mid], fwd) + self._forward(batch[mid:], fwd)
+        return failed_result(it)
 
     def _lower_budget(self, batch: list[Unit]) -> None:
         """Out of memory: later batches get half the padded tokens of the one that failed (never below one full row)."""
@@ -306,20 +594,3 @@ class PipelineRuntime:
             if tensor is not None and tensor.ndim >= 2 and tensor.shape[1] > n_tokens:
                 out[name] = tensor[:, -n_tokens:] if self._padding_side == "left" else tensor[:, :n_tokens]
         return out
-
-    def _forward_once(self, batch: list[Unit], fwd: dict[str, Any]) -> list[Any]:
-        from transformers.pipelines.pt_utils import PipelineIterator
-
-        if len(batch) == 1 or self._collate is None:
-            outs = [self.pipe.forward(u.inputs, **fwd) for u in batch]
-        else:
-            collated = self._collate([u.inputs for u in batch])
-            # transformers' own unbatching: each output looks as if it ran with batch size 1.
-            unbatch = iter(PipelineIterator([collated], self.pipe.forward, fwd, loader_batch_size=len(batch)))
-            outs = [next(unbatch) for _ in batch]
-            if traits(self.task).per_token_output:
-                outs = [self._unpad(out, unit.n_tokens) for out, unit in zip(outs, batch, strict=True)]
-        if self.is_chunk:
-            for out in outs:
-                out.pop("is_last", None)
-        return outs
