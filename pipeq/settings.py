@@ -29,7 +29,8 @@ class Settings:
 
     broker_url: str = constants.DEFAULT_BROKER_URL
     database_url: str = constants.DEFAULT_DATABASE_URL
-    chunk_size: int = constants.DEFAULT_CHUNK_SIZE
+    #: Items per broker message; None sizes messages from the live workers' measured speed.
+    chunk_size: int | None = None
     max_text_chars: int = constants.DEFAULT_MAX_TEXT_CHARS
     max_job_items: int = constants.DEFAULT_MAX_JOB_ITEMS
     visibility_timeout: int = constants.DEFAULT_VISIBILITY_TIMEOUT

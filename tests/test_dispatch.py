@@ -168,3 +168,35 @@ def test_a_higher_priority_job_runs_first_on_redis(
     assert (urgent_state.done, routine_state.done) == (20, 200)
     assert urgent_state.finished_at is not None and routine_state.started_at is not None
     assert urgent_state.finished_at <= routine_state.started_at, "the urgent job ran before any of the routine one"
+
+
+def test_messages_hold_about_a_second_of_the_workers_measured_speed(sqlite_url: str) -> None:
+    from pipeq import constants as C
+    from pipeq.broker.window import chunk_size_for
+    from pipeq.store import Store
+
+    store = Store(sqlite_url)
+    queue = ServeKey(TASK, "/m").queue
+    big = 1_000_000
+
+    def worker(wid: str, *, done: int = 0, busy: float = 0.0, warm: float | None = None) -> None:
+        record = {"warmup_items_per_second": warm} if warm else {}
+        row = {"id": wid, "host": "h", "pid": 1, "queue": queue, "task": TASK, "model": "/m", "precision": "fp32"}
+        store.register_worker({**row, "device": "cpu", "status": "ready", "settings": record})
+        store.heartbeat(wid, items_done=done, busy_seconds=busy)
+
+    # Given no worker that measured anything: the default size
+    assert chunk_size_for(store, queue, big, None) == C.DEFAULT_CHUNK_SIZE
+    # Given a worker whose warm-up ran 1,500 items/s: a second of it
+    worker("w1", warm=1500.0)
+    assert chunk_size_for(store, queue, big, None) == 1500
+    # Given workers that ran real chunks, the median one's running speed wins over warm-ups
+    worker("w2", done=30_000, busy=10.0)
+    worker("w3", done=20_000, busy=10.0, warm=99.0)
+    assert chunk_size_for(store, queue, big, None) == 2000
+    # Slow or very fast workers stay within bounds; an explicit size wins; a small job still spreads out
+    for wid in ("w4", "w5", "w6"):
+        worker(wid, done=10_000_000, busy=10.0)
+    assert chunk_size_for(store, queue, big, None) == C.MAX_CHUNK_SIZE
+    assert chunk_size_for(store, queue, big, 50) == 50
+    assert chunk_size_for(store, queue, 100, None) == C.MIN_CHUNK_SIZE

@@ -214,3 +214,47 @@ def test_out_of_memory_splits_the_batch_and_lowers_the_budget(model_dir: Callabl
     run_all(rt, texts, {})
     assert small.calls - calls_before < calls_before
     assert rt.max_batch_tokens <= lowered
+
+
+PAIRS: list[Any] = [
+    {"text": "a " * 200 + "end", "text_pair": "short pair"},  # the first text alone overflows
+    {"text": "short", "text_pair": "b " * 200},  # the pair alone overflows
+    {"text": "x " * 61, "text_pair": "y " * 62},  # exactly at the cap of 128 with [CLS] and two [SEP]
+    {"text": "x " * 62, "text_pair": "y " * 62},  # one token over
+    {"text": "hello", "text_pair": ""},  # an empty pair is a single text
+    "x " * 126,  # a single text exactly at the cap
+    "x " * 127,  # one over
+]
+
+
+@pytest.mark.parametrize(
+    ("task", "inputs", "params"),
+    [
+        ("text-classification", MIXED + PAIRS, {}),
+        ("text-classification", PAIRS, {"truncation": "only_second"}),
+        ("text-classification", PAIRS[:4], {"truncation": "longest_first", "max_length": 40}),
+        ("text-classification", MIXED, {"top_k": None, "function_to_apply": "sigmoid"}),
+        ("feature-extraction", MIXED, {"pooling": "mean", "normalize": True}),
+        ("feature-extraction", MIXED, {"tokenize_kwargs": {"max_length": 16, "truncation": True}}),
+        ("fill-mask", ["hello [MASK] world", "[MASK] " + "word " * 200, "no mask here", 7], {"top_k": 2}),
+    ],
+)
+def test_batch_tokenization_gives_what_per_input_preprocess_gives(
+    model_dir: Callable[[str], str], task: str, inputs: list[Any], params: dict[str, Any]
+) -> None:
+    """Outputs, errors, token counts and truncation flags are the same with one tokenizer call per slice."""
+    from pipeq.worker.embedding import EmbeddingPipeline
+
+    kind = "text-classification" if task == "text-classification" else task
+    extra = {"pipeline_class": EmbeddingPipeline} if task == "feature-extraction" else {}
+    pipe = pipeline(task, model=model_dir(kind), **extra)
+    batched = PipelineRuntime(pipe, task, max_batch_size=4)
+    assert batched._batch_tokenizer is not None, "this task and tokenizer take the batch path"
+    alone = PipelineRuntime(pipe, task, max_batch_size=4)
+    alone._batch_tokenizer = None  # the per-input path: pipe.preprocess for each input
+    got, want = run_all(batched, inputs, params), run_all(alone, inputs, params)
+    for i in range(len(inputs)):
+        g, w = got[i], want[i]
+        assert (g.status, g.error, g.n_tokens, g.truncated) == (w.status, w.error, w.n_tokens, w.truncated), i
+        assert_close(g.output, w.output, f"input {i}", tol=1e-5)
+    assert any(r.truncated for r in want.values()) or task == "fill-mask"

@@ -98,6 +98,30 @@ def test_concurrent_duplicate_deliveries_count_once(store: Store) -> None:
     state = store.job(job)
     assert (state.done, state.failed, state.status) == (200, 0, C.JOB_DONE)
     assert len(list(store.iter_results(job))) == 200
+    # Only the deliveries that wrote items left a timing row: every item points at one, every row has items.
+    rows = list(store.iter_results(job))
+    batch_ids = {r["batch_id"] for r in rows}
+    assert None not in batch_ids
+    assert sum(n for _, n in store.batch_rows_histogram(job)) == len(batch_ids)
+
+
+def test_grouped_writes_are_one_transaction_with_an_outcome_each(store: Store) -> None:
+    # Given three batches, one of them already written by another delivery
+    job = make_job(store, 6)
+    record(store, job, [done(2), done(3)])
+    batches = [([done(0), done(1)], timing(2)), ([done(2, "neg"), done(3, "neg")], timing(2)), ([done(4)], None)]
+    # When they are written together
+    outcomes = store.record_batches(job, batches, worker_id=None, model_revision="abc", precision="fp32", device="cpu")
+    # Then each gets its own outcome, the written one is unchanged, and the counters moved once for all
+    assert [(o.done, o.skipped) for o in outcomes] == [(2, 0), (0, 2), (1, 0)]
+    rows = {r["idx"]: r for r in store.iter_results(job)}
+    assert rows[2]["output"] == {"label": "pos", "score": 0.9}
+    assert rows[4]["batch_id"] is None and rows[0]["batch_id"] is not None
+    assert sum(n for _, n in store.batch_rows_histogram(job)) == 2, "no timing row for the skipped batch"
+    state = store.job(job)
+    assert (state.done, state.pending, state.status) == (5, 1, C.JOB_RUNNING)
+    store.record_batches(job, [([done(5)], None)], worker_id=None, model_revision=None, precision="fp32", device="cpu")
+    assert store.job(job).status == C.JOB_DONE
 
 
 def test_claim_counts_first_attempts_and_leaves_out_finished_items(store: Store) -> None:

@@ -56,11 +56,29 @@ def publish_range(store: Store, celery: Celery, job: dict[str, Any], start: int,
     return sent
 
 
-def chunk_size_for(store: Store, queue: str, total: int, limit: int) -> int:
-    """Items per message: at most ``limit``, smaller so a small job spreads over the queue's live workers."""
-    workers = max(1, len(store.live_workers(queue)))
-    spread = -(-total // (workers * C.CHUNKS_PER_WORKER))
+def chunk_size_for(store: Store, queue: str, total: int, limit: int | None) -> int:
+    """Items per message: ``limit``, or (None) about ``CHUNK_SECONDS`` of the queue's live workers' measured
+    speed; smaller so that a small job spreads over those workers."""
+    live = store.live_workers(queue)
+    if limit is None:
+        speed = worker_speed(live)
+        limit = C.DEFAULT_CHUNK_SIZE
+        if speed is not None:
+            limit = max(C.DEFAULT_CHUNK_SIZE, min(C.MAX_CHUNK_SIZE, round(speed * C.CHUNK_SECONDS)))
+    spread = -(-total // (max(1, len(live)) * C.CHUNKS_PER_WORKER))
     return max(1, min(limit, max(C.MIN_CHUNK_SIZE, spread)))
+
+
+def worker_speed(workers: list[dict[str, Any]]) -> float | None:
+    """Items/s of the median worker process: what it ran so far, or what its warm-up measured; None if unknown."""
+    speeds = []
+    for w in workers:
+        busy, done = w.get("busy_seconds") or 0.0, w.get("items_done") or 0
+        if busy >= C.SPEED_MIN_BUSY_SECONDS and done:
+            speeds.append(done / busy)
+        elif (w.get("settings") or {}).get("warmup_items_per_second"):
+            speeds.append(float(w["settings"]["warmup_items_per_second"]))
+    return sorted(speeds)[len(speeds) // 2] if speeds else None
 
 
 def open_job(store: Store, celery: Celery, job: dict[str, Any], *, chunk_size: int) -> int:

@@ -204,7 +204,7 @@ class Client:
                 priority=priority,
                 source=source,
                 use_cache=cache,
-                chunk_size=self.settings.chunk_size,
+                chunk_size=self.settings.chunk_size or C.DEFAULT_CHUNK_SIZE,
             ),
             self._rows(job_id, records),
         )

@@ -28,15 +28,20 @@ class StoreBase:
         #: The same engine and pool, for transactions that write (``with store.writer.begin()``).
         self.writer = self.engine.execution_options(**{WRITE: True})
         self._is_pg = self.engine.dialect.name == "postgresql"
+        #: Locking forms of prebuilt statements, built once each: {id(query): (query, locked query)}.
+        self._locked: dict[int, tuple[Any, Any]] = {}
 
     def close(self) -> None:
         self.engine.dispose()
 
     def locked(self, query: _Q) -> _Q:
         """``query`` locking its rows to the transaction's end (PostgreSQL; SQLite's BEGIN IMMEDIATE already does)."""
-        if self._is_pg:
-            return query.with_for_update()  # type: ignore[attr-defined]
-        return query
+        if not self._is_pg:
+            return query
+        known = self._locked.get(id(query))
+        if known is None or known[0] is not query:
+            known = self._locked[id(query)] = (query, query.with_for_update())  # type: ignore[attr-defined]
+        return known[1]
 
     def __enter__(self) -> Any:
         return self

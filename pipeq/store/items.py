@@ -2,17 +2,76 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import json
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
+from functools import cache
 from typing import Any
 
-from sqlalchemy import and_, bindparam, case, func, insert, select, update
+from sqlalchemy import Dialect, and_, bindparam, case, func, insert, select, update
 
 from pipeq import constants as C
 from pipeq.cache import CacheScope
 from pipeq.primitives import BatchTiming, ItemResult, WriteOutcome, utcnow
 from pipeq.store.base import BATCHES, ITEMS, JOBS, StoreBase
 from pipeq.store.cache import record_cached
+
+#: A batch's timing row: who ran it, then BatchTiming's fields.
+_TIMING_COLUMNS = ("job_id", "worker_id", "model_revision", "precision", "device", *BatchTiming.__dataclass_fields__)
+_Batches = Sequence[tuple[Sequence[ItemResult], BatchTiming | None]]
+
+# Statements built once (building a SQLAlchemy statement costs more than running it on a small batch).
+_PENDING = ITEMS.c.status == C.ITEM_PENDING
+_IN_CHUNK = and_(ITEMS.c.job_id == bindparam("b_job"), ITEMS.c.idx.in_(bindparam("b_idxs", expanding=True)))
+_SELECT_PENDING = select(ITEMS.c.idx).where(_IN_CHUNK, _PENDING)
+_SELECT_CLAIMABLE = select(ITEMS.c.idx, ITEMS.c.attempts).where(_IN_CHUNK, _PENDING)
+_FIRST_ATTEMPT = update(ITEMS).where(_IN_CHUNK, _PENDING, ITEMS.c.attempts == 0).values(attempts=1)
+_RUNNING = case((JOBS.c.status == C.JOB_QUEUED, C.JOB_RUNNING), else_=JOBS.c.status)
+_START_JOB = (
+    update(JOBS)
+    .where(JOBS.c.id == bindparam("b_job"))
+    .values(
+        activity_at=bindparam("b_now"),
+        started_at=func.coalesce(JOBS.c.started_at, bindparam("b_now")),
+        status=_RUNNING,
+    )
+)
+_INSERT_BATCH = insert(BATCHES)
+#: The timing row a PostgreSQL result write inserts, as a CTE named ``b``.
+_PG_INSERT_BATCH = "b AS (INSERT INTO batches ({cols}) VALUES ({values}) RETURNING id),".format(
+    cols=", ".join(_TIMING_COLUMNS), values=", ".join(f"%(t_{c})s" for c in _TIMING_COLUMNS)
+)
+#: A batch's results on PostgreSQL: one UPDATE from arrays, of the items still pending; returns which.
+_PG_WRITE = (
+    "WITH {batch} u AS ("
+    "UPDATE items AS i SET status = r.status, output = r.output::json, error = r.error, truncated = r.truncated, "
+    "n_tokens = r.n_tokens, cached = r.cached, batch_id = {batch_id}, finished_at = %(b_now)s "
+    "FROM unnest(%(r_idx)s::int[], %(r_status)s::varchar[], %(r_output)s::text[], %(r_error)s::text[], "
+    "%(r_truncated)s::bool[], %(r_n_tokens)s::int[], %(r_cached)s::bool[]) "
+    "AS r(idx, status, output, error, truncated, n_tokens, cached) "
+    # ``idx = ANY`` as well as the join: the planner then reads the 64 rows by primary key, not the whole job.
+    f"WHERE i.job_id = %(b_job)s AND i.idx = ANY(%(r_idx)s::int[]) AND i.idx = r.idx "
+    f"AND i.status = '{C.ITEM_PENDING}' RETURNING i.idx) "
+    "SELECT {batch_id}, array(SELECT idx FROM u)"
+)
+#: The job's last items are being written: it is done.
+_LAST = and_(
+    JOBS.c.status.in_([C.JOB_QUEUED, C.JOB_RUNNING]),
+    JOBS.c.n_done + JOBS.c.n_failed + JOBS.c.n_cancelled + bindparam("b_n") >= JOBS.c.total,
+)
+_MOVE_COUNTS = (
+    update(JOBS)
+    .where(JOBS.c.id == bindparam("b_job"))
+    .values(
+        n_done=JOBS.c.n_done + bindparam("b_done"),
+        n_failed=JOBS.c.n_failed + bindparam("b_failed"),
+        n_cancelled=JOBS.c.n_cancelled + bindparam("b_cancelled"),
+        started_at=func.coalesce(JOBS.c.started_at, bindparam("b_now")),
+        activity_at=bindparam("b_now"),
+        status=case((_LAST, C.JOB_DONE), (JOBS.c.status == C.JOB_QUEUED, C.JOB_RUNNING), else_=JOBS.c.status),
+        finished_at=case((_LAST, bindparam("b_now")), else_=JOBS.c.finished_at),
+    )
+)
 
 
 class ItemQueries(StoreBase):
@@ -28,31 +87,11 @@ class ItemQueries(StoreBase):
         as it starts (``start_attempt``), so an input that kills the process uses up only its own
         attempts. Finished items are left out, so they never run twice.
         """
-        now = utcnow()
+        params = {"b_job": job_id, "b_idxs": list(idxs), "b_now": utcnow()}
         with self.writer.begin() as conn:
-            q = select(ITEMS.c.idx, ITEMS.c.attempts).where(
-                ITEMS.c.job_id == job_id, ITEMS.c.idx.in_(idxs), ITEMS.c.status == C.ITEM_PENDING
-            )
-            rows = conn.execute(self.locked(q)).all()
-            conn.execute(
-                update(ITEMS)
-                .where(
-                    ITEMS.c.job_id == job_id,
-                    ITEMS.c.idx.in_(idxs),
-                    ITEMS.c.status == C.ITEM_PENDING,
-                    ITEMS.c.attempts == 0,
-                )
-                .values(attempts=1)
-            )
-            conn.execute(
-                update(JOBS)
-                .where(JOBS.c.id == job_id)
-                .values(
-                    activity_at=now,
-                    started_at=func.coalesce(JOBS.c.started_at, now),
-                    status=case((JOBS.c.status == C.JOB_QUEUED, C.JOB_RUNNING), else_=JOBS.c.status),
-                )
-            )
+            rows = conn.execute(self.locked(_SELECT_CLAIMABLE), params).all()
+            conn.execute(_FIRST_ATTEMPT, params)
+            conn.execute(_START_JOB, params)
         return {int(idx): int(attempts) for idx, attempts in rows}
 
     def start_attempt(self, job_id: str, idx: int) -> int | None:
@@ -142,23 +181,61 @@ class ItemQueries(StoreBase):
         now = utcnow()
         outcomes: list[WriteOutcome] = []
         written: list[ItemResult] = []
+        batch = {"worker_id": worker_id, "model_revision": model_revision, "precision": precision, "device": device}
+        write = self._write_pg if self._is_pg else self._write_sqlite
         with self.writer.begin() as conn:
-            q = select(ITEMS.c.idx).where(
-                ITEMS.c.job_id == job_id, ITEMS.c.idx.in_(idxs), ITEMS.c.status == C.ITEM_PENDING
-            )
-            pending = set(conn.scalars(self.locked(q)))
-            for results, timing in batches:
-                todo = [r for r in results if r.idx in pending]
-                if todo:
-                    batch = {"worker_id": worker_id, "model_revision": model_revision, "precision": precision}
-                    self._write_items(conn, job_id, todo, timing, {**batch, "device": device}, now)
-                    written.extend(todo)
+            for results, _timing, todo in write(conn, job_id, batches, batch, now):
+                written.extend(todo)
                 outcomes.append(_outcome(todo, skipped=len(results) - len(todo)))
             if written:
                 self._count(conn, job_id, _outcome(written, skipped=0), now=now)
                 if cache_scope is not None:
                     record_cached(conn, job_id, cache_scope, written)
         return outcomes
+
+    def _write_sqlite(
+        self, conn: Any, job_id: str, batches: _Batches, batch: dict[str, Any], now: datetime
+    ) -> Iterator[tuple[Sequence[ItemResult], BatchTiming | None, list[ItemResult]]]:
+        """SQLite: the transaction holds the write lock (BEGIN IMMEDIATE), so read what is pending, then write it."""
+        idxs = [r.idx for results, _ in batches for r in results]
+        pending = set(conn.scalars(_SELECT_PENDING, {"b_job": job_id, "b_idxs": idxs}))
+        for results, timing in batches:
+            todo = [r for r in results if r.idx in pending]
+            if todo:
+                self._write_items(conn, job_id, todo, timing, batch, now)
+            yield results, timing, todo
+
+    def _write_pg(
+        self, conn: Any, job_id: str, batches: _Batches, batch: dict[str, Any], now: datetime
+    ) -> Iterator[tuple[Sequence[ItemResult], BatchTiming | None, list[ItemResult]]]:
+        """PostgreSQL: one statement a batch inserts its timing row and updates its items still pending.
+
+        The UPDATE's own guard (``status = 'pending'``, re-checked under the row lock it takes) keeps
+        a result from being written twice by two deliveries at once; RETURNING says which it wrote.
+        A batch none of whose items was pending any more leaves no timing row behind.
+        """
+        for results, timing in batches:
+            columns = {
+                "idx": [r.idx for r in results],
+                "status": [r.status for r in results],
+                # Encoded as the JSON column encodes a value (json.dumps), cast back to json by the statement.
+                "output": [None if r.output is None else json.dumps(r.output) for r in results],
+                "error": [r.error for r in results],
+                "truncated": [r.truncated for r in results],
+                "n_tokens": [r.n_tokens for r in results],
+                "cached": [r.cached for r in results],
+            }
+            params: dict[str, Any] = {"b_job": job_id, "b_now": now, **{f"r_{k}": v for k, v in columns.items()}}
+            if timing is None:
+                sql = _PG_WRITE.format(batch="", batch_id="NULL::bigint")
+            else:
+                sql = _PG_WRITE.format(batch=_PG_INSERT_BATCH, batch_id="(SELECT id FROM b)")
+                params.update({f"t_{k}": v for k, v in {"job_id": job_id, **batch, **vars(timing)}.items()})
+            batch_id, written = conn.exec_driver_sql(sql, params).one()
+            if batch_id is not None and not written:
+                conn.exec_driver_sql("DELETE FROM batches WHERE id = %(id)s", {"id": batch_id})
+            done = set(written)
+            yield results, timing, [r for r in results if r.idx in done]
 
     def _write_items(
         self,
@@ -169,55 +246,44 @@ class ItemQueries(StoreBase):
         batch: dict[str, Any],
         now: datetime,
     ) -> None:
-        """One batch's timing row, and its pending items' results pointing at it (one executemany)."""
+        """One batch's timing row, and its pending items' results pointing at it (one executemany).
+
+        The UPDATE goes to the driver as it is, each value converted by its column type's own bind
+        processor (what SQLAlchemy would send): the per-row machinery of a Core executemany costs
+        more than the statement itself on a batch of small results.
+        """
         batch_id = None
         if timing is not None:
             row = {"job_id": job_id, **batch, **vars(timing)}
-            batch_id = conn.execute(insert(BATCHES).values(**row)).inserted_primary_key[0]
-        conn.execute(
-            update(ITEMS)
-            .where(ITEMS.c.job_id == job_id, ITEMS.c.idx == bindparam("b_idx"), ITEMS.c.status == C.ITEM_PENDING)
-            .values(
-                status=bindparam("b_status"),
-                output=bindparam("b_output", type_=ITEMS.c.output.type),
-                error=bindparam("b_error"),
-                truncated=bindparam("b_truncated"),
-                n_tokens=bindparam("b_tokens"),
-                cached=bindparam("b_cached"),
-                batch_id=batch_id,
-                finished_at=now,
-            ),
+            batch_id = conn.execute(_INSERT_BATCH, row).inserted_primary_key[0]
+        dialect = conn.dialect
+        sql, (output, truncated, cached, finished) = _result_update(dialect)
+        at = finished(now)
+        conn.exec_driver_sql(
+            sql,
             [
-                {
-                    "b_idx": r.idx,
-                    "b_status": r.status,
-                    "b_output": r.output,
-                    "b_error": r.error,
-                    "b_truncated": r.truncated,
-                    "b_tokens": r.n_tokens,
-                    "b_cached": r.cached,
-                }
+                (
+                    r.status,
+                    output(r.output),
+                    r.error,
+                    truncated(r.truncated),
+                    r.n_tokens,
+                    cached(r.cached),
+                    batch_id,
+                    at,
+                    job_id,
+                    r.idx,
+                )
                 for r in todo
-            ],
+            ],  # fmt: skip
         )
 
     def _count(self, conn: Any, job_id: str, moved: WriteOutcome, *, now: datetime) -> None:
         """Move the job's counters by ``moved``; the write that finishes its last item marks it done (one UPDATE)."""
         n = moved.done + moved.failed + moved.cancelled
-        j = JOBS.c
-        last = and_(j.status.in_([C.JOB_QUEUED, C.JOB_RUNNING]), j.n_done + j.n_failed + j.n_cancelled + n >= j.total)
+        params = {"b_job": job_id, "b_now": now, "b_n": n}
         conn.execute(
-            update(JOBS)
-            .where(j.id == job_id)
-            .values(
-                n_done=j.n_done + moved.done,
-                n_failed=j.n_failed + moved.failed,
-                n_cancelled=j.n_cancelled + moved.cancelled,
-                started_at=func.coalesce(j.started_at, now),
-                activity_at=now,
-                status=case((last, C.JOB_DONE), (j.status == C.JOB_QUEUED, C.JOB_RUNNING), else_=j.status),
-                finished_at=case((last, now), else_=j.finished_at),
-            )
+            _MOVE_COUNTS, {**params, "b_done": moved.done, "b_failed": moved.failed, "b_cancelled": moved.cancelled}
         )
 
     def iter_results(self, job_id: str, *, page: int = 2000) -> Iterator[dict[str, Any]]:
@@ -293,3 +359,24 @@ def _outcome(written: Sequence[ItemResult], *, skipped: int) -> WriteOutcome:
         cancelled=sum(r.status == C.ITEM_CANCELLED for r in written),
         skipped=skipped,
     )
+
+
+_RESULT_COLUMNS = ("status", "output", "error", "truncated", "n_tokens", "cached", "batch_id", "finished_at")
+
+
+@cache
+def _result_update(dialect: Dialect) -> tuple[str, tuple[Callable[[Any], Any], ...]]:
+    """The driver-level UPDATE of one item's result (guarded by status), and the bind processors it needs."""
+    mark = "?" if dialect.paramstyle == "qmark" else "%s"
+    sets = ", ".join(f"{name} = {mark}" for name in _RESULT_COLUMNS)
+    sql = f"UPDATE items SET {sets} WHERE job_id = {mark} AND idx = {mark} AND status = '{C.ITEM_PENDING}'"
+
+    def processor(column: str) -> Callable[[Any], Any]:
+        process = ITEMS.c[column].type.dialect_impl(dialect).bind_processor(dialect)
+        return process if process is not None else _same
+
+    return sql, tuple(processor(c) for c in ("output", "truncated", "cached", "finished_at"))
+
+
+def _same(value: Any) -> Any:
+    return value

@@ -111,7 +111,11 @@ class WorkerContext:
             shadow=self.shadow,
         )
         self._behind = WriteBehind(self.recorder)
-        warm_seconds = self._warm_up() if cfg.warmup else 0.0
+        warm_seconds, speed = self._warm_up() if cfg.warmup else (0.0, None)
+        record = cfg.as_record()
+        if speed:
+            # What producers size this worker's messages by until it has run real chunks (see broker.window).
+            record["warmup_items_per_second"] = round(speed, 1)
         self.store.update_worker(
             self.worker_id,
             status="ready",
@@ -119,6 +123,7 @@ class WorkerContext:
             footprint_bytes=self.loaded.footprint_bytes,
             load_seconds=self.loaded.load_seconds + warm_seconds,
             quantization=self.loaded.quantization,
+            settings=record,
             heartbeat_at=utcnow(),
         )
         self._heartbeat = threading.Thread(target=self._beat, name="pipeq-heartbeat", daemon=True)
@@ -172,7 +177,9 @@ class WorkerContext:
     def _beat(self) -> None:
         """Heartbeat (with the current job) every HEARTBEAT_INTERVAL; a reconciler pass every reconcile_interval."""
         interval = self.settings.reconcile_interval
-        next_beat = next_reconcile = time.monotonic()
+        next_beat = time.monotonic()
+        # A reconcile interval of 0 turns the worker's own reconciler off (it must not make this loop spin).
+        next_reconcile = next_beat if interval > 0 else float("inf")
         while not self._stop.wait(max(0.0, min(next_beat, next_reconcile) - time.monotonic())):
             now = time.monotonic()
             assert self.store is not None
@@ -205,7 +212,8 @@ class WorkerContext:
         except Exception as exc:
             log.warning("reconciler pass failed: %s: %s", type(exc).__name__, mask_url(str(exc)))
 
-    def _warm_up(self) -> float:
+    def _warm_up(self) -> tuple[float, float | None]:
+        """Run batches of every shape once (seconds it took), and measure items/s on a second pass when cheap."""
         assert self.runtime is not None and self.loaded is not None
         inputs = warmup_inputs(
             self.loaded.pipe,
@@ -214,13 +222,21 @@ class WorkerContext:
             max_batch_tokens=self.cfg.batch_tokens,
             max_batch_size=self.cfg.max_batch_size,
         )
+        items = list(enumerate(inputs))
         t0 = time.perf_counter()
         try:
-            for _ in self.runtime.run(list(enumerate(inputs)), {}):
+            for _ in self.runtime.run(items, {}):
                 pass
+            first = time.perf_counter() - t0
+            if not items or first > C.WARMUP_SPEED_PASS_SECONDS:
+                return first, len(items) / first if items and first > 0 else None
+            t1 = time.perf_counter()  # the shapes are warm now: this pass is the model's running speed
+            for _ in self.runtime.run(items, {}):
+                pass
+            return time.perf_counter() - t0, len(items) / max(time.perf_counter() - t1, 1e-9)
         except Exception:
             log.warning("warm-up failed; continuing without it", exc_info=True)
-        return time.perf_counter() - t0
+            return time.perf_counter() - t0, None
 
     # -------------------------------------------------------------- running
 

@@ -397,9 +397,10 @@ class PipelineRuntime:
 
     def _prepare(self, state: list[_Item], pre: dict[str, Any], size: int) -> Iterator[_Ready | _Prepared]:
         """Slice by slice: inputs that failed or need no forward, then collated batches."""
-        step = max(1, size * SLICE_BATCHES)
-        for start in range(0, len(state), step):
+        start, step = 0, max(1, size)  # the first slice is one batch: the model starts as soon as it can
+        while start < len(state):
             positions = range(start, min(start + step, len(state)))
+            start, step = positions.stop, max(1, size * SLICE_BATCHES)
             units, failed = self._preprocess(state, positions, pre)
             if failed:
                 yield _Ready(failed, failed=True)
@@ -454,15 +455,25 @@ class PipelineRuntime:
                 it.error = describe_error("preprocess", enc)
                 failed.append(pos)
             else:
-                self._units(it, pos, [enc], [enc.n_tokens], pre, units)
+                self._units(it, pos, [enc], [enc.n_tokens], pre, units, truncated=enc.truncated)
         return units, failed
 
     def _units(
-        self, it: _Item, pos: int, produced: list[Any], lengths: list[int], pre: dict[str, Any], units: list[Unit]
+        self,
+        it: _Item,
+        pos: int,
+        produced: list[Any],
+        lengths: list[int],
+        pre: dict[str, Any],
+        units: list[Unit],
+        *,
+        truncated: bool | None = None,
     ) -> None:
         it.n_tokens = sum(lengths)
         it.n_units = len(produced)
-        it.truncated = self._was_truncated(it.input, lengths, pre)
+        if truncated is None or not traits(self.task).truncation_flag:
+            truncated = self._was_truncated(it.input, lengths, pre)
+        it.truncated = truncated
         for chunk_pos, (inputs, n) in enumerate(zip(produced, lengths, strict=True)):
             units.append(Unit(pos, chunk_pos, inputs, n, _keys(inputs)))
 

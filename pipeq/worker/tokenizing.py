@@ -126,6 +126,8 @@ class Encoded:
     n_tokens: int
     #: ``pipe.preprocess``'s own output, for an input form that was not tokenized in a batch.
     preprocessed: Mapping[str, Any] | None = None
+    #: Whether truncation cut tokens off (the Rust encoding kept them as overflow); None when unknown.
+    truncated: bool | None = None
 
 
 class BatchTokenizer:
@@ -268,21 +270,27 @@ class BatchTokenizer:
             self._encode_group(group[:mid], values, pre, kwargs, results)
             self._encode_group(group[mid:], values, pre, kwargs, results)
             return
-        for (pos, _text, _pair), tokens in zip(group, rows, strict=True):
+        for (pos, _text, _pair), (tokens, truncated) in zip(group, rows, strict=True):
             if self.kind == FILL_MASK and self.tokenizer.mask_token_id not in tokens["input_ids"]:
                 results[pos] = self._preprocess_alone(values[pos], pre)  # raises the pipeline's own error
             else:
-                results[pos] = Encoded(tokens, len(tokens["input_ids"]))
+                results[pos] = Encoded(tokens, len(tokens["input_ids"]), truncated=truncated)
 
-    def _call(self, group: Sequence[tuple[int, str, str | None]], kwargs: dict[str, Any]) -> list[dict[str, list[int]]]:
-        """One tokenizer call over the group: token lists per key, per member."""
+    def _call(
+        self, group: Sequence[tuple[int, str, str | None]], kwargs: dict[str, Any]
+    ) -> list[tuple[dict[str, list[int]], bool | None]]:
+        """One tokenizer call over the group: per member, token lists per key and whether truncation cut any."""
         texts = [text for _pos, text, _pair in group]
         if group[0][2] is None:
-            data = self.tokenizer(texts, **kwargs).data
+            out = self.tokenizer(texts, **kwargs)
         else:
-            data = self.tokenizer(text=texts, text_pair=[pair for _pos, _text, pair in group], **kwargs).data
+            out = self.tokenizer(text=texts, text_pair=[pair for _pos, _text, pair in group], **kwargs)
+        data = out.data
         keys = list(data)
-        return [dict(zip(keys, row, strict=True)) for row in zip(*(data[k] for k in keys), strict=True)]
+        rows = [dict(zip(keys, row, strict=True)) for row in zip(*(data[k] for k in keys), strict=True)]
+        # The Rust tokenizer keeps what truncation cut off as overflowing encodings (transformers drops them).
+        encodings = out.encodings or [None] * len(rows)
+        return [(row, None if enc is None else bool(enc.overflowing)) for row, enc in zip(rows, encodings, strict=True)]
 
     def _preprocess_alone(self, value: Any, pre: Mapping[str, Any]) -> Encoded | Exception:
         try:
