@@ -226,7 +226,9 @@ class Worker:
     def __init__(self, model: str, url: str, threads: int, extra: list[str], log: Path) -> None:
         self.model, self.url, self.log = model, url, log
         args = ["--task", TASK, "--model", model, "--precision", PRECISION, "--device", "cpu"]
-        args += ["--concurrency", "1", "--threads", str(threads), "--broker-url", REDIS, "--database-url", url]
+        args += ["--concurrency", "1", "--broker-url", REDIS, "--database-url", url]
+        if threads:  # else the worker's own choice (all cores, or one fewer where that measured faster)
+            args += ["--threads", str(threads)]
         env = {**os.environ, "PIPEQ_BROKER_URL": REDIS, "PIPEQ_DATABASE_URL": url}
         with log.open("wb") as out:
             self.proc = subprocess.Popen(
@@ -422,7 +424,8 @@ def render(args: argparse.Namespace, texts: list[str], results: list[StoreResult
             f"Machine: {machine()}",
             "",
             f"Host path: a 1-layer x 64 BERT classifier with the all-MiniLM-L6-v2 tokenizer, {corpus.describe(texts)}, "
-            f"truncation at {args.max_length} tokens, {args.threads} torch threads, one fp32 worker{extra}. "
+            f"truncation at {args.max_length} tokens, {args.threads} torch threads in the raw loop, one fp32 worker "
+            f"({args.worker_threads or 'its own choice of'} torch threads){extra}. "
             f"Items/s; raw = this process, {args.batch_size} length-sorted texts a tokenizer call; "
             "pipeq = the job's first start to last commit; pipeq / raw divides by the mean of the raw runs "
             "before and after it.",
@@ -479,7 +482,9 @@ def record(args: argparse.Namespace, results: list[StoreResult]) -> dict[str, An
         )
         for r in results
     }
-    options = {k: getattr(args, k) for k in ("n", "max_length", "batch_size", "threads", "worker_args")}
+    options = {
+        k: getattr(args, k) for k in ("n", "max_length", "batch_size", "threads", "worker_threads", "worker_args")
+    }
     return {"hostpath": {**options, "machine": machine(), "stores": stores}}
 
 
@@ -497,7 +502,13 @@ def parse_args() -> argparse.Namespace:
         "--threads",
         type=int,
         default=max(1, os.cpu_count() or 1),
-        help="torch threads of the raw loop and of the worker's one child [all cores, the worker's own default]",
+        help="torch threads of the raw loop [all cores, its fastest here]",
+    )
+    parser.add_argument(
+        "--worker-threads",
+        type=int,
+        default=0,
+        help="torch threads of the worker's one child [0: the worker's own choice, as a user gets it]",
     )
     parser.add_argument(
         "--worker-args",
@@ -531,7 +542,7 @@ def main() -> None:
             before, outputs = raw.rate(texts, args.batch_size)
             print(json.dumps({"store": name, "raw_before": round(before, 1)}), flush=True)
             with store_url(name, work) as url:
-                run = pipeq_run(model, url, texts, args.threads, extra, work, outputs[:200])
+                run = pipeq_run(model, url, texts, args.worker_threads, extra, work, outputs[:200])
             print(
                 json.dumps({"store": name, "pipeq": round(run.rate, 1), "wall_s": round(run.wall_seconds, 2)}),
                 flush=True,

@@ -236,6 +236,8 @@ def test_warm_up_covers_batch_shapes_and_counts_as_load_time(
         (row,) = Store(sqlite_url).live_workers(cfg.key.queue)
         assert row["status"] == "ready"
         assert row["load_seconds"] >= context.loaded.load_seconds + 0.3
+        # Its speed on warm shapes is what producers size its first messages by.
+        assert row["settings"]["warmup_items_per_second"] > 0
         # Short and long shapes, capped at the model's maximum (128 tokens for the tiny model).
         assert min(seen) <= 10 and 100 <= max(seen) <= 128
         assert len(set(seen)) >= 4

@@ -258,3 +258,46 @@ def test_batch_tokenization_gives_what_per_input_preprocess_gives(
         assert (g.status, g.error, g.n_tokens, g.truncated) == (w.status, w.error, w.n_tokens, w.truncated), i
         assert_close(g.output, w.output, f"input {i}", tol=1e-5)
     assert any(r.truncated for r in want.values()) or task == "fill-mask"
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {},
+        {"top_k": None},
+        {"top_k": 2},
+        {"function_to_apply": "sigmoid"},
+        {"function_to_apply": "none", "top_k": None},
+        {"function_to_apply": "softmax", "top_k": 1},
+    ],
+)
+@pytest.mark.parametrize("problem", [None, "multi_label_classification", "regression"])
+def test_batch_postprocess_gives_what_per_input_postprocess_gives(
+    model_dir: Callable[[str], str], params: dict[str, Any], problem: str | None
+) -> None:
+    """Labels and float32 scores bit for bit, for every scoring function and top_k form."""
+    pipe = pipeline("text-classification", model=model_dir("text-classification"))
+    pipe.model.config.problem_type = problem
+    batched = PipelineRuntime(pipe, "text-classification", max_batch_size=8)
+    assert batched._batch_postprocessor is not None
+    alone = PipelineRuntime(pipe, "text-classification", max_batch_size=8)
+    alone._batch_postprocessor = None  # per input: PipelineIterator's unbatching, then pipe.postprocess
+    inputs = MIXED * 3
+    got, want = run_all(batched, inputs, params), run_all(alone, inputs, params)
+    assert [got[i].output for i in range(len(inputs))] == [want[i].output for i in range(len(inputs))]
+    reference = pipe(inputs, truncation=True, **params)  # and plain pipeline(...) agrees (one text at a time)
+    for i, ref in enumerate(reference):
+        assert_close(got[i].output, to_jsonable(ref), f"input {i}")
+
+
+def test_batch_postprocess_is_used_only_for_transformers_own_classes(model_dir: Callable[[str], str]) -> None:
+    from transformers.pipelines.text_classification import TextClassificationPipeline
+
+    class Custom(TextClassificationPipeline):
+        def postprocess(self, model_outputs: Any, **kwargs: Any) -> Any:
+            return {"custom": True}
+
+    pipe = pipeline("text-classification", model=model_dir("text-classification"), pipeline_class=Custom)
+    rt = PipelineRuntime(pipe, "text-classification")
+    assert rt._batch_postprocessor is None
+    assert {r.output["custom"] for r in run_all(rt, MIXED, {}).values()} == {True}

@@ -111,8 +111,13 @@ class WorkerContext:
             shadow=self.shadow,
         )
         self._behind = WriteBehind(self.recorder)
-        warm_seconds, speed = self._warm_up() if cfg.warmup else (0.0, None)
+        warm_seconds, speed, warm = self._warm_up() if cfg.warmup else (0.0, None, False)
         record = cfg.as_record()
+        if speed and warm and cfg.threads is None and threads > 1 and cfg.device == "cpu":
+            began = time.perf_counter()
+            threads, speed, record["torch_threads_measured"] = self._choose_threads(threads, speed)
+            warm_seconds += time.perf_counter() - began
+        record["torch_threads"] = threads
         if speed:
             # What producers size this worker's messages by until it has run real chunks (see broker.window).
             record["warmup_items_per_second"] = round(speed, 1)
@@ -212,31 +217,62 @@ class WorkerContext:
         except Exception as exc:
             log.warning("reconciler pass failed: %s: %s", type(exc).__name__, mask_url(str(exc)))
 
-    def _warm_up(self) -> tuple[float, float | None]:
-        """Run batches of every shape once (seconds it took), and measure items/s on a second pass when cheap."""
+    def _warmup_inputs(self) -> list[Any]:
         assert self.runtime is not None and self.loaded is not None
-        inputs = warmup_inputs(
+        return warmup_inputs(
             self.loaded.pipe,
             self.cfg.key.task,
             max_length=self.runtime.max_length,
             max_batch_tokens=self.cfg.batch_tokens,
             max_batch_size=self.cfg.max_batch_size,
         )
-        items = list(enumerate(inputs))
+
+    def _warm_up(self) -> tuple[float, float | None, bool]:
+        """Run batches of every shape once: (seconds it took, items/s, whether that speed is of warm shapes).
+
+        When the pass is cheap it runs a second time, on warm shapes, for the speed.
+        """
+        assert self.runtime is not None
+        items = list(enumerate(self._warmup_inputs()))
         t0 = time.perf_counter()
         try:
             for _ in self.runtime.run(items, {}):
                 pass
             first = time.perf_counter() - t0
             if not items or first > C.WARMUP_SPEED_PASS_SECONDS:
-                return first, len(items) / first if items and first > 0 else None
+                # Too slow to run twice: its speed (first passes over each shape included) is a low estimate.
+                return first, len(items) / first if items and first > 0 else None, False
             t1 = time.perf_counter()  # the shapes are warm now: this pass is the model's running speed
             for _ in self.runtime.run(items, {}):
                 pass
-            return time.perf_counter() - t0, len(items) / max(time.perf_counter() - t1, 1e-9)
+            return time.perf_counter() - t0, len(items) / max(time.perf_counter() - t1, 1e-9), True
         except Exception:
             log.warning("warm-up failed; continuing without it", exc_info=True)
-            return time.perf_counter() - t0, None
+            return time.perf_counter() - t0, None, False
+
+    def _choose_threads(self, threads: int, speed: float) -> tuple[int, float, dict[str, float]]:
+        """Torch threads for the forward pass: all this child's cores, or one fewer, whichever runs faster.
+
+        The prepare and writer threads need a core too. Where the model's forward pass is cheap
+        next to tokenizing and writing (small models, fast precisions), torch's threads on every
+        core keep taking that core away from them (each parallel region waits for all its threads),
+        and one thread fewer is faster; where the forward pass dominates, all cores are.
+        """
+        import torch
+
+        assert self.runtime is not None and self.loaded is not None
+        items = list(enumerate(self._warmup_inputs()))
+        torch.set_num_threads(threads - 1)
+        t0 = time.perf_counter()
+        for _ in self.runtime.run(items, {}):
+            pass
+        fewer = len(items) / max(time.perf_counter() - t0, 1e-9)
+        measured = {str(threads): round(speed, 1), str(threads - 1): round(fewer, 1)}
+        if fewer > speed * C.FEWER_THREADS_GAIN:
+            log.info("torch threads: %d (%.0f items/s) over %d (%.0f items/s)", threads - 1, fewer, threads, speed)
+            return threads - 1, fewer, measured
+        torch.set_num_threads(threads)
+        return threads, speed, measured
 
     # -------------------------------------------------------------- running
 

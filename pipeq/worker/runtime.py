@@ -35,6 +35,7 @@ from pipeq.errors import ConfigurationError
 from pipeq.primitives import BatchTiming, ItemResult, describe_error
 from pipeq.tasks import traits
 from pipeq.worker.batching import Unit, cut_batches, padded_tokens, token_length
+from pipeq.worker.postprocessing import BatchPostprocessor
 from pipeq.worker.serialize import to_jsonable
 from pipeq.worker.tokenizing import BatchTokenizer, Encoded
 
@@ -77,6 +78,9 @@ class _Item:
     n_units: int = 0
     units_done: int = 0
     outputs: dict[int, Any] = field(default_factory=dict)
+    #: The postprocessed output, when the whole batch was postprocessed at once (``has_final``).
+    final: Any = None
+    has_final: bool = False
     n_tokens: int = 0
     truncated: bool | None = None
     error: str | None = None
@@ -165,6 +169,15 @@ class _BatchFinish:
         t0 = time.perf_counter()
         completed: list[_Item] = []
         for segment in self.segments:
+            finals = self.runtime.postprocess_batch(segment, self.post)
+            if finals is not None:
+                for unit, final in zip(segment.units, finals, strict=True):
+                    it = self.state[unit.item]
+                    it.final, it.has_final = final, True
+                    it.units_done += 1
+                    if it.units_done == it.n_units:
+                        completed.append(it)
+                continue
             for unit, out in zip(segment.units, self.runtime.unbatch(segment), strict=True):
                 it = self.state[unit.item]
                 if isinstance(out, BaseException):
@@ -298,6 +311,8 @@ class PipelineRuntime:
             self._collate = None
         #: One tokenizer call per slice of inputs, where the pipeline's preprocess is one tokenizer call.
         self._batch_tokenizer = BatchTokenizer.for_pipeline(pipe, task)
+        #: One postprocess per batch, where the pipeline's postprocess is a per-row formula.
+        self._batch_postprocessor = BatchPostprocessor.for_pipeline(pipe)
         device = getattr(pipe, "device", None)
         #: Where prepared batches are copied ahead of the forward pass (CUDA only; None keeps them where they are).
         self._device = device if getattr(device, "type", None) == "cuda" else None
@@ -563,8 +578,26 @@ class PipelineRuntime:
                     out.pop("is_last", None)
         return outs
 
+    def postprocess_batch(self, segment: _Segment, post: dict[str, Any]) -> list[Any] | None:
+        """Each unit's postprocessed output from one batched forward output, where the pipeline allows it.
+
+        None where it does not (then each input is unbatched and postprocessed alone, as is any
+        batch this raises on, so a failure stays with its own input).
+        """
+        if self._batch_postprocessor is None or not segment.batched or self.is_chunk:
+            return None
+        try:
+            return self._batch_postprocessor.postprocess_batch(segment.outputs, len(segment.units), post)
+        except Exception as exc:
+            log.debug("batch postprocess failed (%s: %s); postprocessing inputs one by one", type(exc).__name__, exc)
+            return None
+
     def finish_item(self, it: _Item, post: dict[str, Any]) -> ItemResult:
         """An item whose forward rows are all done: its postprocessed result, or its failure."""
+        if it.error is None and it.has_final:
+            return ItemResult(
+                it.idx, C.ITEM_DONE, output=to_jsonable(it.final), truncated=it.truncated, n_tokens=it.n_tokens
+            )
         if it.error is None:
             try:
                 if self.is_chunk:

@@ -157,7 +157,8 @@ class BatchTokenizer:
         feature-extraction or fill-mask one, inherited unchanged), not the task name: a subclass that
         overrides ``preprocess`` keeps the per-input path. ``task`` names the pipeline in the log.
         """
-        preprocess = getattr(type(pipe), "preprocess", None)
+        bound = getattr(pipe, "preprocess", None)  # as the object resolves it: a method patched on it counts
+        preprocess = getattr(bound, "__func__", bound)
         kind = _KINDS.get(preprocess) if preprocess is not None else None
         reason = cls._unsupported(pipe, kind)
         if kind is None or reason is not None:

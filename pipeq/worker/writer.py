@@ -1,10 +1,13 @@
 """Committing results: the recorder (exactly-once writes with their fallbacks) and the writer thread.
 
-The writer thread finishes each micro-batch (unbatch, ``postprocess``, JSON values) and commits it
-while the model runs the next ones. Batches that queue up while a commit is under way are written
-together in one transaction: under load the store sees one commit per group, not per batch (a
-PostgreSQL commit waits for its WAL flush, several milliseconds on an ordinary disk). A chunk's
-message is acknowledged only after every write of it has returned.
+The writer thread finishes each micro-batch (unbatch, ``postprocess``, JSON values) as soon as the
+model hands it over, and commits the finished batches of a chunk together: when ``WRITE_SECONDS``
+have passed since the first of them, when ``WRITE_GROUP`` batches or ``WRITE_ITEMS`` items are
+waiting, or when the chunk has no more batches. The store then sees one transaction for many
+batches (a PostgreSQL commit waits for its WAL flush, several milliseconds on an ordinary disk, and
+every commit updates the job's row), while results still appear within a fraction of a second. A
+chunk's message is acknowledged only after every write of it has returned, so results that were
+not committed when a worker died are simply computed again by the next delivery.
 """
 
 from __future__ import annotations
@@ -31,7 +34,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: Most micro-batches committed in one transaction.
-WRITE_GROUP = 16
+WRITE_GROUP = 32
+#: Most items committed in one transaction.
+WRITE_ITEMS = 2048
+#: Longest a finished batch waits for others to share its transaction (also how late a cancellation is seen).
+WRITE_SECONDS = 0.25
 #: Finished steps that may wait for the writer before the forward loop waits (memory stays flat).
 WRITE_QUEUE = 4
 
@@ -158,13 +165,28 @@ class _Entry:
     future: Future[None]
 
 
-class WriteBehind:
-    """One thread that finishes steps and commits them in order, grouping the ones that queue up."""
+class _Flush:
+    """Sent after a chunk's last batch: commit what waits now."""
 
-    def __init__(self, recorder: Recorder, *, group: int = WRITE_GROUP, depth: int = WRITE_QUEUE) -> None:
+
+_FLUSH = _Flush()
+
+
+class WriteBehind:
+    """One thread that finishes steps and commits them in order, a chunk's batches grouped."""
+
+    def __init__(
+        self,
+        recorder: Recorder,
+        *,
+        group: int = WRITE_GROUP,
+        items: int = WRITE_ITEMS,
+        seconds: float = WRITE_SECONDS,
+        depth: int = WRITE_QUEUE,
+    ) -> None:
         self.recorder = recorder
-        self.group = group
-        self._queue: queue.Queue[_Entry | None] = queue.Queue(maxsize=depth)
+        self.group, self.items, self.seconds = group, items, seconds
+        self._queue: queue.Queue[_Entry | _Flush | None] = queue.Queue(maxsize=depth)
         self._thread = threading.Thread(target=self._loop, name="pipeq-writer", daemon=True)
         self._thread.start()
 
@@ -197,6 +219,7 @@ class WriteBehind:
                 futures.append(future)
         finally:
             steps.close()  # stop preparing batches that will not run
+            self._queue.put(_FLUSH)
             errors = []
             for future in futures:
                 try:
@@ -208,54 +231,53 @@ class WriteBehind:
         return handed
 
     def _loop(self) -> None:
+        waiting: list[tuple[_Entry, Batch]] = []
+        deadline = 0.0
         while True:
-            entry = self._queue.get()
-            if entry is None:
-                return
-            group = [entry]
-            closing = False
-            while len(group) < self.group:
-                try:
-                    more = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    closing = True
-                    break
-                group.append(more)
-            for job_group in _by_job(group):
-                self._commit(job_group)
-            if closing:
-                return
-
-    def _commit(self, group: list[_Entry]) -> None:
-        finished: list[tuple[_Entry, Batch]] = []
-        for entry in group:
+            timeout = max(0.0, deadline - time.monotonic()) if waiting else None
             try:
-                finished.append((entry, entry.step.finish()))
-            except BaseException as exc:  # a bug in unbatching: the chunk is not acknowledged
-                log.error("finishing a batch of job %s failed", entry.job_id[:8], exc_info=True)
-                entry.stopped.set()
-                entry.future.set_exception(exc)
-        if not finished:
-            return
-        first = finished[0][0]
+                entry = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                entry = _FLUSH  # the first waiting batch has waited long enough
+            if entry is None or isinstance(entry, _Flush):
+                self._commit(waiting)
+                waiting = []
+                if entry is None:
+                    return
+                continue
+            if waiting and (waiting[0][0].job_id != entry.job_id or waiting[0][0].counts is not entry.counts):
+                self._commit(waiting)  # another chunk's batches never share a transaction
+                waiting = []
+            finished = self._finish(entry)
+            if finished is None:
+                continue
+            if not waiting:
+                deadline = time.monotonic() + self.seconds
+            waiting.append((entry, finished))
+            if len(waiting) >= self.group or sum(len(b[0]) for _, b in waiting) >= self.items:
+                self._commit(waiting)
+                waiting = []
+
+    @staticmethod
+    def _finish(entry: _Entry) -> Batch | None:
+        """Unbatch and postprocess the step now, so its model outputs are freed while it waits to be written."""
         try:
-            self.recorder.record(first.job_id, [batch for _, batch in finished], first.counts, first.stopped)
+            return entry.step.finish()
+        except BaseException as exc:  # a bug in unbatching: the chunk is not acknowledged
+            log.error("finishing a batch of job %s failed", entry.job_id[:8], exc_info=True)
+            entry.stopped.set()
+            entry.future.set_exception(exc)
+            return None
+
+    def _commit(self, waiting: list[tuple[_Entry, Batch]]) -> None:
+        if not waiting:
+            return
+        first = waiting[0][0]
+        try:
+            self.recorder.record(first.job_id, [batch for _, batch in waiting], first.counts, first.stopped)
         except BaseException as exc:
-            for entry, _ in finished:
+            for entry, _ in waiting:
                 entry.future.set_exception(exc)
             return
-        for entry, _ in finished:
+        for entry, _ in waiting:
             entry.future.set_result(None)
-
-
-def _by_job(group: list[_Entry]) -> list[list[_Entry]]:
-    """Consecutive entries of the same chunk (job and counts), in order."""
-    runs: list[list[_Entry]] = []
-    for entry in group:
-        if runs and runs[-1][0].job_id == entry.job_id and runs[-1][0].counts is entry.counts:
-            runs[-1].append(entry)
-        else:
-            runs.append([entry])
-    return runs
