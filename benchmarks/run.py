@@ -33,17 +33,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import benchenv  # noqa: E402  (before torch)
 import corpus  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from pipeq import Client, Settings  # noqa: E402
 from pipeq.demo import EMBEDDING_PARAMS, minilm_path  # noqa: E402
@@ -596,22 +591,10 @@ def main() -> None:
     report = render(args, rows, submit, latency, latency_forward, next(iter(models)), scale)
     print("\n" + report)
     if args.results:
-        write_results(Path(args.results), report)
+        benchenv.write_block(args.results, report, BEGIN, END)
 
 
 BEGIN, END = "<!-- benchmarks/run.py: begin -->", "<!-- benchmarks/run.py: end -->"
-
-
-def write_results(path: Path, report: str) -> None:
-    """Put the tables between the markers of an existing results file, keeping the prose around them."""
-    block = f"{BEGIN}\n{report}\n{END}"
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = block + "\n"
-    path.write_text(text, encoding="utf-8")
 
 
 def row_record(row: Row) -> dict[str, Any]:

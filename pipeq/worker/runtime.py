@@ -21,13 +21,10 @@ The tokenizer (Rust) and torch release the GIL, so the stages run at once on rea
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Generator, Iterator, Sequence
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 from pipeq import constants as C
 from pipeq.embedding import TASK as EMBEDDING_TASK
@@ -37,6 +34,17 @@ from pipeq.tasks import traits
 from pipeq.worker.batching import Unit, cut_batches, padded_tokens, token_length
 from pipeq.worker.postprocessing import BatchPostprocessor
 from pipeq.worker.serialize import to_jsonable
+from pipeq.worker.stages import (
+    BatchFinish,
+    Item,
+    Prepared,
+    Ready,
+    Segment,
+    Step,
+    Timing,
+    failed_result,
+    prefetch,
+)
 from pipeq.worker.tokenizing import BatchTokenizer, Encoded
 
 log = logging.getLogger(__name__)
@@ -47,8 +55,6 @@ _NO_LIMIT = 1_000_000
 PREFETCH = 2
 #: Inputs tokenized at a time, in batch sizes: a chunk's first forward waits for one slice, not all of it.
 SLICE_BATCHES = 2
-
-_T = TypeVar("_T")
 
 
 def offline_defaults(task: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -69,27 +75,6 @@ def offline_defaults(task: str, params: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-@dataclass
-class _Item:
-    idx: int
-    input: Any
-    preprocess_ms: float = 0.0
-    #: Forward rows the item's preprocess made (one, or one per chunk for ChunkPipeline tasks) and how many ran.
-    n_units: int = 0
-    units_done: int = 0
-    outputs: dict[int, Any] = field(default_factory=dict)
-    #: The postprocessed output, when the whole batch was postprocessed at once (``has_final``).
-    final: Any = None
-    has_final: bool = False
-    n_tokens: int = 0
-    truncated: bool | None = None
-    error: str | None = None
-
-
-def failed_result(it: _Item) -> ItemResult:
-    return ItemResult(it.idx, C.ITEM_FAILED, error=it.error, truncated=it.truncated, n_tokens=it.n_tokens or None)
-
-
 def _keys(inputs: Any) -> tuple[str, ...]:
     if isinstance(inputs, Encoded):
         return tuple(sorted(inputs.preprocessed.keys() if inputs.preprocessed is not None else inputs.tokens))
@@ -98,171 +83,6 @@ def _keys(inputs: Any) -> tuple[str, ...]:
 
 def _passthrough(outputs: Any, **_: Any) -> Any:
     return outputs
-
-
-class Step:
-    """A micro-batch whose forward pass has run (or inputs that need none): ``finish`` gives its results."""
-
-    def __init__(self, idxs: list[int], finish: Callable[[], tuple[list[ItemResult], BatchTiming | None]]) -> None:
-        #: The items whose result this step gives (known before it is finished).
-        self.idxs = idxs
-        self.finish = finish
-
-
-@dataclass
-class _Prepared:
-    """A batch cut and collated, waiting for the model."""
-
-    batch: list[Unit]
-    #: Padded model inputs, or None where the rows run one by one.
-    inputs: Any
-    prepare_ms: float
-
-
-@dataclass
-class _Ready:
-    """Items (positions in the chunk) that failed in preprocess, or made no forward rows at all."""
-
-    items: list[int]
-    failed: bool
-
-    def finish(
-        self, runtime: PipelineRuntime, state: list[_Item], post: dict[str, Any]
-    ) -> Callable[[], tuple[list[ItemResult], BatchTiming | None]]:
-        def results() -> tuple[list[ItemResult], BatchTiming | None]:
-            if self.failed:
-                return [failed_result(state[p]) for p in self.items], None
-            return [runtime.finish_item(state[p], post) for p in self.items], None
-
-        return results
-
-
-@dataclass
-class _Segment:
-    """Forward outputs of some of a batch's units: one batched output, or one output (or exception) per unit."""
-
-    units: list[Unit]
-    outputs: Any
-    batched: bool
-
-
-@dataclass
-class _Timing:
-    started: datetime
-    prepare_ms: float
-    forward_ms: float
-    queue_wait_ms: float
-
-
-@dataclass
-class _BatchFinish:
-    """Unbatch a forward pass's outputs, postprocess the items it completes, and time it."""
-
-    runtime: PipelineRuntime
-    state: list[_Item]
-    batch: list[Unit]
-    segments: list[_Segment]
-    post: dict[str, Any]
-    timing: _Timing
-
-    def __call__(self) -> tuple[list[ItemResult], BatchTiming]:
-        t0 = time.perf_counter()
-        completed: list[_Item] = []
-        for segment in self.segments:
-            finals = self.runtime.postprocess_batch(segment, self.post)
-            if finals is not None:
-                for unit, final in zip(segment.units, finals, strict=True):
-                    it = self.state[unit.item]
-                    it.final, it.has_final = final, True
-                    it.units_done += 1
-                    if it.units_done == it.n_units:
-                        completed.append(it)
-                continue
-            for unit, out in zip(segment.units, self.runtime.unbatch(segment), strict=True):
-                it = self.state[unit.item]
-                if isinstance(out, BaseException):
-                    it.error = it.error or describe_error("forward", out)
-                else:
-                    it.outputs[unit.pos] = out
-                it.units_done += 1
-                if it.units_done == it.n_units:
-                    completed.append(it)
-        results = []
-        for it in completed:
-            results.append(self.runtime.finish_item(it, self.post))
-            it.outputs = {}  # the model's outputs are not needed any more
-        postprocess_ms = (time.perf_counter() - t0) * 1000
-        preprocess_ms = sum(it.preprocess_ms for it in completed) + self.timing.prepare_ms
-        timing = BatchTiming(
-            size=len(completed),
-            rows=len(self.batch),
-            real_tokens=sum(u.n_tokens for u in self.batch),
-            padded_tokens=padded_tokens(self.batch),
-            queue_wait_ms=self.timing.queue_wait_ms,
-            preprocess_ms=preprocess_ms,
-            forward_ms=self.timing.forward_ms,
-            postprocess_ms=postprocess_ms,
-            total_ms=preprocess_ms + self.timing.forward_ms + postprocess_ms,
-            started_at=self.timing.started,
-            finished_at=datetime.now(UTC),
-        )
-        log.debug(
-            "batch of %d rows x %d tokens: forward %.1f ms",
-            len(self.batch),
-            timing.padded_tokens // len(self.batch),
-            self.timing.forward_ms,
-        )
-        return results, timing
-
-
-class _Raised:
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
-
-
-_END = object()
-
-
-def _prefetch(source: Iterator[_T], depth: int) -> Generator[_T, None, None]:
-    """Run ``source`` on a thread of its own, at most ``depth`` items ahead of the consumer; closing stops it."""
-    ahead: queue.Queue[Any] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(item: Any) -> bool:
-        while not stop.is_set():
-            try:
-                ahead.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def fill() -> None:
-        try:
-            for item in source:
-                if not put(item):
-                    return
-            put(_END)
-        except BaseException as exc:  # handed to the consumer, which raises it
-            put(_Raised(exc))
-        finally:
-            close = getattr(source, "close", None)
-            if close is not None:
-                close()
-
-    thread = threading.Thread(target=fill, name="pipeq-prepare", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = ahead.get()
-            if item is _END:
-                return
-            if isinstance(item, _Raised):
-                raise item.exc
-            yield item
-    finally:
-        stop.set()
-        thread.join()
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -386,13 +206,13 @@ class PipelineRuntime:
         another thread; closing the iterator stops it.
         """
         pre, fwd, post = self.stage_params(params)
-        state = [_Item(idx, value) for idx, value in items]
+        state = [Item(idx, value) for idx, value in items]
         size = max_batch_size or self.max_batch_size
-        prepared = _prefetch(self._prepare(state, pre, size), PREFETCH)
+        prepared = prefetch(self._prepare(state, pre, size), PREFETCH)
         dispatched = [0] * len(state)
         try:
             for ready in prepared:
-                if isinstance(ready, _Ready):
+                if isinstance(ready, Ready):
                     yield Step([state[p].idx for p in ready.items], ready.finish(self, state, post))
                     continue
                 started = datetime.now(UTC)
@@ -404,13 +224,13 @@ class PipelineRuntime:
                     dispatched[unit.item] += 1
                     if dispatched[unit.item] == state[unit.item].n_units:
                         done.append(unit.item)
-                timing = _Timing(started, ready.prepare_ms, forward_ms, queue_wait_ms)
-                finish = _BatchFinish(self, state, ready.batch, segments, post, timing)
+                timing = Timing(started, ready.prepare_ms, forward_ms, queue_wait_ms)
+                finish = BatchFinish(self, state, ready.batch, segments, post, timing)
                 yield Step([state[p].idx for p in done], finish)
         finally:
             prepared.close()
 
-    def _prepare(self, state: list[_Item], pre: dict[str, Any], size: int) -> Iterator[_Ready | _Prepared]:
+    def _prepare(self, state: list[Item], pre: dict[str, Any], size: int) -> Iterator[Ready | Prepared]:
         """Slice by slice: inputs that failed or need no forward, then collated batches."""
         start, step = 0, max(1, size)  # the first slice is one batch: the model starts as soon as it can
         while start < len(state):
@@ -418,17 +238,17 @@ class PipelineRuntime:
             start, step = positions.stop, max(1, size * SLICE_BATCHES)
             units, failed = self._preprocess(state, positions, pre)
             if failed:
-                yield _Ready(failed, failed=True)
+                yield Ready(failed, failed=True)
             empty = [p for p in positions if state[p].error is None and state[p].n_units == 0]
             if empty:  # a chunk task that made no forward rows for an input: its postprocess([]) decides
-                yield _Ready(empty, failed=False)
+                yield Ready(empty, failed=False)
             for batch in cut_batches(units, max_tokens=self.max_batch_tokens, max_size=size):
                 t0 = time.perf_counter()
                 inputs = self._collated(batch)
-                yield _Prepared(batch, inputs, (time.perf_counter() - t0) * 1000)
+                yield Prepared(batch, inputs, (time.perf_counter() - t0) * 1000)
 
     def _preprocess(
-        self, state: list[_Item], positions: Sequence[int], pre: dict[str, Any]
+        self, state: list[Item], positions: Sequence[int], pre: dict[str, Any]
     ) -> tuple[list[Unit], list[int]]:
         """Preprocess the items at ``positions``: their forward units, and the positions that failed."""
         if self._batch_tokenizer is not None and self._batch_tokenizer.accepts(pre):
@@ -455,7 +275,7 @@ class PipelineRuntime:
         return units, failed
 
     def _preprocess_batched(
-        self, state: list[_Item], positions: Sequence[int], pre: dict[str, Any], tokenizer: BatchTokenizer
+        self, state: list[Item], positions: Sequence[int], pre: dict[str, Any], tokenizer: BatchTokenizer
     ) -> tuple[list[Unit], list[int]]:
         """Tokenize the items at ``positions`` in one call; each gets an equal share of its time."""
         t0 = time.perf_counter()
@@ -475,7 +295,7 @@ class PipelineRuntime:
 
     def _units(
         self,
-        it: _Item,
+        it: Item,
         pos: int,
         produced: list[Any],
         lengths: list[int],
@@ -506,14 +326,14 @@ class PipelineRuntime:
             full = self.pipe.tokenizer(value, verbose=False)
         return len(full["input_ids"]) > lengths[0]
 
-    def _forward(self, batch: list[Unit], inputs: Any, fwd: dict[str, Any]) -> list[_Segment]:
+    def _forward(self, batch: list[Unit], inputs: Any, fwd: dict[str, Any]) -> list[Segment]:
         """Forward outputs of the batch; where it fails, of its halves, down to the one input that fails alone."""
         try:
             return [self._forward_once(batch, inputs, fwd)]
         except Exception as exc:
             if len(batch) == 1:
                 log.warning("forward failed for one input: %s: %s", type(exc).__name__, exc)
-                return [_Segment(batch, [exc], batched=False)]
+                return [Segment(batch, [exc], batched=False)]
             if _is_oom(exc):
                 self._lower_budget(batch)
             else:
@@ -523,10 +343,10 @@ class PipelineRuntime:
             halves = batch[: len(batch) // 2], batch[len(batch) // 2 :]
             return [seg for half in halves for seg in self._forward(half, self._collated(half), fwd)]
 
-    def _forward_once(self, batch: list[Unit], inputs: Any, fwd: dict[str, Any]) -> _Segment:
+    def _forward_once(self, batch: list[Unit], inputs: Any, fwd: dict[str, Any]) -> Segment:
         if inputs is None:  # one row, or a task whose inputs cannot be collated
-            return _Segment(batch, [self.pipe.forward(self._inputs(u), **fwd) for u in batch], batched=False)
-        return _Segment(batch, self.pipe.forward(inputs, **fwd), batched=True)
+            return Segment(batch, [self.pipe.forward(self._inputs(u), **fwd) for u in batch], batched=False)
+        return Segment(batch, self.pipe.forward(inputs, **fwd), batched=True)
 
     def _inputs(self, unit: Unit) -> Any:
         """The unit's model inputs as ``preprocess`` returns them (for a forward pass of its own)."""
@@ -558,7 +378,7 @@ class PipelineRuntime:
             for k, v in inputs.items()
         }
 
-    def unbatch(self, segment: _Segment) -> list[Any]:
+    def unbatch(self, segment: Segment) -> list[Any]:
         """One output per unit, each as if it had run alone (transformers' own unbatching)."""
         from transformers.pipelines.pt_utils import PipelineIterator
 
@@ -578,7 +398,7 @@ class PipelineRuntime:
                     out.pop("is_last", None)
         return outs
 
-    def postprocess_batch(self, segment: _Segment, post: dict[str, Any]) -> list[Any] | None:
+    def postprocess_batch(self, segment: Segment, post: dict[str, Any]) -> list[Any] | None:
         """Each unit's postprocessed output from one batched forward output, where the pipeline allows it.
 
         None where it does not (then each input is unbatched and postprocessed alone, as is any
@@ -592,7 +412,7 @@ class PipelineRuntime:
             log.debug("batch postprocess failed (%s: %s); postprocessing inputs one by one", type(exc).__name__, exc)
             return None
 
-    def finish_item(self, it: _Item, post: dict[str, Any]) -> ItemResult:
+    def finish_item(self, it: Item, post: dict[str, Any]) -> ItemResult:
         """An item whose forward rows are all done: its postprocessed result, or its failure."""
         if it.error is None and it.has_final:
             return ItemResult(

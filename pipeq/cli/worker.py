@@ -1,0 +1,127 @@
+"""``pipeq worker``: serve one configuration until stopped."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from pipeq import constants as C
+from pipeq.cli.base import (
+    PRECISIONS_DESCRIBED,
+    SHADOWED,
+    BrokerOpt,
+    DatabaseOpt,
+    State,
+    app,
+    either,
+    fail,
+    settings_from,
+)
+from pipeq.errors import ConfigurationError, PipeqError
+from pipeq.precisions import DEFAULT_ALLOWED_PRECISIONS, INT8_BACKENDS, REFERENCE
+
+# ------------------------------------------------------------------------- worker
+
+
+@app.command()
+def worker(
+    task: Annotated[str, typer.Option("--task", help="Task served, e.g. sentiment-analysis.")],
+    model: Annotated[str, typer.Option("--model", help="Local directory or hub id.")],
+    precision: Annotated[
+        str,
+        typer.Option(
+            "--precision",
+            help=f"{PRECISIONS_DESCRIBED}; or auto: measure the allowed ones, serve the fastest.",
+        ),
+    ] = "auto",
+    allow_precision: Annotated[
+        str | None,
+        typer.Option(
+            "--allow-precision",
+            help=f"What auto may pick, comma-separated [default: {','.join(DEFAULT_ALLOWED_PRECISIONS)}].",
+        ),
+    ] = None,
+    revision: Annotated[str | None, typer.Option("--revision", help="Model revision (hub).")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="cpu or cuda:N [default: cuda:0 if any].")] = None,
+    concurrency: Annotated[int, typer.Option("--concurrency", "-c", help="Pool children (model copies).")] = 1,
+    max_batch_tokens: Annotated[
+        int | None,
+        typer.Option(help=f"Padded tokens per forward pass [default: calibrated, else {C.DEFAULT_MAX_BATCH_TOKENS}]."),
+    ] = None,
+    calibrate: Annotated[
+        bool, typer.Option("--calibrate", help="Sweep --max-batch-tokens on this model and device; store the fastest.")
+    ] = False,
+    max_batch_size: Annotated[int, typer.Option(help="Rows per forward pass.")] = C.DEFAULT_MAX_BATCH_SIZE,
+    int8_backend: Annotated[
+        str | None, typer.Option(help=f"{either(list(INT8_BACKENDS))} [default: bnb on CUDA, else dynamic].")
+    ] = None,
+    pipeline_class: Annotated[str | None, typer.Option(help="Custom Pipeline subclass, module:Class.")] = None,
+    model_class: Annotated[str | None, typer.Option(help="Model class for --pipeline-class, module:Class.")] = None,
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own code to run.")] = False,
+    threads: Annotated[int | None, typer.Option(help="torch threads per child [default: cores/children].")] = None,
+    pool: Annotated[str, typer.Option(help="Celery pool: prefork (default) or solo.")] = "prefork",
+    warmup: Annotated[bool, typer.Option(help="Warm up over a few batch shapes after loading.")] = True,
+    metrics_port: Annotated[
+        int | None, typer.Option(min=1, max=65535, help="Serve Prometheus metrics on this port (metrics extra).")
+    ] = None,
+    shadow_fraction: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help=f"Also run this share of done items at {REFERENCE} and record label agreement and score difference "
+            f"on the job ({SHADOWED} workers; loads a second, {REFERENCE} copy of the model).",
+        ),
+    ] = 0.0,
+    broker_url: BrokerOpt = None,
+    database_url: DatabaseOpt = None,
+) -> None:
+    """Serve one (task, model, precision) configuration until stopped.
+
+    Example: pipeq worker --task sentiment-analysis --model ./my-model --precision int8
+    """
+    import os
+
+    for name, value in C.WORKER_ENVIRONMENT.items():  # before torch loads its OpenMP runtime
+        os.environ.setdefault(name, value)
+    from pipeq.routing import AUTO_PRECISION, ServeKey, check_precision, normalize_model
+    from pipeq.tasks import normalize_task
+    from pipeq.worker.config import WorkerConfig, parse_precisions
+    from pipeq.worker.main import run_worker
+
+    if device is None:
+        from pipeq.worker.measure import cuda_device_count
+
+        device = "cuda:0" if cuda_device_count() else "cpu"
+    try:
+        auto = precision == AUTO_PRECISION
+        if allow_precision is not None and not auto:
+            raise ConfigurationError("--allow-precision only applies to --precision auto")
+        key = ServeKey(
+            task=normalize_task(task),
+            model=normalize_model(model),
+            precision=precision if auto else check_precision(precision),
+            revision=revision,
+        )
+        cfg = WorkerConfig(
+            key=key,
+            device=device,
+            concurrency=concurrency,
+            max_batch_tokens=max_batch_tokens,
+            max_batch_size=max_batch_size,
+            int8_backend=int8_backend,
+            pipeline_class=pipeline_class,
+            model_class=model_class,
+            trust_remote_code=trust_remote_code,
+            threads=threads,
+            warmup=warmup,
+            allowed_precisions=parse_precisions(allow_precision) if allow_precision else DEFAULT_ALLOWED_PRECISIONS,
+            calibrate=calibrate,
+            metrics_port=metrics_port,
+            shadow_fraction=shadow_fraction,
+        )
+        level = "DEBUG" if State.verbosity > 0 else "WARNING" if State.verbosity < 0 else "INFO"
+        run_worker(settings_from(broker_url, database_url), cfg, loglevel=level, pool=pool)
+    except PipeqError as exc:
+        raise fail(exc) from None
