@@ -36,6 +36,13 @@ _START_JOB = (
         status=_RUNNING,
     )
 )
+#: A claim on PostgreSQL: first attempts counted, and what the pending items had before (0 for those counted).
+_PG_CLAIM = (
+    "WITH first AS (UPDATE items SET attempts = 1 WHERE job_id = %(job)s AND idx = ANY(%(idxs)s::int[]) "
+    f"AND status = '{C.ITEM_PENDING}' AND attempts = 0 RETURNING idx) "
+    "SELECT idx, 0 FROM first UNION ALL SELECT idx, attempts FROM items WHERE job_id = %(job)s "
+    f"AND idx = ANY(%(idxs)s::int[]) AND status = '{C.ITEM_PENDING}' AND attempts > 0"
+)
 _INSERT_BATCH = insert(BATCHES)
 #: The timing row a PostgreSQL result write inserts, as a CTE named ``b``.
 _PG_INSERT_BATCH = "b AS (INSERT INTO batches ({cols}) VALUES ({values}) RETURNING id),".format(
@@ -89,8 +96,13 @@ class ItemQueries(StoreBase):
         """
         params = {"b_job": job_id, "b_idxs": list(idxs), "b_now": utcnow()}
         with self.writer.begin() as conn:
-            rows = conn.execute(self.locked(_SELECT_CLAIMABLE), params).all()
-            conn.execute(_FIRST_ATTEMPT, params)
+            if self._is_pg:
+                # One statement, each row written once: the UPDATE takes the row locks itself, and the
+                # SELECT beside it reads the statement's snapshot, from before that UPDATE.
+                rows = conn.exec_driver_sql(_PG_CLAIM, {"job": job_id, "idxs": list(idxs)}).all()
+            else:  # SQLite: the transaction already holds the write lock
+                rows = conn.execute(_SELECT_CLAIMABLE, params).all()
+                conn.execute(_FIRST_ATTEMPT, params)
             conn.execute(_START_JOB, params)
         return {int(idx): int(attempts) for idx, attempts in rows}
 
