@@ -10,6 +10,7 @@ from celery import Celery
 
 from pipeq import constants as C
 from pipeq.errors import BrokerError
+from pipeq.primitives import input_size
 from pipeq.settings import mask_url
 
 
@@ -68,12 +69,3 @@ def broker_priority(celery: Celery, priority: int) -> int:
 def longest_first(items: Iterable[tuple[int, Any]]) -> list[tuple[int, Any]]:
     """Order items by input length, longest first, so each chunk is homogeneous in length."""
     return sorted(items, key=lambda pair: -input_size(pair[1]))
-
-
-def input_size(value: Any) -> int:
-    """A cheap length of an input, for sorting (characters of its text, or of its JSON form)."""
-    if isinstance(value, str):
-        return len(value)
-    if isinstance(value, dict):
-        return sum(len(v) for v in value.values() if isinstance(v, str))
-    return len(str(value))

@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Generator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from pipeq import constants as C
 from pipeq.embedding import TASK as EMBEDDING_TASK
 from pipeq.errors import ConfigurationError
-from pipeq.primitives import BatchTiming, ItemResult, describe_error
+from pipeq.primitives import BatchTiming, ItemResult, describe_error, input_size
 from pipeq.tasks import traits
 from pipeq.worker.batching import Unit, cut_batches, padded_tokens, token_length
 from pipeq.worker.postprocessing import BatchPostprocessor
@@ -113,6 +113,7 @@ class PipelineRuntime:
         *,
         max_batch_tokens: int = C.DEFAULT_MAX_BATCH_TOKENS,
         max_batch_size: int = C.DEFAULT_MAX_BATCH_SIZE,
+        prepare_ahead: int = PREFETCH,
     ) -> None:
         from transformers.pipelines.base import ChunkPipeline, pad_collate_fn
 
@@ -120,6 +121,8 @@ class PipelineRuntime:
         self.task = task
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
+        #: Prepared batches the prepare thread may hold ahead of the model; 0 prepares on the calling thread.
+        self.prepare_ahead = prepare_ahead
         self.is_chunk = isinstance(pipe, ChunkPipeline)
         feature_extractor = pipe.feature_extractor if pipe.feature_extractor is not None else pipe.image_processor
         try:
@@ -208,7 +211,8 @@ class PipelineRuntime:
         pre, fwd, post = self.stage_params(params)
         state = [Item(idx, value) for idx, value in items]
         size = max_batch_size or self.max_batch_size
-        prepared = prefetch(self._prepare(state, pre, size), PREFETCH)
+        source = self._prepare(state, pre, size)
+        prepared = prefetch(source, self.prepare_ahead) if self.prepare_ahead > 0 else source
         dispatched = [0] * len(state)
         try:
             for ready in prepared:
@@ -230,12 +234,15 @@ class PipelineRuntime:
         finally:
             prepared.close()
 
-    def _prepare(self, state: list[Item], pre: dict[str, Any], size: int) -> Iterator[Ready | Prepared]:
+    def _prepare(self, state: list[Item], pre: dict[str, Any], size: int) -> Generator[Ready | Prepared, None, None]:
         """Slice by slice: inputs that failed or need no forward, then collated batches."""
+        # Slices of similar length (shortest first: the model starts on a quick batch). A producer's
+        # chunk is sorted already; a redelivered or in-process one may not be.
+        order = sorted(range(len(state)), key=lambda p: input_size(state[p].input))
         start, step = 0, max(1, size)  # the first slice is one batch: the model starts as soon as it can
-        while start < len(state):
-            positions = range(start, min(start + step, len(state)))
-            start, step = positions.stop, max(1, size * SLICE_BATCHES)
+        while start < len(order):
+            positions = order[start : start + step]
+            start, step = start + len(positions), max(1, size * SLICE_BATCHES)
             units, failed = self._preprocess(state, positions, pre)
             if failed:
                 yield Ready(failed, failed=True)
