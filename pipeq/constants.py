@@ -16,8 +16,12 @@ CHUNK_SECONDS = 1.0
 MAX_CHUNK_SIZE = 4096
 #: A warm-up pass shorter than this is run a second time to measure the worker's speed (shapes warm).
 WARMUP_SPEED_PASS_SECONDS = 3.0
-#: How much faster a CPU worker's warm-up must run with one torch thread fewer to keep it that way.
-FEWER_THREADS_GAIN = 1.05
+#: How much faster a CPU worker's warm-up must run with one torch thread fewer to keep it that way
+#: (this machine's speed drifts 10-30% within minutes: a smaller margin picks noise).
+FEWER_THREADS_GAIN = 1.15
+#: A CPU worker tries one torch thread fewer only when its warm-up (both passes) took less than this:
+#: a slower model is bound by its forward pass, which needs every core.
+THREAD_TRIAL_MAX_SECONDS = 2.0
 #: Seconds of chunks a worker must have run before its own running speed replaces its warm-up's.
 SPEED_MIN_BUSY_SECONDS = 5.0
 #: Fewest items per broker message when a small job is spread over the live workers.

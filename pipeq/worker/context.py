@@ -113,7 +113,8 @@ class WorkerContext:
         self._behind = WriteBehind(self.recorder)
         warm_seconds, speed, warm = self._warm_up() if cfg.warmup else (0.0, None, False)
         record = cfg.as_record()
-        if speed and warm and cfg.threads is None and threads > 1 and cfg.device == "cpu":
+        cheap = warm_seconds < C.THREAD_TRIAL_MAX_SECONDS
+        if speed and warm and cheap and cfg.threads is None and threads > 1 and cfg.device == "cpu":
             began = time.perf_counter()
             threads, speed, record["torch_threads_measured"] = self._choose_threads(threads, speed)
             warm_seconds += time.perf_counter() - began
@@ -253,26 +254,30 @@ class WorkerContext:
     def _choose_threads(self, threads: int, speed: float) -> tuple[int, float, dict[str, float]]:
         """Torch threads for the forward pass: all this child's cores, or one fewer, whichever runs faster.
 
-        The prepare and writer threads need a core too. Where the model's forward pass is cheap
-        next to tokenizing and writing (small models, fast precisions), torch's threads on every
-        core keep taking that core away from them (each parallel region waits for all its threads),
-        and one thread fewer is faster; where the forward pass dominates, all cores are.
+        The prepare and writer threads need a core too. Where the model's forward pass is cheap next
+        to tokenizing and writing (small models, fast precisions), torch's threads on every core keep
+        taking that core away from them, and one thread fewer can be faster; where the forward pass
+        dominates, all cores are. This machine's speed drifts, so the two are timed in turns, each
+        keeps its best pass, and one fewer wins only by a clear margin (``FEWER_THREADS_GAIN``).
         """
         import torch
 
-        assert self.runtime is not None and self.loaded is not None
+        assert self.runtime is not None
         items = list(enumerate(self._warmup_inputs()))
-        torch.set_num_threads(threads - 1)
-        t0 = time.perf_counter()
-        for _ in self.runtime.run(items, {}):
-            pass
-        fewer = len(items) / max(time.perf_counter() - t0, 1e-9)
-        measured = {str(threads): round(speed, 1), str(threads - 1): round(fewer, 1)}
-        if fewer > speed * C.FEWER_THREADS_GAIN:
-            log.info("torch threads: %d (%.0f items/s) over %d (%.0f items/s)", threads - 1, fewer, threads, speed)
-            return threads - 1, fewer, measured
+        best = {threads: speed, threads - 1: 0.0}
+        for n in (threads - 1, threads, threads - 1):
+            torch.set_num_threads(n)
+            t0 = time.perf_counter()
+            for _ in self.runtime.run(items, {}):
+                pass
+            best[n] = max(best[n], len(items) / max(time.perf_counter() - t0, 1e-9))
+        measured = {str(n): round(v, 1) for n, v in best.items()}
+        if best[threads - 1] > best[threads] * C.FEWER_THREADS_GAIN:
+            log.info("torch threads: %d (%s items/s by threads)", threads - 1, measured)
+            torch.set_num_threads(threads - 1)
+            return threads - 1, best[threads - 1], measured
         torch.set_num_threads(threads)
-        return threads, speed, measured
+        return threads, best[threads], measured
 
     # -------------------------------------------------------------- running
 
