@@ -229,7 +229,7 @@ class PipelineRuntime:
                     if dispatched[unit.item] == state[unit.item].n_units:
                         done.append(unit.item)
                 timing = Timing(started, ready.prepare_ms, forward_ms, queue_wait_ms)
-                finish = BatchFinish(self, state, ready.batch, segments, post, timing)
+                finish = BatchFinish(self, state, ready.batch, segments, post, timing, done)
                 yield Step([state[p].idx for p in done], finish)
         finally:
             prepared.close()

@@ -33,9 +33,8 @@ class Item:
     idx: int
     input: Any
     preprocess_ms: float = 0.0
-    #: Forward rows the item's preprocess made (one, or one per chunk for ChunkPipeline tasks) and how many ran.
+    #: Forward rows the item's preprocess made (one, or one per chunk for ChunkPipeline tasks).
     n_units: int = 0
-    units_done: int = 0
     outputs: dict[int, Any] = field(default_factory=dict)
     #: The postprocessed output, when the whole batch was postprocessed at once (``has_final``).
     final: Any = None
@@ -113,19 +112,16 @@ class BatchFinish:
     segments: list[Segment]
     post: dict[str, Any]
     timing: Timing
+    #: Positions of the items whose last forward row is in this batch (steps are finished in order).
+    done: list[int]
 
     def __call__(self) -> tuple[list[ItemResult], BatchTiming]:
         t0 = time.perf_counter()
-        completed: list[Item] = []
         for segment in self.segments:
             finals = self.runtime.postprocess_batch(segment, self.post)
             if finals is not None:
                 for unit, final in zip(segment.units, finals, strict=True):
-                    it = self.state[unit.item]
-                    it.final, it.has_final = final, True
-                    it.units_done += 1
-                    if it.units_done == it.n_units:
-                        completed.append(it)
+                    self.state[unit.item].final, self.state[unit.item].has_final = final, True
                 continue
             for unit, out in zip(segment.units, self.runtime.unbatch(segment), strict=True):
                 it = self.state[unit.item]
@@ -133,9 +129,7 @@ class BatchFinish:
                     it.error = it.error or describe_error("forward", out)
                 else:
                     it.outputs[unit.pos] = out
-                it.units_done += 1
-                if it.units_done == it.n_units:
-                    completed.append(it)
+        completed = [self.state[p] for p in self.done]
         results = []
         for it in completed:
             results.append(self.runtime.finish_item(it, self.post))
