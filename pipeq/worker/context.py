@@ -26,6 +26,7 @@ from pipeq.settings import Settings, mask_url
 from pipeq.store import Store, is_transient
 from pipeq.worker.config import WorkerConfig
 from pipeq.worker.loading import LoadedPipeline, load_pipeline, set_threads, warmup_inputs
+from pipeq.worker.measure import throughput
 from pipeq.worker.memory import release_free_memory
 from pipeq.worker.metrics import WorkerMetrics
 from pipeq.worker.runtime import PipelineRuntime
@@ -243,10 +244,9 @@ class WorkerContext:
             if not items or first > C.WARMUP_SPEED_PASS_SECONDS:
                 # Too slow to run twice: its speed (first passes over each shape included) is a low estimate.
                 return first, len(items) / first if items and first > 0 else None, False
-            t1 = time.perf_counter()  # the shapes are warm now: this pass is the model's running speed
-            for _ in self.runtime.run(items, {}):
-                pass
-            return time.perf_counter() - t0, len(items) / max(time.perf_counter() - t1, 1e-9), True
+            # The shapes are warm now: this pass is the model's running speed.
+            speed = throughput(self.runtime, [value for _, value in items], min_seconds=0.0, warm_up=False)
+            return time.perf_counter() - t0, speed, True
         except Exception:
             log.warning("warm-up failed; continuing without it", exc_info=True)
             return time.perf_counter() - t0, None, False
@@ -263,14 +263,11 @@ class WorkerContext:
         import torch
 
         assert self.runtime is not None
-        items = list(enumerate(self._warmup_inputs()))
+        inputs = self._warmup_inputs()
         best = {threads: speed, threads - 1: 0.0}
         for n in (threads - 1, threads, threads - 1):
             torch.set_num_threads(n)
-            t0 = time.perf_counter()
-            for _ in self.runtime.run(items, {}):
-                pass
-            best[n] = max(best[n], len(items) / max(time.perf_counter() - t0, 1e-9))
+            best[n] = max(best[n], throughput(self.runtime, inputs, min_seconds=0.0, warm_up=False))
         measured = {str(n): round(v, 1) for n, v in best.items()}
         if best[threads - 1] > best[threads] * C.FEWER_THREADS_GAIN:
             log.info("torch threads: %d (%s items/s by threads)", threads - 1, measured)
