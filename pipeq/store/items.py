@@ -61,6 +61,8 @@ _PG_WRITE = (
     f"AND i.status = '{C.ITEM_PENDING}' RETURNING i.idx) "
     "SELECT {batch_id}, array(SELECT idx FROM u)"
 )
+_PG_WRITE_TIMED = _PG_WRITE.format(batch=_PG_INSERT_BATCH, batch_id="(SELECT id FROM b)")
+_PG_WRITE_UNTIMED = _PG_WRITE.format(batch="", batch_id="NULL::bigint")
 #: The job's last items are being written: it is done.
 _LAST = and_(
     JOBS.c.status.in_([C.JOB_QUEUED, C.JOB_RUNNING]),
@@ -187,8 +189,7 @@ class ItemQueries(StoreBase):
         counters move once for all of them. With a ``cache_scope`` (a use_cache job), computed
         outputs go into the result cache and cached ones count as hits.
         """
-        idxs = [r.idx for results, _ in batches for r in results]
-        if not idxs:
+        if not any(results for results, _ in batches):
             return [WriteOutcome() for _ in batches]
         now = utcnow()
         outcomes: list[WriteOutcome] = []
@@ -196,7 +197,7 @@ class ItemQueries(StoreBase):
         batch = {"worker_id": worker_id, "model_revision": model_revision, "precision": precision, "device": device}
         write = self._write_pg if self._is_pg else self._write_sqlite
         with self.writer.begin() as conn:
-            for results, _timing, todo in write(conn, job_id, batches, batch, now):
+            for results, todo in write(conn, job_id, batches, batch, now):
                 written.extend(todo)
                 outcomes.append(_outcome(todo, skipped=len(results) - len(todo)))
             if written:
@@ -207,7 +208,7 @@ class ItemQueries(StoreBase):
 
     def _write_sqlite(
         self, conn: Any, job_id: str, batches: _Batches, batch: dict[str, Any], now: datetime
-    ) -> Iterator[tuple[Sequence[ItemResult], BatchTiming | None, list[ItemResult]]]:
+    ) -> Iterator[tuple[Sequence[ItemResult], list[ItemResult]]]:
         """SQLite: the transaction holds the write lock (BEGIN IMMEDIATE), so read what is pending, then write it."""
         idxs = [r.idx for results, _ in batches for r in results]
         pending = set(conn.scalars(_SELECT_PENDING, {"b_job": job_id, "b_idxs": idxs}))
@@ -215,11 +216,11 @@ class ItemQueries(StoreBase):
             todo = [r for r in results if r.idx in pending]
             if todo:
                 self._write_items(conn, job_id, todo, timing, batch, now)
-            yield results, timing, todo
+            yield results, todo
 
     def _write_pg(
         self, conn: Any, job_id: str, batches: _Batches, batch: dict[str, Any], now: datetime
-    ) -> Iterator[tuple[Sequence[ItemResult], BatchTiming | None, list[ItemResult]]]:
+    ) -> Iterator[tuple[Sequence[ItemResult], list[ItemResult]]]:
         """PostgreSQL: one statement a batch inserts its timing row and updates its items still pending.
 
         The UPDATE's own guard (``status = 'pending'``, re-checked under the row lock it takes) keeps
@@ -238,16 +239,14 @@ class ItemQueries(StoreBase):
                 "cached": [r.cached for r in results],
             }
             params: dict[str, Any] = {"b_job": job_id, "b_now": now, **{f"r_{k}": v for k, v in columns.items()}}
-            if timing is None:
-                sql = _PG_WRITE.format(batch="", batch_id="NULL::bigint")
-            else:
-                sql = _PG_WRITE.format(batch=_PG_INSERT_BATCH, batch_id="(SELECT id FROM b)")
+            sql = _PG_WRITE_UNTIMED if timing is None else _PG_WRITE_TIMED
+            if timing is not None:
                 params.update({f"t_{k}": v for k, v in {"job_id": job_id, **batch, **vars(timing)}.items()})
             batch_id, written = conn.exec_driver_sql(sql, params).one()
             if batch_id is not None and not written:
                 conn.exec_driver_sql("DELETE FROM batches WHERE id = %(id)s", {"id": batch_id})
             done = set(written)
-            yield results, timing, [r for r in results if r.idx in done]
+            yield results, [r for r in results if r.idx in done]
 
     def _write_items(
         self,
