@@ -56,6 +56,8 @@ from transformers.pipelines.text_classification import TextClassificationPipelin
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
+from pipeq.worker.batching import token_length
+
 log = logging.getLogger(__name__)
 
 TEXT_CLASSIFICATION = "text-classification"
@@ -298,15 +300,7 @@ class BatchTokenizer:
             out = self.pipe.preprocess(value, **pre)
         except Exception as exc:
             return exc
-        ids = out.get("input_ids") if hasattr(out, "get") else None
-        shape = getattr(ids, "shape", None)
-        if shape:
-            n_tokens = int(shape[-1])
-        elif isinstance(ids, list):
-            n_tokens = len(ids[0]) if ids and isinstance(ids[0], list) else len(ids)
-        else:
-            n_tokens = 1
-        return Encoded({}, n_tokens, preprocessed=out)
+        return Encoded({}, token_length(out), preprocessed=out)
 
     # ------------------------------------------------------------ tensors
 
