@@ -14,11 +14,11 @@ from pipeq.cli.base import (
     DatabaseOpt,
     State,
     app,
+    cli_errors,
     either,
-    fail,
     settings_from,
 )
-from pipeq.errors import ConfigurationError, PipeqError
+from pipeq.errors import ConfigurationError
 from pipeq.precisions import DEFAULT_ALLOWED_PRECISIONS, INT8_BACKENDS, REFERENCE
 
 # ------------------------------------------------------------------------- worker
@@ -94,7 +94,7 @@ def worker(
         from pipeq.worker.measure import cuda_device_count
 
         device = "cuda:0" if cuda_device_count() else "cpu"
-    try:
+    with cli_errors():
         auto = precision == AUTO_PRECISION
         if allow_precision is not None and not auto:
             raise ConfigurationError("--allow-precision only applies to --precision auto")
@@ -123,5 +123,3 @@ def worker(
         )
         level = "DEBUG" if State.verbosity > 0 else "WARNING" if State.verbosity < 0 else "INFO"
         run_worker(settings_from(broker_url, database_url), cfg, loglevel=level, pool=pool)
-    except PipeqError as exc:
-        raise fail(exc) from None
