@@ -80,13 +80,16 @@ def reference(task: str, model: str, inputs: list[Any], params: dict[str, Any]) 
     return [to_jsonable(pipe(x, **params)) for x in inputs]
 
 
+@pytest.mark.parametrize("prepare_ahead", [0, 2], ids=["serial", "overlapped"])
 @pytest.mark.parametrize("task", sorted(CASES))
-def test_outputs_equal_plain_pipeline(task: str, model_dir: Callable[[str], str]) -> None:
+def test_outputs_equal_plain_pipeline(task: str, prepare_ahead: int, model_dir: Callable[[str], str]) -> None:
     # Given a tiny model and mixed-length inputs (English, Chinese, one over the model's maximum)
     inputs, params = CASES[task]
     model = model_dir(task)
-    # When pipeq runs them in small token-budget micro-batches
-    rt = PipelineRuntime(pipeline(task, model=model), task, max_batch_tokens=256, max_batch_size=4)
+    # When pipeq runs them in small token-budget micro-batches, its stages serial or overlapped
+    rt = PipelineRuntime(
+        pipeline(task, model=model), task, max_batch_tokens=256, max_batch_size=4, prepare_ahead=prepare_ahead
+    )
     out = run_all(rt, inputs, params)
     # Then every output equals what transformers returns for that input
     errors = {i: r.error for i, r in out.items() if r.error}
@@ -155,10 +158,13 @@ class _Poisoned:
         return out
 
 
+@pytest.mark.parametrize("prepare_ahead", [0, 2], ids=["serial", "overlapped"])
 @pytest.mark.parametrize("stage", ["preprocess", "forward"])
-def test_poison_item_fails_alone(stage: str, model_dir: Callable[[str], str]) -> None:
+def test_poison_item_fails_alone(stage: str, prepare_ahead: int, model_dir: Callable[[str], str]) -> None:
     pipe = pipeline("text-classification", model=model_dir("text-classification"))
-    rt = PipelineRuntime(_Poisoned(pipe, stage, "POISON"), "text-classification", max_batch_size=8)
+    rt = PipelineRuntime(
+        _Poisoned(pipe, stage, "POISON"), "text-classification", max_batch_size=8, prepare_ahead=prepare_ahead
+    )
     texts = [f"text number {i}" for i in range(10)]
     texts[4] = "this is POISON here"
     out = run_all(rt, texts, {})
