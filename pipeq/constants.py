@@ -61,8 +61,14 @@ DEFAULT_STORE_RETRY_BUDGET = 300.0
 #: Longest pause between two tries of an unreachable store.
 STORE_RETRY_MAX_SLEEP = 10.0
 
-#: Seconds between a worker's heartbeats in the store.
+#: Seconds between a worker's heartbeats in the store (shorter where ``dead_after`` needs it).
 HEARTBEAT_INTERVAL = 10.0
+#: Seconds without a heartbeat after which a live worker on the same queue declares a worker lost
+#: and queues its claimed, still-pending items again (see ``pipeq.broker.reconcile.take_over``).
+DEFAULT_DEAD_AFTER = 30.0
+#: Heartbeats a worker sends within ``dead_after`` at least, so that one late beat is not a death.
+HEARTBEATS_PER_DEAD_AFTER = 3
+WORKER_LOST = "lost"
 #: Seconds after which a worker without a heartbeat counts as gone.
 HEARTBEAT_STALE_AFTER = 60.0
 #: Seconds between polls of the store while waiting for a job.

@@ -7,6 +7,7 @@ these, so a stage can be built and tested without a database.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -85,6 +86,18 @@ class BatchTiming:
     total_ms: float
     started_at: datetime
     finished_at: datetime
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Who claims a message's items, written on the worker's row with the claim (see ``Store.claim``)."""
+
+    worker_id: str
+    #: The message ends a slice of its job's window: whoever finishes it publishes the next slice.
+    slice_end: bool = False
+
+    def record(self, job_id: str, idxs: Sequence[int]) -> dict[str, Any]:
+        return {"job": job_id, "idxs": [int(i) for i in idxs], "slice_end": self.slice_end}
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ _NUMBERS: dict[str, type[int] | type[float]] = {
     "visibility_timeout": int,
     "stalled_after": float,
     "reconcile_interval": float,
+    "dead_after": float,
     "store_retry_budget": float,
 }
 
@@ -38,6 +39,9 @@ class Settings:
     stalled_after: float = constants.DEFAULT_STALLED_AFTER
     #: Seconds between a worker's reconciler passes over its queue (0 turns them off).
     reconcile_interval: float = constants.DEFAULT_RECONCILE_INTERVAL
+    #: Seconds without a heartbeat after which a worker counts as dead and a live one on its queue
+    #: queues its claimed items again (0 turns takeovers off).
+    dead_after: float = constants.DEFAULT_DEAD_AFTER
     #: Seconds a worker keeps retrying an unreachable store before it hands its message back.
     store_retry_budget: float = constants.DEFAULT_STORE_RETRY_BUDGET
     #: Extra kombu transport options (``PIPEQ_BROKER_OPTIONS``, a JSON object).

@@ -281,6 +281,11 @@ class FaultLedger:
         self.duplicates = 0
         self.changed = 0
         self.tests = 0
+        #: (what, seconds): how long a job took to finish after a fault, where a test measures it.
+        self.recoveries: list[tuple[str, float]] = []
+
+    def recovery(self, what: str, seconds: float) -> None:
+        self.recoveries.append((what, seconds))
 
     def check(
         self, database_url: str, job_id: str, *, faults: int, expected: dict[int, Any] | None = None
@@ -338,3 +343,5 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
             f"fault injection: {led.tests} tests, {led.faults} faults injected, {led.items:,} items checked, "
             f"{led.lost} lost, {led.duplicates} duplicates, {led.changed} changed results"
         )
+    for what, seconds in led.recoveries:
+        terminalreporter.write_line(f"fault injection: {what}: job done {seconds:.1f}s after the kill")

@@ -158,6 +158,85 @@ def test_two_workers_and_a_replacement(
     assert_exactly_once(report, len(texts))
 
 
+#: Production recovery settings: only a takeover can recover a dead worker's message within minutes.
+PRODUCTION_RECOVERY = {
+    "PIPEQ_VISIBILITY_TIMEOUT": "3600",
+    "PIPEQ_BROKER_OPTIONS": "{}",
+    "PIPEQ_STALLED_AFTER": "300",
+    "PIPEQ_RECONCILE_INTERVAL": "60",
+}
+
+
+def parent_pid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def child_of(store: Store, queue: str, worker: WorkerProcess) -> dict[str, Any]:
+    """The store's row of ``worker``'s pool child."""
+    (row,) = [w for w in store.live_workers(queue) if parent_pid(int(w["pid"])) == worker.proc.pid]
+    return row
+
+
+@pytest.mark.parametrize(
+    "recovery",
+    [PRODUCTION_RECOVERY, {**FAST_RECOVERY, "PIPEQ_DEAD_AFTER": "3"}],
+    ids=["takeover-alone", "takeover-racing-redelivery"],
+)
+def test_a_killed_worker_is_taken_over_in_seconds(
+    pg_url: str, redis_url: str, model: str, serve: Any, ledger: FaultLedger, recovery: dict[str, str]
+) -> None:
+    """SIGKILL a whole worker mid-message while another serves the queue: the survivor queues the dead
+    worker's claimed items again within ``dead_after`` (30 s by default), not after Redis's visibility
+    timeout (an hour) or the stalled-job reconciler (five minutes). Racing Redis's own redelivery of the
+    dead message (second case), every item is still written exactly once."""
+    store, queue, texts = Store(pg_url), queue_of(model), TEXTS[:240]
+    a = serve(redis_url, pg_url, delay=0.25, env=recovery)
+    a.wait_ready(store, queue)
+    job = submit(redis_url, pg_url, model, texts)
+    b = serve(redis_url, pg_url, delay=0.05, env=recovery)
+    wait_for("a second worker", lambda: len(store.live_workers(queue)) == 2, logs=[a, b])
+    victim = child_of(store, queue, a)
+    wait_for("the first worker to hold a message", lambda: child_of(store, queue, a)["current_job"] == job, logs=[a])
+    os.killpg(a.proc.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    a.proc.wait(timeout=10)
+    assert finished(store, job) < len(texts), "the worker was killed after the job ended"
+    wait_for("the job to finish", lambda: store.job(job).is_final, timeout=120, logs=[a, b])
+    recovered = time.monotonic() - killed
+    row = next(w for w in _all_rows(store) if w["id"] == victim["id"])
+    assert row["status"] == "lost", "the survivor declared the dead worker lost"
+    report = ledger.check(pg_url, job, faults=1, expected=expected(model, texts))
+    assert_exactly_once(report, len(texts))
+    racing = "PIPEQ_DEAD_AFTER" in recovery
+    ledger.recovery(f"dead worker taken over ({'racing redelivery' if racing else 'default timeouts'})", recovered)
+    assert recovered < 60, f"the job finished {recovered:.0f}s after the kill"
+
+
+def _all_rows(store: Store) -> list[dict[str, Any]]:
+    with store.engine.connect() as conn:
+        return [dict(r) for r in conn.execute(sa.text("SELECT * FROM workers")).mappings()]
+
+
+def test_a_worker_in_a_long_forward_pass_is_not_taken_over(
+    pg_url: str, redis_url: str, model: str, serve: Any, ledger: FaultLedger
+) -> None:
+    """A 60 s forward pass: the worker's heartbeats come from their own thread, so a live worker on the
+    queue, looking for dead ones every second (dead after 3 s), takes nothing over."""
+    store, queue, texts = Store(pg_url), queue_of(model), TEXTS[:4]  # one batch, one message
+    env = {**PRODUCTION_RECOVERY, "PIPEQ_DEAD_AFTER": "3"}
+    slow = serve(redis_url, pg_url, delay=60, env=env)
+    slow.wait_ready(store, queue)
+    job = submit(redis_url, pg_url, model, texts)
+    wait_for("the slow worker to take the message", lambda: child_of(store, queue, slow)["current_job"] == job)
+    watcher = serve(redis_url, pg_url, env=env)
+    wait_for("the job to finish", lambda: store.job(job).is_final, timeout=150, logs=[slow, watcher])
+    assert "marked lost" not in watcher.log(), watcher.log()[-3000:]
+    assert all(w["status"] != "lost" for w in _all_rows(store))
+    report = ledger.check(pg_url, job, faults=1, expected=expected(model, texts))
+    assert_exactly_once(report, len(texts))
+    assert {r["attempts"] for r in report["items"]} == {1}, "nothing ran twice"
+
+
 # ------------------------------------------------------------------ 2: graceful stop
 
 

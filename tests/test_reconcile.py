@@ -300,7 +300,7 @@ def test_cli_reconcile_output_and_exit_codes(store: Store, store_url: str, celer
     settings = Settings(broker_url="memory://", database_url=store_url)
     live_worker(store)
     out = run_cli(["reconcile"], settings)
-    assert (out.exit_code, out.stdout, out.stderr) == (0, "", "no stalled jobs\n")
+    assert (out.exit_code, out.stdout, out.stderr) == (0, "", "no dead workers and no stalled jobs\n")
     # Given: a published job that stalled, and one that was never published
     add_job(store, "lost", 5, idle_for=600)
     store_job(store, "orphan", 3)

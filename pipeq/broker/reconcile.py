@@ -10,6 +10,12 @@ Sending an item twice is harmless: workers skip finished items.
 
 Workers run it over their own queue every ``reconcile_interval`` seconds; ``pipeq reconcile``
 runs one pass over every queue that has a live worker.
+
+A dead worker is recovered much sooner, without waiting for its job to stall: every worker writes
+its claim on its own row (a lease, with the claim), and a live worker that finds a worker on its
+queue silent for ``dead_after`` seconds takes it over (``take_over``): it marks it lost, which
+only one survivor can do, and queues its claimed items that are still pending. When Redis later
+restores the dead worker's unacknowledged message, its items are done and are skipped.
 """
 
 from __future__ import annotations
@@ -20,8 +26,11 @@ from dataclasses import dataclass
 
 from celery import Celery
 
+from pipeq import constants as C
+from pipeq.broker.publish import longest_first, publish_chunks
 from pipeq.broker.window import requeue
-from pipeq.store import Store
+from pipeq.primitives import utcnow
+from pipeq.store import Store, as_utc
 
 log = logging.getLogger(__name__)
 
@@ -74,3 +83,52 @@ def reconcile(
             )
         done.append(Requeued(job["id"], job["queue"], items, unpublished))
     return done
+
+
+@dataclass(frozen=True)
+class TakenOver:
+    """A worker declared lost, and what of its claim was queued again."""
+
+    worker_id: str
+    host: str
+    pid: int
+    silent_seconds: float
+    job_id: str | None
+    items: int
+
+
+def take_over(
+    store: Store, celery: Celery, *, dead_after: float, queues: Sequence[str] | None = None
+) -> list[TakenOver]:
+    """Declare lost the workers (on ``queues``) silent for ``dead_after`` seconds, and queue the items
+    they had claimed and not finished; each dead worker is taken over by exactly one caller."""
+    taken: list[TakenOver] = []
+    for queue in queues if queues is not None else [None]:
+        for worker in store.take_over(dead_after, queue):
+            lease = worker.get("lease") or {}
+            job = store.job_row(lease["job"]) if lease.get("job") else None
+            pending: list[tuple[int, object]] = []
+            if job is not None and job["status"] not in C.JOB_FINAL_STATES:
+                pending = store.pending_inputs(job["id"], lease.get("idxs") or [])
+                publish_chunks(
+                    celery,
+                    job["id"],
+                    job["queue"],
+                    longest_first(pending),
+                    chunk_size=int(job["chunk_size"]),
+                    priority=int(job["priority"]),
+                    slice_end=bool(lease.get("slice_end")),  # or the job's window would wait for a stall
+                )
+            last_beat = as_utc(worker["heartbeat_at"])
+            silent = (utcnow() - last_beat).total_seconds() if last_beat is not None else float("nan")
+            log.warning(
+                "worker %s (pid %s on %s) sent no heartbeat for %.0fs: marked lost; queued %d claimed items again",
+                worker["id"][:8],
+                worker["pid"],
+                worker["host"],
+                silent,
+                len(pending),
+            )
+            job_id = job["id"] if job is not None else None
+            taken.append(TakenOver(worker["id"], worker["host"], int(worker["pid"]), silent, job_id, len(pending)))
+    return taken

@@ -67,26 +67,36 @@ def reconcile(
     broker_url: BrokerOpt = None,
     database_url: DatabaseOpt = None,
 ) -> None:
-    """Queue again the pending items of jobs that stopped moving (e.g. Redis lost its data).
+    """Queue again the claimed items of dead workers, and the pending items of jobs that stopped moving.
 
-    Jobs stored but never queued (the producer died, or the broker refused them) are queued too.
-    Workers do this for their own queue every PIPEQ_RECONCILE_INTERVAL seconds; this runs one pass now.
+    A worker without a heartbeat for PIPEQ_DEAD_AFTER seconds is marked lost and the items it had
+    claimed and not finished are queued again (live workers do this for their queue every few seconds).
+    Jobs that made no progress (e.g. Redis lost its data) or were stored but never queued (the producer
+    died, or the broker refused them) are queued too; workers do this for their own queue every
+    PIPEQ_RECONCILE_INTERVAL seconds. This runs one pass of both now.
     Example: pipeq reconcile --stalled-after 60
     """
     from pipeq.broker.app import make_celery
     from pipeq.broker.reconcile import reconcile as reconcile_once
+    from pipeq.broker.reconcile import take_over
 
     with cli_errors():
         settings = settings_from(broker_url, database_url, stalled_after=stalled_after)
     with open_store(settings.database_url) as store, make_celery(settings) as celery:
+        lost = take_over(store, celery, dead_after=settings.dead_after) if settings.dead_after > 0 else []
         done = reconcile_once(store, celery, stalled_after=settings.stalled_after, live_only=not all_queues)
+    for t in lost:
+        typer.echo(
+            f"worker {t.worker_id[:8]} (pid {t.pid} on {t.host}) silent for {t.silent_seconds:.0f}s: marked lost, "
+            f"re-queued {t.items:,} of its claimed items" + (f" of job {t.job_id}" if t.job_id else "")
+        )
     for r in done:
         if r.unpublished:
             typer.echo(f"published {r.items:,} pending items of job {r.job_id} (stored but never queued)")
         else:
             typer.echo(f"re-queued {r.items:,} pending items of job {r.job_id}")
-    if not done:
-        typer.echo("no stalled jobs", err=True)
+    if not done and not lost:
+        typer.echo("no dead workers and no stalled jobs", err=True)
 
 
 def _sql_share(worker: dict[str, Any]) -> str:

@@ -152,6 +152,9 @@ class Worker(Base):
     quantization: Mapped[str | None] = mapped_column(String(64))
     #: The job whose chunk the worker is running now (None when idle).
     current_job: Mapped[str | None] = mapped_column(String(32))
+    #: Its claim on the items of the message it runs or ran last: {"job", "idxs", "slice_end"}, written
+    #: with the claim; when its heartbeat stops, a live worker queues the still-pending ones again.
+    lease: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     items_done: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     #: Seconds spent running chunks, and the part of it spent writing results to SQL.
     busy_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")

@@ -12,8 +12,8 @@ from sqlalchemy import Dialect, and_, bindparam, case, func, insert, select, upd
 
 from pipeq import constants as C
 from pipeq.cache import CacheScope
-from pipeq.primitives import BatchTiming, ItemResult, WriteOutcome, utcnow
-from pipeq.store.base import BATCHES, ITEMS, JOBS, StoreBase
+from pipeq.primitives import BatchTiming, ItemResult, Lease, WriteOutcome, utcnow
+from pipeq.store.base import BATCHES, ITEMS, JOBS, WORKERS, StoreBase
 from pipeq.store.cache import record_cached
 
 #: A batch's timing row: who ran it, then BatchTiming's fields.
@@ -88,16 +88,23 @@ class ItemQueries(StoreBase):
 
     # ---------------------------------------------------------------- items
 
-    def claim(self, job_id: str, idxs: Sequence[int]) -> dict[int, int]:
+    def claim(self, job_id: str, idxs: Sequence[int], *, lease: Lease | None = None) -> dict[int, int]:
         """Start a delivery of ``idxs``: returns {idx: attempts before it} for the items still pending.
 
         Items never tried get their first attempt counted here. Items tried before (a redelivered
         message) are left as they are: the worker runs them one at a time and counts each attempt
         as it starts (``start_attempt``), so an input that kills the process uses up only its own
         attempts. Finished items are left out, so they never run twice.
+
+        With ``lease``, the claim is written on the worker's row in the same transaction: if the
+        worker dies, a live one knows exactly which items to queue again (``take_over``).
         """
         params = {"b_job": job_id, "b_idxs": list(idxs), "b_now": utcnow()}
         with self.writer.begin() as conn:
+            if lease is not None:
+                conn.execute(
+                    update(WORKERS).where(WORKERS.c.id == lease.worker_id).values(lease=lease.record(job_id, idxs))
+                )
             if self._is_pg:
                 # One statement, each row written once: the UPDATE takes the row locks itself, and the
                 # SELECT beside it reads the statement's snapshot, from before that UPDATE.
@@ -137,6 +144,18 @@ class ItemQueries(StoreBase):
                 )
                 .values(attempts=ITEMS.c.attempts - 1)
             )
+
+    def pending_inputs(self, job_id: str, idxs: Sequence[int]) -> list[tuple[int, Any]]:
+        """(idx, input) of the items among ``idxs`` still pending, in index order."""
+        if not idxs:
+            return []
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(ITEMS.c.idx, ITEMS.c.input)
+                .where(ITEMS.c.job_id == job_id, ITEMS.c.idx.in_(list(idxs)), _PENDING)
+                .order_by(ITEMS.c.idx)
+            ).all()
+        return [(int(idx), value) for idx, value in rows]
 
     def attempts(self, job_id: str, idxs: Sequence[int]) -> dict[int, int]:
         """{idx: attempts} of the pending items among ``idxs``, counting no new attempt."""

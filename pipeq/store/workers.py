@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import and_, insert, select, update
 
 from pipeq import constants as C
 from pipeq.primitives import utcnow
@@ -27,9 +27,47 @@ class WorkerQueries(StoreBase):
         with self.writer.begin() as conn:
             conn.execute(update(WORKERS).where(WORKERS.c.id == worker_id).values(**values))
 
-    def heartbeat(self, worker_id: str, *, current_job: str | None = None, **totals: float) -> None:
-        """Fresh heartbeat, the job being run, and running totals (items_done, busy_seconds, write_seconds)."""
-        self.update_worker(worker_id, heartbeat_at=utcnow(), current_job=current_job, **totals)
+    def heartbeat(self, worker_id: str, *, current_job: str | None = None, **totals: float) -> bool:
+        """Fresh heartbeat, the job being run, and running totals (items_done, busy_seconds, write_seconds).
+
+        Returns False when the worker had been declared lost (its heartbeats stopped for longer than
+        ``dead_after``, and a live worker queued its claimed items again); it counts as live again.
+        """
+        now = utcnow()
+        values = {"heartbeat_at": now, "current_job": current_job, **totals}
+        with self.writer.begin() as conn:
+            conn.execute(update(WORKERS).where(WORKERS.c.id == worker_id).values(**values))
+            revived = conn.execute(
+                update(WORKERS)
+                .where(WORKERS.c.id == worker_id, WORKERS.c.status == C.WORKER_LOST)
+                .values(status="ready", stopped_at=None)
+            ).rowcount
+        return not revived
+
+    def take_over(self, dead_after: float, queue: str | None = None) -> list[dict[str, Any]]:
+        """Declare lost the workers (on ``queue``) silent for ``dead_after`` seconds; returns their rows.
+
+        Each is taken by one caller only: the UPDATE that marks it lost is conditional, so of two
+        live workers that find the same dead one, one gets its row and the other nothing.
+        """
+        now = utcnow()
+        silent = and_(WORKERS.c.stopped_at.is_(None), WORKERS.c.heartbeat_at < now - timedelta(seconds=dead_after))
+        q = select(WORKERS.c.id).where(silent)
+        if queue is not None:
+            q = q.where(WORKERS.c.queue == queue)
+        taken: list[dict[str, Any]] = []
+        with self.engine.connect() as conn:
+            ids = list(conn.execute(q).scalars())
+        for worker_id in ids:
+            with self.writer.begin() as conn:
+                won = conn.execute(
+                    update(WORKERS)
+                    .where(WORKERS.c.id == worker_id, silent)
+                    .values(status=C.WORKER_LOST, stopped_at=now, current_job=None)
+                ).rowcount
+                if won:
+                    taken.append(dict(conn.execute(select(WORKERS).where(WORKERS.c.id == worker_id)).mappings().one()))
+        return taken
 
     def stale_workers(self, queue: str | None = None) -> list[dict[str, Any]]:
         """Workers that never said they stopped but whose heartbeat is old (killed, host lost)."""

@@ -16,11 +16,11 @@ from celery import Celery
 
 from pipeq import constants as C
 from pipeq.broker.publish import publish_chunks
-from pipeq.broker.reconcile import reconcile
+from pipeq.broker.reconcile import reconcile, take_over
 from pipeq.broker.window import top_up
 from pipeq.cache import CacheScope
 from pipeq.errors import ConfigurationError, StoreError
-from pipeq.primitives import BatchTiming, ItemResult, utcnow
+from pipeq.primitives import BatchTiming, ItemResult, Lease, utcnow
 from pipeq.routing import check_params
 from pipeq.settings import Settings, mask_url
 from pipeq.store import Store, is_transient
@@ -97,6 +97,9 @@ class WorkerContext:
                 "settings": cfg.as_record(),
             }
         )
+        # Heartbeats from the start: a worker loading a large model is not dead (see take_over).
+        self._heartbeat = threading.Thread(target=self._beat, name="pipeq-heartbeat", daemon=True)
+        self._heartbeat.start()
         threads = set_threads(cfg.threads, cfg.concurrency)
         self.loaded = load_pipeline(cfg)
         layouts = candidates(cfg.device, threads, fixed_threads=cfg.threads is not None)
@@ -146,8 +149,6 @@ class WorkerContext:
             settings=record,
             heartbeat_at=utcnow(),
         )
-        self._heartbeat = threading.Thread(target=self._beat, name="pipeq-heartbeat", daemon=True)
-        self._heartbeat.start()
         log.info("worker %s ready on %s (%d threads)", self.worker_id[:8], key.queue, threads)
         if cfg.metrics_port is not None:
             self.metrics = WorkerMetrics(cfg)
@@ -195,29 +196,55 @@ class WorkerContext:
             self.store.close()
 
     def _beat(self) -> None:
-        """Heartbeat (with the current job) every HEARTBEAT_INTERVAL; a reconciler pass every reconcile_interval."""
-        interval = self.settings.reconcile_interval
+        """A heartbeat (with the current job and totals) and a look for dead workers on this queue, a few
+        times per ``dead_after``; a reconciler pass every ``reconcile_interval``.
+
+        Its own thread, so a long forward pass (torch releases the GIL) never silences it.
+        """
+        interval, dead_after = self.settings.reconcile_interval, self.settings.dead_after
+        beat_every = min(C.HEARTBEAT_INTERVAL, dead_after / C.HEARTBEATS_PER_DEAD_AFTER or C.HEARTBEAT_INTERVAL)
         next_beat = time.monotonic()
         # A reconcile interval of 0 turns the worker's own reconciler off (it must not make this loop spin).
         next_reconcile = next_beat if interval > 0 else float("inf")
         while not self._stop.wait(max(0.0, min(next_beat, next_reconcile) - time.monotonic())):
             now = time.monotonic()
-            assert self.store is not None
             if now >= next_beat:
-                next_beat = now + C.HEARTBEAT_INTERVAL
-                try:
-                    self.store.heartbeat(
-                        self.worker_id,
-                        current_job=self.current_job,
-                        items_done=self.items_done,
-                        busy_seconds=self.busy_seconds,
-                        write_seconds=self.write_seconds,
-                    )
-                except Exception as exc:
-                    log.warning("heartbeat failed: %s", mask_url(str(exc)))
+                next_beat = now + beat_every
+                self._heartbeat_once()
+                if dead_after > 0:
+                    self._take_over(dead_after)
             if interval > 0 and now >= next_reconcile:
                 next_reconcile = now + interval
                 self._reconcile()
+
+    def _heartbeat_once(self) -> None:
+        assert self.store is not None
+        try:
+            alive = self.store.heartbeat(
+                self.worker_id,
+                current_job=self.current_job,
+                items_done=self.items_done,
+                busy_seconds=self.busy_seconds,
+                write_seconds=self.write_seconds,
+            )
+        except Exception as exc:
+            log.warning("heartbeat failed: %s", mask_url(str(exc)))
+            return
+        if not alive:
+            log.warning(
+                "worker %s had been declared lost (no heartbeat for %.0fs): its claimed items were queued again "
+                "(results stay exactly once); it counts as live again",
+                self.worker_id[:8],
+                self.settings.dead_after,
+            )
+
+    def _take_over(self, dead_after: float) -> None:
+        if self.celery is None or self.store is None or self.shutting_down.value:
+            return
+        try:
+            take_over(self.store, self.celery, dead_after=dead_after, queues=[self.cfg.key.queue])
+        except Exception as exc:
+            log.warning("looking for dead workers failed: %s: %s", type(exc).__name__, mask_url(str(exc)))
 
     def _reconcile(self) -> None:
         if self.celery is None or self.store is None or self.shutting_down.value:
@@ -325,7 +352,7 @@ class WorkerContext:
             return {"skipped": len(items)}
         idxs = [int(idx) for idx, _ in items]
         if "prior" not in claim:
-            claim["prior"] = self.store.claim(job_id, idxs)
+            claim["prior"] = self.store.claim(job_id, idxs, lease=Lease(self.worker_id, slice_end))
             prior = claim["prior"]
         else:  # a retry after the store came back: the same delivery, no new attempt
             still = self.store.attempts(job_id, idxs)
