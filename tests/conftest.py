@@ -296,9 +296,14 @@ class FaultLedger:
         """
         import sqlalchemy as sa
 
+        from pipeq.store import Store
+
+        store = Store(database_url)
+        job = store.job_row(job_id)  # counts summed over the job's writers
+        store.close()
+        assert job is not None, f"no job {job_id}"
         engine = sa.create_engine(database_url)
         with engine.connect() as conn:
-            job = conn.execute(sa.text("SELECT * FROM jobs WHERE id = :j"), {"j": job_id}).mappings().one()
             items = list(
                 conn.execute(
                     sa.text("SELECT idx, status, output, error, attempts FROM items WHERE job_id = :j ORDER BY idx"),

@@ -98,7 +98,8 @@ def test_cli_end_to_end_on_postgres_and_redis(
     assert sum(b["size"] for b in batches) == len(TEXTS) and all(b["size"] <= 16 for b in batches)
     assert all(b["forward_ms"] > 0 and b["padded_tokens"] >= b["real_tokens"] > 0 for b in batches)
     assert {r["batch_id"] for r in items} == {b["id"] for b in batches}
-    job = rows(pg_url, "select * from jobs where id = :j", j=job_id)[0]
+    job = Store(pg_url).job_row(job_id)
+    assert job is not None
     assert (job["status"], job["n_done"], job["n_failed"], job["total"]) == ("done", 120, 0, 120)
     assert job["started_at"] is not None and job["finished_at"] >= job["started_at"]
     # and the worker recorded its footprint and load time

@@ -24,7 +24,7 @@ from pipeq import constants as C
 from pipeq.broker.reconcile import reconcile
 from pipeq.cli import app as cli_app
 from pipeq.errors import BrokerError
-from pipeq.models import Job
+from pipeq.models import Job, JobCount
 from pipeq.primitives import ItemResult, utcnow
 from pipeq.routing import ServeKey
 from pipeq.store import Store, new_job_row
@@ -55,10 +55,12 @@ def store_job(store: Store, job_id: str, n: int, *, key: ServeKey = KEY) -> None
 
 
 def age(store: Store, job_id: str, seconds: float, columns: tuple[str, ...] = ("activity_at",)) -> None:
-    """Set the job's ``columns`` (its last activity) to ``seconds`` ago."""
+    """Set the job's ``columns`` and its writers' last claim or write (its last activity) to ``seconds`` ago."""
     long_ago = utcnow() - timedelta(seconds=seconds)
     with store.engine.begin() as conn:
         conn.execute(update(Job.__table__).where(Job.__table__.c.id == job_id).values(dict.fromkeys(columns, long_ago)))
+        counts = JobCount.__table__
+        conn.execute(update(counts).where(counts.c.job_id == job_id).values(updated_at=long_ago))
 
 
 def add_job(store: Store, job_id: str, n: int, *, idle_for: float, key: ServeKey = KEY) -> None:
@@ -93,8 +95,7 @@ def test_stalled_job_is_queued_again_once(store: Store, celery: Celery) -> None:
                        model_revision=None, precision="fp32", device="cpu")  # fmt: skip
     # The claim and the write above are progress: nothing is stalled yet.
     assert reconcile(store, celery, stalled_after=300) == []
-    with store.engine.begin() as conn:
-        conn.execute(update(Job.__table__).values(activity_at=utcnow() - timedelta(seconds=600)))
+    age(store, "lost", 600)
     (requeued,) = reconcile(store, celery, stalled_after=300)
     assert (requeued.job_id, requeued.items) == ("lost", 9)
     messages = drain(celery, KEY.queue)

@@ -81,6 +81,23 @@ class Job(Base):
     shadow: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
+class JobCount(Base):
+    """Items one writer moved to a final state, per job: a job's progress is its row's counts plus the sum
+    of these. Each worker adds to its own row, so workers writing results never wait on one another's
+    lock (a counter on the job's row would serialize every write of the fleet)."""
+
+    __tablename__ = "job_counts"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    #: The writing worker's id ("" for a writer without one).
+    slot: Mapped[str] = mapped_column(String(32), primary_key=True)
+    n_done: Mapped[int] = mapped_column(Integer, default=0)
+    n_failed: Mapped[int] = mapped_column(Integer, default=0)
+    n_cancelled: Mapped[int] = mapped_column(Integer, default=0)
+    #: The writer's last claim or write for the job (the reconciler's sign of life).
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class Item(Base):
     """One input of a job: the input itself (so a job can be re-driven), and its result."""
 

@@ -6,11 +6,12 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Table
 
-from pipeq.models import Batch, Calibration, Item, Job, ResultCache, Worker
+from pipeq.models import Batch, Calibration, Item, Job, JobCount, ResultCache, Worker
 from pipeq.store.engine import WRITE, make_engine
 
 ITEMS: Table = Item.__table__  # type: ignore[assignment]
 JOBS: Table = Job.__table__  # type: ignore[assignment]
+JOB_COUNTS: Table = JobCount.__table__  # type: ignore[assignment]
 BATCHES: Table = Batch.__table__  # type: ignore[assignment]
 WORKERS: Table = Worker.__table__  # type: ignore[assignment]
 CALIBRATIONS: Table = Calibration.__table__  # type: ignore[assignment]

@@ -8,13 +8,14 @@ from datetime import datetime
 from functools import cache
 from typing import Any
 
-from sqlalchemy import Dialect, and_, bindparam, case, func, insert, select, update
+from sqlalchemy import Dialect, and_, bindparam, case, func, insert, or_, select, update
 
 from pipeq import constants as C
 from pipeq.cache import CacheScope
 from pipeq.primitives import BatchTiming, ItemResult, Lease, WriteOutcome, utcnow
-from pipeq.store.base import BATCHES, ITEMS, JOBS, WORKERS, StoreBase
+from pipeq.store.base import BATCHES, ITEMS, JOB_COUNTS, JOBS, WORKERS, StoreBase
 from pipeq.store.cache import record_cached
+from pipeq.store.counts import COUNTED
 
 #: A batch's timing row: who ran it, then BatchTiming's fields.
 _TIMING_COLUMNS = ("job_id", "worker_id", "model_revision", "precision", "device", *BatchTiming.__dataclass_fields__)
@@ -26,15 +27,11 @@ _IN_CHUNK = and_(ITEMS.c.job_id == bindparam("b_job"), ITEMS.c.idx.in_(bindparam
 _SELECT_PENDING = select(ITEMS.c.idx).where(_IN_CHUNK, _PENDING)
 _SELECT_CLAIMABLE = select(ITEMS.c.idx, ITEMS.c.attempts).where(_IN_CHUNK, _PENDING)
 _FIRST_ATTEMPT = update(ITEMS).where(_IN_CHUNK, _PENDING, ITEMS.c.attempts == 0).values(attempts=1)
-_RUNNING = case((JOBS.c.status == C.JOB_QUEUED, C.JOB_RUNNING), else_=JOBS.c.status)
+#: The first claim of a queued job starts it; later claims leave the job's row alone (no lock taken).
 _START_JOB = (
     update(JOBS)
-    .where(JOBS.c.id == bindparam("b_job"))
-    .values(
-        activity_at=bindparam("b_now"),
-        started_at=func.coalesce(JOBS.c.started_at, bindparam("b_now")),
-        status=_RUNNING,
-    )
+    .where(JOBS.c.id == bindparam("b_job"), JOBS.c.status == C.JOB_QUEUED)
+    .values(started_at=func.coalesce(JOBS.c.started_at, bindparam("b_now")), status=C.JOB_RUNNING)
 )
 #: A claim on PostgreSQL: first attempts counted, and what the pending items had before (0 for those counted).
 _PG_CLAIM = (
@@ -63,24 +60,47 @@ _PG_WRITE = (
 )
 _PG_WRITE_TIMED = _PG_WRITE.format(batch=_PG_INSERT_BATCH, batch_id="(SELECT id FROM b)")
 _PG_WRITE_UNTIMED = _PG_WRITE.format(batch="", batch_id="NULL::bigint")
-#: The job's last items are being written: it is done.
-_LAST = and_(
-    JOBS.c.status.in_([C.JOB_QUEUED, C.JOB_RUNNING]),
-    JOBS.c.n_done + JOBS.c.n_failed + JOBS.c.n_cancelled + bindparam("b_n") >= JOBS.c.total,
-)
-_MOVE_COUNTS = (
+#: The job's row moves only twice: queued -> running with its first write, and -> done once every item is
+#: final (its counts plus its writers' ``job_counts``); on every other write the WHERE matches nothing and
+#: no lock is taken, so the fleet's writers never queue on the job's row.
+_COMPLETE = COUNTED >= JOBS.c.total
+_SETTLE_JOB = (
     update(JOBS)
-    .where(JOBS.c.id == bindparam("b_job"))
+    .where(
+        JOBS.c.id == bindparam("b_job"),
+        or_(JOBS.c.status == C.JOB_QUEUED, and_(JOBS.c.status == C.JOB_RUNNING, _COMPLETE)),
+    )
     .values(
-        n_done=JOBS.c.n_done + bindparam("b_done"),
-        n_failed=JOBS.c.n_failed + bindparam("b_failed"),
-        n_cancelled=JOBS.c.n_cancelled + bindparam("b_cancelled"),
+        status=case((_COMPLETE, C.JOB_DONE), else_=C.JOB_RUNNING),
         started_at=func.coalesce(JOBS.c.started_at, bindparam("b_now")),
-        activity_at=bindparam("b_now"),
-        status=case((_LAST, C.JOB_DONE), (JOBS.c.status == C.JOB_QUEUED, C.JOB_RUNNING), else_=JOBS.c.status),
-        finished_at=case((_LAST, bindparam("b_now")), else_=JOBS.c.finished_at),
+        finished_at=case((_COMPLETE, bindparam("b_now")), else_=JOBS.c.finished_at),
     )
 )
+
+
+@cache
+def _add_counts(dialect_name: str) -> Any:
+    """INSERT into the writer's ``job_counts`` row, or add to it (a dialect's upsert)."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    upsert: Any = postgresql.insert if dialect_name == "postgresql" else sqlite.insert
+    row = upsert(JOB_COUNTS).values(
+        job_id=bindparam("k_job"),
+        slot=bindparam("k_slot"),
+        n_done=bindparam("k_done"),
+        n_failed=bindparam("k_failed"),
+        n_cancelled=bindparam("k_cancelled"),
+        updated_at=bindparam("k_now"),
+    )
+    return row.on_conflict_do_update(
+        index_elements=[JOB_COUNTS.c.job_id, JOB_COUNTS.c.slot],
+        set_={
+            "n_done": JOB_COUNTS.c.n_done + row.excluded.n_done,
+            "n_failed": JOB_COUNTS.c.n_failed + row.excluded.n_failed,
+            "n_cancelled": JOB_COUNTS.c.n_cancelled + row.excluded.n_cancelled,
+            "updated_at": row.excluded.updated_at,
+        },
+    )
 
 
 class ItemQueries(StoreBase):
@@ -99,7 +119,8 @@ class ItemQueries(StoreBase):
         With ``lease``, the claim is written on the worker's row in the same transaction: if the
         worker dies, a live one knows exactly which items to queue again (``take_over``).
         """
-        params = {"b_job": job_id, "b_idxs": list(idxs), "b_now": utcnow()}
+        now = utcnow()
+        params = {"b_job": job_id, "b_idxs": list(idxs), "b_now": now}
         with self.writer.begin() as conn:
             if lease is not None:
                 conn.execute(
@@ -113,6 +134,7 @@ class ItemQueries(StoreBase):
                 rows = conn.execute(_SELECT_CLAIMABLE, params).all()
                 conn.execute(_FIRST_ATTEMPT, params)
             conn.execute(_START_JOB, params)
+            self._add_counts(conn, job_id, lease.worker_id if lease else None, WriteOutcome(), now=now)
         return {int(idx): int(attempts) for idx, attempts in rows}
 
     def start_attempt(self, job_id: str, idx: int) -> int | None:
@@ -220,9 +242,15 @@ class ItemQueries(StoreBase):
                 written.extend(todo)
                 outcomes.append(_outcome(todo, skipped=len(results) - len(todo)))
             if written:
-                self._count(conn, job_id, _outcome(written, skipped=0), now=now)
+                self._add_counts(conn, job_id, worker_id, _outcome(written, skipped=0), now=now)
+                conn.execute(_SETTLE_JOB, {"b_job": job_id, "b_now": now})
                 if cache_scope is not None:
                     record_cached(conn, job_id, cache_scope, written)
+        if written and self._is_pg:
+            # Two writers finishing a job's last items at once each see the other's count uncommitted,
+            # and neither marks it done; after its commit, the later one of them sees both.
+            with self.writer.begin() as conn:
+                conn.execute(_SETTLE_JOB, {"b_job": job_id, "b_now": utcnow()})
         return outcomes
 
     def _write_sqlite(
@@ -308,13 +336,11 @@ class ItemQueries(StoreBase):
             ],  # fmt: skip
         )
 
-    def _count(self, conn: Any, job_id: str, moved: WriteOutcome, *, now: datetime) -> None:
-        """Move the job's counters by ``moved``; the write that finishes its last item marks it done (one UPDATE)."""
-        n = moved.done + moved.failed + moved.cancelled
-        params = {"b_job": job_id, "b_now": now, "b_n": n}
-        conn.execute(
-            _MOVE_COUNTS, {**params, "b_done": moved.done, "b_failed": moved.failed, "b_cancelled": moved.cancelled}
-        )
+    def _add_counts(self, conn: Any, job_id: str, slot: str | None, moved: WriteOutcome, *, now: datetime) -> None:
+        """Add ``moved`` to the writer's own counts of the job (its sign of life for the reconciler, too)."""
+        params = {"k_job": job_id, "k_slot": slot or "", "k_now": now}
+        counts = {"k_done": moved.done, "k_failed": moved.failed, "k_cancelled": moved.cancelled}
+        conn.execute(_add_counts(conn.dialect.name), {**params, **counts})
 
     def iter_results(self, job_id: str, *, page: int = 2000) -> Iterator[dict[str, Any]]:
         """Yield a job's items in input order with their batch timing, a page at a time."""

@@ -7,18 +7,23 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, insert, or_, select, update
+from sqlalchemy import insert, or_, select, update
 
 from pipeq import constants as C
 from pipeq.errors import JobNotFoundError
 from pipeq.primitives import JobProgress, utcnow
 from pipeq.routing import ServeKey
 from pipeq.store.base import ITEMS, JOBS, StoreBase
+from pipeq.store.counts import CANCELLED, COUNTED, DONE, FAILED, LAST_ACTIVITY
 from pipeq.store.engine import as_utc
 
-#: A job's last sign of life for the reconciler: a worker's claim or write, a requeue, or the commit that
-#: stored it (``published_at`` and ``created_at`` only for rows written before commits set ``activity_at``).
-LAST_ACTIVITY = func.coalesce(JOBS.c.activity_at, JOBS.c.published_at, JOBS.c.created_at)
+#: A job's row with its counts summed over its writers' rows (``counts``), under the row's own column names.
+_JOB = select(
+    *(c for c in JOBS.c if c.name not in ("n_done", "n_failed", "n_cancelled")),
+    DONE.label("n_done"),
+    FAILED.label("n_failed"),
+    CANCELLED.label("n_cancelled"),
+)
 #: Columns a new item is inserted with (the rest start NULL).
 _ITEM_COLUMNS = "job_id, idx, input_id, input, status, attempts"
 
@@ -125,14 +130,15 @@ class JobQueries(StoreBase):
     def job(self, job_id: str) -> JobProgress:
         """Return a job's progress, or raise JobNotFoundError."""
         with self.engine.connect() as conn:
-            row = conn.execute(select(JOBS).where(JOBS.c.id == job_id)).mappings().first()
+            row = conn.execute(_JOB.where(JOBS.c.id == job_id)).mappings().first()
         if row is None:
             raise JobNotFoundError(f"no job {job_id!r} in the store")
         return _job_progress(row)
 
     def job_row(self, job_id: str) -> dict[str, Any] | None:
+        """A job's row as a dict (its counts summed over its writers), or None."""
         with self.engine.connect() as conn:
-            row = conn.execute(select(JOBS).where(JOBS.c.id == job_id)).mappings().first()
+            row = conn.execute(_JOB.where(JOBS.c.id == job_id)).mappings().first()
         return dict(row) if row else None
 
     def job_status(self, job_id: str) -> str | None:
@@ -141,7 +147,7 @@ class JobQueries(StoreBase):
 
     def recent_jobs(self, limit: int = 20, status: str | None = None) -> list[JobProgress]:
         """The newest ``limit`` jobs, newest first, optionally only those in ``status``."""
-        q = select(JOBS).order_by(JOBS.c.created_at.desc(), JOBS.c.id).limit(limit)
+        q = _JOB.order_by(JOBS.c.created_at.desc(), JOBS.c.id).limit(limit)
         if status is not None:
             q = q.where(JOBS.c.status == status)
         with self.engine.connect() as conn:
@@ -206,10 +212,10 @@ class JobQueries(StoreBase):
         """
         cutoff = utcnow() - timedelta(seconds=stalled_after)
         active = [C.JOB_QUEUED, C.JOB_RUNNING]
-        busy = select(JOBS.c.queue).where(JOBS.c.status.in_(active), JOBS.c.activity_at >= cutoff)
-        q = select(JOBS).where(
+        busy = select(JOBS.c.queue).where(JOBS.c.status.in_(active), LAST_ACTIVITY >= cutoff)
+        q = _JOB.where(
             JOBS.c.status.in_(active),
-            JOBS.c.n_done + JOBS.c.n_failed + JOBS.c.n_cancelled < JOBS.c.total,
+            COUNTED < JOBS.c.total,
             LAST_ACTIVITY < cutoff,
             or_(JOBS.c.published_at.is_(None), JOBS.c.queue.not_in(busy)),
         )

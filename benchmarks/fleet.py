@@ -1,0 +1,251 @@
+"""Where one PostgreSQL store stops scaling with the fleet: N writers on one large job, no model.
+
+    python benchmarks/fleet.py                          # 1, 2, 4, 8, 16 writers, 64,000 items each
+    python benchmarks/fleet.py --writers 1,8 --items 16000
+    python benchmarks/fleet.py --results benchmarks/RESULTS.md   # replace the fleet block there
+
+Each writer is a process that does what a worker's store path does, through pipeq's own ``Store``:
+it registers a worker row, takes the next 256 items of the job (a shared counter stands in for the
+broker), claims them (``Store.claim`` with its lease, as ``run_chunk`` does) and writes them as four
+micro-batches of 64 synthetic results, each its own transaction by default (``Store.record_batches``;
+``--batches-per-write 4`` writes a chunk's four in one, as a worker's writer thread groups what finished
+within a quarter second). Nothing else runs: no model, no broker, so what saturates is the store. The
+clock starts once every writer has imported pipeq, connected and registered.
+
+Per N: items/s over the run, the 99th percentile of a batch write's latency, and how often a writer
+waited on a lock: a sampler reads ``pg_stat_activity`` every 10 ms and counts, among the writers'
+backends that are running a statement, those whose ``wait_event_type`` is ``Lock`` (a row lock such
+as the job row's shows as ``transactionid`` or ``tuple``).
+
+Needs a PostgreSQL server where a fresh database can be created and dropped (PIPEQ_BENCH_PG_URL, the
+tests' form, default postgresql+psycopg://postgres@127.0.0.1:5432/test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import secrets
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchenv  # noqa: E402
+
+from pipeq import constants as C  # noqa: E402
+from pipeq.primitives import BatchTiming, ItemResult, Lease  # noqa: E402
+from pipeq.routing import ServeKey  # noqa: E402
+from pipeq.store import Store, new_job_row  # noqa: E402
+from pipeq.store import schema as db  # noqa: E402
+
+PG_ADMIN = os.environ.get("PIPEQ_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+KEY = ServeKey("text-classification", "/fleet/model")
+CHUNK, BATCH = 256, 64
+BEGIN, END = "<!-- benchmarks/fleet.py: begin -->", "<!-- benchmarks/fleet.py: end -->"
+
+
+@contextmanager
+def fresh_database() -> Iterator[str]:
+    import psycopg
+    from psycopg import sql
+
+    admin = PG_ADMIN.replace("+psycopg", "", 1)
+    name = f"pipeq_fleet_{secrets.token_hex(4)}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def make_job(store: Store, job_id: str, items: int) -> None:
+    rows = (
+        [
+            {"job_id": job_id, "idx": i, "input_id": None, "input": "x", "status": C.ITEM_PENDING, "attempts": 0}
+            for i in range(start, min(start + C.INSERT_BATCH_ROWS, items))
+        ]
+        for start in range(0, items, C.INSERT_BATCH_ROWS)
+    )
+    store.create_job(new_job_row(job_id, KEY, chunk_size=CHUNK), rows)
+
+
+def timing(rows: int) -> BatchTiming:
+    now = datetime.now(UTC)
+    return BatchTiming(rows, rows, 20 * rows, 24 * rows, 1.0, 1.0, 5.0, 0.5, 6.5, now, now)
+
+
+def result(idx: int) -> ItemResult:
+    return ItemResult(idx, C.ITEM_DONE, {"label": "POSITIVE", "score": 0.75}, n_tokens=20)
+
+
+def writer(url: str, job_id: str, items: int, group: int, cursor: Any, ready: Any, start: Any, out: Any) -> None:
+    """One writer process: claim chunks off the shared cursor and write them a micro-batch at a time."""
+    store = Store(url)
+    worker_id = secrets.token_hex(16)
+    store.register_worker(
+        {
+            "id": worker_id,
+            "host": platform.node(),
+            "pid": os.getpid(),
+            "queue": KEY.queue,
+            "task": KEY.task,
+            "model": KEY.model,
+            "precision": KEY.precision,
+            "device": "cpu",
+            "status": "ready",
+        }
+    )
+    latencies: list[float] = []
+    written = 0
+    ready.wait()  # imported, connected and registered: the clock starts when every writer is
+    start.wait()
+    while True:
+        with cursor.get_lock():
+            first = cursor.value
+            cursor.value = min(items, first + CHUNK)
+        if first >= items:
+            break
+        idxs = list(range(first, min(items, first + CHUNK)))
+        store.claim(job_id, idxs, lease=Lease(worker_id))
+        batches = [idxs[b : b + BATCH] for b in range(0, len(idxs), BATCH)]
+        for g in range(0, len(batches), group):  # ``group`` micro-batches a transaction, as the writer thread groups
+            todo = [
+                (
+                    [ItemResult(i, C.ITEM_DONE, {"label": "POSITIVE", "score": 0.75}, n_tokens=20) for i in b],
+                    timing(len(b)),
+                )
+                for b in batches[g : g + group]
+            ]
+            t0 = time.perf_counter()
+            outcomes = store.record_batches(
+                job_id, todo, worker_id=worker_id, model_revision=None, precision="fp32", device="cpu"
+            )
+            latencies.append(time.perf_counter() - t0)
+            written += sum(o.done for o in outcomes)
+    store.close()
+    out.put({"written": written, "latencies": latencies})
+
+
+@dataclass
+class Point:
+    writers: int
+    items_per_s: float
+    p99_ms: float
+    lock_wait_share: float
+    samples: int
+    #: Share of the writers' active samples by wait event type ("CPU": running, no wait).
+    waits: dict[str, float]
+
+
+def sample_locks(admin_url: str, db_name: str, stop: threading.Event, counts: dict[str, int]) -> None:
+    """Every 10 ms: the bench database's backends running a statement, and those waiting on a lock."""
+    import psycopg
+
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        while not stop.is_set():
+            rows = conn.execute(
+                "SELECT wait_event_type, wait_event FROM pg_stat_activity WHERE datname = %s AND state = 'active' "
+                "AND pid <> pg_backend_pid()",
+                (db_name,),
+            ).fetchall()
+            counts["active"] += len(rows)
+            for kind, event in rows:
+                name = "CPU" if kind is None else kind if kind in ("Lock", "Client", "IO") else f"{kind}:{event}"
+                counts[name] = counts.get(name, 0) + 1
+            time.sleep(0.01)
+
+
+def run_point(url: str, writers: int, items: int, group: int) -> Point:
+    store = Store(url)
+    job_id = secrets.token_hex(16)
+    make_job(store, job_id, items)
+    ctx = mp.get_context("spawn")
+    cursor, ready, start, out = ctx.Value("q", 0), ctx.Barrier(writers + 1), ctx.Event(), ctx.Queue()
+    procs = [
+        ctx.Process(target=writer, args=(url, job_id, items, group, cursor, ready, start, out)) for _ in range(writers)
+    ]
+    for p in procs:
+        p.start()
+    ready.wait(timeout=300)
+    counts = {"active": 0}
+    stop = threading.Event()
+    admin = PG_ADMIN.replace("+psycopg", "", 1)
+    sampler = threading.Thread(target=sample_locks, args=(admin, url.rsplit("/", 1)[1], stop, counts))
+    sampler.start()
+    t0 = time.perf_counter()
+    start.set()
+    reports = [out.get(timeout=600) for _ in procs]
+    elapsed = time.perf_counter() - t0
+    stop.set()
+    sampler.join()
+    for p in procs:
+        p.join()
+    state = store.job(job_id)
+    if (state.done, state.status) != (items, C.JOB_DONE) or sum(r["written"] for r in reports) != items:
+        raise SystemExit(f"{writers} writers: job ended {state.status} with {state.done} of {items} done")
+    store.close()
+    latencies = sorted(x for r in reports for x in r["latencies"])
+    p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1000
+    active = counts.pop("active")
+    waits = {kind: n / active for kind, n in sorted(counts.items())} if active else {}
+    return Point(writers, items / elapsed, p99, waits.get("Lock", 0.0), active, waits)
+
+
+def render(args: argparse.Namespace, points: list[Point]) -> str:
+    cpu = platform.processor() or platform.machine()
+    lines = [
+        f"`python benchmarks/fleet.py --writers {args.writers} --items {args.items} --batches-per-write "
+        f"{args.batches_per_write}` on {cpu}, {os.cpu_count()} cores, PostgreSQL on the same machine; each writer "
+        f"claims {CHUNK} items at a time and writes them as micro-batches of {BATCH}, {args.batches_per_write} a "
+        "transaction. Waits: share of the writers' backends' active samples by wait event ('CPU': none).",
+        "",
+        "| writers | items/s | p99 write | writers' active samples waiting on a lock | other waits |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for p in points:
+        top = sorted(((share, kind) for kind, share in p.waits.items() if kind != "Lock"), reverse=True)[:4]
+        other = ", ".join(f"{kind} {100 * share:.0f}%" for share, kind in top)
+        lines.append(
+            f"| {p.writers} | {p.items_per_s:,.0f} | {p.p99_ms:.0f} ms | {100 * p.lock_wait_share:.1f}% | {other} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--writers", default="1,2,4,8,16", help="writer counts, comma-separated [1,2,4,8,16]")
+    parser.add_argument("--items", type=int, default=64_000, help="items of the job each count writes [64000]")
+    parser.add_argument(
+        "--batches-per-write", type=int, default=1, help="micro-batches per transaction [1: the hottest case]"
+    )
+    parser.add_argument("--results", default=None, help=f"Markdown file whose {BEGIN} block is replaced")
+    args = parser.parse_args()
+    points: list[Point] = []
+    with fresh_database() as url:
+        db.upgrade(url)
+        for n in (int(x) for x in args.writers.split(",")):
+            point = run_point(url, n, args.items, args.batches_per_write)
+            print(
+                json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in vars(point).items()}), flush=True
+            )
+            points.append(point)
+    report = render(args, points)
+    print("\n" + report)
+    if args.results:
+        benchenv.write_block(args.results, report, BEGIN, END)
+
+
+if __name__ == "__main__":
+    main()
