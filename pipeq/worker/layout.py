@@ -1,4 +1,4 @@
-"""How a worker's stages share its cores: the layouts a CPU worker times at start, and the choice.
+"""How a worker's stages share its cores: the layouts a CPU worker chooses from, and the choice.
 
 A worker runs three stages: prepare (tokenize, collate), forward, finish (postprocess, write). Where
 they run is a trade that only a measurement settles:
@@ -15,17 +15,20 @@ they run is a trade that only a measurement settles:
 - On CUDA the forward pass runs on the device and the host's threads are free: always overlapped,
   so the next batch is tokenized and copied while the device computes.
 
-A CPU worker whose warm-up is quick times its candidates in turns on its warm-up inputs (this
-machine's speed drifts, so each keeps its best pass) and keeps the first, serial on all cores,
-unless another is clearly faster (``LAYOUT_GAIN``). The choice is shown by ``pipeq workers --json``.
+A CPU worker starts serial on all its cores and, once it has run a few seconds of real batches,
+compares their preprocess and forward time (``from_stages``): overlapped on one torch thread fewer is
+sure to be faster when preprocessing takes longer than what that thread fewer can cost the forward
+pass, and only then does it switch, once. Timing the layouts against each other at start was tried
+first: on synthetic warm-up inputs (and this machine's 10-30% drift) it picked serial for the
+near-free model, whose real texts then ran at 0.67x the raw loop instead of 0.98x. ``pipeq workers
+--json`` shows the choice and the shares it was made on.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pipeq import constants as C
 from pipeq.worker.runtime import PREFETCH, PipelineRuntime
 
 
@@ -60,29 +63,17 @@ def candidates(device: str, threads: int, *, fixed_threads: bool) -> list[Layout
     return layouts
 
 
-def choose(
-    runtime: PipelineRuntime,
-    layouts: Sequence[Layout],
-    timed: Callable[[], float],
-    *,
-    rounds: int = 3,
-    gain: float = C.LAYOUT_GAIN,
-) -> tuple[Layout, dict[str, float]]:
-    """Time each layout (``timed()`` returns items/s of one pass) in ``rounds`` turns, and apply the best.
+def from_stages(layouts: Sequence[Layout], preprocess_seconds: float, forward_seconds: float) -> Layout:
+    """The layout measured stage times call for: the first (serial on every core), or the last (overlapped
+    on the fewest threads) when it cannot be slower.
 
-    Returns the layout applied and each one's best items/s. The first layout is kept unless another
-    beats it by ``gain``: a smaller margin would pick this machine's noise.
+    Serial takes P + F (preprocess, then forward on all N threads); overlapped on n threads takes
+    max(P, F'), where F' is at most F x N / n (a forward pass on n threads is at worst n/N as fast).
+    So overlapped wins for certain when P > F x (N / n - 1); with as many threads (n = N), where the
+    prepare thread takes a core from the forward pass, only when P > F.
     """
-    default = layouts[0]
-    if len(layouts) == 1:
-        default.apply(runtime)
-        return default, {}
-    best = dict.fromkeys(layouts, 0.0)
-    for _ in range(rounds):
-        for layout in layouts:
-            layout.apply(runtime)
-            best[layout] = max(best[layout], timed())
-    fastest = max(best, key=lambda layout: best[layout])
-    chosen = fastest if best[fastest] > best[default] * gain else default
-    chosen.apply(runtime)
-    return chosen, {layout.name: round(rate, 1) for layout, rate in best.items()}
+    serial, overlapped = layouts[0], layouts[-1]
+    if overlapped == serial or overlapped.prepare_ahead == 0:
+        return serial
+    factor = serial.threads / overlapped.threads - 1 if overlapped.threads < serial.threads else 1.0
+    return overlapped if preprocess_seconds > forward_seconds * factor else serial
