@@ -18,6 +18,8 @@ MAX_CHUNK_SIZE = 4096
 WARMUP_SPEED_PASS_SECONDS = 3.0
 #: Seconds of real batches (preprocess plus forward) a CPU worker runs before it settles its stage layout.
 LAYOUT_DECIDE_SECONDS = 2.0
+#: How much faster the overlapped layout must be predicted to run than serial for a worker to switch.
+LAYOUT_GAIN = 1.1
 #: Seconds of chunks a worker must have run before its own running speed replaces its warm-up's.
 SPEED_MIN_BUSY_SECONDS = 5.0
 #: Fewest items per broker message when a small job is spread over the live workers.

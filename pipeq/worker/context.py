@@ -25,7 +25,7 @@ from pipeq.routing import check_params
 from pipeq.settings import Settings, mask_url
 from pipeq.store import Store, is_transient
 from pipeq.worker.config import WorkerConfig
-from pipeq.worker.layout import Layout, candidates, from_stages
+from pipeq.worker.layout import Layout, candidates, forward_slowdown, from_stages
 from pipeq.worker.loading import LoadedPipeline, load_pipeline, set_threads, warmup_inputs
 from pipeq.worker.measure import throughput
 from pipeq.worker.memory import release_free_memory
@@ -72,6 +72,8 @@ class WorkerContext:
         self._layouts: list[Layout] = []
         self.layout: Layout | None = None
         self._layout_settled = False
+        #: The forward pass's slowdown on the overlapped layout's fewer threads, measured at start (None: not).
+        self._slowdown: float | None = None
         #: The settings recorded on the worker's row (the layout's choice is added once made).
         self._settings: dict[str, Any] = {}
 
@@ -133,6 +135,14 @@ class WorkerContext:
         self.layout.apply(self.runtime)
         record["stages"] = "overlapped" if self.layout.prepare_ahead else "serial"
         record["torch_threads"] = threads
+        if cfg.warmup and len(layouts) > 1:
+            began = time.perf_counter()
+            try:
+                self._slowdown = forward_slowdown(self.runtime, self._warmup_inputs(), layouts)
+                record["forward_slowdown"] = round(self._slowdown, 2)
+            except Exception:
+                log.warning("could not time the forward pass on fewer threads", exc_info=True)
+            warm_seconds += time.perf_counter() - began
         if speed:
             # What producers size this worker's messages by until it has run real chunks (see broker.window).
             record["warmup_items_per_second"] = round(speed, 1)
@@ -343,7 +353,7 @@ class WorkerContext:
         if pre + fwd < C.LAYOUT_DECIDE_SECONDS:
             return
         self._layout_settled = True
-        chosen = from_stages(self._layouts, pre, fwd)
+        chosen = from_stages(self._layouts, pre, fwd, self._slowdown)
         if chosen != self.layout:
             chosen.apply(runtime)
             self.layout = chosen
