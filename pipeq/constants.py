@@ -16,10 +16,12 @@ CHUNK_SECONDS = 1.0
 MAX_CHUNK_SIZE = 4096
 #: A warm-up pass shorter than this is run a second time to measure the worker's speed (shapes warm).
 WARMUP_SPEED_PASS_SECONDS = 3.0
-#: Seconds of real batches (preprocess plus forward) a CPU worker runs before it settles its stage layout.
-LAYOUT_DECIDE_SECONDS = 2.0
-#: How much faster the overlapped layout must be predicted to run than serial for a worker to switch.
-LAYOUT_GAIN = 1.1
+#: How much faster than the default (serial, all cores) another stage layout must run a CPU worker's
+#: warm-up to be chosen (this machine's speed drifts 10-30% within minutes: a smaller margin picks noise).
+LAYOUT_GAIN = 1.05
+#: A CPU worker times its stage layouts only when its warm-up (both passes) took less than this: a
+#: slower model is bound by its forward pass, which runs fastest serial on every core.
+LAYOUT_TRIAL_MAX_SECONDS = 2.0
 #: Seconds of chunks a worker must have run before its own running speed replaces its warm-up's.
 SPEED_MIN_BUSY_SECONDS = 5.0
 #: Fewest items per broker message when a small job is spread over the live workers.

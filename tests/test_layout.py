@@ -1,10 +1,10 @@
-"""The stage layouts a worker chooses between, and how it chooses: serial on every core until real batches
-show that preprocessing outweighs what one torch thread fewer can cost the forward pass."""
+"""The stage layouts a worker chooses between, and how it chooses (timed in turns, default unless clearly beaten)."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -14,7 +14,7 @@ from pipeq.routing import ServeKey
 from pipeq.store import Store
 from pipeq.worker.config import WorkerConfig
 from pipeq.worker.context import WorkerContext
-from pipeq.worker.layout import Layout, candidates, forward_slowdown, from_stages
+from pipeq.worker.layout import Layout, candidates, choose
 from pipeq.worker.runtime import PREFETCH
 
 
@@ -30,72 +30,69 @@ def test_candidates_put_serial_on_every_core_first() -> None:
     # Threads the user fixed are kept; one thread has no fewer to try.
     assert candidates("cpu", 4, fixed_threads=True) == [Layout(4, 0), Layout(4, PREFETCH)]
     assert candidates("cpu", 1, fixed_threads=False) == [Layout(1, 0), Layout(1, PREFETCH)]
-    # A GPU's host threads are free while it computes: overlapped, nothing to choose.
+    # A GPU's host threads are free while it computes: overlapped, nothing to time.
     assert candidates("cuda:0", 8, fixed_threads=False) == [Layout(8, PREFETCH)]
 
 
-def test_overlapped_only_where_it_is_predicted_clearly_faster() -> None:
-    two = candidates("cpu", 2, fixed_threads=False)
-    # Not measured: one thread fewer may double the forward pass, so preprocessing must outweigh it.
-    assert from_stages(two, preprocess_seconds=1.5, forward_seconds=1.0) == Layout(1, PREFETCH)
-    assert from_stages(two, preprocess_seconds=0.9, forward_seconds=1.0) == Layout(2, 0)
-    # Measured: a near-free model's forward pass barely slows on one thread, MiniLM's nearly doubles.
-    assert from_stages(two, preprocess_seconds=0.5, forward_seconds=1.0, slowdown=1.05) == Layout(1, PREFETCH)
-    assert from_stages(two, preprocess_seconds=0.1, forward_seconds=1.0, slowdown=1.8) == Layout(2, 0)
-    # Sixteen cores: one fewer costs the forward pass at most 1/15.
-    sixteen = candidates("cpu", 16, fixed_threads=False)
-    assert from_stages(sixteen, preprocess_seconds=0.3, forward_seconds=1.0) == Layout(15, PREFETCH)
-    assert from_stages(sixteen, preprocess_seconds=0.05, forward_seconds=1.0) == Layout(16, 0)
-    # Fixed threads: the prepare thread would take a core from the forward pass, so only when P > F.
-    fixed = candidates("cpu", 4, fixed_threads=True)
-    assert from_stages(fixed, preprocess_seconds=0.9, forward_seconds=1.0) == Layout(4, 0)
-    assert from_stages(fixed, preprocess_seconds=1.1, forward_seconds=1.0) == Layout(4, PREFETCH)
-    assert from_stages(candidates("cuda:0", 8, fixed_threads=False), 5.0, 1.0) == Layout(8, PREFETCH)
+class _Runtime:
+    prepare_ahead = -1
 
 
-def test_forward_slowdown_is_timed_on_both_thread_counts_and_restores_them(model_dir: Callable[[str], str]) -> None:
-    from transformers import pipeline
+def _timer(runtime: _Runtime, speeds: dict[Layout, list[float]]) -> Callable[[], float]:
+    """items/s of the layout now applied: the next of its scripted passes."""
 
-    from pipeq.worker.runtime import PipelineRuntime
+    def timed() -> float:
+        return speeds[Layout(torch.get_num_threads(), runtime.prepare_ahead)].pop(0)
 
-    task = "text-classification"
-    runtime = PipelineRuntime(pipeline(task, model=model_dir(task)), task, max_batch_size=8, prepare_ahead=0)
-    layouts = [Layout(2, 0), Layout(2, PREFETCH), Layout(1, PREFETCH)]
-    slowdown = forward_slowdown(runtime, ["a short text", "a somewhat longer text " * 8] * 8, layouts)
-    assert 0 < slowdown < 10
-    assert torch.get_num_threads() == 2
-    assert forward_slowdown(runtime, ["text"], [Layout(2, 0), Layout(2, PREFETCH)]) == 1.0, "same threads: 1"
+    return timed
 
 
-@pytest.mark.parametrize(("preprocess", "forward", "stages"), [(3.0, 1.0, "overlapped"), (0.5, 3.0, "serial")])
-def test_a_cpu_worker_settles_its_layout_once_on_real_batches(
-    sqlite_url: str, model_dir: Callable[[str], str], preprocess: float, forward: float, stages: str
+def test_a_clearly_faster_layout_is_chosen_and_applied() -> None:
+    serial, overlapped, fewer = Layout(2, 0), Layout(2, PREFETCH), Layout(1, PREFETCH)
+    runtime = _Runtime()
+    # A noisy pass (a burst of other work) does not decide: each layout keeps its best pass.
+    speeds = {serial: [100.0, 40.0, 100.0], overlapped: [90.0, 95.0, 20.0], fewer: [30.0, 130.0, 125.0]}
+    chosen, measured = choose(runtime, [serial, overlapped, fewer], _timer(runtime, speeds), gain=1.05)  # type: ignore[arg-type]
+    assert chosen == fewer
+    assert (runtime.prepare_ahead, torch.get_num_threads()) == (PREFETCH, 1)
+    assert measured == {serial.name: 100.0, overlapped.name: 95.0, fewer.name: 130.0}
+    assert all(not passes for passes in speeds.values()), "three turns of each"
+
+
+def test_the_default_stays_unless_beaten_by_the_margin() -> None:
+    serial, overlapped = Layout(2, 0), Layout(2, PREFETCH)
+    runtime = _Runtime()
+    speeds = {serial: [100.0, 100.0, 100.0], overlapped: [104.0, 104.0, 104.0]}
+    chosen, _ = choose(runtime, [serial, overlapped], _timer(runtime, speeds), gain=1.05)  # type: ignore[arg-type]
+    assert chosen == serial and runtime.prepare_ahead == 0
+
+
+def test_a_single_layout_is_applied_without_timing() -> None:
+    runtime = _Runtime()
+
+    def timed() -> float:
+        raise AssertionError("nothing to compare")
+
+    chosen, measured = choose(runtime, [Layout(3, PREFETCH)], timed)  # type: ignore[arg-type]
+    assert (chosen, measured, runtime.prepare_ahead, torch.get_num_threads()) == (Layout(3, PREFETCH), {}, PREFETCH, 3)
+
+
+def test_a_quick_cpu_worker_times_its_layouts_and_records_the_choice(
+    sqlite_url: str, model_dir: Callable[[str], str]
 ) -> None:
     task = "text-classification"
-    cfg = WorkerConfig(key=ServeKey(task, model_dir(task)), max_batch_size=8, max_batch_tokens=512, warmup=False)
+    cfg = WorkerConfig(key=ServeKey(task, model_dir(task)), max_batch_size=8, max_batch_tokens=512)
     context = WorkerContext(Settings(broker_url="memory://", database_url=sqlite_url), cfg)
     context.start()
     try:
-        assert context.runtime is not None and context.recorder is not None
-        cores = os.cpu_count() or 1
+        assert context.runtime is not None
         (row,) = Store(sqlite_url).live_workers(cfg.key.queue)
-        assert (row["settings"]["stages"], row["settings"]["torch_threads"]) == ("serial", cores)
-        assert context.runtime.prepare_ahead == 0, "a CPU worker starts serial on every core"
-        # Not enough real batches yet: nothing changes.
-        context.recorder.preprocess_seconds, context.recorder.forward_seconds = preprocess / 10, forward / 10
-        context._settle_layout()
-        assert context.runtime.prepare_ahead == 0 and not context._layout_settled
-        context.recorder.preprocess_seconds, context.recorder.forward_seconds = preprocess, forward
-        context._settle_layout()
-        (row,) = Store(sqlite_url).live_workers(cfg.key.queue)
-        want = stages if cores > 1 else "serial" if forward > preprocess else "overlapped"
-        assert row["settings"]["stages"] == want
-        assert row["settings"]["stage_seconds"] == {"preprocess": preprocess, "forward": forward}
-        assert (context.runtime.prepare_ahead > 0) == (want == "overlapped")
-        assert torch.get_num_threads() == row["settings"]["torch_threads"]
-        # Once: later figures do not move it back and forth.
-        context.recorder.preprocess_seconds, context.recorder.forward_seconds = forward, preprocess
-        context._settle_layout()
-        assert (context.runtime.prepare_ahead > 0) == (want == "overlapped")
+        settings: dict[str, Any] = row["settings"]
+        layouts = candidates("cpu", os.cpu_count() or 1, fixed_threads=False)  # the worker's share: all cores
+        chosen = Layout(settings["torch_threads"], context.runtime.prepare_ahead)
+        assert chosen in layouts and torch.get_num_threads() == chosen.threads
+        assert settings["stages"] == ("overlapped" if chosen.prepare_ahead else "serial")
+        assert set(settings["layouts_measured"]) == {layout.name for layout in layouts}
+        assert settings["warmup_items_per_second"] == settings["layouts_measured"][chosen.name]
     finally:
         context.stop()

@@ -25,7 +25,7 @@ from pipeq.routing import check_params
 from pipeq.settings import Settings, mask_url
 from pipeq.store import Store, is_transient
 from pipeq.worker.config import WorkerConfig
-from pipeq.worker.layout import Layout, candidates, forward_slowdown, from_stages
+from pipeq.worker.layout import candidates, choose
 from pipeq.worker.loading import LoadedPipeline, load_pipeline, set_threads, warmup_inputs
 from pipeq.worker.measure import throughput
 from pipeq.worker.memory import release_free_memory
@@ -68,14 +68,6 @@ class WorkerContext:
         self._behind: WriteBehind | None = None
         #: The fp32 copy of the model that ``--shadow-fraction`` compares outputs with.
         self.shadow: ShadowCheck | None = None
-        #: The stage layouts this process may run (see ``layout``), the one it runs, and whether it settled it.
-        self._layouts: list[Layout] = []
-        self.layout: Layout | None = None
-        self._layout_settled = False
-        #: The forward pass's slowdown on the overlapped layout's fewer threads, measured at start (None: not).
-        self._slowdown: float | None = None
-        #: The settings recorded on the worker's row (the layout's choice is added once made).
-        self._settings: dict[str, Any] = {}
 
     # ------------------------------------------------------------ lifecycle
 
@@ -129,24 +121,24 @@ class WorkerContext:
             shadow=self.shadow,
         )
         self._behind = WriteBehind(self.recorder)
-        warm_seconds, speed, _ = self._warm_up() if cfg.warmup else (0.0, None, False)
+        warm_seconds, speed, warm = self._warm_up() if cfg.warmup else (0.0, None, False)
         record = cfg.as_record()
-        self._layouts, self.layout = layouts, layouts[0]
-        self.layout.apply(self.runtime)
-        record["stages"] = "overlapped" if self.layout.prepare_ahead else "serial"
-        record["torch_threads"] = threads
-        if cfg.warmup and len(layouts) > 1:
+        layout = layouts[0]
+        if speed and warm and warm_seconds < C.LAYOUT_TRIAL_MAX_SECONDS and len(layouts) > 1:
             began = time.perf_counter()
-            try:
-                self._slowdown = forward_slowdown(self.runtime, self._warmup_inputs(), layouts)
-                record["forward_slowdown"] = round(self._slowdown, 2)
-            except Exception:
-                log.warning("could not time the forward pass on fewer threads", exc_info=True)
+            inputs = self._warmup_inputs()
+            runtime = self.runtime
+            layout, record["layouts_measured"] = choose(
+                runtime, layouts, lambda: throughput(runtime, inputs, min_seconds=0.0, warm_up=False)
+            )
+            speed = record["layouts_measured"][layout.name]
             warm_seconds += time.perf_counter() - began
+            log.info("stages: %s (%s items/s by layout)", layout.name, record["layouts_measured"])
+        record["stages"] = "overlapped" if layout.prepare_ahead else "serial"
+        record["torch_threads"] = threads = layout.threads
         if speed:
             # What producers size this worker's messages by until it has run real chunks (see broker.window).
             record["warmup_items_per_second"] = round(speed, 1)
-        self._settings = record
         self.store.update_worker(
             self.worker_id,
             status="ready",
@@ -341,33 +333,6 @@ class WorkerContext:
                 self.recorder.cache = None
             release_free_memory()  # or a long job of uneven texts keeps growing the heap (see memory.py)
             self.busy_seconds += time.perf_counter() - began
-            self._settle_layout()
-
-    def _settle_layout(self) -> None:
-        """Once a CPU worker has run ``LAYOUT_DECIDE_SECONDS`` of real batches serial, keep serial or switch to
-        overlapped, by their measured preprocess and forward time (``layout.from_stages``); once."""
-        rec, runtime = self.recorder, self.runtime
-        if self._layout_settled or rec is None or runtime is None or len(self._layouts) < 2:
-            return
-        pre, fwd = rec.preprocess_seconds, rec.forward_seconds
-        if pre + fwd < C.LAYOUT_DECIDE_SECONDS:
-            return
-        self._layout_settled = True
-        chosen = from_stages(self._layouts, pre, fwd, self._slowdown)
-        if chosen != self.layout:
-            chosen.apply(runtime)
-            self.layout = chosen
-        self._settings.update(
-            stages="overlapped" if chosen.prepare_ahead else "serial",
-            torch_threads=chosen.threads,
-            stage_seconds={"preprocess": round(pre, 2), "forward": round(fwd, 2)},
-        )
-        log.info("stages: %s (preprocess %.1fs, forward %.1fs of real batches)", chosen.name, pre, fwd)
-        if self.store is not None:
-            try:
-                self.store.update_worker(self.worker_id, settings=self._settings)
-            except Exception as exc:
-                log.warning("could not record the worker's stage layout: %s", mask_url(str(exc)))
 
     def _run_chunk(
         self,

@@ -1,4 +1,4 @@
-"""How a worker's stages share its cores: the layouts a CPU worker chooses from, and the choice.
+"""How a worker's stages share its cores: the layouts a CPU worker times at start, and the choice.
 
 A worker runs three stages: prepare (tokenize, collate), forward, finish (postprocess, write). Where
 they run is a trade that only a measurement settles:
@@ -15,21 +15,15 @@ they run is a trade that only a measurement settles:
 - On CUDA the forward pass runs on the device and the host's threads are free: always overlapped,
   so the next batch is tokenized and copied while the device computes.
 
-A CPU worker starts serial on all its cores. At start it measures how much slower its forward pass
-runs on one torch thread fewer (forward time only, on its warm-up batches: a near-free model barely
-slows, MiniLM nearly doubles); once it has run a few seconds of real batches it predicts both layouts
-from their preprocess and forward time (``from_stages``) and switches to overlapped, once, only where
-that is clearly faster. Timing whole layouts against each other at start was tried first: on
-synthetic warm-up texts, and with this machine's 10-30% drift, it picked serial for the near-free
-model, whose real texts then ran at 0.67x the raw loop instead of 0.98x. ``pipeq workers --json``
-shows the choice and what it was made on.
+A CPU worker whose warm-up is quick times its candidates in turns on its warm-up inputs (this
+machine's speed drifts, so each keeps its best pass) and keeps the first, serial on all cores,
+unless another is clearly faster (``LAYOUT_GAIN``). The choice is shown by ``pipeq workers --json``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from pipeq import constants as C
 from pipeq.worker.runtime import PREFETCH, PipelineRuntime
@@ -49,7 +43,9 @@ class Layout:
         return f"{stages}, {self.threads} torch thread{'s' if self.threads != 1 else ''}"
 
     def apply(self, runtime: PipelineRuntime) -> None:
-        torch_threads(self.threads)
+        import torch
+
+        torch.set_num_threads(self.threads)
         runtime.prepare_ahead = self.prepare_ahead
 
 
@@ -64,48 +60,29 @@ def candidates(device: str, threads: int, *, fixed_threads: bool) -> list[Layout
     return layouts
 
 
-def forward_slowdown(
-    runtime: PipelineRuntime, inputs: Sequence[Any], layouts: Sequence[Layout], rounds: int = 2
-) -> float:
-    """How much longer the forward pass takes on the overlapped layout's threads than on all of them
-    (forward time only, so tokenizing and this machine's other work weigh little; in turns, best of each)."""
-    serial, overlapped = layouts[0], layouts[-1]
-    if overlapped.threads == serial.threads or not inputs:
-        return 1.0
-    best = {serial.threads: float("inf"), overlapped.threads: float("inf")}
-    items = list(enumerate(inputs))
-    for _ in range(rounds):
-        for threads in best:
-            torch_threads(threads)
-            seconds = sum(t.forward_ms for _, t in runtime.run(items, {}) if t is not None) / 1000
-            best[threads] = min(best[threads], seconds)
-    torch_threads(serial.threads)
-    return best[overlapped.threads] / best[serial.threads] if best[serial.threads] > 0 else 1.0
+def choose(
+    runtime: PipelineRuntime,
+    layouts: Sequence[Layout],
+    timed: Callable[[], float],
+    *,
+    rounds: int = 3,
+    gain: float = C.LAYOUT_GAIN,
+) -> tuple[Layout, dict[str, float]]:
+    """Time each layout (``timed()`` returns items/s of one pass) in ``rounds`` turns, and apply the best.
 
-
-def torch_threads(n: int) -> None:
-    import torch
-
-    torch.set_num_threads(n)
-
-
-def from_stages(
-    layouts: Sequence[Layout], preprocess_seconds: float, forward_seconds: float, slowdown: float | None = None
-) -> Layout:
-    """The layout measured stage times call for: the first (serial on every core), or the last (overlapped
-    on the fewest threads) when it is clearly faster.
-
-    Serial takes P + F (preprocess, then forward on all N threads); overlapped on n < N threads takes
-    about max(P, F x s), s the forward pass's measured slowdown on n threads (``forward_slowdown``; at
-    worst N / n when not measured). Overlapped is chosen when that is ``LAYOUT_GAIN`` faster. With as
-    many threads (n = N) the prepare thread takes a core from the forward pass: only when P > F.
+    Returns the layout applied and each one's best items/s. The first layout is kept unless another
+    beats it by ``gain``: a smaller margin would pick this machine's noise.
     """
-    serial, overlapped = layouts[0], layouts[-1]
-    if overlapped == serial or overlapped.prepare_ahead == 0:
-        return serial
-    if overlapped.threads == serial.threads:
-        return overlapped if preprocess_seconds > forward_seconds else serial
-    s = slowdown if slowdown is not None else serial.threads / overlapped.threads
-    serial_time = preprocess_seconds + forward_seconds
-    overlapped_time = max(preprocess_seconds, forward_seconds * s)
-    return overlapped if overlapped_time * C.LAYOUT_GAIN < serial_time else serial
+    default = layouts[0]
+    if len(layouts) == 1:
+        default.apply(runtime)
+        return default, {}
+    best = dict.fromkeys(layouts, 0.0)
+    for _ in range(rounds):
+        for layout in layouts:
+            layout.apply(runtime)
+            best[layout] = max(best[layout], timed())
+    fastest = max(best, key=lambda layout: best[layout])
+    chosen = fastest if best[fastest] > best[default] * gain else default
+    chosen.apply(runtime)
+    return chosen, {layout.name: round(rate, 1) for layout, rate in best.items()}

@@ -69,9 +69,6 @@ class Recorder:
         #: Items this process moved to a final state, and seconds spent writing (reported on heartbeats).
         self.items_done = 0
         self.write_seconds = 0.0
-        #: Seconds of preprocess and of forward over the batches written (what a worker's layout is chosen by).
-        self.preprocess_seconds = 0.0
-        self.forward_seconds = 0.0
         #: The result-cache keys of the running chunk when its job uses the cache.
         self.cache: CacheScope | None = None
 
@@ -105,9 +102,6 @@ class Recorder:
             raise
         for (results, timing), outcome in zip(batches, outcomes, strict=True):
             self.items_done += outcome.done + outcome.failed
-            if timing is not None:
-                self.preprocess_seconds += timing.preprocess_ms / 1000
-                self.forward_seconds += timing.forward_ms / 1000
             if self.metrics is not None:
                 self.metrics.observe_batch(timing, outcome, [r for r in results if r.status == C.ITEM_FAILED])
             counts["done"] += outcome.done
