@@ -297,11 +297,7 @@ def pipeq_run(
     worker = Worker(model, url, threads, extra, work / f"worker-{secrets.token_hex(4)}.log")
     queue = None
     try:
-        ready = worker.wait_ready()
-        queue = ready["queue"]
-        settings = ready.get("settings") or {}
-        settings = json.loads(settings) if isinstance(settings, str) else settings
-        print(json.dumps({k: settings.get(k) for k in ("stages", "torch_threads", "layouts_measured")}), flush=True)
+        queue = worker.wait_ready()["queue"]
         with Client(Settings(broker_url=REDIS, database_url=url)) as client:
             t0 = time.perf_counter()
             job = client.submit(texts, task=TASK, model=model, precision=PRECISION)

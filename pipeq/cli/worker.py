@@ -81,6 +81,10 @@ def worker(
 
     Example: pipeq worker --task sentiment-analysis --model ./my-model --precision int8
     """
+    import os
+
+    for name, value in C.WORKER_ENVIRONMENT.items():  # before torch loads its OpenMP runtime
+        os.environ.setdefault(name, value)
     from pipeq.routing import AUTO_PRECISION, ServeKey, check_precision, normalize_model
     from pipeq.tasks import normalize_task
     from pipeq.worker.config import WorkerConfig, parse_precisions

@@ -25,7 +25,6 @@ from pipeq.routing import check_params
 from pipeq.settings import Settings, mask_url
 from pipeq.store import Store, is_transient
 from pipeq.worker.config import WorkerConfig
-from pipeq.worker.layout import candidates, choose
 from pipeq.worker.loading import LoadedPipeline, load_pipeline, set_threads, warmup_inputs
 from pipeq.worker.measure import throughput
 from pipeq.worker.memory import release_free_memory
@@ -102,13 +101,8 @@ class WorkerContext:
         self._heartbeat.start()
         threads = set_threads(cfg.threads, cfg.concurrency)
         self.loaded = load_pipeline(cfg)
-        layouts = candidates(cfg.device, threads, fixed_threads=cfg.threads is not None)
         self.runtime = PipelineRuntime(
-            self.loaded.pipe,
-            key.task,
-            max_batch_tokens=cfg.batch_tokens,
-            max_batch_size=cfg.max_batch_size,
-            prepare_ahead=layouts[0].prepare_ahead,
+            self.loaded.pipe, key.task, max_batch_tokens=cfg.batch_tokens, max_batch_size=cfg.max_batch_size
         )
         if cfg.shadow_fraction:
             self.shadow = ShadowCheck.load(self.store, cfg)
@@ -123,19 +117,12 @@ class WorkerContext:
         self._behind = WriteBehind(self.recorder)
         warm_seconds, speed, warm = self._warm_up() if cfg.warmup else (0.0, None, False)
         record = cfg.as_record()
-        layout = layouts[0]
-        if speed and warm and warm_seconds < C.LAYOUT_TRIAL_MAX_SECONDS and len(layouts) > 1:
+        cheap = warm_seconds < C.THREAD_TRIAL_MAX_SECONDS
+        if speed and warm and cheap and cfg.threads is None and threads > 1 and cfg.device == "cpu":
             began = time.perf_counter()
-            inputs = self._warmup_inputs()
-            runtime = self.runtime
-            layout, record["layouts_measured"] = choose(
-                runtime, layouts, lambda: throughput(runtime, inputs, min_seconds=0.0, warm_up=False)
-            )
-            speed = record["layouts_measured"][layout.name]
+            threads, speed, record["torch_threads_measured"] = self._choose_threads(threads, speed)
             warm_seconds += time.perf_counter() - began
-            log.info("stages: %s (%s items/s by layout)", layout.name, record["layouts_measured"])
-        record["stages"] = "overlapped" if layout.prepare_ahead else "serial"
-        record["torch_threads"] = threads = layout.threads
+        record["torch_threads"] = threads
         if speed:
             # What producers size this worker's messages by until it has run real chunks (see broker.window).
             record["warmup_items_per_second"] = round(speed, 1)
@@ -290,6 +277,31 @@ class WorkerContext:
         except Exception:
             log.warning("warm-up failed; continuing without it", exc_info=True)
             return time.perf_counter() - t0, None, False
+
+    def _choose_threads(self, threads: int, speed: float) -> tuple[int, float, dict[str, float]]:
+        """Torch threads for the forward pass: all this child's cores, or one fewer, whichever runs faster.
+
+        The prepare and writer threads need a core too. Where the model's forward pass is cheap next
+        to tokenizing and writing (small models, fast precisions), torch's threads on every core keep
+        taking that core away from them, and one thread fewer can be faster; where the forward pass
+        dominates, all cores are. This machine's speed drifts, so the two are timed in turns, each
+        keeps its best pass, and one fewer wins only by a clear margin (``FEWER_THREADS_GAIN``).
+        """
+        import torch
+
+        assert self.runtime is not None
+        inputs = self._warmup_inputs()
+        best = {threads: speed, threads - 1: 0.0}
+        for n in (threads - 1, threads, threads - 1):
+            torch.set_num_threads(n)
+            best[n] = max(best[n], throughput(self.runtime, inputs, min_seconds=0.0, warm_up=False))
+        measured = {str(n): round(v, 1) for n, v in best.items()}
+        if best[threads - 1] > best[threads] * C.FEWER_THREADS_GAIN:
+            log.info("torch threads: %d (%s items/s by threads)", threads - 1, measured)
+            torch.set_num_threads(threads - 1)
+            return threads - 1, best[threads - 1], measured
+        torch.set_num_threads(threads)
+        return threads, best[threads], measured
 
     # -------------------------------------------------------------- running
 

@@ -26,7 +26,6 @@ from pipeq.errors import ConfigurationError
 from pipeq.precisions import PRECISIONS
 from pipeq.tasks import traits
 from pipeq.worker.config import WorkerConfig
-from pipeq.worker.layout import candidates, choose
 from pipeq.worker.loading import load_pipeline, set_threads, synthetic_text
 from pipeq.worker.runtime import PipelineRuntime
 
@@ -224,14 +223,7 @@ def _measure_one(cfg: WorkerConfig, min_seconds: float) -> float:
     inputs = synthetic_inputs(loaded.pipe, cfg.key.task, max_length=runtime.max_length)
     if not inputs:
         raise ConfigurationError(f"pipeq cannot make measuring inputs for task {cfg.key.task!r}")
-    # Each precision at the stage layout its worker would choose, so none is judged by another's.
-    import torch
-
-    layouts = candidates(cfg.device, torch.get_num_threads(), fixed_threads=cfg.threads is not None)
-    layouts[0].apply(runtime)
-    speed = throughput(runtime, inputs, min_seconds=min_seconds)
-    _, speeds = choose(runtime, layouts, lambda: throughput(runtime, inputs, min_seconds=0.0, warm_up=False))
-    return max(speed, *speeds.values())
+    return throughput(runtime, inputs, min_seconds=min_seconds)
 
 
 def budget_candidates(max_batch_size: int, max_length: int | None) -> list[int]:
