@@ -10,5 +10,12 @@ COPY pipeq ./pipeq
 COPY migrations ./migrations
 # metrics: `pipeq worker --metrics-port`; report: the charts of `pipeq report JOB --html FILE`.
 RUN pip install ".[bnb,minilm,metrics,report]"
+# Run as an unprivileged user (Celery warns about running as root, and nothing here needs it). The
+# directories docker-compose mounts writable exist with that owner, so new named volumes inherit it;
+# a bind-mounted ./data must be writable by uid 1000.
+RUN useradd --create-home --uid 1000 --shell /usr/sbin/nologin pipeq \
+ && mkdir -p /hf-cache /data \
+ && chown pipeq:pipeq /hf-cache /data
+USER pipeq
 ENTRYPOINT ["pipeq"]
 CMD ["--help"]

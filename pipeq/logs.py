@@ -26,6 +26,8 @@ def configure(verbosity: int = 0) -> None:
     # transformers and huggingface_hub are chatty at INFO (progress bars, notices).
     for noisy in ("transformers", "huggingface_hub", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    # Alembic logs a line per plugin and per migration: pipeq's own lines only, unless -v.
+    logging.getLogger("alembic").setLevel(logging.NOTSET if verbosity > 0 else logging.WARNING)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

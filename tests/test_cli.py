@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import typer
@@ -49,7 +50,7 @@ def test_logs_go_to_stderr_and_data_to_stdout(tmp_path: object) -> None:
         timeout=120,
     )
     assert proc.returncode == 3 and proc.stdout == ""
-    assert "has no pipeq schema" in proc.stderr
+    assert "has no pipeq schema or an older one" in proc.stderr
 
 
 def test_exit_codes_are_documented() -> None:
@@ -101,3 +102,17 @@ def test_cli_conventions_are_documented() -> None:
     command = services["worker"]["command"]
     metrics_port = command[command.index("--metrics-port") + 1]
     assert f"http://localhost:{metrics_port}/metrics" in section
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_db_upgrade_shows_alembic_lines_only_with_v(tmp_path: Path, verbose: bool) -> None:
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    args = [sys.executable, "-m", "pipeq", *(["-v"] if verbose else []), "db", "upgrade", "--database-url", url]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert f"store {url} is at revision head" in proc.stderr
+    alembic = [line for line in proc.stderr.splitlines() if " alembic." in line]  # its loggers
+    if verbose:
+        assert any("Running upgrade" in line for line in alembic)
+    else:
+        assert alembic == [], "at the default verbosity, pipeq's own lines only"

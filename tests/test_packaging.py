@@ -164,3 +164,14 @@ def test_the_readme_role_is_enough_to_run_jobs(
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM workers WHERE stopped_at IS NOT NULL")).scalar_one() == 1
     engine.dispose()
+
+
+def test_the_image_runs_as_a_user_who_can_write_the_compose_volumes() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    users = re.findall(r"^USER\s+(\S+)", dockerfile, flags=re.M)
+    assert users and users[-1] not in ("root", "0"), "the image's processes do not run as root"
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    writable = [v.split(":")[1] for v in compose["x-pipeq"]["volumes"] if not v.endswith(":ro")]
+    for path in writable:
+        assert re.search(rf"mkdir -p [^\n]*{re.escape(path)}", dockerfile), f"{path} is created in the image"
+        assert re.search(rf"chown {users[-1]}:{users[-1]} [^\n]*{re.escape(path)}", dockerfile), f"{path} is owned"

@@ -108,6 +108,16 @@ def test_csv_row_with_extra_fields(tmp_path: Path) -> None:
         records(f)
 
 
+def test_csv_with_a_quote_left_open_is_refused_at_the_line_it_opens(tmp_path: Path) -> None:
+    f = tmp_path / "in.csv"
+    f.write_text('text,id\nfine,1\n"never closed, 2\nthe rest,3\nof the file,4\n')
+    with pytest.raises(InputError, match=r"in.csv:3: malformed CSV: .*a quote opened here is never closed"):
+        records(f)
+    # A quoted field may span lines when it is closed: that is still one record.
+    f.write_text('text,id\n"two\nlines",1\nnext,2\n')
+    assert [text for text, _ in records(f)] == ["two\nlines", "next"]
+
+
 def test_unknown_suffix_and_missing_file(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="cannot tell the format"):
         records(tmp_path / "in.xlsx")

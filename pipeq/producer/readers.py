@@ -187,11 +187,15 @@ def _txt(stream: IO[bytes], source: str) -> RawRecords:
 
 
 def _csv(stream: IO[bytes], source: str) -> RawRecords:
+    """Rows of a CSV file with a header, read strictly: a quote left open is an error naming the line
+    where its record starts (a lenient reader would take the rest of the file as one field)."""
     lines = (text for _, text in _decoded_lines(stream, source))
-    reader = csv.DictReader(lines)
-    if not reader.fieldnames:
-        return
+    reader = csv.DictReader(lines, strict=True)
+    start = 1  # the line the record being read starts on
     try:
+        if not reader.fieldnames:
+            return
+        start = reader.line_num + 1
         for row in reader:
             if None in row:
                 raise InputError(
@@ -200,8 +204,10 @@ def _csv(stream: IO[bytes], source: str) -> RawRecords:
                     line=reader.line_num,
                 )
             yield reader.line_num, row
+            start = reader.line_num + 1
     except csv.Error as exc:
-        raise InputError(f"malformed CSV: {exc}", source=source, line=reader.line_num) from None
+        hint = " (a quote opened here is never closed)" if "end of data" in str(exc) else ""
+        raise InputError(f"malformed CSV: {exc}{hint}", source=source, line=start) from None
 
 
 def _parquet(source: Source) -> RawRecords:

@@ -23,8 +23,11 @@ from pipeq.store import Store
 PERCENTILES = (50, 95, 99)
 #: Most time buckets in the throughput timeline.
 MAX_BUCKETS = 60
-#: Shortest time bucket in seconds (a short job gets fewer buckets rather than empty ones).
+#: Shortest time bucket in seconds for a job long enough to fill ``MIN_BUCKETS`` of them.
 MIN_BUCKET_SECONDS = 1.0
+#: Fewest buckets of a job that ran for any time at all: a 1-second job gets tenths of a second, so its
+#: chart has a line, not one point.
+MIN_BUCKETS = 10
 #: Bins of the batch latency (total_ms) histogram.
 LATENCY_BINS = 40
 #: Label of batches whose worker row is gone (or was never registered).
@@ -192,9 +195,12 @@ def failure_reason(error: str | None) -> str:
 
 
 def time_buckets(span_seconds: float) -> tuple[int, float]:
-    """(count, width in seconds) of equal buckets that cover the span exactly, so none is partly empty."""
-    n = max(1, min(MAX_BUCKETS, int(span_seconds // MIN_BUCKET_SECONDS)))
-    return n, span_seconds / n if span_seconds > 0 else MIN_BUCKET_SECONDS
+    """(count, width in seconds) of equal buckets that cover the span exactly, so none is partly empty:
+    one a second, at least ``MIN_BUCKETS`` (shorter ones for a short job), at most ``MAX_BUCKETS``."""
+    if span_seconds <= 0:
+        return 1, MIN_BUCKET_SECONDS
+    n = max(MIN_BUCKETS, min(MAX_BUCKETS, int(span_seconds // MIN_BUCKET_SECONDS)))
+    return n, span_seconds / n
 
 
 def build_report(store: Store, job_id: str) -> JobReport:

@@ -84,6 +84,10 @@ def _charts(report: JobReport, figure: Callable[..., Figure]) -> dict[str, str]:
     }
 
 
+#: Throughput charts with at most this many buckets mark each one.
+MARKERS_UP_TO = 20
+
+
 def _throughput(report: JobReport, figure: Callable[..., Figure]) -> Figure:
     t = report.throughput
     n = len(t.items)
@@ -93,10 +97,13 @@ def _throughput(report: JobReport, figure: Callable[..., Figure]) -> Figure:
     fig = figure(figsize=(11, 3.6))
     ax = fig.add_subplot()
     labels = {w.worker_id: _label(w) for w in report.workers}
+    marker = "o" if n <= MARKERS_UP_TO else None  # a short job's few buckets stay visible as points
     if len(t.per_worker) > 1:
         for worker_id, series in t.per_worker.items():
-            ax.plot(x, [c / t.bucket_seconds for c in series], lw=1.2, label=labels.get(worker_id, worker_id[:8]))
-    ax.plot(x, [c / t.bucket_seconds for c in t.items], lw=2.2, color="black", label="all workers")
+            rates = [c / t.bucket_seconds for c in series]
+            ax.plot(x, rates, lw=1.2, marker=marker, ms=3, label=labels.get(worker_id, worker_id[:8]))
+    rates = [c / t.bucket_seconds for c in t.items]
+    ax.plot(x, rates, lw=2.2, marker=marker, ms=4, color="black", label="all workers")
     ax.set_xlabel(f"{'minutes' if minutes else 'seconds'} since the first batch started")
     ax.set_ylabel("items / s")
     ax.set_title(f"Items finished per second ({n} buckets of {t.bucket_seconds:.3g} s)")

@@ -17,7 +17,7 @@ from pipeq.store.base import StoreBase
 log = logging.getLogger(__name__)
 
 #: Tables a migrated store has (``check_schema``).
-REQUIRED_TABLES = frozenset({"jobs", "items", "batches", "workers", "calibrations"})
+REQUIRED_TABLES = frozenset({"jobs", "job_counts", "items", "batches", "workers", "calibrations"})
 
 
 def migrations_dir() -> Path:
@@ -63,6 +63,6 @@ class SchemaQueries(StoreBase):
         missing = REQUIRED_TABLES - tables
         if missing:
             raise StoreError(
-                f"the store {mask_url(self.url)} has no pipeq schema (missing {', '.join(sorted(missing))}); "
-                f"run `pipeq db upgrade` first"
+                f"the store {mask_url(self.url)} has no pipeq schema or an older one (missing "
+                f"{', '.join(sorted(missing))}); run `pipeq db upgrade` first"
             )
