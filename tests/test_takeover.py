@@ -103,6 +103,20 @@ def test_a_silent_worker_is_taken_over_once_and_only_its_pending_items_go_back(
     assert len(published) == 1
 
 
+def test_a_worker_dead_after_its_last_write_still_moves_the_jobs_window_on(
+    store: Store, published: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = make_job(store, 8)
+    register(store, "dead")
+    store.claim(job, [0, 1], lease=Lease("dead", slice_end=True))
+    record(store, job, [done(0), done(1)])  # it wrote its last batch and died before publishing the next slice
+    silence(store, "dead", 60)
+    moved: list[str] = []
+    monkeypatch.setattr(reconcile_module, "top_up", lambda store, celery, job: moved.append(job["id"]) or 0)
+    (taken,) = take_over(store, object(), dead_after=30)  # type: ignore[arg-type]
+    assert taken.items == 0 and moved == [job]
+
+
 def test_live_stopped_and_other_queue_workers_are_left_alone(store: Store, published: list[dict[str, Any]]) -> None:
     job = make_job(store, 4)
     register(store, "recent", silent_for=10)
@@ -136,6 +150,11 @@ def test_a_worker_declared_lost_by_mistake_counts_as_live_again(store: Store, pu
     assert (again["status"], again["stopped_at"]) == ("ready", None)
     assert [w["id"] for w in store.live_workers()] == ["slow"]
     assert store.heartbeat("slow") is True
+    # One still loading its model comes back as loading, not ready.
+    silence(store, "slow", 60)
+    take_over(store, object(), dead_after=30)  # type: ignore[arg-type]
+    assert store.heartbeat("slow", status="loading") is False
+    assert row(store, "slow")["status"] == "loading"
 
 
 def test_racing_survivors_take_a_dead_worker_over_exactly_once(pg_url: str, published: list[dict[str, Any]]) -> None:

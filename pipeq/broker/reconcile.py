@@ -23,12 +23,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from celery import Celery
 
 from pipeq import constants as C
 from pipeq.broker.publish import longest_first, publish_chunks
-from pipeq.broker.window import requeue
+from pipeq.broker.window import requeue, top_up
 from pipeq.primitives import utcnow
 from pipeq.store import Store, as_utc
 
@@ -105,20 +106,7 @@ def take_over(
     taken: list[TakenOver] = []
     for queue in queues if queues is not None else [None]:
         for worker in store.take_over(dead_after, queue):
-            lease = worker.get("lease") or {}
-            job = store.job_row(lease["job"]) if lease.get("job") else None
-            pending: list[tuple[int, object]] = []
-            if job is not None and job["status"] not in C.JOB_FINAL_STATES:
-                pending = store.pending_inputs(job["id"], lease.get("idxs") or [])
-                publish_chunks(
-                    celery,
-                    job["id"],
-                    job["queue"],
-                    longest_first(pending),
-                    chunk_size=int(job["chunk_size"]),
-                    priority=int(job["priority"]),
-                    slice_end=bool(lease.get("slice_end")),  # or the job's window would wait for a stall
-                )
+            job_id, items = _requeue_claim(store, celery, worker.get("lease") or {})
             last_beat = as_utc(worker["heartbeat_at"])
             silent = (utcnow() - last_beat).total_seconds() if last_beat is not None else float("nan")
             log.warning(
@@ -127,8 +115,28 @@ def take_over(
                 worker["pid"],
                 worker["host"],
                 silent,
-                len(pending),
+                items,
             )
-            job_id = job["id"] if job is not None else None
-            taken.append(TakenOver(worker["id"], worker["host"], int(worker["pid"]), silent, job_id, len(pending)))
+            taken.append(TakenOver(worker["id"], worker["host"], int(worker["pid"]), silent, job_id, items))
     return taken
+
+
+def _requeue_claim(store: Store, celery: Celery, lease: dict[str, Any]) -> tuple[str | None, int]:
+    """Publish the items of a lost worker's claim that are still pending; returns (its job, items published)."""
+    job = store.job_row(lease["job"]) if lease.get("job") else None
+    if job is None or job["status"] in C.JOB_FINAL_STATES:
+        return (job["id"] if job is not None else None), 0
+    pending = store.pending_inputs(job["id"], lease.get("idxs") or [])
+    if pending:
+        publish_chunks(
+            celery,
+            job["id"],
+            job["queue"],
+            longest_first(pending),
+            chunk_size=int(job["chunk_size"]),
+            priority=int(job["priority"]),
+            slice_end=bool(lease.get("slice_end")),  # or the job's window would wait for a stall
+        )
+    elif lease.get("slice_end"):
+        top_up(store, celery, job)  # it died after its last write, before it moved the job's window on
+    return job["id"], len(pending)

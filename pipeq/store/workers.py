@@ -27,11 +27,14 @@ class WorkerQueries(StoreBase):
         with self.writer.begin() as conn:
             conn.execute(update(WORKERS).where(WORKERS.c.id == worker_id).values(**values))
 
-    def heartbeat(self, worker_id: str, *, current_job: str | None = None, **totals: float) -> bool:
+    def heartbeat(
+        self, worker_id: str, *, current_job: str | None = None, status: str = "ready", **totals: float
+    ) -> bool:
         """Fresh heartbeat, the job being run, and running totals (items_done, busy_seconds, write_seconds).
 
         Returns False when the worker had been declared lost (its heartbeats stopped for longer than
-        ``dead_after``, and a live worker queued its claimed items again); it counts as live again.
+        ``dead_after``, and a live worker queued its claimed items again); it counts as live again, in
+        ``status`` (what it is doing: ``ready``, or ``loading`` while its model loads).
         """
         now = utcnow()
         values = {"heartbeat_at": now, "current_job": current_job, **totals}
@@ -40,7 +43,7 @@ class WorkerQueries(StoreBase):
             revived = conn.execute(
                 update(WORKERS)
                 .where(WORKERS.c.id == worker_id, WORKERS.c.status == C.WORKER_LOST)
-                .values(status="ready", stopped_at=None)
+                .values(status=status, stopped_at=None)
             ).rowcount
         return not revived
 

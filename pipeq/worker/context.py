@@ -210,6 +210,7 @@ class WorkerContext:
             alive = self.store.heartbeat(
                 self.worker_id,
                 current_job=self.current_job,
+                status="ready" if self.runtime is not None else "loading",
                 items_done=self.items_done,
                 busy_seconds=self.busy_seconds,
                 write_seconds=self.write_seconds,
