@@ -57,6 +57,8 @@ class Job(Base):
     priority: Mapped[int] = mapped_column(Integer, default=0)
     source: Mapped[str | None] = mapped_column(String(1024))
     total: Mapped[int] = mapped_column(Integer, default=0)
+    #: Counts kept on the job's row: cancelled items, and stores written before ``job_counts``; a job's
+    #: progress adds its writers' rows (``pipeq.store.counts``).
     n_done: Mapped[int] = mapped_column(Integer, default=0)
     n_failed: Mapped[int] = mapped_column(Integer, default=0)
     n_cancelled: Mapped[int] = mapped_column(Integer, default=0)
@@ -65,8 +67,8 @@ class Job(Base):
     published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    #: Last time the job was stored (committed), a worker claimed or wrote its items, or the reconciler
-    #: queued them again.
+    #: Last time the job was stored (committed) or the reconciler queued its items again (workers' claims
+    #: and writes are in their ``job_counts`` rows; ``pipeq.store.counts.LAST_ACTIVITY`` takes the latest).
     activity_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     #: Times the reconciler queued the job's pending items again.
     requeues: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
