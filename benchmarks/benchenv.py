@@ -2,11 +2,35 @@
 threads as a pipeq worker runs it (pipeq/logs.py), so the in-process loops tokenize under the same rule."""
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+#: A PostgreSQL server where the benchmarks may create and drop databases (the tests' form of URL).
+PG_ADMIN = os.environ.get("PIPEQ_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+@contextmanager
+def fresh_pg_database(prefix: str) -> Iterator[str]:
+    """The URL of a new, empty PostgreSQL database named ``prefix`` and a random suffix, dropped afterwards."""
+    import secrets
+
+    import psycopg
+    from psycopg import sql
+
+    admin = PG_ADMIN.replace("+psycopg", "", 1)
+    name = f"{prefix}_{secrets.token_hex(4)}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 def write_block(path: "os.PathLike[str] | str", report: str, begin: str, end: str) -> None:

@@ -32,8 +32,6 @@ import secrets
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,26 +46,9 @@ from pipeq.routing import ServeKey  # noqa: E402
 from pipeq.store import Store, new_job_row  # noqa: E402
 from pipeq.store import schema as db  # noqa: E402
 
-PG_ADMIN = os.environ.get("PIPEQ_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 KEY = ServeKey("text-classification", "/fleet/model")
 CHUNK, BATCH = 256, 64
 BEGIN, END = "<!-- benchmarks/fleet.py: begin -->", "<!-- benchmarks/fleet.py: end -->"
-
-
-@contextmanager
-def fresh_database() -> Iterator[str]:
-    import psycopg
-    from psycopg import sql
-
-    admin = PG_ADMIN.replace("+psycopg", "", 1)
-    name = f"pipeq_fleet_{secrets.token_hex(4)}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        yield PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 def make_job(store: Store, job_id: str, items: int) -> None:
@@ -181,7 +162,7 @@ def run_point(url: str, writers: int, items: int, group: int) -> Point:
     ready.wait(timeout=300)
     counts = {"active": 0}
     stop = threading.Event()
-    admin = PG_ADMIN.replace("+psycopg", "", 1)
+    admin = benchenv.PG_ADMIN.replace("+psycopg", "", 1)
     sampler = threading.Thread(target=sample_locks, args=(admin, url.rsplit("/", 1)[1], stop, counts))
     sampler.start()
     t0 = time.perf_counter()
@@ -233,7 +214,7 @@ def main() -> None:
     parser.add_argument("--results", default=None, help=f"Markdown file whose {BEGIN} block is replaced")
     args = parser.parse_args()
     points: list[Point] = []
-    with fresh_database() as url:
+    with benchenv.fresh_pg_database("pipeq_fleet") as url:
         db.upgrade(url)
         for n in (int(x) for x in args.writers.split(",")):
             point = run_point(url, n, args.items, args.batches_per_write)

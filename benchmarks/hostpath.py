@@ -72,7 +72,6 @@ from pipeq.demo import minilm_path  # noqa: E402
 TASK = "text-classification"
 PRECISION = "fp32"
 REDIS = os.environ.get("PIPEQ_BENCH_HOSTPATH_REDIS_URL", "redis://127.0.0.1:6379/12")
-PG_ADMIN = os.environ.get("PIPEQ_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 PIPEQ = [sys.executable, "-m", "pipeq", "-q"]
 STORES = ("sqlite", "postgresql")
 #: How often the job's state is read while it runs; the rate comes from the store's timestamps, so
@@ -166,18 +165,8 @@ def store_url(name: str, work: Path) -> Iterator[str]:
         return
     if name != "postgresql":
         raise SystemExit(f"unknown store {name!r}: sqlite or postgresql")
-    import psycopg
-    from psycopg import sql
-
-    admin_dsn = PG_ADMIN.replace("+psycopg", "", 1)
-    db_name = f"pipeq_hostpath_{secrets.token_hex(4)}"
-    with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db_name)))
-    try:
-        yield PG_ADMIN.rsplit("/", 1)[0] + f"/{db_name}"
-    finally:
-        with psycopg.connect(admin_dsn, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db_name)))
+    with benchenv.fresh_pg_database("pipeq_hostpath") as url:
+        yield url
 
 
 def pipeq_cli(*args: str) -> str:

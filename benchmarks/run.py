@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,6 @@ from pipeq.worker.runtime import PipelineRuntime  # noqa: E402
 
 TASK = "text-classification"
 REDIS = os.environ.get("PIPEQ_BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
-PG_ADMIN = os.environ.get("PIPEQ_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 MAX_LENGTH = 128  # truncation, as in the reference measurements
 DEVICE = "cpu"  # --device
 
@@ -303,33 +303,24 @@ def current_rss_mb(pid: int) -> float:
 
 def submit_rate(model: str, n: int, work: Path, stores: list[str]) -> dict[str, float]:
     """Items/s that ``Client.submit`` reads, stores and enqueues, into SQLite and into PostgreSQL."""
-    import sqlalchemy as sa
-
     texts = [f"review number {i}: " + "quite good " * (i % 40) for i in range(n)]
-    urls = {"sqlite": f"sqlite:///{work / 'submit.db'}"} if "sqlite" in stores else {}
-    admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT") if "postgresql" in stores else None
-    pg_db = f"pipeq_bench_{os.getpid()}"
-    if admin is not None:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'CREATE DATABASE "{pg_db}"'))
-        urls["postgresql"] = PG_ADMIN.rsplit("/", 1)[0] + f"/{pg_db}"
     out: dict[str, float] = {}
-    try:
-        for name, url in urls.items():
-            db.upgrade(url)
-            with Client(Settings(broker_url=REDIS, database_url=url)) as client:
-                t0 = time.perf_counter()
-                job = client.submit(texts, task=TASK, model=model)
-                out[name] = rate(n, time.perf_counter() - t0)
-                job.cancel()
-    finally:
-        if admin is not None:
-            with admin.connect() as conn:
-                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{pg_db}" WITH (FORCE)'))
-            admin.dispose()
-        import redis
+    with ExitStack() as stack:
+        urls = {"sqlite": f"sqlite:///{work / 'submit.db'}"} if "sqlite" in stores else {}
+        if "postgresql" in stores:
+            urls["postgresql"] = stack.enter_context(benchenv.fresh_pg_database("pipeq_bench"))
+        try:
+            for name, url in urls.items():
+                db.upgrade(url)
+                with Client(Settings(broker_url=REDIS, database_url=url)) as client:
+                    t0 = time.perf_counter()
+                    job = client.submit(texts, task=TASK, model=model)
+                    out[name] = rate(n, time.perf_counter() - t0)
+                    job.cancel()
+        finally:
+            import redis
 
-        redis.Redis.from_url(REDIS).flushdb()
+            redis.Redis.from_url(REDIS).flushdb()
     return out
 
 

@@ -79,7 +79,7 @@ _SETTLE_JOB = (
 
 
 @cache
-def _add_counts(dialect_name: str) -> Any:
+def _upsert_counts(dialect_name: str) -> Any:
     """INSERT into the writer's ``job_counts`` row, or add to it (a dialect's upsert)."""
     from sqlalchemy.dialects import postgresql, sqlite
 
@@ -340,7 +340,7 @@ class ItemQueries(StoreBase):
         """Add ``moved`` to the writer's own counts of the job (its sign of life for the reconciler, too)."""
         params = {"k_job": job_id, "k_slot": slot or "", "k_now": now}
         counts = {"k_done": moved.done, "k_failed": moved.failed, "k_cancelled": moved.cancelled}
-        conn.execute(_add_counts(conn.dialect.name), {**params, **counts})
+        conn.execute(_upsert_counts(conn.dialect.name), {**params, **counts})
 
     def iter_results(self, job_id: str, *, page: int = 2000) -> Iterator[dict[str, Any]]:
         """Yield a job's items in input order with their batch timing, a page at a time."""
