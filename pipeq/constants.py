@@ -30,6 +30,8 @@ MIN_CHUNK_SIZE = 16
 CHUNKS_PER_WORKER = 4
 #: Padded tokens (rows x longest row) allowed in one forward pass.
 DEFAULT_MAX_BATCH_TOKENS = 8192
+#: Most threads the fast tokenizer gets per worker child on an accelerator (``--tokenizer-threads``).
+MAX_TOKENIZER_THREADS = 8
 #: Rows allowed in one forward pass, whatever their length.
 DEFAULT_MAX_BATCH_SIZE = 64
 #: Token budgets ``pipeq worker --calibrate`` tries (each capped at max batch size x the model's maximum length).

@@ -16,7 +16,12 @@ from transformers.pipelines.base import pad_collate_fn
 from transformers.pipelines.pt_utils import PipelineIterator
 from transformers.pipelines.text_classification import TextClassificationPipeline
 
+from pipeq import constants as C
+from pipeq.errors import ConfigurationError
+from pipeq.routing import ServeKey
+from pipeq.worker.config import WorkerConfig
 from pipeq.worker.embedding import EmbeddingPipeline
+from pipeq.worker.loading import set_tokenizer_threads
 from pipeq.worker.tokenizing import BatchTokenizer, Encoded
 
 LONG = "The weather in Paris is lovely in spring, and John Smith went there with Mary. " * 12  # > 128 tokens
@@ -417,3 +422,34 @@ def test_forward_on_collated_batch_gives_the_pipelines_result(
         if task == "text-classification" and isinstance(w, list) and len(w) == 1 and isinstance(w[0], list):
             w = w[0]
         assert_close(g, w)
+
+
+def test_worker_tokenizer_threads_one_on_the_cpu_a_share_of_the_cores_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    key = ServeKey("text-classification", "m", "fp32")
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert WorkerConfig(key=key).resolved_tokenizer_threads == 1
+    assert WorkerConfig(key=key, device="cuda:0").resolved_tokenizer_threads == C.MAX_TOKENIZER_THREADS
+    assert WorkerConfig(key=key, device="cuda:0", concurrency=4).resolved_tokenizer_threads == 3
+    assert WorkerConfig(key=key, device="cuda:0", concurrency=16).resolved_tokenizer_threads == 1
+    assert WorkerConfig(key=key, tokenizer_threads=3).resolved_tokenizer_threads == 3
+    with pytest.raises(ConfigurationError, match="--tokenizer-threads"):
+        WorkerConfig(key=key, tokenizer_threads=0)
+
+
+def test_parallel_tokenizer_gives_the_same_encodings(
+    pipes: Callable[[str], Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CUDA worker lets the tokenizer split a batch over threads: every input's encoding stays its preprocess's."""
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    monkeypatch.setenv("RAYON_NUM_THREADS", "1")
+    assert set_tokenizer_threads(2) == 2
+    assert (os.environ["TOKENIZERS_PARALLELISM"], os.environ["RAYON_NUM_THREADS"]) == ("true", "2")
+    pipe = pipes("text-classification")
+    inputs, param_sets = CASES["text-classification"]
+    pre = pre_params(pipe, param_sets[0])
+    bt = BatchTokenizer.for_pipeline(pipe, "text-classification")
+    assert bt is not None
+    encs = check_encode(bt, pipe, inputs * 8, pre)
+    check_collate(bt, pipe, encs, inputs * 8, pre)
+    assert set_tokenizer_threads(1) == 1
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "false"

@@ -60,6 +60,14 @@ def worker(
     model_class: Annotated[str | None, typer.Option(help="Model class for --pipeline-class, module:Class.")] = None,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own code to run.")] = False,
     threads: Annotated[int | None, typer.Option(help="torch threads per child [default: cores/children].")] = None,
+    tokenizer_threads: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help=f"Fast-tokenizer threads per child [default: 1 on the CPU; on CUDA cores/children - 1, "
+            f"at most {C.MAX_TOKENIZER_THREADS}].",
+        ),
+    ] = None,
     pool: Annotated[str, typer.Option(help="Celery pool: prefork (default) or solo.")] = "prefork",
     warmup: Annotated[bool, typer.Option(help="Warm up over a few batch shapes after loading.")] = True,
     metrics_port: Annotated[
@@ -115,6 +123,7 @@ def worker(
             model_class=model_class,
             trust_remote_code=trust_remote_code,
             threads=threads,
+            tokenizer_threads=tokenizer_threads,
             warmup=warmup,
             allowed_precisions=parse_precisions(allow_precision) if allow_precision else DEFAULT_ALLOWED_PRECISIONS,
             calibrate=calibrate,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -27,6 +28,8 @@ class WorkerConfig:
     model_class: str | None = None
     trust_remote_code: bool = False
     threads: int | None = None
+    #: Threads the fast tokenizer may use for one batch; None: 1 on the CPU, a share of the cores on CUDA.
+    tokenizer_threads: int | None = None
     warmup: bool = True
     #: What ``--precision auto`` may pick from (ignored for a fixed precision).
     allowed_precisions: tuple[str, ...] = DEFAULT_ALLOWED_PRECISIONS
@@ -54,6 +57,8 @@ class WorkerConfig:
             raise ConfigurationError("--precision auto needs at least one precision in --allow-precision")
         for precision in self.allowed_precisions:
             check_precision(precision)
+        if self.tokenizer_threads is not None and self.tokenizer_threads < 1:
+            raise ConfigurationError("--tokenizer-threads must be at least 1")
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ConfigurationError(f"unknown device {self.device!r}; use cpu or cuda[:N]")
         if not 0.0 <= self.shadow_fraction <= 1.0:
@@ -75,6 +80,18 @@ class WorkerConfig:
                 f"--shadow-fraction compares this worker's outputs with {REFERENCE} ones, but it serves {REFERENCE}: "
                 f"nothing to compare (with --precision auto, leave {REFERENCE} out of --allow-precision)"
             )
+
+    @property
+    def resolved_tokenizer_threads(self) -> int:
+        """The tokenizer's threads per child: as set, else 1 on the CPU (torch's forward needs every core)
+        and on an accelerator the child's share of the cores, less one for its own Python, at most
+        ``MAX_TOKENIZER_THREADS`` (the cores are idle while the device runs the model)."""
+        if self.tokenizer_threads is not None:
+            return self.tokenizer_threads
+        if self.device == "cpu":
+            return 1
+        share = (os.cpu_count() or 1) // self.concurrency - 1
+        return max(1, min(C.MAX_TOKENIZER_THREADS, share))
 
     @property
     def resolved_int8_backend(self) -> str:

@@ -25,7 +25,7 @@ from pipeq.routing import check_params
 from pipeq.settings import Settings, mask_url
 from pipeq.store import Store, is_transient
 from pipeq.worker.config import WorkerConfig
-from pipeq.worker.loading import LoadedPipeline, load_pipeline, set_threads, warmup_inputs
+from pipeq.worker.loading import LoadedPipeline, load_pipeline, set_threads, set_tokenizer_threads, warmup_inputs
 from pipeq.worker.measure import throughput
 from pipeq.worker.memory import release_free_memory
 from pipeq.worker.metrics import WorkerMetrics
@@ -100,6 +100,7 @@ class WorkerContext:
         self._heartbeat = threading.Thread(target=self._beat, name="pipeq-heartbeat", daemon=True)
         self._heartbeat.start()
         threads = set_threads(cfg.threads, cfg.concurrency)
+        tokenizer_threads = set_tokenizer_threads(cfg.resolved_tokenizer_threads)
         self.loaded = load_pipeline(cfg)
         self.runtime = PipelineRuntime(
             self.loaded.pipe, key.task, max_batch_tokens=cfg.batch_tokens, max_batch_size=cfg.max_batch_size
@@ -123,6 +124,7 @@ class WorkerContext:
             threads, speed, record["torch_threads_measured"] = self._choose_threads(threads, speed)
             warm_seconds += time.perf_counter() - began
         record["torch_threads"] = threads
+        record["tokenizer_threads"] = tokenizer_threads
         if speed:
             # What producers size this worker's messages by until it has run real chunks (see broker.window).
             record["warmup_items_per_second"] = round(speed, 1)

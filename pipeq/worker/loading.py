@@ -152,6 +152,19 @@ def synthetic_text(pipe: Any, task: str, tokens: int) -> str | None:
     return f"{words} {mask}".strip()
 
 
+def set_tokenizer_threads(threads: int) -> int:
+    """Let the fast tokenizer split one batch over ``threads`` threads (1: none), before its first call here.
+
+    The tokenizers library reads ``TOKENIZERS_PARALLELISM`` at each call and sizes its thread pool from
+    ``RAYON_NUM_THREADS`` once, at its first parallel call in the process: a pool child sets both
+    before it loads its pipeline. Outputs are the same either way.
+    """
+    os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
+    if threads > 1:
+        os.environ["RAYON_NUM_THREADS"] = str(threads)
+    return threads
+
+
 def set_threads(threads: int | None, concurrency: int) -> int:
     """Give each pool child its share of the cores so children do not fight over them."""
     import torch
