@@ -38,6 +38,8 @@ DEFAULT_MAX_BATCH_SIZE = 64
 CALIBRATION_BUDGETS = (1024, 2048, 4096, 8192, 16384)
 #: Longest text accepted at submit, in characters (a 1 MB text is refused at the door).
 DEFAULT_MAX_TEXT_CHARS = 100_000
+#: Longest item id the store keeps (``items.input_id`` is a VARCHAR(255)).
+MAX_INPUT_ID_CHARS = 255
 #: Most items one job may hold.
 DEFAULT_MAX_JOB_ITEMS = 10_000_000
 #: Job priorities: 0 (default) to 9, higher first.

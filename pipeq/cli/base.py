@@ -38,7 +38,7 @@ def either(names: list[str]) -> str:
 PRECISION_NAMES = either(list(PRECISIONS))
 PRECISIONS_DESCRIBED = ", ".join(f"{p.name} ({p.description})" for p in PRECISIONS.values())
 INPUT_FORMAT_NAMES = either(list(INPUT_FORMATS))
-INPUT_SUFFIXES = either([f.suffixes[0] for f in INPUT_FORMATS.values()])
+INPUT_SUFFIXES = either([f.suffixes[0] for f in INPUT_FORMATS.values() if f.suffixes])
 SHADOWED = either([name for name in PRECISIONS if name != REFERENCE])
 
 

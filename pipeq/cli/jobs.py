@@ -176,7 +176,9 @@ def status(
 @app.command()
 def results(
     job_id: Annotated[str, typer.Argument(help="Job id.")],
-    fmt: Annotated[str, typer.Option("--format", "-f", help="jsonl, csv or parquet.")] = "jsonl",
+    fmt: Annotated[
+        str, typer.Option("--format", "-f", help="jsonl, csv, parquet or openai-batch (a finished embeddings job).")
+    ] = "jsonl",
     output: Annotated[str | None, typer.Option("--output", "-o", help="File (default: stdout).")] = None,
     database_url: DatabaseOpt = None,
 ) -> None:
@@ -188,9 +190,9 @@ def results(
     from pipeq.producer.writers import write_results
 
     with open_store(database_url) as store:
-        store.job(job_id)
+        state = store.job(job_id)
         rows = Job(store, job_id).results()
-        n = write_results(rows, fmt, out=sys.stdout, path=output)
+        n = write_results(rows, fmt, out=sys.stdout, path=output, job=state)
     if output:
         typer.echo(f"wrote {n:,} rows to {output}", err=True)
 

@@ -165,7 +165,7 @@ class Client:
         id_field = _alias("id_field", id_field, "id", "id_column", id_column)
         pair_field = _alias("pair_field", pair_field, None, "pair_column", pair_column)
         name = check_task(task, custom_tasks=self.store.served_custom_tasks())
-        model = check_model(model)
+        given_model, model = model.strip(), check_model(model)
         if precision is None:
             precision = self._served_precision(name, model, revision)
         key = ServeKey(task=name, model=model, precision=check_precision(precision), revision=revision)
@@ -180,6 +180,8 @@ class Client:
             pair_field=pair_field,
             max_text_chars=self.settings.max_text_chars,
             skip_empty=skip_empty,
+            models=(given_model, model),
+            params=params,
         )
         if isinstance(inputs, str):
             records: Iterator[Record] = read_path(inputs, spec, input_format=input_format, stdin=stdin)

@@ -12,9 +12,9 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any
 
 from pipeq.errors import InputError
@@ -44,6 +44,11 @@ class RecordSpec:
     pair_field: str | None = None
     max_text_chars: int = 100_000
     skip_empty: bool = False
+    #: The names the job's model goes by (as given, as stored): formats whose records name a model
+    #: (openai-batch) must name one of them.
+    models: tuple[str, ...] = ()
+    #: The job's task parameters, for formats whose records need some (openai-batch embeddings: pooling).
+    params: Mapping[str, Any] = field(default_factory=dict)
 
 
 def _decoded_lines(stream: IO[bytes], source: str) -> Iterator[tuple[int, str]]:
@@ -232,6 +237,13 @@ def _sniff(stream: IO[bytes], source: str) -> RawRecords:
     yield from (_jsonl if head.startswith(b"{") else _txt)(buffered, source)
 
 
+def _openai_batch(raw: RawRecords, spec: RecordSpec, source: str) -> Iterator[Record]:
+    """The openai-batch format's records (imported here: that module builds on this one)."""
+    from pipeq.producer.openai_batch import records
+
+    return records(raw, spec, source)
+
+
 @dataclass(frozen=True)
 class InputFormat:
     """An input file format: its ``--input-format`` name, the file suffixes that mean it, and its reader."""
@@ -241,6 +253,9 @@ class InputFormat:
     suffixes: tuple[str, ...]
     #: Yields (line or row number, raw record) pairs; a record is validated by ``make_record`` afterwards.
     read: Callable[[Source], RawRecords]
+    #: Validates the raw records of a whole source instead (a format whose records are checked
+    #: against one another, or become several items each); ``make_record`` one by one when None.
+    validate: Callable[[RawRecords, RecordSpec, str], Iterator[Record]] | None = None
 
 
 #: Every input file format, by name (``--input-format``); a new format is one entry.
@@ -251,6 +266,8 @@ INPUT_FORMATS: dict[str, InputFormat] = {
         InputFormat("csv", (".csv",), _streamed(_csv)),
         InputFormat("parquet", (".parquet",), _parquet),
         InputFormat("txt", (".txt",), _streamed(_txt)),
+        # OpenAI Batch API request files are JSON lines too: only --input-format picks this one.
+        InputFormat("openai-batch", (), _streamed(_jsonl), _openai_batch),
     )
 }
 #: File suffixes and the format each means.
@@ -269,7 +286,7 @@ def detect_format(path: str, explicit: str | None = None) -> str:
         return _SNIFF.name
     suffix = os.path.splitext(path)[1].lower()
     if suffix not in FORMATS:
-        shown = ", ".join(f.suffixes[0] for f in INPUT_FORMATS.values())
+        shown = ", ".join(f.suffixes[0] for f in INPUT_FORMATS.values() if f.suffixes)
         raise InputError(
             f"cannot tell the format of {path!r} from its suffix; use one of {shown} (or pass --input-format)"
         )
@@ -285,7 +302,7 @@ def read_path(
     source = Source(path, stdin)
     if path != "-" and not os.path.isfile(path):
         raise InputError(f"no such file: {path}")
-    yield from _records(fmt.read(source), spec, source.name)
+    yield from (fmt.validate or _records)(fmt.read(source), spec, source.name)
 
 
 def read_objects(objects: Iterable[Any], spec: RecordSpec, source: str = "<inputs>") -> Iterator[Record]:

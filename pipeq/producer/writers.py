@@ -1,4 +1,4 @@
-"""Write a job's results as JSONL, CSV, Parquet or Arrow record batches, streaming in input order."""
+"""Write a job's results as JSONL, CSV, Parquet, OpenAI batch output or Arrow record batches, in input order."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
 from pipeq.errors import ConfigurationError
+from pipeq.primitives import JobProgress
+from pipeq.producer import openai_batch
 
 #: Result formats ``pipeq results`` writes.
-RESULT_FORMATS = ("jsonl", "csv", "parquet")
+RESULT_FORMATS = ("jsonl", "csv", "parquet", "openai-batch")
 #: A result row's ``timing`` keys, spread into columns of their own in CSV, Parquet and data frames.
 TIMING_COLUMNS = (
     "batch_id",
@@ -104,16 +106,24 @@ def write_parquet(rows: Iterable[dict[str, Any]], path: str) -> int:
 
 
 def write_results(
-    rows: Iterable[dict[str, Any]], fmt: str, *, out: IO[str] | None = None, path: str | None = None
+    rows: Iterable[dict[str, Any]],
+    fmt: str,
+    *,
+    out: IO[str] | None = None,
+    path: str | None = None,
+    job: JobProgress | None = None,
 ) -> int:
-    """Write rows in ``fmt`` to ``path`` (or ``out`` for text formats); returns the row count."""
+    """Write rows in ``fmt`` to ``path`` (or ``out`` for text formats); returns the rows (lines) written.
+
+    ``openai-batch`` needs the ``job``: one line per request, and only for a finished embeddings job.
+    """
     if fmt not in RESULT_FORMATS:
         raise ConfigurationError(f"unknown result format {fmt!r}; choose {', '.join(RESULT_FORMATS)}")
     if fmt == "parquet":
         if path is None:
             raise ConfigurationError("parquet results need a file: pass -o FILE")
         return write_parquet(rows, path)
-    writer = write_jsonl if fmt == "jsonl" else write_csv
+    writer = {"jsonl": write_jsonl, "csv": write_csv}.get(fmt) or openai_batch.writer_for(job)
     if path is not None:
         with open(path, "w", encoding="utf-8", newline="") as fh:
             return writer(rows, fh)

@@ -1,0 +1,330 @@
+"""OpenAI Batch API files in and out: request files (``--input-format openai-batch``) become embedding
+jobs, and ``--format openai-batch`` writes the batch output file.
+
+The files are written here by hand in the shapes the Batch API reference documents (the request
+input object, the request output object, the embeddings response), not with a client library.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer, pipeline
+from typer.testing import CliRunner
+
+from pipeq import Client, Settings
+from pipeq.cli import app as cli_app
+from pipeq.errors import ConfigurationError, InputError
+from pipeq.producer.readers import RecordSpec, read_path
+from pipeq.producer.writers import write_results
+from pipeq.routing import ServeKey
+from pipeq.store import Store
+from pipeq.worker.config import WorkerConfig
+from pipeq.worker.embedding import EmbeddingPipeline
+
+TASK = "feature-extraction"
+POOLED = {"pooling": "mean", "normalize": True}
+LONG = "word " * 400  # over the tiny model's 128 positions: fails in forward when truncation is off
+
+#: A request file as the Batch API documents it: a string input, a list input, a float request
+#: (``encoding_format`` and ``user`` as the embeddings reference allows), MODEL standing for the model.
+REQUESTS = """\
+{"custom_id": "request-1", "method": "POST", "url": "/v1/embeddings", "body": {"model": "MODEL", "input": "The food was delicious and the waiter was kind."}}
+{"custom_id": "request-2", "method": "POST", "url": "/v1/embeddings", "body": {"model": "MODEL", "input": ["first of three", "the second text is a little longer than the first", "third"]}}
+{"custom_id": "request-3", "method": "POST", "url": "/v1/embeddings", "body": {"model": "MODEL", "input": "plain float request", "encoding_format": "float", "user": "user-1234"}}
+"""  # noqa: E501
+
+
+def write(path: Path, text: str, model: str) -> str:
+    path.write_text(text.replace("MODEL", model), encoding="utf-8")
+    return str(path)
+
+
+def request(custom_id: str, body: dict[str, Any], url: str = "/v1/embeddings", **more: Any) -> str:
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": url, "body": body, **more})
+
+
+# ------------------------------------------------------------------ the documented output shape
+
+
+def check_output_line(line: dict[str, Any]) -> None:
+    """One line of a batch output file, as the Batch API reference documents the request output object."""
+    assert list(line) == ["id", "custom_id", "response", "error"]
+    assert isinstance(line["id"], str) and line["id"].startswith("batch_req_")
+    assert isinstance(line["custom_id"], str)
+    if line["error"] is not None:
+        assert line["response"] is None
+        assert set(line["error"]) == {"code", "message"}
+        assert all(isinstance(v, str) and v for v in line["error"].values())
+        return
+    response = line["response"]
+    assert set(response) == {"status_code", "request_id", "body"} and response["status_code"] == 200
+    assert isinstance(response["request_id"], str) and response["request_id"]
+    body = response["body"]  # the embeddings endpoint's response
+    assert set(body) == {"object", "data", "model", "usage"} and body["object"] == "list"
+    assert set(body["usage"]) == {"prompt_tokens", "total_tokens"}
+    assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] > 0
+    for i, item in enumerate(body["data"]):
+        assert set(item) == {"object", "index", "embedding"}
+        assert item["object"] == "embedding" and item["index"] == i
+        assert all(isinstance(x, float) for x in item["embedding"])
+
+
+def reference(model: str, texts: list[str]) -> tuple[np.ndarray, list[int]]:
+    """Mean-pooled unit vectors straight from the pipeline class, and each text's token count."""
+    pipe = pipeline(TASK, model=model, pipeline_class=EmbeddingPipeline)
+    vectors = np.asarray(pipe(texts, truncation=True, **POOLED))
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    return vectors, [len(ids) for ids in tokenizer(texts, truncation=True)["input_ids"]]
+
+
+# ------------------------------------------------------------------ reading
+
+
+def test_each_string_of_a_request_is_an_item_with_its_custom_id(tmp_path: Path) -> None:
+    path = write(tmp_path / "batch.jsonl", REQUESTS, "acme/embedder")
+    spec = RecordSpec(task=TASK, models=("acme/embedder",), params=POOLED)
+    got = [(r.line, r.input_id, r.input) for r in read_path(path, spec, input_format="openai-batch")]
+    assert got == [
+        (1, "request-1", "The food was delicious and the waiter was kind."),
+        (2, "request-2", "first of three"),
+        (2, "request-2", "the second text is a little longer than the first"),
+        (2, "request-2", "third"),
+        (3, "request-3", "plain float request"),
+    ]
+
+
+def test_the_format_is_only_chosen_by_name(tmp_path: Path) -> None:
+    # A request file is JSON lines: by its suffix it reads as plain records, which have no 'text'.
+    path = write(tmp_path / "batch.jsonl", REQUESTS, "acme/embedder")
+    with pytest.raises(InputError, match=r"batch.jsonl:1: missing field 'text'"):
+        list(read_path(path, RecordSpec(task=TASK)))
+
+
+GOOD = {"model": "MODEL", "input": "hello"}
+
+
+@pytest.mark.parametrize(
+    ("second_line", "message"),
+    [
+        ('{"custom_id": "b", "method": "POST", "url": "/v1/embeddings", "body": {"model": "MODEL", "input": "x"}',
+         r"malformed JSON"),
+        (request("b", GOOD, url="/v1/moderations"), r"url '/v1/moderations' is not an endpoint pipeq serves"),
+        (request("b", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}]}, url="/v1/chat/completions"),
+         r"/v1/chat/completions is not served: .*finish_reason.*max_tokens and temperature"),
+        (request("b", {"model": "MODEL", "prompt": "hi"}, url="/v1/completions"), r"/v1/completions is not served"),
+        (request("b", {"model": "text-embedding-3-small", "input": "x"}),
+         r"body.model 'text-embedding-3-small' is not the job's model"),
+        (request("a", GOOD), r"custom_id 'a' repeats line 1's \(custom_ids must be unique in a batch\)"),
+        (request("b", {**GOOD, "encoding_format": "base64"}), r'encoding_format "base64" is not supported'),
+        (request("b", {**GOOD, "dimensions": 8}), r"dimensions is not supported"),
+        (request("b", {"model": "MODEL", "input": [15339, 1917]}), r"body.input\[0\] holds token ids"),
+        (request("b", {"model": "MODEL", "input": [[15339, 1917]]}), r"body.input\[0\] holds token ids"),
+        (request("b", {"model": "MODEL", "input": ["ok", ""]}), r"body.input\[1\] is an empty string"),
+        (request("b", {"model": "MODEL", "input": []}), r"body.input must be a string or a non-empty list"),
+        (request("b", {"model": "MODEL"}), r"an embeddings body needs 'input'"),
+        (request("b", {**GOOD, "temperature": 0}), r"an embeddings body has no field 'temperature'"),
+        (json.dumps({"custom_id": "b", "method": "GET", "url": "/v1/embeddings", "body": GOOD}),
+         r'method must be "POST"'),
+        (json.dumps({"custom_id": 7, "method": "POST", "url": "/v1/embeddings", "body": GOOD}),
+         r"custom_id must be a non-empty string, got 7"),
+        (json.dumps({"method": "POST", "url": "/v1/embeddings", "body": GOOD}), r"a request needs 'custom_id'"),
+    ],
+    ids=[
+        "malformed", "bad-url", "chat", "completions", "model", "duplicate", "base64", "dimensions",
+        "token-ids", "token-arrays", "empty-string", "empty-list", "no-input", "unknown-field", "method",
+        "custom-id-type", "no-custom-id",
+    ],
+)  # fmt: skip
+def test_bad_request_names_its_line_and_stores_nothing(
+    client: Client, model_dir: Callable[[str], str], tmp_path: Path, second_line: str, message: str
+) -> None:
+    # Given: a good first line and a bad second one
+    model = model_dir(TASK)
+    text = request("a", GOOD) + "\n" + second_line + "\n" + request("c", GOOD) + "\n"
+    path = write(tmp_path / "batch.jsonl", text, model)
+    # When/Then: the submit is refused, naming the file and line 2, and no job is stored
+    with pytest.raises(InputError, match=rf"^{path}:2: {message}"):
+        client.submit(path, task=TASK, model=model, params=POOLED, input_format="openai-batch")
+    assert client.store.recent_jobs() == []
+
+
+@pytest.mark.parametrize(
+    ("task", "params", "message"),
+    [
+        ("text-classification", POOLED, r"/v1/embeddings requests need --task feature-extraction"),
+        (TASK, {}, r"/v1/embeddings returns one vector per input: submit with --param pooling=mean\|cls\|max"),
+    ],
+)
+def test_the_job_must_be_one_that_answers_embeddings_requests(
+    client: Client, model_dir: Callable[[str], str], tmp_path: Path, task: str, params: dict[str, Any], message: str
+) -> None:
+    model = model_dir(task)
+    path = write(tmp_path / "batch.jsonl", REQUESTS, model)
+    with pytest.raises(InputError, match=rf"^{path}:1: {message}"):
+        client.submit(path, task=task, model=model, params=params, input_format="openai-batch")
+    assert client.store.recent_jobs() == []
+
+
+def test_a_local_model_is_named_as_given_or_as_stored(
+    client: Client, model_dir: Callable[[str], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given: the model as a relative directory on the command line, and a file naming it that way or absolutely
+    shutil.copytree(model_dir(TASK), tmp_path / "embedder")
+    monkeypatch.chdir(tmp_path)
+    text = request("a", {"model": "./embedder", "input": "x"}) + "\n"
+    text += request("b", {"model": str(tmp_path / "embedder"), "input": "y"}) + "\n"
+    path = tmp_path / "batch.jsonl"
+    path.write_text(text, encoding="utf-8")
+    # When: it is submitted
+    job = client.submit(str(path), task=TASK, model="./embedder", params=POOLED, input_format="openai-batch")
+    # Then: both lines are accepted, and the job runs on the stored (absolute) model
+    assert job.status().total == 2 and job.status().model == str((tmp_path / "embedder").resolve())
+
+
+# ------------------------------------------------------------------ a real job, written back
+
+
+@pytest.fixture
+def embedding_worker(settings: Settings, model_dir: Callable[[str], str]) -> Iterator[str]:
+    """A real Celery worker (solo pool, in a thread) on the memory broker serving feature-extraction."""
+    from celery.contrib.testing.worker import start_worker
+
+    from pipeq.worker.app import create_worker_app
+
+    cfg = WorkerConfig(key=ServeKey(TASK, model_dir(TASK)), max_batch_size=4, warmup=False)
+    app, ctx = create_worker_app(settings, cfg)
+    ctx.start()
+    with start_worker(app, pool="solo", perform_ping_check=False, queues=[cfg.key.queue], shutdown_timeout=30):
+        yield cfg.key.model
+    ctx.stop()
+
+
+def run_cli(args: list[str], settings: Settings) -> Any:
+    """``pipeq`` in-process on ``settings``' URLs; the logging set-up is put back afterwards (a worker
+    thread logging later must not write to the runner's closed stream)."""
+    env = {"PIPEQ_BROKER_URL": settings.broker_url, "PIPEQ_DATABASE_URL": settings.database_url}
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        return CliRunner().invoke(cli_app, args, env=env)
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+def test_a_request_file_runs_and_comes_back_as_the_batch_output_file(
+    settings: Settings, embedding_worker: str, tmp_path: Path
+) -> None:
+    # Given: the documented request file, and one more request whose second text fails (truncation off)
+    model = embedding_worker
+    extra = request("request-4", {"model": "MODEL", "input": ["short one", LONG]}) + "\n"
+    path = write(tmp_path / "batch.jsonl", REQUESTS + extra, model)
+
+    # When: it is submitted and its results written, through the CLI
+    submit = [str(path), "--input-format", "openai-batch", "--task", TASK, "--model", model]
+    params = ["--param", "pooling=mean", "--param", "normalize=true", "--param", "truncation=false"]
+    out = run_cli(["submit", *submit, *params, "--wait"], settings)
+    assert out.exit_code == 1, out.output  # one item failed
+    job_id = out.stdout.strip().splitlines()[-1]
+    written = run_cli(["results", job_id, "--format", "openai-batch", "-o", str(tmp_path / "out.jsonl")], settings)
+    assert written.exit_code == 0, written.output
+    lines = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()]
+
+    # Then: one line per request, in input order, each in the documented shape
+    for line in lines:
+        check_output_line(line)
+    assert [x["custom_id"] for x in lines] == ["request-1", "request-2", "request-3", "request-4"]
+    assert len({x["id"] for x in lines}) == 4 and len({x["response"]["request_id"] for x in lines[:3]}) == 3
+    # And: each input string's embedding, in its request's order, as the model computes it
+    requests = [json.loads(x)["body"] for x in Path(path).read_text(encoding="utf-8").splitlines()]
+    for line, body in zip(lines[:3], requests, strict=False):
+        texts = [body["input"]] if isinstance(body["input"], str) else body["input"]
+        want, tokens = reference(model, texts)
+        got = line["response"]["body"]
+        assert got["model"] == model and [d["index"] for d in got["data"]] == list(range(len(texts)))
+        np.testing.assert_allclose(np.asarray([d["embedding"] for d in got["data"]]), want, atol=1e-5)
+        assert got["usage"] == {"prompt_tokens": sum(tokens), "total_tokens": sum(tokens)}
+    # And: the request with a failed input is an error line naming that input and why
+    failed = lines[3]
+    assert failed["response"] is None and failed["error"]["code"] == "item_failed"
+    assert failed["error"]["message"].startswith("input 1: forward: ")
+
+
+def test_cancelled_requests_are_error_lines(client: Client, model_dir: Callable[[str], str], tmp_path: Path) -> None:
+    # Given: a request file submitted with no worker serving it, then cancelled
+    path = write(tmp_path / "batch.jsonl", REQUESTS, model_dir(TASK))
+    job = client.submit(path, task=TASK, model=model_dir(TASK), params=POOLED, input_format="openai-batch")
+    with pytest.raises(ConfigurationError, match=r"is queued with 5 items pending: .* once it is done"):
+        write_results(job.results(), "openai-batch", path=str(tmp_path / "early.jsonl"), job=job.status())
+    assert not (tmp_path / "early.jsonl").exists(), "a refused write leaves no file"
+    assert job.cancel() == 5
+    # When: its output file is written
+    out = tmp_path / "out.jsonl"
+    assert write_results(job.results(), "openai-batch", path=str(out), job=job.status()) == 3
+    # Then: every request is an error line of the Batch API's cancelled code
+    lines = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
+    for line in lines:
+        check_output_line(line)
+    assert [(x["custom_id"], x["error"]["code"]) for x in lines] == [
+        ("request-1", "batch_cancelled"), ("request-2", "batch_cancelled"), ("request-3", "batch_cancelled"),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("task", "params", "message"),
+    [
+        ("text-classification", {}, r"is a text-classification job: --format openai-batch writes /v1/embeddings"),
+        (TASK, {}, r"is a feature-extraction job without pooling"),
+    ],
+)
+def test_only_embedding_jobs_with_pooling_are_written_as_batch_output(
+    client: Client, model_dir: Callable[[str], str], task: str, params: dict[str, Any], message: str
+) -> None:
+    job = client.submit(["a", "b"], task=task, model=model_dir(task), params=params)
+    job.cancel()
+    with pytest.raises(ConfigurationError, match=message):
+        write_results(job.results(), "openai-batch", out=None, job=job.status())
+
+
+# ------------------------------------------------------------------ the README's example
+
+README_SECTION = "OpenAI Batch files"
+README_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+@pytest.mark.integration
+def test_readme_openai_batch_example(
+    tmp_path: Path, redis_url: str, model_dir: Callable[[str], str], start_worker: Any
+) -> None:
+    from test_readme import README, code_blocks, run_block
+
+    # Given: the README's block, its hub model replaced by a copy of the tiny embedder (same tokenizer)
+    (block,) = code_blocks(README_SECTION)
+    model = str(shutil.copytree(model_dir(TASK), tmp_path / "minilm"))
+    url = f"sqlite:///{tmp_path / 'pipeq.db'}"
+    env = {"PIPEQ_BROKER_URL": redis_url, "PIPEQ_DATABASE_URL": url}
+    subprocess.run([sys.executable, "-m", "pipeq", "-q", "db", "upgrade"], env={**os.environ, **env}, check=True)
+
+    # When: it runs as written: a worker, the submit, the results
+    run_block(block.replace(README_MODEL, model), cwd=tmp_path, env=env, start_worker=start_worker, store=Store(url))
+
+    # Then: the output file answers both requests in the documented shape, as the README shows it
+    lines = [json.loads(x) for x in (tmp_path / "batch_output.jsonl").read_text(encoding="utf-8").splitlines()]
+    for line in lines:
+        check_output_line(line)
+    assert [x["custom_id"] for x in lines] == ["request-1", "request-2"]
+    assert [len(x["response"]["body"]["data"]) for x in lines] == [1, 2]
+    shown = README.read_text().split(f"### {README_SECTION}", 1)[1].split("```json\n", 1)[1].split("\n", 1)[0]
+    usage = json.loads(shown.replace(", ...", ""))["response"]["body"]["usage"]
+    assert lines[1]["response"]["body"]["usage"] == usage
