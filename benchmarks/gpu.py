@@ -41,10 +41,15 @@ import run as bench  # noqa: E402  (benchenv first: offline, quiet)
 import torch  # noqa: E402
 
 from pipeq import Client, Settings  # noqa: E402
+from pipeq.routing import ServeKey  # noqa: E402
+from pipeq.worker.config import WorkerConfig  # noqa: E402
+from pipeq.worker.loading import set_tokenizer_threads  # noqa: E402
 from pipeq.worker.runtime import PipelineRuntime  # noqa: E402
 from pipeq.worker.stages import Item, Prepared  # noqa: E402
 
 TASK = bench.TASK
+#: Broker of the first worker; the next ones take the databases below it.
+REDIS = bench.REDIS
 LABELS = {"id2label": {0: "NEGATIVE", 1: "POSITIVE"}, "label2id": {"NEGATIVE": 0, "POSITIVE": 1}}
 
 
@@ -110,7 +115,7 @@ class GpuBusy:
         self._handle: Any = None
         if device.startswith("cuda"):
             try:
-                import pynvml
+                import pynvml  # type: ignore[import-not-found]  # nvidia-ml-py, on GPU hosts
 
                 pynvml.nvmlInit()
                 index = int(device.split(":")[1]) if ":" in device else 0
@@ -130,7 +135,7 @@ class GpuBusy:
             self._thread.join()
 
     def _sample(self) -> None:
-        import pynvml
+        import pynvml  # type: ignore[import-not-found]
 
         while not self._stop.wait(0.05):
             self.samples.append(pynvml.nvmlDeviceGetUtilizationRates(self._handle).gpu)
@@ -146,6 +151,7 @@ def end_to_end(client: Client, texts: list[str], precision: str, model: str, dev
         t0 = time.time()
         job = client.submit(texts, task=TASK, model=model, precision=precision)
         state = job.wait(poll=bench.POLL, timeout=3600)
+        assert state.finished_at is not None
         elapsed = state.finished_at.timestamp() - t0
     if state.done != len(texts):
         raise SystemExit(f"pipeq job ended {state.status} with {state.failed} failed")
@@ -168,9 +174,14 @@ def end_to_end(client: Client, texts: list[str], precision: str, model: str, dev
 
 def agreement(a: list[Any], b: list[Any]) -> tuple[float, float]:
     """Share of equal top labels and the largest score difference between two runs' outputs."""
-    same = sum(x[0]["label"] == y[0]["label"] for x, y in zip(a, b, strict=True))
-    diff = max(abs(x[0]["score"] - y[0]["score"]) for x, y in zip(a, b, strict=True))
-    return same / len(a), diff
+    pairs = [(top(x), top(y)) for x, y in zip(a, b, strict=True)]
+    same = sum(x["label"] == y["label"] for x, y in pairs)
+    return same / len(pairs), max(abs(x["score"] - y["score"]) for x, y in pairs)
+
+
+def top(output: Any) -> dict[str, Any]:
+    """The top label of a text-classification output (a dict, or a list of them with ``top_k``)."""
+    return output[0] if isinstance(output, list) else output
 
 
 def measure(args: argparse.Namespace, model: str, precision: str, texts: list[str], work: Path) -> dict[str, Any]:
@@ -180,9 +191,12 @@ def measure(args: argparse.Namespace, model: str, precision: str, texts: list[st
     extra: dict[str, Any] = {}
     workers = []
     try:
-        for concurrency in args.concurrency:
+        base, db = REDIS.rsplit("/", 1)
+        for i, concurrency in enumerate(args.concurrency):
+            # Each worker its own broker database and store: both serve the same queue name.
+            bench.REDIS = f"{base}/{int(db) - i}"
             url = f"sqlite:///{work / f'store-{precision}-{concurrency}.db'}"
-            flags = ("--max-batch-tokens", str(budget), "--max-batch-size", str(size))
+            flags: tuple[str, ...] = ("--max-batch-tokens", str(budget), "--max-batch-size", str(size))
             if args.tokenizer_threads:
                 flags += ("--tokenizer-threads", str(args.tokenizer_threads))
             proc, _, live = bench.start_worker(model, precision, url, *flags, workers=concurrency)
@@ -252,6 +266,9 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     bench.DEVICE = args.device
+    # (f) and (c) tokenize with the threads the workers get on this device.
+    threads = WorkerConfig(ServeKey(TASK, "m", "fp32"), device=args.device).resolved_tokenizer_threads
+    set_tokenizer_threads(args.tokenizer_threads or threads)
     if args.corpus:
         english = json.loads(Path(args.corpus).read_text(encoding="utf-8"))["en"]
     else:
