@@ -135,7 +135,7 @@ class GpuBusy:
             self._thread.join()
 
     def _sample(self) -> None:
-        import pynvml  # type: ignore[import-not-found]
+        import pynvml
 
         while not self._stop.wait(0.05):
             self.samples.append(pynvml.nvmlDeviceGetUtilizationRates(self._handle).gpu)
