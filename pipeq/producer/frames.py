@@ -115,21 +115,29 @@ def read_frame(obj: Any, spec: RecordSpec) -> Iterator[Record]:
                 yield record
 
 
-def results_table(rows: Iterable[dict[str, Any]]) -> Any:
-    """``Job.results()`` rows as a pyarrow Table of flat columns, one record batch a page."""
+def results_reader(rows: Iterable[dict[str, Any]], *, embedding_dim: int | None = None) -> Any:
+    """``Job.results()`` rows as a pyarrow RecordBatchReader of flat columns: one record batch is built at a time."""
     import pyarrow as pa
 
-    return pa.Table.from_batches(list(arrow_batches(rows)), schema=arrow_schema())
+    schema = arrow_schema(embedding_dim)
+    return pa.RecordBatchReader.from_batches(schema, arrow_batches(rows, embedding_dim=embedding_dim))
 
 
-def results_frame(rows: Iterable[dict[str, Any]]) -> Any:
-    """``Job.results()`` rows as a pandas DataFrame of flat columns, ``output`` decoded to Python objects."""
+def results_table(rows: Iterable[dict[str, Any]], *, embedding_dim: int | None = None) -> Any:
+    """``Job.results()`` rows as a pyarrow Table of flat columns, one record batch a page."""
+    return results_reader(rows, embedding_dim=embedding_dim).read_all()
+
+
+def results_frame(rows: Iterable[dict[str, Any]], *, embedding_dim: int | None = None) -> Any:
+    """``Job.results()`` rows as a pandas DataFrame of flat columns, ``output`` decoded to Python objects
+    (a pooled-embedding job's ``embedding`` column holds a float32 array per row, None where there is none)."""
     try:
         import pandas as pd
     except ImportError:
         raise ConfigurationError("Job.to_pandas() needs pandas: pip install pandas") from None
-    table = results_table(rows)
-    outputs = [None if text is None else json.loads(text) for text in table.column("output").to_pylist()]
+    table = results_table(rows, embedding_dim=embedding_dim)
     frame = table.to_pandas()
-    frame["output"] = pd.Series(outputs, index=frame.index, dtype=object)
+    if embedding_dim is None:
+        outputs = [None if text is None else json.loads(text) for text in table.column("output").to_pylist()]
+        frame["output"] = pd.Series(outputs, index=frame.index, dtype=object)
     return frame
