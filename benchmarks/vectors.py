@@ -158,8 +158,8 @@ def sqlite_url(work: Path, name: str) -> Iterator[str]:
     path.unlink(missing_ok=True)
 
 
-def export_seconds(work: Path, texts: list[str], vectors: np.ndarray, n: int, form: str) -> tuple[float, float]:
-    """Wall seconds of ``pipeq results --format parquet`` over ``n`` stored vectors, and the file's MB."""
+def export_seconds(work: Path, texts: list[str], vectors: np.ndarray, n: int, form: str) -> float:
+    """Wall seconds of ``pipeq results --format parquet`` over ``n`` stored vectors (checked: ``n`` rows written)."""
     with sqlite_url(work, f"export-{form.split()[0]}-{len(form)}") as url:
         db.upgrade(url)
         with Store(url) as store:
@@ -170,11 +170,12 @@ def export_seconds(work: Path, texts: list[str], vectors: np.ndarray, n: int, fo
         cmd = [sys.executable, "-m", "pipeq", "-q", "results", job_id, "--format", "parquet", "-o", str(target),
                "--database-url", url]  # fmt: skip
         began = time.perf_counter()
-        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+        proc = subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         seconds = time.perf_counter() - began
-        mb = target.stat().st_size / 1e6
+        if f"wrote {n:,} rows" not in proc.stderr:
+            raise SystemExit(f"pipeq results did not write {n:,} rows: {proc.stderr}")
         target.unlink()
-    return seconds, mb
+    return seconds
 
 
 def main() -> None:
@@ -182,6 +183,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1000, help="texts embedded and stored for the sizes")
     parser.add_argument("--export-n", type=int, default=100_000, help="vectors exported to Parquet")
     parser.add_argument("--no-pg", action="store_true", help="SQLite only")
+    parser.add_argument("--no-sizes", action="store_true", help="only the export")
     args = parser.parse_args()
     texts = corpus.english(args.n)
     vectors = embed(texts)
@@ -190,22 +192,21 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for form in FORMS:
+        for form in FORMS if not args.no_sizes else ():
             with sqlite_url(work, f"size-{form}") as url:
                 f = sizes(url, texts, vectors, form, pg=False)
             print(f"| SQLite | {form} | {f['results_mb_per_1000']:.2f} | {f['whole_mb_per_1000']:.2f} | "
                   f"{f['value_bytes']:,.0f} |", flush=True)  # fmt: skip
-        if not args.no_pg:
+        if not args.no_pg and not args.no_sizes:
             for form in FORMS:
                 with benchenv.fresh_pg_database("pipeq_vectors") as url:
                     f = sizes(url, texts, vectors, form, pg=True)
                 print(f"| PostgreSQL | {form} | {f['results_mb_per_1000']:.2f} | {f['whole_mb_per_1000']:.2f} | "
                       f"{f['value_bytes']:,.0f} |", flush=True)  # fmt: skip
-        print(f"\n| export of {args.export_n:,} vectors (SQLite) | seconds | Parquet MB |")
-        print("| --- | --- | --- |")
+        print(f"\n| export of {args.export_n:,} vectors to Parquet (SQLite store) | seconds |")
+        print("| --- | --- |")
         for form in ("json (before)", *FORMS):
-            seconds, mb = export_seconds(work, texts, vectors, args.export_n, form)
-            print(f"| {form} | {seconds:.1f} | {mb:.1f} |", flush=True)
+            print(f"| {form} | {export_seconds(work, texts, vectors, args.export_n, form):.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pipeq.errors import BrokerError, ConfigurationError, InputError, JobNotFoun
 from pipeq.primitives import JobProgress
 from pipeq.producer.frames import is_frame, read_frame, results_frame, results_reader, results_table
 from pipeq.producer.readers import Record, RecordSpec, read_objects, read_path
-from pipeq.producer.writers import write_results
+from pipeq.producer.writers import BATCH_ROWS, parquet_path, write_parquet, write_results
 from pipeq.routing import PRECISIONS, ServeKey, check_model, check_params, check_precision
 from pipeq.settings import Settings
 from pipeq.store import Store, new_job_row
@@ -64,6 +64,10 @@ class Job:
             if isinstance(row["output"], Vector):
                 row["output"] = row["output"].tolist()
             yield row
+
+    def _pages(self) -> Iterator[dict[str, list[Any]]]:
+        """The job's results as the store reads them: a page of columns at a time (``Store.iter_result_pages``)."""
+        return self.store.iter_result_pages(self.id, page=BATCH_ROWS)
 
     def _rows(self) -> Iterator[dict[str, Any]]:
         """``results()`` rows with pooled embeddings left as the ``Vector``s the store holds."""
@@ -116,18 +120,18 @@ class Job:
         ``output`` is JSON text; a pooled-embedding job has an ``embedding`` column of
         ``fixed_size_list<float32>[dim]`` in its place (null where an item has no vector).
         """
-        return results_table(self._rows(), embedding_dim=self.embedding_dim())
+        return results_table(self._pages(), embedding_dim=self.embedding_dim())
 
     def to_arrow_reader(self) -> Any:
         """The results as ``to_arrow`` has them, as a pyarrow RecordBatchReader: one page is read at a time."""
-        return results_reader(self._rows(), embedding_dim=self.embedding_dim())
+        return results_reader(self._pages(), embedding_dim=self.embedding_dim())
 
     def to_pandas(self) -> Any:
         """The results as a pandas DataFrame in input order, ``output`` decoded; needs pandas.
 
         A pooled-embedding job has an ``embedding`` column instead (a float32 array per row, None where none).
         """
-        return results_frame(self._rows(), embedding_dim=self.embedding_dim())
+        return results_frame(self._pages(), embedding_dim=self.embedding_dim())
 
     def to_numpy(self) -> Any:
         """A pooled-embedding job's vectors as an (n, dim) float32 array, n the job's item count.
@@ -155,11 +159,12 @@ class Job:
     def export(self, fmt: str, *, out: IO[str] | None = None, path: str | None = None) -> int:
         """Write the results in ``fmt`` (``pipeq results --format``) to ``path`` or ``out``; returns the row count.
 
-        Parquet writes a pooled-embedding job's vectors as its ``embedding`` column, from the stored bytes.
+        Parquet gets the columns of ``to_arrow`` (a pooled-embedding job's vectors as its ``embedding``
+        column, from the stored bytes), written a page at a time.
         """
-        dim = self.embedding_dim() if fmt == "parquet" else None
-        rows = self.results() if dim is None else self._rows()
-        return write_results(rows, fmt, out=out, path=path, embedding_dim=dim)
+        if fmt == "parquet":
+            return write_parquet(self.to_arrow_reader(), parquet_path(path))
+        return write_results(self.results(), fmt, out=out, path=path)
 
     def cancel(self) -> int:
         """Cancel the job's remaining items; returns how many were cancelled."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import IO, Any
 
 from pipeq.errors import ConfigurationError
@@ -86,6 +86,37 @@ def embedding_array(outputs: list[Any], dim: int) -> Any:
     return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), dim, mask=mask)
 
 
+#: Result columns that the store's pages (``Store.iter_result_pages``) name otherwise.
+_STORE_NAMES = {"index": "idx", "id": "input_id", "batch_total_ms": "total_ms"}
+
+
+def _json_text(output: Any) -> str | None:
+    if isinstance(output, Vector):
+        output = output.tolist()
+    return None if output is None else json.dumps(output, ensure_ascii=False)
+
+
+def page_batches(pages: Iterable[Mapping[str, list[Any]]], *, embedding_dim: int | None = None) -> Iterator[Any]:
+    """Pages of a job's results as the store reads them ({column: values}) as Arrow record batches, a column at a
+    time: the same columns and values as ``arrow_batches`` over ``Job.results()`` rows, with no dict per row."""
+    import pyarrow as pa
+
+    schema = arrow_schema(embedding_dim)
+    for page in pages:
+        arrays = []
+        for field in schema:
+            if field.name == EMBEDDING:
+                assert embedding_dim is not None
+                arrays.append(embedding_array(page["output"], embedding_dim))
+            elif field.name == "output":
+                arrays.append(pa.array([_json_text(o) for o in page["output"]], type=field.type))
+            elif field.name == "cached":
+                arrays.append(pa.array([bool(c) for c in page["cached"]], type=field.type))
+            else:
+                arrays.append(pa.array(page[_STORE_NAMES.get(field.name, field.name)], type=field.type))
+        yield pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
 def _record_batch(rows: list[dict[str, Any]], schema: Any, embedding_dim: int | None) -> Any:
     import pyarrow as pa
 
@@ -136,13 +167,21 @@ def write_csv(rows: Iterable[dict[str, Any]], out: IO[str]) -> int:
     return n
 
 
-def write_parquet(rows: Iterable[dict[str, Any]], path: str, *, embedding_dim: int | None = None) -> int:
+def parquet_path(path: str | None) -> str:
+    """The file Parquet results go to (Parquet cannot stream to stdout)."""
+    if path is None:
+        raise ConfigurationError("parquet results need a file: pass -o FILE")
+    return path
+
+
+def write_parquet(reader: Any, path: str) -> int:
+    """Write a pyarrow RecordBatchReader of results to a Parquet file a batch at a time; returns the row count."""
     import pyarrow.parquet as pq
 
-    schema = arrow_schema(embedding_dim)
+    schema = reader.schema
     n = 0
     with pq.ParquetWriter(path, schema) as writer:
-        for batch in arrow_batches(rows, embedding_dim=embedding_dim):
+        for batch in reader:
             writer.write_batch(batch)
             n += batch.num_rows
         if n == 0:
@@ -166,9 +205,12 @@ def write_results(
     if fmt not in RESULT_FORMATS:
         raise ConfigurationError(f"unknown result format {fmt!r}; choose {', '.join(RESULT_FORMATS)}")
     if fmt == "parquet":
-        if path is None:
-            raise ConfigurationError("parquet results need a file: pass -o FILE")
-        return write_parquet(rows, path, embedding_dim=embedding_dim)
+        import pyarrow as pa
+
+        batches = arrow_batches(rows, embedding_dim=embedding_dim)
+        return write_parquet(
+            pa.RecordBatchReader.from_batches(arrow_schema(embedding_dim), batches), parquet_path(path)
+        )
     writer = write_jsonl if fmt == "jsonl" else write_csv
     if path is not None:
         with open(path, "w", encoding="utf-8", newline="") as fh:

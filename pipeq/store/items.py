@@ -42,6 +42,36 @@ _PG_CLAIM = (
     f"AND idx = ANY(%(idxs)s::int[]) AND status = '{C.ITEM_PENDING}' AND attempts > 0"
 )
 _INSERT_BATCH = insert(BATCHES)
+#: A page of a job's results with their batch timing (``iter_result_pages``), in input order.
+_RESULT_PAGE = (
+    select(
+        ITEMS.c.idx,
+        ITEMS.c.input_id,
+        ITEMS.c.status,
+        ITEMS.c.output,
+        ITEMS.c.vector,
+        ITEMS.c.error,
+        ITEMS.c.truncated,
+        ITEMS.c.n_tokens,
+        ITEMS.c.cached,
+        ITEMS.c.attempts,
+        ITEMS.c.finished_at,
+        ITEMS.c.batch_id,
+        BATCHES.c.size.label("batch_size"),
+        BATCHES.c.queue_wait_ms,
+        BATCHES.c.preprocess_ms,
+        BATCHES.c.forward_ms,
+        BATCHES.c.postprocess_ms,
+        BATCHES.c.total_ms,
+        BATCHES.c.model_revision,
+        BATCHES.c.worker_id,
+    )
+    .select_from(ITEMS.outerjoin(BATCHES, ITEMS.c.batch_id == BATCHES.c.id))
+    .where(ITEMS.c.job_id == bindparam("b_job"), ITEMS.c.idx > bindparam("b_last"))
+    .order_by(ITEMS.c.idx)
+    .limit(bindparam("b_limit"))
+)
+_RESULT_PAGE_NAMES = tuple(c.name for c in _RESULT_PAGE.selected_columns)
 #: The timing row a PostgreSQL result write inserts, as a CTE named ``b``.
 _PG_INSERT_BATCH = "b AS (INSERT INTO batches ({cols}) VALUES ({values}) RETURNING id),".format(
     cols=", ".join(_TIMING_COLUMNS), values=", ".join(f"%(t_{c})s" for c in _TIMING_COLUMNS)
@@ -351,49 +381,25 @@ class ItemQueries(StoreBase):
 
         ``output`` is the stored JSON value, or a ``Vector`` where the item holds a pooled embedding.
         """
-        cols = [
-            ITEMS.c.idx,
-            ITEMS.c.input_id,
-            ITEMS.c.status,
-            ITEMS.c.output,
-            ITEMS.c.vector,
-            ITEMS.c.error,
-            ITEMS.c.truncated,
-            ITEMS.c.n_tokens,
-            ITEMS.c.cached,
-            ITEMS.c.attempts,
-            ITEMS.c.finished_at,
-            ITEMS.c.batch_id,
-            BATCHES.c.size.label("batch_size"),
-            BATCHES.c.queue_wait_ms,
-            BATCHES.c.preprocess_ms,
-            BATCHES.c.forward_ms,
-            BATCHES.c.postprocess_ms,
-            BATCHES.c.total_ms,
-            BATCHES.c.model_revision,
-            BATCHES.c.worker_id,
-        ]
+        for columns in self.iter_result_pages(job_id, page=page):
+            names = list(columns)
+            for values in zip(*columns.values(), strict=True):
+                yield dict(zip(names, values, strict=True))
+
+    def iter_result_pages(self, job_id: str, *, page: int = 2000) -> Iterator[dict[str, list[Any]]]:
+        """A job's items in input order with their batch timing, as columns of at most ``page`` rows:
+        {column: values} (the names of ``iter_results``), so a page becomes Arrow arrays without a dict per row."""
         last = -1
         while True:
             with self.engine.connect() as conn:
-                rows = (
-                    conn.execute(
-                        select(*cols)
-                        .select_from(ITEMS.outerjoin(BATCHES, ITEMS.c.batch_id == BATCHES.c.id))
-                        .where(ITEMS.c.job_id == job_id, ITEMS.c.idx > last)
-                        .order_by(ITEMS.c.idx)
-                        .limit(page)
-                    )
-                    .mappings()
-                    .all()
-                )
+                rows = conn.execute(_RESULT_PAGE, {"b_job": job_id, "b_last": last, "b_limit": page}).all()
             if not rows:
                 return
-            for row in rows:
-                item = dict(row)
-                item["output"] = read_output(item["output"], item.pop("vector"))
-                yield item
-            last = rows[-1]["idx"]
+            columns = dict(zip(_RESULT_PAGE_NAMES, map(list, zip(*rows, strict=True)), strict=True))
+            vectors = columns.pop("vector")
+            columns["output"] = list(map(read_output, columns["output"], vectors))
+            yield columns
+            last = int(rows[-1][0])
 
     def iter_outputs(self, job_id: str, *, page: int = 5000) -> Iterator[list[tuple[int, Any]]]:
         """(idx, output) of a job's done items in input order, a page at a time (``output`` as ``iter_results``)."""
