@@ -60,10 +60,15 @@ RESERVED_PARAMS = frozenset(
 )  # fmt: skip
 
 
-def check_params(params: dict[str, Any] | None) -> dict[str, Any]:
+#: Reserved names a task takes as a parameter of its own, checked by its own rules: a pooled embedding's
+#: storage type (``pipeq.embedding``: float32 or float16), which never reaches the model's loading.
+TASK_OWN_PARAMS: dict[str, frozenset[str]] = {"feature-extraction": frozenset({"dtype"})}
+
+
+def check_params(params: dict[str, Any] | None, task: str | None = None) -> dict[str, Any]:
     """Task parameters must be a JSON object (they travel to workers as JSON) and may not pick code or models."""
     params = dict(params or {})
-    reserved = sorted(RESERVED_PARAMS & set(params))
+    reserved = sorted((RESERVED_PARAMS - TASK_OWN_PARAMS.get(task or "", frozenset())) & set(params))
     if reserved:
         raise ConfigurationError(
             f"task parameters may not set {', '.join(reserved)}: what a worker loads is fixed by its own "

@@ -187,12 +187,10 @@ def results(
     Example: pipeq results 3f2a9c... --format parquet -o results.parquet
     """
     from pipeq.producer.client import Job
-    from pipeq.producer.writers import write_results
 
     with open_store(database_url) as store:
-        state = store.job(job_id)
-        rows = Job(store, job_id).results()
-        n = write_results(rows, fmt, out=sys.stdout, path=output, job=state)
+        store.job(job_id)
+        n = Job(store, job_id).export(fmt, out=sys.stdout, path=output)
     if output:
         typer.echo(f"wrote {n:,} rows to {output}", err=True)
 

@@ -14,6 +14,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -111,6 +112,9 @@ class Item(Base):
     input: Mapped[Any] = mapped_column(JSON)
     status: Mapped[str] = mapped_column(String(16), default="pending")
     output: Mapped[Any | None] = mapped_column(JSON)
+    #: A pooled embedding (``pipeq.vectors``: a 4-byte type header, then the values little-endian); its
+    #: ``output`` is then NULL.
+    vector: Mapped[bytes | None] = mapped_column(LargeBinary)
     error: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     truncated: Mapped[bool | None] = mapped_column(Boolean)
@@ -191,6 +195,8 @@ class ResultCache(Base):
     revision: Mapped[str | None] = mapped_column(String(255))
     precision: Mapped[str] = mapped_column(String(16))
     output: Mapped[Any | None] = mapped_column(JSON)
+    #: A pooled embedding, stored as in ``items.vector`` (``output`` is then NULL).
+    vector: Mapped[bytes | None] = mapped_column(LargeBinary)
     hits: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 

@@ -15,12 +15,14 @@ from pipeq.broker.app import make_celery
 from pipeq.broker.window import chunk_size_for, open_job, requeue
 from pipeq.errors import BrokerError, ConfigurationError, InputError, JobNotFoundError
 from pipeq.primitives import JobProgress
-from pipeq.producer.frames import is_frame, read_frame, results_frame, results_table
+from pipeq.producer.frames import is_frame, read_frame, results_frame, results_reader, results_table
 from pipeq.producer.readers import Record, RecordSpec, read_objects, read_path
+from pipeq.producer.writers import BATCH_ROWS, parquet_path, write_parquet, write_results
 from pipeq.routing import PRECISIONS, ServeKey, check_model, check_params, check_precision
 from pipeq.settings import Settings
 from pipeq.store import Store, new_job_row
 from pipeq.tasks import check_task
+from pipeq.vectors import Vector, as_array, stack
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,21 @@ class Job:
         return follow(self.store, self.id, timeout=timeout, poll=poll, on_update=on_update)
 
     def results(self) -> Iterator[dict[str, Any]]:
-        """One row per input item, in input order: index, id, status, output, error, truncated, timing."""
+        """One row per input item, in input order: index, id, status, output, error, truncated, timing.
+
+        A pooled embedding's output is its list of floats (stored as binary; ``to_numpy`` reads them as an array).
+        """
+        for row in self._rows():
+            if isinstance(row["output"], Vector):
+                row["output"] = row["output"].tolist()
+            yield row
+
+    def _pages(self) -> Iterator[dict[str, list[Any]]]:
+        """The job's results as the store reads them: a page of columns at a time (``Store.iter_result_pages``)."""
+        return self.store.iter_result_pages(self.id, page=BATCH_ROWS)
+
+    def _rows(self) -> Iterator[dict[str, Any]]:
+        """``results()`` rows with pooled embeddings left as the ``Vector``s the store holds."""
         for row in self.store.iter_results(self.id):
             yield {
                 "index": row["idx"],
@@ -79,13 +95,77 @@ class Job:
                 },
             }
 
+    def embedding_dim(self) -> int | None:
+        """Values per vector of a pooled-embedding job; None for any other job.
+
+        Its ``dims`` parameter, else the size of its first stored vector, else its model's width
+        (config.json), else 0 (nothing stored yet and a model whose config does not say).
+        """
+        row = self.store.job_row(self.id)
+        if row is None:
+            raise JobNotFoundError(f"no job {self.id!r} in the store")
+        params = row["params"] or {}
+        if not embedding.is_pooled(row["task"], params):
+            return None
+        if params.get("dims") is not None:
+            return int(params["dims"])
+        first = as_array(self.store.first_output(self.id))
+        if first is not None:
+            return int(first.shape[0])
+        return embedding.model_width(row["model"]) or 0
+
     def to_arrow(self) -> Any:
-        """The results as a pyarrow Table in input order, a record batch a page; ``output`` is JSON text."""
-        return results_table(self.results())
+        """The results as a pyarrow Table in input order, a record batch a page.
+
+        ``output`` is JSON text; a pooled-embedding job has an ``embedding`` column of
+        ``fixed_size_list<float32>[dim]`` in its place (null where an item has no vector).
+        """
+        return results_table(self._pages(), embedding_dim=self.embedding_dim())
+
+    def to_arrow_reader(self) -> Any:
+        """The results as ``to_arrow`` has them, as a pyarrow RecordBatchReader: one page is read at a time."""
+        return results_reader(self._pages(), embedding_dim=self.embedding_dim())
 
     def to_pandas(self) -> Any:
-        """The results as a pandas DataFrame in input order, ``output`` decoded; needs pandas."""
-        return results_frame(self.results())
+        """The results as a pandas DataFrame in input order, ``output`` decoded; needs pandas.
+
+        A pooled-embedding job has an ``embedding`` column instead (a float32 array per row, None where none).
+        """
+        return results_frame(self._pages(), embedding_dim=self.embedding_dim())
+
+    def to_numpy(self) -> Any:
+        """A pooled-embedding job's vectors as an (n, dim) float32 array, n the job's item count.
+
+        Row i is the item of index i, so it joins back to the inputs by position; an item without a
+        vector (failed, cancelled or still pending) is a row of NaN: ``~np.isnan(a[:, 0])`` marks
+        the rows that hold one. Float16 vectors are widened exactly.
+        """
+        import numpy as np
+
+        dim = self.embedding_dim()
+        if dim is None:
+            raise ConfigurationError(
+                "to_numpy() reads pooled embeddings: a feature-extraction job with pooling (one vector per text)"
+            )
+        row = self.store.job_row(self.id)
+        assert row is not None
+        out = np.full((int(row["total"]), dim), np.nan, dtype=np.float32)
+        for page in self.store.iter_outputs(self.id):
+            idxs = np.fromiter((idx for idx, _ in page), dtype=np.int64, count=len(page))
+            values, present = stack([output for _, output in page], dim)
+            out[idxs[present]] = values[present]
+        return out
+
+    def export(self, fmt: str, *, out: IO[str] | None = None, path: str | None = None) -> int:
+        """Write the results in ``fmt`` (``pipeq results --format``) to ``path`` or ``out``; returns the row count.
+
+        Parquet gets the columns of ``to_arrow`` (a pooled-embedding job's vectors as its ``embedding``
+        column, from the stored bytes), written a page at a time.
+        """
+        if fmt == "parquet":
+            return write_parquet(self.to_arrow_reader(), parquet_path(path))
+        job = self.status() if fmt == "openai-batch" else None
+        return write_results(self.results(), fmt, out=out, path=path, job=job)
 
     def cancel(self) -> int:
         """Cancel the job's remaining items; returns how many were cancelled."""
@@ -170,9 +250,10 @@ class Client:
             precision = self._served_precision(name, model, revision)
         key = ServeKey(task=name, model=model, precision=check_precision(precision), revision=revision)
         self._warn_if_served_elsewhere(key)
-        params = check_params(params)
+        params = check_params(params, name)
         if name == embedding.TASK:
-            embedding.check_embedding_params(params)
+            width = embedding.model_width(model) if params.get("dims") is not None else None
+            embedding.check_embedding_params(params, width=width)
         spec = RecordSpec(
             task=name,
             text_field=text_field,

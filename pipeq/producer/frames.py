@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from pipeq.errors import ConfigurationError, InputError
 from pipeq.producer.readers import Record, RecordSpec, make_record
-from pipeq.producer.writers import arrow_batches, arrow_schema
+from pipeq.producer.writers import arrow_schema, page_batches
 from pipeq.tasks import traits
 
 #: Rows of a frame turned into Python objects at a time, so a big frame is never copied whole.
@@ -115,21 +115,30 @@ def read_frame(obj: Any, spec: RecordSpec) -> Iterator[Record]:
                 yield record
 
 
-def results_table(rows: Iterable[dict[str, Any]]) -> Any:
-    """``Job.results()`` rows as a pyarrow Table of flat columns, one record batch a page."""
+def results_reader(pages: Iterable[Mapping[str, list[Any]]], *, embedding_dim: int | None = None) -> Any:
+    """A job's result pages (``Store.iter_result_pages``) as a pyarrow RecordBatchReader of flat columns:
+    one record batch a page, built when it is read."""
     import pyarrow as pa
 
-    return pa.Table.from_batches(list(arrow_batches(rows)), schema=arrow_schema())
+    schema = arrow_schema(embedding_dim)
+    return pa.RecordBatchReader.from_batches(schema, page_batches(pages, embedding_dim=embedding_dim))
 
 
-def results_frame(rows: Iterable[dict[str, Any]]) -> Any:
-    """``Job.results()`` rows as a pandas DataFrame of flat columns, ``output`` decoded to Python objects."""
+def results_table(pages: Iterable[Mapping[str, list[Any]]], *, embedding_dim: int | None = None) -> Any:
+    """A job's result pages as a pyarrow Table of flat columns, one record batch a page."""
+    return results_reader(pages, embedding_dim=embedding_dim).read_all()
+
+
+def results_frame(pages: Iterable[Mapping[str, list[Any]]], *, embedding_dim: int | None = None) -> Any:
+    """A job's result pages as a pandas DataFrame of flat columns, ``output`` decoded to Python objects
+    (a pooled-embedding job's ``embedding`` column holds a float32 array per row, None where there is none)."""
     try:
         import pandas as pd
     except ImportError:
         raise ConfigurationError("Job.to_pandas() needs pandas: pip install pandas") from None
-    table = results_table(rows)
-    outputs = [None if text is None else json.loads(text) for text in table.column("output").to_pylist()]
+    table = results_table(pages, embedding_dim=embedding_dim)
     frame = table.to_pandas()
-    frame["output"] = pd.Series(outputs, index=frame.index, dtype=object)
+    if embedding_dim is None:
+        outputs = [None if text is None else json.loads(text) for text in table.column("output").to_pylist()]
+        frame["output"] = pd.Series(outputs, index=frame.index, dtype=object)
     return frame

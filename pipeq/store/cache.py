@@ -13,14 +13,16 @@ from pipeq import constants as C
 from pipeq.cache import CacheScope
 from pipeq.primitives import ItemResult, utcnow
 from pipeq.store.base import JOBS, RESULT_CACHE, StoreBase
+from pipeq.vectors import Vector
 
 
 def lookup(conn: Any, keys: Sequence[str]) -> dict[str, Any]:
-    """{key: output} of the cached outputs among ``keys``."""
+    """{key: output} of the cached outputs among ``keys`` (a pooled embedding as its ``Vector``)."""
     if not keys:
         return {}
-    rows = conn.execute(select(RESULT_CACHE.c.key, RESULT_CACHE.c.output).where(RESULT_CACHE.c.key.in_(keys)))
-    return {key: output for key, output in rows}
+    cols = (RESULT_CACHE.c.key, RESULT_CACHE.c.output, RESULT_CACHE.c.vector)
+    rows = conn.execute(select(*cols).where(RESULT_CACHE.c.key.in_(keys)))
+    return {key: output if vector is None else Vector(bytes(vector)) for key, output, vector in rows}
 
 
 def put(conn: Any, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -32,7 +34,7 @@ def put(conn: Any, rows: Sequence[Mapping[str, Any]]) -> None:
         return
     dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
     now = utcnow()
-    ordered = sorted(({"created_at": now, "hits": 0, **row} for row in rows), key=lambda r: r["key"])
+    ordered = sorted(({"created_at": now, "hits": 0, "vector": None, **row} for row in rows), key=lambda r: r["key"])
     conn.execute(dialect.insert(RESULT_CACHE).on_conflict_do_nothing(index_elements=[RESULT_CACHE.c.key]), ordered)
 
 
@@ -49,7 +51,8 @@ def record_cached(conn: Any, job_id: str, scope: CacheScope, written: Sequence[I
                 "model": scope.model,
                 "revision": scope.revision,
                 "precision": scope.precision,
-                "output": output,
+                "output": None if isinstance(output, Vector) else output,
+                "vector": output.blob if isinstance(output, Vector) else None,
             }
             for key, output in computed.items()
         ],

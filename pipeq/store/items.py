@@ -16,6 +16,7 @@ from pipeq.primitives import BatchTiming, ItemResult, Lease, WriteOutcome, utcno
 from pipeq.store.base import BATCHES, ITEMS, JOB_COUNTS, JOBS, WORKERS, StoreBase
 from pipeq.store.cache import record_cached
 from pipeq.store.counts import COUNTED
+from pipeq.vectors import Vector
 
 #: A batch's timing row: who ran it, then BatchTiming's fields.
 _TIMING_COLUMNS = ("job_id", "worker_id", "model_revision", "precision", "device", *BatchTiming.__dataclass_fields__)
@@ -41,6 +42,36 @@ _PG_CLAIM = (
     f"AND idx = ANY(%(idxs)s::int[]) AND status = '{C.ITEM_PENDING}' AND attempts > 0"
 )
 _INSERT_BATCH = insert(BATCHES)
+#: A page of a job's results with their batch timing (``iter_result_pages``), in input order.
+_RESULT_PAGE = (
+    select(
+        ITEMS.c.idx,
+        ITEMS.c.input_id,
+        ITEMS.c.status,
+        ITEMS.c.output,
+        ITEMS.c.vector,
+        ITEMS.c.error,
+        ITEMS.c.truncated,
+        ITEMS.c.n_tokens,
+        ITEMS.c.cached,
+        ITEMS.c.attempts,
+        ITEMS.c.finished_at,
+        ITEMS.c.batch_id,
+        BATCHES.c.size.label("batch_size"),
+        BATCHES.c.queue_wait_ms,
+        BATCHES.c.preprocess_ms,
+        BATCHES.c.forward_ms,
+        BATCHES.c.postprocess_ms,
+        BATCHES.c.total_ms,
+        BATCHES.c.model_revision,
+        BATCHES.c.worker_id,
+    )
+    .select_from(ITEMS.outerjoin(BATCHES, ITEMS.c.batch_id == BATCHES.c.id))
+    .where(ITEMS.c.job_id == bindparam("b_job"), ITEMS.c.idx > bindparam("b_last"))
+    .order_by(ITEMS.c.idx)
+    .limit(bindparam("b_limit"))
+)
+_RESULT_PAGE_NAMES = tuple(c.name for c in _RESULT_PAGE.selected_columns)
 #: The timing row a PostgreSQL result write inserts, as a CTE named ``b``.
 _PG_INSERT_BATCH = "b AS (INSERT INTO batches ({cols}) VALUES ({values}) RETURNING id),".format(
     cols=", ".join(_TIMING_COLUMNS), values=", ".join(f"%(t_{c})s" for c in _TIMING_COLUMNS)
@@ -48,11 +79,11 @@ _PG_INSERT_BATCH = "b AS (INSERT INTO batches ({cols}) VALUES ({values}) RETURNI
 #: A batch's results on PostgreSQL: one UPDATE from arrays, of the items still pending; returns which.
 _PG_WRITE = (
     "WITH {batch} u AS ("
-    "UPDATE items AS i SET status = r.status, output = r.output::json, error = r.error, truncated = r.truncated, "
-    "n_tokens = r.n_tokens, cached = r.cached, batch_id = {batch_id}, finished_at = %(b_now)s "
-    "FROM unnest(%(r_idx)s::int[], %(r_status)s::varchar[], %(r_output)s::text[], %(r_error)s::text[], "
-    "%(r_truncated)s::bool[], %(r_n_tokens)s::int[], %(r_cached)s::bool[]) "
-    "AS r(idx, status, output, error, truncated, n_tokens, cached) "
+    "UPDATE items AS i SET status = r.status, output = r.output::json, vector = r.vector, error = r.error, "
+    "truncated = r.truncated, n_tokens = r.n_tokens, cached = r.cached, batch_id = {batch_id}, finished_at = %(b_now)s "
+    "FROM unnest(%(r_idx)s::int[], %(r_status)s::varchar[], %(r_output)s::text[], %(r_vector)s::bytea[], "
+    "%(r_error)s::text[], %(r_truncated)s::bool[], %(r_n_tokens)s::int[], %(r_cached)s::bool[]) "
+    "AS r(idx, status, output, vector, error, truncated, n_tokens, cached) "
     # ``idx = ANY`` as well as the join: the planner then reads the 64 rows by primary key, not the whole job.
     f"WHERE i.job_id = %(b_job)s AND i.idx = ANY(%(r_idx)s::int[]) AND i.idx = r.idx "
     f"AND i.status = '{C.ITEM_PENDING}' RETURNING i.idx) "
@@ -278,8 +309,10 @@ class ItemQueries(StoreBase):
             columns = {
                 "idx": [r.idx for r in results],
                 "status": [r.status for r in results],
-                # Encoded as the JSON column encodes a value (json.dumps), cast back to json by the statement.
-                "output": [None if r.output is None else json.dumps(r.output) for r in results],
+                # Encoded as the JSON column encodes a value (json.dumps), cast back to json by the statement;
+                # a pooled embedding goes to ``vector`` as its bytes.
+                "output": [_json(r.output) for r in results],
+                "vector": [r.output.blob if isinstance(r.output, Vector) else None for r in results],
                 "error": [r.error for r in results],
                 "truncated": [r.truncated for r in results],
                 "n_tokens": [r.n_tokens for r in results],
@@ -322,7 +355,8 @@ class ItemQueries(StoreBase):
             [
                 (
                     r.status,
-                    output(r.output),
+                    None if isinstance(r.output, Vector) else output(r.output),
+                    r.output.blob if isinstance(r.output, Vector) else None,
                     r.error,
                     truncated(r.truncated),
                     r.n_tokens,
@@ -343,47 +377,56 @@ class ItemQueries(StoreBase):
         conn.execute(_upsert_counts(conn.dialect.name), {**params, **counts})
 
     def iter_results(self, job_id: str, *, page: int = 2000) -> Iterator[dict[str, Any]]:
-        """Yield a job's items in input order with their batch timing, a page at a time."""
-        cols = [
-            ITEMS.c.idx,
-            ITEMS.c.input_id,
-            ITEMS.c.status,
-            ITEMS.c.output,
-            ITEMS.c.error,
-            ITEMS.c.truncated,
-            ITEMS.c.n_tokens,
-            ITEMS.c.cached,
-            ITEMS.c.attempts,
-            ITEMS.c.finished_at,
-            ITEMS.c.batch_id,
-            BATCHES.c.size.label("batch_size"),
-            BATCHES.c.queue_wait_ms,
-            BATCHES.c.preprocess_ms,
-            BATCHES.c.forward_ms,
-            BATCHES.c.postprocess_ms,
-            BATCHES.c.total_ms,
-            BATCHES.c.model_revision,
-            BATCHES.c.worker_id,
-        ]
+        """Yield a job's items in input order with their batch timing, a page at a time.
+
+        ``output`` is the stored JSON value, or a ``Vector`` where the item holds a pooled embedding.
+        """
+        for columns in self.iter_result_pages(job_id, page=page):
+            names = list(columns)
+            for values in zip(*columns.values(), strict=True):
+                yield dict(zip(names, values, strict=True))
+
+    def iter_result_pages(self, job_id: str, *, page: int = 2000) -> Iterator[dict[str, list[Any]]]:
+        """A job's items in input order with their batch timing, as columns of at most ``page`` rows:
+        {column: values} (the names of ``iter_results``), so a page becomes Arrow arrays without a dict per row."""
         last = -1
         while True:
             with self.engine.connect() as conn:
-                rows = (
-                    conn.execute(
-                        select(*cols)
-                        .select_from(ITEMS.outerjoin(BATCHES, ITEMS.c.batch_id == BATCHES.c.id))
-                        .where(ITEMS.c.job_id == job_id, ITEMS.c.idx > last)
-                        .order_by(ITEMS.c.idx)
-                        .limit(page)
-                    )
-                    .mappings()
-                    .all()
-                )
+                rows = conn.execute(_RESULT_PAGE, {"b_job": job_id, "b_last": last, "b_limit": page}).all()
             if not rows:
                 return
-            for row in rows:
-                yield dict(row)
-            last = rows[-1]["idx"]
+            columns = dict(zip(_RESULT_PAGE_NAMES, map(list, zip(*rows, strict=True)), strict=True))
+            vectors = columns.pop("vector")
+            columns["output"] = list(map(read_output, columns["output"], vectors))
+            yield columns
+            last = int(rows[-1][0])
+
+    def iter_outputs(self, job_id: str, *, page: int = 5000) -> Iterator[list[tuple[int, Any]]]:
+        """(idx, output) of a job's done items in input order, a page at a time (``output`` as ``iter_results``)."""
+        last = -1
+        while True:
+            with self.engine.connect() as conn:
+                rows = conn.execute(
+                    select(ITEMS.c.idx, ITEMS.c.output, ITEMS.c.vector)
+                    .where(ITEMS.c.job_id == job_id, ITEMS.c.idx > last, ITEMS.c.status == C.ITEM_DONE)
+                    .order_by(ITEMS.c.idx)
+                    .limit(page)
+                ).all()
+            if not rows:
+                return
+            yield [(int(idx), read_output(output, vector)) for idx, output, vector in rows]
+            last = int(rows[-1][0])
+
+    def first_output(self, job_id: str) -> Any:
+        """The output of a job's first done item (as ``iter_results`` gives it); None when none is done."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(ITEMS.c.output, ITEMS.c.vector)
+                .where(ITEMS.c.job_id == job_id, ITEMS.c.status == C.ITEM_DONE)
+                .order_by(ITEMS.c.idx)
+                .limit(1)
+            ).first()
+        return None if row is None else read_output(row[0], row[1])
 
     def iter_pending(
         self, job_id: str, *, page: int = 5000, start: int = 0, stop: int | None = None
@@ -417,7 +460,7 @@ def _outcome(written: Sequence[ItemResult], *, skipped: int) -> WriteOutcome:
     )
 
 
-_RESULT_COLUMNS = ("status", "output", "error", "truncated", "n_tokens", "cached", "batch_id", "finished_at")
+_RESULT_COLUMNS = ("status", "output", "vector", "error", "truncated", "n_tokens", "cached", "batch_id", "finished_at")
 
 
 @cache
@@ -436,3 +479,13 @@ def _result_update(dialect: Dialect) -> tuple[str, tuple[Callable[[Any], Any], .
 
 def _same(value: Any) -> Any:
     return value
+
+
+def _json(output: Any) -> str | None:
+    """An output as the JSON column's text; None for no output and for a vector (stored as bytes)."""
+    return None if output is None or isinstance(output, Vector) else json.dumps(output)
+
+
+def read_output(output: Any, vector: bytes | None) -> Any:
+    """An item's output as stored: its JSON value, or the ``Vector`` of a pooled embedding."""
+    return Vector(bytes(vector)) if vector is not None else output

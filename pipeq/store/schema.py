@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 
 #: Tables a migrated store has (``check_schema``).
 REQUIRED_TABLES = frozenset({"jobs", "job_counts", "items", "batches", "workers", "calibrations"})
+#: Columns added to a table after it was created, which a migrated store has too: {table: columns}.
+REQUIRED_COLUMNS = {"items": frozenset({"vector"})}
 
 
 def migrations_dir() -> Path:
@@ -57,10 +59,17 @@ class SchemaQueries(StoreBase):
         """Raise StoreError unless the store is reachable and migrated."""
         try:
             with self.engine.connect() as conn:
-                tables = set(inspect(conn).get_table_names())
+                inspector = inspect(conn)
+                tables = set(inspector.get_table_names())
+                columns = {
+                    f"{table}.{column['name']}"
+                    for table in REQUIRED_COLUMNS.keys() & tables
+                    for column in inspector.get_columns(table)
+                }
         except OperationalError as exc:
             raise StoreError(f"cannot reach the store {mask_url(self.url)}: {exc.orig}") from None
-        missing = REQUIRED_TABLES - tables
+        wanted = {f"{table}.{column}" for table, names in REQUIRED_COLUMNS.items() for column in names}
+        missing = (REQUIRED_TABLES - tables) | {c for c in wanted - columns if c.split(".")[0] in tables}
         if missing:
             raise StoreError(
                 f"the store {mask_url(self.url)} has no pipeq schema or an older one (missing "

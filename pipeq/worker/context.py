@@ -445,7 +445,7 @@ class WorkerContext:
             error = f"job asks for {wanted} but this worker serves {served}"
         else:
             try:
-                check_params(job["params"])
+                check_params(job["params"], job["task"])
             except ConfigurationError as exc:
                 error = str(exc)
             else:

@@ -1,7 +1,10 @@
-"""The pipeline workers serve feature-extraction with: transformers' own, plus ``pooling`` and ``normalize``.
+"""The pipeline workers serve feature-extraction with: transformers' own, plus ``pooling``, ``normalize``,
+``dtype`` and ``dims``.
 
 Without those parameters its output is exactly transformers' (a vector per token). See
-``pipeq.embedding`` for what they mean.
+``pipeq.embedding`` for what they mean. With ``dtype`` (pipeq's runtime always passes one with
+``pooling``) a pooled vector comes back as a ``pipeq.vectors.Vector``, the bytes the store keeps;
+without it, as a list of floats (the class used on its own, outside pipeq).
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from typing import Any
 import torch
 from transformers.pipelines.feature_extraction import FeatureExtractionPipeline
 
-from pipeq.embedding import check_embedding_params
+from pipeq.embedding import check_embedding_params, config_width
+from pipeq.vectors import Vector
 
 
 class EmbeddingPipeline(FeatureExtractionPipeline):
@@ -21,12 +25,18 @@ class EmbeddingPipeline(FeatureExtractionPipeline):
     accepts_pooling = True
 
     def _sanitize_parameters(  # type: ignore[override]
-        self, pooling: str | None = None, normalize: bool | None = None, **kwargs: Any
+        self,
+        pooling: str | None = None,
+        normalize: bool | None = None,
+        dtype: str | None = None,
+        dims: int | None = None,
+        **kwargs: Any,
     ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-        check_embedding_params({"pooling": pooling, "normalize": normalize})
+        params = {"pooling": pooling, "normalize": normalize, "dtype": dtype, "dims": dims}
+        check_embedding_params(params, width=config_width(vars(self.model.config)))
         pre, fwd, post = super()._sanitize_parameters(**kwargs)
         if pooling is not None:
-            post = {**post, "pooling": pooling, "normalize": bool(normalize)}
+            post = {**post, "pooling": pooling, "normalize": bool(normalize), "dtype": dtype, "dims": dims}
         return pre, fwd, post
 
     def _forward(self, model_inputs: dict[str, Any]) -> Any:  # type: ignore[override]
@@ -43,13 +53,23 @@ class EmbeddingPipeline(FeatureExtractionPipeline):
         return_tensors: bool = False,
         pooling: str | None = None,
         normalize: bool = False,
+        dtype: str | None = None,
+        dims: int | None = None,
     ) -> Any:
         if pooling is None:
             return super().postprocess(model_outputs, return_tensors=return_tensors)
         vector = pool(model_outputs[0], model_outputs.get("attention_mask"), pooling)
+        if dims is not None:
+            if dims > vector.shape[-1]:
+                raise ValueError(f"dims={dims} is more than the model's {vector.shape[-1]} dimensions")
+            vector = vector[..., :dims]  # Matryoshka: the first dims values, normalized again below
         if normalize:
             vector = torch.nn.functional.normalize(vector, dim=-1)
-        return vector if return_tensors else vector.tolist()
+        if return_tensors:
+            return vector
+        if dtype is not None:
+            return Vector.encode(vector.cpu().numpy(), dtype)
+        return vector.tolist()
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor | None, pooling: str) -> torch.Tensor:

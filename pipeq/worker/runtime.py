@@ -12,7 +12,7 @@ stages, as the fast serving peers do:
   device from pinned memory without blocking);
 - **forward**, on the calling thread: one forward pass per batch;
 - **finish**, on whichever thread calls ``Step.finish`` (the worker's writer thread): unbatch,
-  ``postprocess``, JSON values.
+  ``postprocess``, JSON values (a pooled embedding stays the bytes it is stored as, ``pipeq.vectors``).
 
 The tokenizer (Rust) and torch release the GIL, so the stages run at once on real cores. At most
 ``PREFETCH`` prepared batches wait for the model, so memory stays flat.
@@ -31,6 +31,7 @@ from pipeq.embedding import TASK as EMBEDDING_TASK
 from pipeq.errors import ConfigurationError
 from pipeq.primitives import BatchTiming, ItemResult, describe_error, input_size
 from pipeq.tasks import traits
+from pipeq.vectors import DEFAULT_DTYPE, Vector
 from pipeq.worker.batching import Unit, cut_batches, padded_tokens, token_length
 from pipeq.worker.postprocessing import BatchPostprocessor
 from pipeq.worker.serialize import to_jsonable
@@ -83,6 +84,11 @@ def _keys(inputs: Any) -> tuple[str, ...]:
 
 def _passthrough(outputs: Any, **_: Any) -> Any:
     return outputs
+
+
+def _stored(output: Any) -> Any:
+    """An output as the store keeps it: a pooled vector's bytes as they are, anything else as JSON values."""
+    return output if isinstance(output, Vector) else to_jsonable(output)
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -162,6 +168,8 @@ class PipelineRuntime:
         if self.task == "token-classification":
             # TokenClassificationPipeline.__call__ fills these in before _sanitize_parameters.
             extra = {"is_split_into_words": False, "delimiter": None}
+        if self.task == EMBEDDING_TASK and params.get("pooling") is not None:
+            extra = {"dtype": DEFAULT_DTYPE}  # pooled vectors are stored as binary; a job's own dtype wins
         pre, fwd, post = pipe._sanitize_parameters(**{**extra, **offline_defaults(self.task, params)})
         return (
             {**pipe._preprocess_params, **pre},
@@ -423,7 +431,7 @@ class PipelineRuntime:
         """An item whose forward rows are all done: its postprocessed result, or its failure."""
         if it.error is None and it.has_final:
             return ItemResult(
-                it.idx, C.ITEM_DONE, output=to_jsonable(it.final), truncated=it.truncated, n_tokens=it.n_tokens
+                it.idx, C.ITEM_DONE, output=_stored(it.final), truncated=it.truncated, n_tokens=it.n_tokens
             )
         if it.error is None:
             try:
@@ -431,7 +439,7 @@ class PipelineRuntime:
                     raw = self.pipe.postprocess([it.outputs[k] for k in sorted(it.outputs)], **post)
                 else:
                     raw = self.pipe.postprocess(it.outputs[0], **post)
-                output = to_jsonable(raw)
+                output = _stored(raw)
             except Exception as exc:
                 log.debug("postprocess failed for item %d", it.idx, exc_info=True)
                 it.error = describe_error("postprocess", exc)

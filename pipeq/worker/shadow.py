@@ -19,6 +19,7 @@ from pipeq import constants as C
 from pipeq.precisions import REFERENCE
 from pipeq.primitives import ItemResult
 from pipeq.store import Store
+from pipeq.vectors import Vector
 from pipeq.worker.config import WorkerConfig
 from pipeq.worker.loading import load_pipeline
 from pipeq.worker.runtime import PipelineRuntime
@@ -67,7 +68,9 @@ def _top(scores: dict[Any, float]) -> Any:
 
 
 def _vector(value: Any) -> Any:
-    """A nested list of numbers as a flat float array; None for anything else."""
+    """A nested list of numbers, or a stored pooled embedding, as a flat float array; None for anything else."""
+    if isinstance(value, Vector):
+        return value.array().astype(np.float64)
     if not isinstance(value, list):
         return None
     try:
