@@ -22,6 +22,8 @@ from pipeq.tasks import traits
 
 #: (line or row number, raw record) pairs, as a format's reader yields them.
 RawRecords = Iterator[tuple[int, Any]]
+#: How errors name inputs given as Python objects (``Client.submit([...])``).
+OBJECTS_SOURCE = "<inputs>"
 
 
 @dataclass(frozen=True)
@@ -288,7 +290,7 @@ def read_path(
     yield from _records(fmt.read(source), spec, source.name)
 
 
-def read_objects(objects: Iterable[Any], spec: RecordSpec, source: str = "<inputs>") -> Iterator[Record]:
+def read_objects(objects: Iterable[Any], spec: RecordSpec, source: str = OBJECTS_SOURCE) -> Iterator[Record]:
     """Yield validated records from Python strings or dicts (the ``Client.submit`` path).
 
     Errors name the item by its position, counted from 1 like file lines.
