@@ -54,6 +54,15 @@ CHUNK_TASK_NAME = "pipeq.run_chunk"
 QUEUE_PREFIX = "pipeq"
 #: Seconds an unacknowledged Redis message stays invisible before it is redelivered.
 DEFAULT_VISIBILITY_TIMEOUT = 3600
+#: Seconds to connect to the broker and hear its PING before ``submit``, ``worker`` and ``demo`` say
+#: that nothing answers (instead of Celery's minute of connection retries).
+BROKER_PROBE_TIMEOUT = 2.0
+#: Seconds a private broker (``pipeq demo`` with no Redis) may take to answer after it is started.
+PRIVATE_BROKER_START_TIMEOUT = 30.0
+#: Seconds a private broker gets to exit after SIGTERM before it is killed.
+PRIVATE_BROKER_STOP_TIMEOUT = 5.0
+#: Ports tried for a private broker (a free port can be taken between choosing it and binding it).
+PRIVATE_BROKER_TRIES = 3
 
 #: Seconds a non-final job may go without any progress, while its queue is idle, before the
 #: reconciler queues its pending items again (the broker lost them, or a producer died mid-publish).

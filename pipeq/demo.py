@@ -3,6 +3,9 @@
 Starts a worker for all-MiniLM-L6-v2 feature extraction, submits the bundled sample texts,
 shows progress, and prints for a few texts their nearest neighbours by cosine similarity of
 the embeddings pipeq stored. Everything printed is real model output.
+
+With the default broker URL and no Redis answering there, the demo runs a private broker for
+itself (``pipeq.broker.private``) and stops it when it ends; any other broker URL must answer.
 """
 
 from __future__ import annotations
@@ -11,11 +14,17 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from importlib import resources
 
 import numpy as np
 
-from pipeq.errors import ConfigurationError
+from pipeq import constants as C
+from pipeq.broker.private import private_broker
+from pipeq.broker.probe import check_broker
+from pipeq.errors import BrokerUnreachableError, ConfigurationError
 from pipeq.producer.client import Client
 from pipeq.routing import ServeKey
 from pipeq.settings import Settings
@@ -45,9 +54,34 @@ def sample_texts() -> list[str]:
 EMBEDDING_PARAMS = {"pooling": "mean", "normalize": True}
 
 
+@contextmanager
+def demo_broker(settings: Settings) -> Iterator[Settings]:
+    """``settings`` when its broker answers; with the default URL and nothing there, a private broker's."""
+    try:
+        check_broker(settings)
+    except BrokerUnreachableError:
+        if settings.broker_url != C.DEFAULT_BROKER_URL:
+            raise  # a broker the user chose: not the demo's to replace
+    else:
+        yield settings
+        return
+    with private_broker() as broker:
+        print(
+            f"no Redis answers at {settings.broker_url}: this demo runs a private one ({broker.kind}, "
+            f"pid {broker.pid}, {broker.url}, in memory only) and stops it when it ends",
+            file=sys.stderr,
+        )
+        yield replace(settings, broker_url=broker.url)
+
+
 def run_demo(settings: Settings, *, timeout: float = 300) -> int:
-    """Run the demo end to end; returns the number of failed items."""
+    """Run the demo end to end (on a private broker if need be); returns the number of failed items."""
     model = minilm_path()
+    with demo_broker(settings) as settings:
+        return _run(settings, model, timeout)
+
+
+def _run(settings: Settings, model: str, timeout: float) -> int:
     texts = sample_texts()
     env = {
         **os.environ,
@@ -78,7 +112,11 @@ def run_demo(settings: Settings, *, timeout: float = 300) -> int:
             rows = list(job.results())
     finally:
         worker.terminate()
-        worker.wait(timeout=60)
+        try:
+            worker.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
     done = [r for r in rows if r["status"] == "done"]
     vectors = np.asarray([r["output"] for r in done])
     similarity = vectors @ vectors.T  # unit vectors: dot products are cosine similarities

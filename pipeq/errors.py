@@ -1,5 +1,7 @@
 """pipeq's exceptions: one base class, narrow subclasses."""
 
+import json
+
 
 class PipeqError(Exception):
     """Raised for every error pipeq reports to its user."""
@@ -41,3 +43,30 @@ class StoreError(PipeqError):
 
 class BrokerError(PipeqError):
     """Raised when a message cannot be published to the broker."""
+
+
+class BrokerUnreachableError(BrokerError):
+    """Raised when nothing answers at the broker URL (checked in seconds, before anything is stored)."""
+
+
+class DuplicateIdError(InputError):
+    """Raised when two items of one job carry the same id and duplicates were not allowed."""
+
+    def __init__(
+        self, input_id: str, first: int, second: int, *, source: str | None = None, lines: tuple[int, int] | None = None
+    ) -> None:
+        quoted = json.dumps(input_id, ensure_ascii=False)
+        what = (
+            f"duplicate id {quoted} (first on line {lines[0]})"
+            if lines
+            else (f"duplicate id {quoted} at item {second + 1} (first at item {first + 1})")
+        )
+        super().__init__(
+            f"{what}; ids must be unique within a job (--allow-duplicate-ids accepts them)",
+            source=source,
+            line=lines[1] if lines else None,
+        )
+        self.input_id = input_id
+        #: Positions of the two items in the job (from 0), the first occurrence first.
+        self.first = first
+        self.second = second

@@ -36,7 +36,7 @@ ALLOWED: dict[str, set[str]] = {
         "broker", "store", "primitives", "routing", "precisions", "tasks", "embedding", "settings", "errors",
         "constants", "cache", "vectors",
     },
-    "demo": {"producer", "routing", "settings", "errors", "constants", "store"},
+    "demo": {"producer", "broker", "routing", "settings", "errors", "constants", "store"},
     "cli": {
         "broker", "store", "primitives", "routing", "precisions", "tasks", "settings", "errors", "constants",
         "producer", "worker", "report", "progress", "demo", "logs", "__init__",

@@ -140,16 +140,26 @@ def workers(
             typer.echo(f"  {w['id'][:8]} {w['host']}:{w['pid']} last heartbeat {w['heartbeat_at']}", err=True)
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 @app.command()
 def demo(broker_url: BrokerOpt = None, database_url: DatabaseOpt = None) -> None:
     """Run the whole path here: migrate the store, start a worker, embed sample texts, print neighbours.
 
-    Needs a Redis server (PIPEQ_BROKER_URL, default redis://localhost:6379/0) and the minilm extra.
+    Uses the Redis at PIPEQ_BROKER_URL (default redis://localhost:6379/0); with the default and no Redis
+    there, it runs a private one (redis-server if installed, else an embedded one) and stops it at the end.
+    Needs the minilm extra.
     Example: pipeq demo
     """
+    import signal
+
     from pipeq.demo import run_demo
     from pipeq.store import schema as db
 
+    # SIGTERM unwinds like Ctrl-C does, so the demo's worker and private broker are stopped too.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     settings = settings_from(broker_url, database_url)
     with cli_errors():
         db.upgrade(settings.database_url)

@@ -68,6 +68,12 @@ def submit(
             "store this job's outputs for later jobs.",
         ),
     ] = False,
+    allow_duplicate_ids: Annotated[
+        bool,
+        typer.Option(
+            "--allow-duplicate-ids", help="Accept two records with the same id (refused by default: both lines named)."
+        ),
+    ] = False,
     wait: Annotated[bool, typer.Option("--wait", help="Show progress until done; exit 1 if any item failed.")] = False,
     broker_url: BrokerOpt = None,
     database_url: DatabaseOpt = None,
@@ -94,6 +100,7 @@ def submit(
             priority=priority,
             input_format=input_format,
             cache=cache,
+            allow_duplicate_ids=allow_duplicate_ids,
         )
         total = job.status().total
         typer.echo(f"queued {total:,} items as job {job.id}", err=True)

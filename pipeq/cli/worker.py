@@ -93,6 +93,11 @@ def worker(
 
     for name, value in C.WORKER_ENVIRONMENT.items():  # before torch loads its OpenMP runtime
         os.environ.setdefault(name, value)
+    from pipeq.broker.probe import check_broker
+
+    with cli_errors():
+        settings = settings_from(broker_url, database_url)
+        check_broker(settings)  # in seconds, before torch loads: not Celery's minute of connection retries
     from pipeq.routing import AUTO_PRECISION, ServeKey, check_precision, normalize_model
     from pipeq.tasks import normalize_task
     from pipeq.worker.config import WorkerConfig, parse_precisions
@@ -131,4 +136,4 @@ def worker(
             shadow_fraction=shadow_fraction,
         )
         level = "DEBUG" if State.verbosity > 0 else "WARNING" if State.verbosity < 0 else "INFO"
-        run_worker(settings_from(broker_url, database_url), cfg, loglevel=level, pool=pool)
+        run_worker(settings, cfg, loglevel=level, pool=pool)

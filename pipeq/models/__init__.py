@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Text,
     false,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -105,6 +106,16 @@ class Item(Base):
     """One input of a job: the input itself (so a job can be re-driven), and its result."""
 
     __tablename__ = "items"
+    #: A job's items by their own id (those that have one): how submit finds a duplicate id in the database.
+    __table_args__ = (
+        Index(
+            "ix_items_job_id_input_id",
+            "job_id",
+            "input_id",
+            postgresql_where=text("input_id IS NOT NULL"),
+            sqlite_where=text("input_id IS NOT NULL"),
+        ),
+    )
 
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
     idx: Mapped[int] = mapped_column(Integer, primary_key=True)

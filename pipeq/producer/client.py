@@ -12,11 +12,22 @@ from typing import IO, Any
 from pipeq import constants as C
 from pipeq import embedding
 from pipeq.broker.app import make_celery
+from pipeq.broker.probe import check_broker
 from pipeq.broker.window import chunk_size_for, open_job, requeue
-from pipeq.errors import BrokerError, ConfigurationError, InputError, JobNotFoundError
+from pipeq.errors import BrokerError, ConfigurationError, DuplicateIdError, InputError, JobNotFoundError
 from pipeq.primitives import JobProgress
-from pipeq.producer.frames import is_frame, read_frame, results_frame, results_reader, results_table
-from pipeq.producer.readers import Record, RecordSpec, read_objects, read_path
+from pipeq.producer.frames import frame_source, is_frame, read_frame, results_frame, results_reader, results_table
+from pipeq.producer.lines import Lines
+from pipeq.producer.readers import (
+    INPUT_FORMATS,
+    OBJECTS_SOURCE,
+    Record,
+    RecordSpec,
+    Source,
+    detect_format,
+    read_objects,
+    read_path,
+)
 from pipeq.producer.writers import BATCH_ROWS, parquet_path, write_parquet, write_results
 from pipeq.routing import PRECISIONS, ServeKey, check_model, check_params, check_precision
 from pipeq.settings import Settings
@@ -172,6 +183,25 @@ class Job:
         return self.store.cancel_job(self.id)
 
 
+def _read(
+    inputs: Any, spec: RecordSpec, input_format: str | None, stdin: IO[bytes] | None
+) -> tuple[Iterator[Record], str | None, str]:
+    """The records of ``inputs``, the source stored on the job (a path, or None) and the name errors give it."""
+    if isinstance(inputs, str):
+        return read_path(inputs, spec, input_format=input_format, stdin=stdin), inputs, Source(inputs).name
+    if is_frame(inputs):
+        return read_frame(inputs, spec), None, frame_source(inputs)
+    return read_objects(inputs, spec), None, OBJECTS_SOURCE
+
+
+def _format_checks_ids(inputs: Any, input_format: str | None) -> bool:
+    """Whether the input file's format has its own rule on ids (then the store does not check them again)."""
+    if not isinstance(inputs, str):
+        return False
+    fmt = INPUT_FORMATS.get(detect_format(inputs, input_format))  # None: standard input, sniffed
+    return fmt is not None and fmt.checks_ids
+
+
 def _alias(name: str, value: Any, default: Any, alias: str, alias_value: Any) -> Any:
     """``value`` of argument ``name``, or that of its alias ``alias`` when given; both given must agree."""
     if alias_value is None:
@@ -225,6 +255,7 @@ class Client:
         id_column: str | None = None,
         pair_column: str | None = None,
         cache: bool = False,
+        allow_duplicate_ids: bool = False,
     ) -> Job:
         """Store a job and all its items, then queue it in chunks.
 
@@ -240,6 +271,10 @@ class Client:
 
         ``cache=True`` reuses outputs stored for the same input, task, model revision, precision and
         parameters instead of running the model, and stores this job's outputs for later jobs.
+
+        Two items with the same id are refused (an InputError naming both lines, nothing stored), as
+        results are joined back by id; ``allow_duplicate_ids=True`` stores them. Items without an id
+        are never duplicates. A Redis broker that does not answer raises BrokerUnreachableError first.
         """
         text_field = _alias("text_field", text_field, "text", "text_column", text_column)
         id_field = _alias("id_field", id_field, "id", "id_column", id_column)
@@ -264,33 +299,32 @@ class Client:
             models=(given_model, model),
             params=params,
         )
-        if isinstance(inputs, str):
-            records: Iterator[Record] = read_path(inputs, spec, input_format=input_format, stdin=stdin)
-            source: str | None = inputs
-        elif is_frame(inputs):
-            records = read_frame(inputs, spec)
-            source = None
-        else:
-            records = read_objects(inputs, spec)
-            source = None
+        records, source, where = _read(inputs, spec, input_format, stdin)
         if not C.MIN_PRIORITY <= priority <= C.MAX_PRIORITY:
             raise ConfigurationError(
                 f"priority must be {C.MIN_PRIORITY} to {C.MAX_PRIORITY} (higher first), not {priority}"
             )
+        check_broker(self.settings)  # in seconds, before anything is stored
         job_id = uuid.uuid4().hex
+        lines = Lines()
         # Inputs stream from the reader into the store in batches; nothing holds the whole job in memory.
-        total = self.store.create_job(
-            new_job_row(
-                job_id,
-                key,
-                params=params,
-                priority=priority,
-                source=source,
-                use_cache=cache,
-                chunk_size=self.settings.chunk_size or C.DEFAULT_CHUNK_SIZE,
-            ),
-            self._rows(job_id, records),
-        )
+        try:
+            total = self.store.create_job(
+                new_job_row(
+                    job_id,
+                    key,
+                    params=params,
+                    priority=priority,
+                    source=source,
+                    use_cache=cache,
+                    chunk_size=self.settings.chunk_size or C.DEFAULT_CHUNK_SIZE,
+                ),
+                self._rows(job_id, records, lines),
+                unique_ids=not allow_duplicate_ids and not _format_checks_ids(inputs, input_format),
+            )
+        except DuplicateIdError as dup:
+            both = (lines.line(dup.first), lines.line(dup.second))
+            raise DuplicateIdError(dup.input_id, dup.first, dup.second, source=where, lines=both) from None
         log.info("stored job %s: %d items for %s", job_id, total, key.queue)
         row = self.store.job_row(job_id)
         assert row is not None
@@ -329,7 +363,8 @@ class Client:
                 key.precision,
             )
 
-    def _rows(self, job_id: str, records: Iterator[Record]) -> Iterator[list[dict[str, Any]]]:
+    def _rows(self, job_id: str, records: Iterator[Record], lines: Lines) -> Iterator[list[dict[str, Any]]]:
+        """Item rows in pages of ``INSERT_BATCH_ROWS``, noting each item's source line in ``lines``."""
         rows: list[dict[str, Any]] = []
         idx = -1
         for idx, rec in enumerate(records):
@@ -337,6 +372,7 @@ class Client:
                 raise InputError(
                     f"job has more than {self.settings.max_job_items:,} items (PIPEQ_MAX_JOB_ITEMS)", line=rec.line
                 )
+            lines.note(idx, rec.line)
             rows.append(
                 {
                     "job_id": job_id,
@@ -371,5 +407,6 @@ class Client:
             raise JobNotFoundError(f"no job {job_id!r} in the store")
         if row["status"] in C.JOB_FINAL_STATES:
             return 0
+        check_broker(self.settings)
         with self._broker_errors(job_id):
             return requeue(self.store, self._celery, row)

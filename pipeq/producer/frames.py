@@ -101,9 +101,14 @@ def _arrow(obj: Any, spec: RecordSpec, source: str) -> Iterator[Columns]:
             yield names, [part.column(name).to_pylist() for name in names]
 
 
+def frame_source(obj: Any) -> str:
+    """How errors name a frame: ``<DataFrame>``, ``<Table>``, ..."""
+    return f"<{type(obj).__name__}>"
+
+
 def read_frame(obj: Any, spec: RecordSpec) -> Iterator[Record]:
     """Yield validated records from a pandas or Arrow object; errors name the row, counted from 1."""
-    source = f"<{type(obj).__name__}>"
+    source = frame_source(obj)
     kind = _pandas_type(obj)
     chunks = _series if kind == "series" else _dataframe if kind == "frame" else _arrow
     line = 0

@@ -22,6 +22,8 @@ from pipeq.tasks import traits
 
 #: (line or row number, raw record) pairs, as a format's reader yields them.
 RawRecords = Iterator[tuple[int, Any]]
+#: How errors name inputs given as Python objects (``Client.submit([...])``).
+OBJECTS_SOURCE = "<inputs>"
 
 
 @dataclass(frozen=True)
@@ -256,6 +258,9 @@ class InputFormat:
     #: Validates the raw records of a whole source instead (a format whose records are checked
     #: against one another, or become several items each); ``make_record`` one by one when None.
     validate: Callable[[RawRecords, RecordSpec, str], Iterator[Record]] | None = None
+    #: The format's own rule on ids replaces the store's check that ids are unique within a job
+    #: (openai-batch: each ``custom_id`` once, the k items of one request sharing it).
+    checks_ids: bool = False
 
 
 #: Every input file format, by name (``--input-format``); a new format is one entry.
@@ -267,7 +272,7 @@ INPUT_FORMATS: dict[str, InputFormat] = {
         InputFormat("parquet", (".parquet",), _parquet),
         InputFormat("txt", (".txt",), _streamed(_txt)),
         # OpenAI Batch API request files are JSON lines too: only --input-format picks this one.
-        InputFormat("openai-batch", (), _streamed(_jsonl), _openai_batch),
+        InputFormat("openai-batch", (), _streamed(_jsonl), _openai_batch, checks_ids=True),
     )
 }
 #: File suffixes and the format each means.
@@ -305,7 +310,7 @@ def read_path(
     yield from (fmt.validate or _records)(fmt.read(source), spec, source.name)
 
 
-def read_objects(objects: Iterable[Any], spec: RecordSpec, source: str = "<inputs>") -> Iterator[Record]:
+def read_objects(objects: Iterable[Any], spec: RecordSpec, source: str = OBJECTS_SOURCE) -> Iterator[Record]:
     """Yield validated records from Python strings or dicts (the ``Client.submit`` path).
 
     Errors name the item by its position, counted from 1 like file lines.

@@ -7,10 +7,10 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import insert, or_, select, update
+from sqlalchemy import and_, bindparam, func, insert, or_, select, update
 
 from pipeq import constants as C
-from pipeq.errors import JobNotFoundError
+from pipeq.errors import DuplicateIdError, JobNotFoundError
 from pipeq.primitives import JobProgress, utcnow
 from pipeq.routing import ServeKey
 from pipeq.store.base import ITEMS, JOBS, StoreBase
@@ -26,6 +26,32 @@ _JOB = select(
 )
 #: Columns a new item is inserted with (the rest start NULL).
 _ITEM_COLUMNS = "job_id, idx, input_id, input, status, attempts"
+
+_LATER, _EARLIER = ITEMS.alias("later"), ITEMS.alias("earlier")
+#: The first item of a job's index range ``[lo, hi)`` whose id an earlier item of the job has, with the
+#: earliest such item: one probe of ``ix_items_job_id_input_id`` per item of the range.
+_FIRST_DUPLICATE = (
+    select(_LATER.c.idx, _LATER.c.input_id, func.min(_EARLIER.c.idx).label("first"))
+    .select_from(_LATER)
+    .join(
+        _EARLIER,
+        and_(
+            _EARLIER.c.job_id == _LATER.c.job_id,
+            _EARLIER.c.input_id == _LATER.c.input_id,
+            _EARLIER.c.input_id.is_not(None),
+            _EARLIER.c.idx < _LATER.c.idx,
+        ),
+    )
+    .where(
+        _LATER.c.job_id == bindparam("job"),
+        _LATER.c.idx >= bindparam("lo"),
+        _LATER.c.idx < bindparam("hi"),
+        _LATER.c.input_id.is_not(None),
+    )
+    .group_by(_LATER.c.idx, _LATER.c.input_id)
+    .order_by(_LATER.c.idx)
+    .limit(1)
+)
 
 
 def new_job_row(
@@ -83,12 +109,17 @@ def _job_progress(row: Any) -> JobProgress:
 class JobQueries(StoreBase):
     """A job's row: create, read, cancel, shadow figures, publish window, reconciler."""
 
-    def create_job(self, job: dict[str, Any], items: Iterable[Sequence[dict[str, Any]]]) -> int:
+    def create_job(
+        self, job: dict[str, Any], items: Iterable[Sequence[dict[str, Any]]], *, unique_ids: bool = False
+    ) -> int:
         """Insert a job and all its items in one transaction; returns the item count.
 
-        ``items`` yields lists of rows; an exception while it is consumed (bad input) rolls
-        back everything, so a rejected submission leaves nothing behind. The commit counts as the
-        job's activity: the reconciler leaves a job alone while its producer may still be publishing it.
+        ``items`` yields lists of rows in index order; an exception while it is consumed (bad input)
+        rolls back everything, so a rejected submission leaves nothing behind. With ``unique_ids``,
+        two items with the same ``input_id`` raise DuplicateIdError (naming the first such pair) and
+        store nothing: the database finds them, page by page, through the items' id index, so no set
+        of a large job's ids is held in memory. The commit counts as the job's activity: the reconciler
+        leaves a job alone while its producer may still be publishing it.
         """
         total = 0
         with self.writer.begin() as conn:
@@ -96,6 +127,8 @@ class JobQueries(StoreBase):
             for rows in items:
                 if rows:
                     self._insert_items(conn, rows)
+                    if unique_ids and any(r["input_id"] is not None for r in rows):
+                        self._refuse_duplicates(conn, job["id"], rows[0]["idx"], rows[-1]["idx"] + 1)
                     total += len(rows)
             conn.execute(update(JOBS).where(JOBS.c.id == job["id"]).values(total=total, activity_at=utcnow()))
         return total
@@ -118,6 +151,12 @@ class JobQueries(StoreBase):
             cursor.close()
         else:
             conn.exec_driver_sql(f"INSERT INTO items ({_ITEM_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", tuples)
+
+    def _refuse_duplicates(self, conn: Any, job_id: str, lo: int, hi: int) -> None:
+        """Raise DuplicateIdError if an item of ``[lo, hi)`` has the id of an earlier item of the job."""
+        found = conn.execute(_FIRST_DUPLICATE, {"job": job_id, "lo": lo, "hi": hi}).first()
+        if found is not None:
+            raise DuplicateIdError(found.input_id, int(found.first), int(found.idx))
 
     def mark_published(self, job_id: str) -> None:
         with self.writer.begin() as conn:
