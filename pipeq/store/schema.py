@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 
 #: Tables a migrated store has (``check_schema``).
 REQUIRED_TABLES = frozenset({"jobs", "job_counts", "items", "batches", "workers", "calibrations"})
+#: Columns added to existing tables by later migrations (a store migrated only part of the way lacks them).
+REQUIRED_COLUMNS = {"workers": frozenset({"precision_choice"})}
 
 
 def migrations_dir() -> Path:
@@ -57,12 +59,19 @@ class SchemaQueries(StoreBase):
         """Raise StoreError unless the store is reachable and migrated."""
         try:
             with self.engine.connect() as conn:
-                tables = set(inspect(conn).get_table_names())
+                inspector = inspect(conn)
+                tables = set(inspector.get_table_names())
+                missing_columns = [
+                    f"{table}.{column}"
+                    for table, columns in REQUIRED_COLUMNS.items()
+                    if table in tables
+                    for column in sorted(columns - {c["name"] for c in inspector.get_columns(table)})
+                ]
         except OperationalError as exc:
             raise StoreError(f"cannot reach the store {mask_url(self.url)}: {exc.orig}") from None
-        missing = REQUIRED_TABLES - tables
+        missing = sorted(REQUIRED_TABLES - tables) + missing_columns
         if missing:
             raise StoreError(
                 f"the store {mask_url(self.url)} has no pipeq schema or an older one (missing "
-                f"{', '.join(sorted(missing))}); run `pipeq db upgrade` first"
+                f"{', '.join(missing)}); run `pipeq db upgrade` first"
             )
