@@ -110,3 +110,17 @@ MAX_ATTEMPTS = 3
 WORKER_ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE"}
 #: Seconds a child process may take to load its model before Celery gives up on it.
 PROCESS_START_TIMEOUT = 900.0
+
+# --------------------------------------------------------- agreement with fp32 (auto's gate, shadow check)
+#: Least share of items whose top label (entities, top token, generated text) a lower precision keeps.
+DEFAULT_MIN_AGREEMENT = 0.99
+#: fp32's top two probabilities closer than this are a tie: a flipped label there is not counted.
+DEFAULT_LABEL_MARGIN = 0.05
+#: Largest difference of a probability from fp32's a lower precision may make.
+DEFAULT_MAX_SCORE_DIFF = 0.02
+#: Least cosine of an embedding to fp32's, on every text.
+DEFAULT_MIN_COSINE = 0.99
+#: Share of a lower-precision worker's done items it also runs at fp32 to compare (``--shadow-fraction``).
+DEFAULT_SHADOW_FRACTION = 0.01
+#: Calibration texts shipped with pipeq (English and Chinese, uneven lengths), in ``pipeq/data``.
+CALIBRATION_TEXTS_FILE = "calibration_texts.txt"

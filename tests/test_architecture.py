@@ -18,6 +18,7 @@ ALLOWED: dict[str, set[str]] = {
     "settings": {"constants", "errors"},
     "logs": {"settings"},
     "precisions": {"constants", "errors"},
+    "agreement": {"constants", "errors", "vectors"},
     "routing": {"constants", "errors", "precisions"},
     "tasks": {"errors"},
     "embedding": {"errors", "vectors"},
@@ -26,7 +27,7 @@ ALLOWED: dict[str, set[str]] = {
     "models": {"primitives"},
     "store": {"models", "primitives", "cache", "routing", "settings", "errors", "constants", "vectors"},
     "broker": {"store", "primitives", "settings", "errors", "constants"},
-    "report": {"store", "primitives", "errors", "constants"},
+    "report": {"store", "primitives", "errors", "constants", "agreement"},
     "progress": {"store", "primitives", "constants"},
     "producer": {
         "broker", "store", "primitives", "routing", "precisions", "tasks", "embedding", "settings", "errors",
@@ -34,12 +35,12 @@ ALLOWED: dict[str, set[str]] = {
     },
     "worker": {
         "broker", "store", "primitives", "routing", "precisions", "tasks", "embedding", "settings", "errors",
-        "constants", "cache", "vectors",
+        "constants", "cache", "vectors", "agreement",
     },
     "demo": {"producer", "broker", "routing", "settings", "errors", "constants", "store"},
     "cli": {
         "broker", "store", "primitives", "routing", "precisions", "tasks", "settings", "errors", "constants",
-        "producer", "worker", "report", "progress", "demo", "logs", "__init__",
+        "producer", "worker", "report", "progress", "demo", "logs", "__init__", "agreement",
     },
     "__init__": {"producer", "settings", "errors"},
     "__main__": {"cli"},

@@ -11,6 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeq import constants as C
+from pipeq.agreement import Comparison, Thresholds, compare
+from pipeq.agreement import merge as merge_with
 from pipeq.cli import app as cli_app
 from pipeq.errors import ConfigurationError
 from pipeq.report import build_report
@@ -20,7 +22,12 @@ from pipeq.settings import Settings
 from pipeq.store import Store, new_job_row
 from pipeq.worker.config import WorkerConfig
 from pipeq.worker.context import WorkerContext
-from pipeq.worker.shadow import Comparison, compare, in_sample, merge
+from pipeq.worker.shadow import in_sample
+
+
+def merge(current: dict[str, Any] | None, precision: str, found: list[Comparison]) -> dict[str, Any]:
+    return merge_with(current, precision, found, Thresholds())
+
 
 TASK = "text-classification"
 TEXTS = [f"some words {i} " * (i % 4 + 1) for i in range(16)]
@@ -75,11 +82,11 @@ def test_compare_entities_by_span_and_label() -> None:
     assert compare([], []).label_agree is True
 
 
-def test_compare_vectors_by_cosine_and_other_outputs_not_at_all() -> None:
+def test_compare_vectors_by_cosine_generated_text_by_identity_and_other_outputs_not_at_all() -> None:
     assert compare([[[1.0, 0.0], [0.0, 1.0]]], [[[1.0, 0.0], [0.0, 1.0]]]).cosine == pytest.approx(1.0)
     assert compare([1.0, 0.0], [0.0, 1.0]).cosine == pytest.approx(0.0)
     assert compare([1.0, 1.0], [1.0, 1.0, 1.0]) == Comparison()
-    assert compare([{"generated_text": "a"}], [{"generated_text": "b"}]) == Comparison()
+    assert compare([{"generated_text": "a"}], [{"generated_text": "b"}]) == Comparison(label_agree=False)
     assert compare({"answer": "x", "score": 0.5}, {"answer": "x", "score": 0.4}) == Comparison()
 
 
@@ -90,8 +97,11 @@ def test_merge_accumulates_over_batches() -> None:
         "sampled": 2,
         "labelled": 2,
         "label_agree": 1,
+        "clear": 2,
+        "clear_agree": 1,
         "max_score_diff": 0.2,
         "min_cosine": None,
+        "thresholds": Thresholds().as_record(),
     }
     second = merge(first, "int8", [Comparison(True, 0.05), Comparison()])
     assert (second["sampled"], second["labelled"], second["label_agree"], second["max_score_diff"]) == (4, 3, 2, 0.2)
@@ -100,7 +110,7 @@ def test_merge_accumulates_over_batches() -> None:
     assert shadow_line(first) == "int8 vs fp32 on 2 sampled items: top label identical on 1 (50.0%), " + (
         "largest score difference 0.2000"
     )
-    assert shadow_line(vectors) == "bf16 vs fp32 on 2 sampled items: lowest cosine similarity 0.9700"
+    assert shadow_line(vectors) == "bf16 vs fp32 on 2 sampled items: lowest cosine similarity 0.9700 (mean 0.9800)"
 
 
 def test_sample_is_deterministic_and_near_the_fraction() -> None:

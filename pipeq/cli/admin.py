@@ -123,7 +123,7 @@ def workers(
         return
     for w in rows:
         mb = (w["footprint_bytes"] or 0) / 1e6
-        how_precision, how_budget = describe(w["settings"] or {})
+        how_precision, how_budget = describe({**(w["settings"] or {}), "precision_choice": w["precision_choice"]})
         typer.echo(
             f"{w['id'][:8]} {w['host']}:{w['pid']} {w['status']} {w['task']} precision {w['precision']}{how_precision} "
             f"{w['device']} {mb:.1f} MB load {w['load_seconds'] or 0:.1f}s{how_budget} {w['model']} "

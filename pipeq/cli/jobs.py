@@ -168,9 +168,12 @@ def status(
         if state.cache_hits:
             typer.echo(f"result cache: {state.cache_hits:,} items reused")
         if state.shadow:
-            from pipeq.report.text import shadow_line
+            from pipeq.report.text import shadow_line, shadow_warning
 
             typer.echo(f"shadow check: {shadow_line(state.shadow)}")
+            warning = shadow_warning(state.shadow, state.task)
+            if warning:
+                typer.echo(f"warning: {warning}")
         busy = sum(w["current_job"] == job_id for w in live)
         typer.echo(f"workers: {len(live)} live on its queue ({busy} on this job), {len(stale)} stale")
         if not state.is_final and not live:

@@ -32,7 +32,8 @@ def worker(
         str,
         typer.Option(
             "--precision",
-            help=f"{PRECISIONS_DESCRIBED}; or auto: measure the allowed ones, serve the fastest.",
+            help=f"{PRECISIONS_DESCRIBED}; or auto: measure the allowed ones, serve the fastest whose outputs "
+            f"agree with {REFERENCE}'s on the calibration texts.",
         ),
     ] = "auto",
     allow_precision: Annotated[
@@ -74,14 +75,38 @@ def worker(
         int | None, typer.Option(min=1, max=65535, help="Serve Prometheus metrics on this port (metrics extra).")
     ] = None,
     shadow_fraction: Annotated[
-        float,
+        float | None,
         typer.Option(
             min=0.0,
             max=1.0,
-            help=f"Also run this share of done items at {REFERENCE} and record label agreement and score difference "
-            f"on the job ({SHADOWED} workers; loads a second, {REFERENCE} copy of the model).",
+            help=f"Also run this share of done items at {REFERENCE} and record their agreement on the job "
+            f"({SHADOWED} workers; loads a second, {REFERENCE} copy of the model; 0 turns it off) "
+            f"[default: {C.DEFAULT_SHADOW_FRACTION:g} below {REFERENCE}, off at {REFERENCE}].",
         ),
-    ] = 0.0,
+    ] = None,
+    calibration_texts: Annotated[
+        str | None,
+        typer.Option(
+            "--calibration-texts",
+            metavar="FILE",
+            help="Texts (one a line) auto runs through each precision and fp32 to compare [default: a shipped "
+            "English and Chinese set].",
+        ),
+    ] = None,
+    min_agreement: Annotated[
+        float,
+        typer.Option(min=0.0, max=1.0, help="Least share of items whose top label (entities, tokens) stays fp32's."),
+    ] = C.DEFAULT_MIN_AGREEMENT,
+    label_margin: Annotated[
+        float,
+        typer.Option(min=0.0, max=1.0, help="A top label counts only where fp32's top two are further apart."),
+    ] = C.DEFAULT_LABEL_MARGIN,
+    max_score_diff: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Largest difference of a probability from fp32's.")
+    ] = C.DEFAULT_MAX_SCORE_DIFF,
+    min_cosine: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Least cosine of an embedding to fp32's, on every text.")
+    ] = C.DEFAULT_MIN_COSINE,
     broker_url: BrokerOpt = None,
     database_url: DatabaseOpt = None,
 ) -> None:
@@ -93,6 +118,7 @@ def worker(
 
     for name, value in C.WORKER_ENVIRONMENT.items():  # before torch loads its OpenMP runtime
         os.environ.setdefault(name, value)
+    from pipeq.agreement import Thresholds
     from pipeq.broker.probe import check_broker
 
     with cli_errors():
@@ -111,6 +137,8 @@ def worker(
         auto = precision == AUTO_PRECISION
         if allow_precision is not None and not auto:
             raise ConfigurationError("--allow-precision only applies to --precision auto")
+        if calibration_texts is not None and not auto:
+            raise ConfigurationError("--calibration-texts only applies to --precision auto")
         key = ServeKey(
             task=normalize_task(task),
             model=normalize_model(model),
@@ -134,6 +162,13 @@ def worker(
             calibrate=calibrate,
             metrics_port=metrics_port,
             shadow_fraction=shadow_fraction,
+            calibration_texts=calibration_texts,
+            thresholds=Thresholds(
+                min_agreement=min_agreement,
+                label_margin=label_margin,
+                max_score_diff=max_score_diff,
+                min_cosine=min_cosine,
+            ),
         )
         level = "DEBUG" if State.verbosity > 0 else "WARNING" if State.verbosity < 0 else "INFO"
         run_worker(settings, cfg, loglevel=level, pool=pool)

@@ -193,6 +193,9 @@ class Worker(Base):
     #: Seconds spent running chunks, and the part of it spent writing results to SQL.
     busy_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     write_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    #: How ``--precision auto`` chose (None for a worker started with a fixed precision): items/s and
+    #: agreement with fp32 per precision, those refused and why, the thresholds, and a one-line summary.
+    precision_choice: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class ResultCache(Base):

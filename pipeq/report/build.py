@@ -66,6 +66,8 @@ class ModelInfo:
     quantization: list[str]
     footprint_bytes: int | None
     load_seconds: float | None
+    #: How ``--precision auto`` chose, one line per distinct choice of the workers that served the job.
+    precision_choices: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -144,6 +146,8 @@ class WorkerShare:
     real_tokens: int
     padded_tokens: int
     padding_efficiency: float | None
+    #: The summary of how ``--precision auto`` chose this worker's precision (None: given with --precision).
+    precision_choice: str | None = None
     #: Mean milliseconds per batch of each work phase.
     phase_mean_ms: dict[str, float] = field(default_factory=dict)
 
@@ -249,6 +253,7 @@ def _worker_shares(store: Store, job_id: str) -> list[WorkerShare]:
                 padded_tokens=int(padded or 0),
                 padding_efficiency=_ratio(real, padded),
                 phase_mean_ms={"preprocess": pre / n, "forward": fwd / n, "postprocess": post / n},
+                precision_choice=(w.get("precision_choice") or {}).get("summary"),
             )
         )
     shares.sort(key=lambda s: (-s.items, s.worker_id))
@@ -269,6 +274,7 @@ def _model_info(precision: str, revisions: list[str], workers: list[WorkerShare]
         quantization=sorted({w.quantization for w in workers if w.quantization}),
         footprint_bytes=max(footprints) if footprints else None,
         load_seconds=sum(loads) / len(loads) if loads else None,
+        precision_choices=sorted({w.precision_choice for w in workers if w.precision_choice}),
     )
 
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from pipeq.errors import ConfigurationError
 from pipeq.primitives import WORK_PHASES
 from pipeq.report.build import JobReport, WorkerShare
-from pipeq.report.text import shadow_line
+from pipeq.report.text import shadow_line, shadow_warning
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -229,6 +229,8 @@ def _page(report: JobReport, charts: dict[str, str]) -> str:
             ],
             ["result cache", f"{j.cache_hits:,} done items reused, not computed"],
             *([["shadow check", shadow_line(j.shadow)]] if j.shadow else []),
+            *([["shadow check warning", warning]] if (warning := shadow_warning(j.shadow or {}, j.task)) else []),
+            *([["precision choice", "; ".join(m.precision_choices)]] if m.precision_choices else []),
             ["created / started / finished", f"{_when(j.created_at)} / {_when(j.started_at)} / {_when(j.finished_at)}"],
             ["wall time", f"{_num(j.wall_seconds)} s"],
             ["throughput", f"{_num(j.items_per_second)} items/s"],

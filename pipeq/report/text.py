@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+from pipeq.agreement import mean_cosine, shortfalls
 from pipeq.report.build import JobReport, WorkerShare
 
 
@@ -38,8 +39,12 @@ def format_text(report: JobReport) -> str:
     ]
     if j.cache_hits:
         lines.append(f"result cache: {j.cache_hits:,} of the {j.done:,} done items reused, not computed")
+    lines += [f"precision: {summary}" for summary in m.precision_choices]
     if j.shadow:
         lines.append(f"shadow check: {shadow_line(j.shadow)}")
+        warning = shadow_warning(j.shadow, j.task)
+        if warning:
+            lines.append(f"warning: {warning}")
     if b.mean_items is None or b.mean_rows is None:
         lines.append("batches: none recorded yet")
     else:
@@ -79,5 +84,20 @@ def shadow_line(figures: dict[str, Any]) -> str:
     if figures.get("max_score_diff") is not None:
         parts.append(f"largest score difference {figures['max_score_diff']:.4f}")
     if figures.get("min_cosine") is not None:
-        parts.append(f"lowest cosine similarity {figures['min_cosine']:.4f}")
+        mean = mean_cosine(figures)
+        parts.append(
+            f"lowest cosine similarity {figures['min_cosine']:.4f}"
+            + (f" (mean {mean:.4f})" if mean is not None else "")
+        )
     return f"{head}: {', '.join(parts)}" if parts else f"{head} (outputs of this task are not compared)"
+
+
+def shadow_warning(figures: dict[str, Any], task: str) -> str | None:
+    """A sentence when the shadow figures fall below the thresholds the worker judged them by; else None."""
+    found = shortfalls(figures, task)
+    if not found:
+        return None
+    return (
+        f"{figures.get('precision', '?')} falls below the agreement thresholds with fp32 on this job's sample: "
+        f"{'; '.join(found)} (resubmit at --precision fp32 if this matters)"
+    )

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 #: Tables a migrated store has (``check_schema``).
 REQUIRED_TABLES = frozenset({"jobs", "job_counts", "items", "batches", "workers", "calibrations"})
 #: Columns added to a table after it was created, which a migrated store has too: {table: columns}.
-REQUIRED_COLUMNS = {"items": frozenset({"vector"})}
+REQUIRED_COLUMNS = {"items": frozenset({"vector"}), "workers": frozenset({"precision_choice"})}
 
 
 def migrations_dir() -> Path:
@@ -73,5 +73,5 @@ class SchemaQueries(StoreBase):
         if missing:
             raise StoreError(
                 f"the store {mask_url(self.url)} has no pipeq schema or an older one (missing "
-                f"{', '.join(sorted(missing))}); run `pipeq db upgrade` first"
+                f"{', '.join(missing)}); run `pipeq db upgrade` first"
             )

@@ -12,11 +12,14 @@ from dataclasses import replace
 from typing import Any
 
 from pipeq import constants as C
+from pipeq.agreement import describe_agreement, shortfalls
 from pipeq.errors import ConfigurationError
+from pipeq.precisions import REFERENCE
 from pipeq.routing import AUTO_PRECISION
 from pipeq.store import Store
 from pipeq.tasks import traits
 from pipeq.worker.config import WorkerConfig
+from pipeq.worker.gate import calibration_texts
 from pipeq.worker.measure import MEASURE_SECONDS, device_name, in_subprocess, measure_precisions, sweep_budgets
 
 log = logging.getLogger(__name__)
@@ -38,42 +41,86 @@ def _rates(speeds: dict[Any, float]) -> str:
 
 
 def choose_precision(cfg: WorkerConfig, *, min_seconds: float = MEASURE_SECONDS) -> WorkerConfig:
-    """Measure each allowed precision the device runs and serve the fastest (``--precision auto``)."""
+    """Serve the fastest allowed precision that agrees with fp32 on the calibration texts (``--precision auto``).
+
+    Each lower precision runs the calibration texts beside fp32 in the measuring process; one whose
+    agreement falls below ``cfg.thresholds`` (or that could not be compared) is not eligible.
+    """
     allowed = list(cfg.allowed_precisions)
+    texts = calibration_texts(cfg.calibration_texts)
+    task = cfg.key.task
     t0 = time.perf_counter()
-    result = in_subprocess(measure_precisions, cfg, allowed, min_seconds)
+    result = in_subprocess(measure_precisions, cfg, allowed, min_seconds, texts)
     seconds = time.perf_counter() - t0
     for precision, reason in result.skipped.items():
         log.warning("--precision auto leaves out %s: %s", precision, reason)
-    if result.measured:
-        chosen = max(result.measured, key=result.measured.__getitem__)
-        log.info(
-            "--precision auto on %s (%s): %s; serving %s",
-            cfg.device,
-            result.device_name,
-            _rates(result.measured),
-            chosen,
-        )
-    elif result.supported and not traits(cfg.key.task).synthetic_warmup:
-        chosen = result.supported[0]
-        log.warning(
-            "--precision auto cannot make test inputs for task %s; serving %s, the first allowed precision %s runs",
-            cfg.key.task,
-            chosen,
-            cfg.device,
+    refused = {p: shortfalls(figures, task, cfg.thresholds) for p, figures in result.agreement.items()}
+    refused = {p: reasons for p, reasons in refused.items() if reasons}
+    refused.update({p: [f"not compared with {REFERENCE} ({why})"] for p, why in result.not_compared.items()})
+    eligible = {p: rate for p, rate in result.measured.items() if p not in refused}
+    if eligible:
+        chosen = max(eligible, key=eligible.__getitem__)
+    elif result.supported and not traits(task).synthetic_warmup:
+        chosen = next((p for p in result.supported if p not in refused), result.supported[0])
+        if chosen in refused:  # only refused precisions run here: fp32 was not allowed
+            raise ConfigurationError(
+                f"--precision auto: every allowed precision falls below the agreement thresholds "
+                f"({_refusals(refused)}); allow {REFERENCE} or lower the thresholds"
+            )
+        log.warning("--precision auto cannot time task %s; serving %s, the first allowed that passed", task, chosen)
+    elif refused and result.measured:
+        raise ConfigurationError(
+            f"--precision auto: every allowed precision falls below the agreement thresholds ({_refusals(refused)}); "
+            f"allow {REFERENCE} or lower the thresholds (--min-agreement, --max-score-diff, --min-cosine)"
         )
     else:
         reasons = "; ".join(f"{p}: {why}" for p, why in result.skipped.items())
         raise ConfigurationError(f"--precision auto found no allowed precision that runs on {cfg.device} ({reasons})")
+    summary = summarize(chosen, result.measured, refused, result.agreement, task)
+    log.info("--precision auto on %s (%s): %s; %s", cfg.device, result.device_name, _rates(result.measured), summary)
     choice = {
         "chosen": chosen,
         "measured": {p: round(rate, 2) for p, rate in result.measured.items()},
         "allowed": allowed,
         "skipped": result.skipped,
+        "agreement": result.agreement,
+        "refused": refused,
+        "thresholds": cfg.thresholds.as_record(),
+        "calibration_texts": {"source": cfg.calibration_texts or "built-in", "count": len(texts)},
+        "summary": summary,
         "device_name": result.device_name,
         "seconds": round(seconds, 1),  # what choosing cost at start: loads and measuring, in a spawned process
     }
     return replace(cfg.with_precision(chosen), precision_choice=choice)
+
+
+def _refusals(refused: dict[str, list[str]]) -> str:
+    return "; ".join(f"{p}: {', '.join(reasons)}" for p, reasons in refused.items())
+
+
+def summarize(
+    chosen: str,
+    measured: dict[str, float],
+    refused: dict[str, list[str]],
+    agreement: dict[str, dict[str, Any]],
+    task: str,
+) -> str:
+    """The choice in one line: "auto: int8 2.6x but embedding cosine min 0.944 < 0.99, serving bf16 1.9x (...)"."""
+    base = measured.get(REFERENCE)
+
+    def speed(p: str) -> str:
+        if p not in measured:
+            return p
+        return f"{p} {measured[p] / base:.1f}x" if base else f"{p} {measured[p]:,.0f}/s"
+
+    passed_over = [
+        f"{speed(p)} but {', '.join(reasons)}"
+        for p, reasons in sorted(refused.items(), key=lambda kv: -measured.get(kv[0], 0.0))
+        if measured.get(p, float("inf")) > measured.get(chosen, 0.0)
+    ]
+    kept = f" ({describe_agreement(agreement[chosen], task)})" if chosen in agreement else ""
+    head = f"{'; '.join(passed_over)}, serving" if passed_over else "serving"
+    return f"auto: {head} {speed(chosen)}{kept}"
 
 
 def calibrate(store: Store, cfg: WorkerConfig, *, min_seconds: float = MEASURE_SECONDS) -> WorkerConfig:
@@ -145,10 +192,16 @@ def reuse_calibration(store: Store, cfg: WorkerConfig) -> WorkerConfig:
 
 
 def describe(settings: dict[str, Any]) -> tuple[str, str]:
-    """How a worker row's precision and token budget were chosen, for ``pipeq workers``; empty when given."""
+    """How a worker row's precision and token budget were chosen, for ``pipeq workers``; empty when given.
+
+    ``settings`` is the row's settings with its ``precision_choice`` column added.
+    """
     choice = settings.get("precision_choice")
     precision = ""
-    if choice and choice.get("measured"):
+    if choice and choice.get("summary"):
+        took = f", chosen in {choice['seconds']:.0f}s" if "seconds" in choice else ""
+        precision = f" ({choice['summary']}; {_rates(choice['measured'])}{took})"
+    elif choice and choice.get("measured"):
         took = f", chosen in {choice['seconds']:.0f}s" if "seconds" in choice else ""
         precision = f" (auto: {_rates(choice['measured'])}{took})"
     calibration = settings.get("calibration")

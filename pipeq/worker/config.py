@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from pipeq import constants as C
+from pipeq.agreement import Thresholds
 from pipeq.errors import ConfigurationError
 from pipeq.precisions import DEFAULT_ALLOWED_PRECISIONS, INT8_BACKENDS, REFERENCE, int8_backend
 from pipeq.routing import AUTO_PRECISION, ServeKey, check_precision
@@ -35,14 +36,20 @@ class WorkerConfig:
     allowed_precisions: tuple[str, ...] = DEFAULT_ALLOWED_PRECISIONS
     #: Sweep the token budget at start and store the fastest (``--calibrate``).
     calibrate: bool = False
-    #: How ``--precision auto`` chose: chosen, measured items/s per precision, allowed, skipped.
+    #: How ``--precision auto`` chose: chosen, measured items/s and agreement with fp32 per precision, why
+    #: any were refused, and a one-line summary. Stored in the worker row's own column, not in its settings.
     precision_choice: dict[str, Any] | None = None
+    #: Least agreement with fp32 a lower precision keeps to be chosen by auto, and below which the shadow check warns.
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    #: Texts auto's accuracy gate runs through each precision (``--calibration-texts``); None: the shipped set.
+    calibration_texts: str | None = None
     #: Where the token budget came from when it was calibrated: now or by an earlier start.
     calibration: dict[str, Any] | None = None
     #: Serve Prometheus metrics on this port from the worker's parent (``--metrics-port``); None: no metrics.
     metrics_port: int | None = None
-    #: Share of done items also run through an fp32 copy of the model, to compare outputs (``--shadow-fraction``).
-    shadow_fraction: float = 0.0
+    #: Share of done items also run through an fp32 copy of the model, to compare outputs (``--shadow-fraction``);
+    #: None: ``DEFAULT_SHADOW_FRACTION`` for a worker that serves a lower precision, none for an fp32 one.
+    shadow_fraction: float | None = None
 
     def __post_init__(self) -> None:
         if self.int8_backend is not None and self.int8_backend not in INT8_BACKENDS:
@@ -61,8 +68,8 @@ class WorkerConfig:
             raise ConfigurationError("--tokenizer-threads must be at least 1")
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ConfigurationError(f"unknown device {self.device!r}; use cpu or cuda[:N]")
-        if not 0.0 <= self.shadow_fraction <= 1.0:
-            raise ConfigurationError(f"--shadow-fraction must be in (0, 1], not {self.shadow_fraction}")
+        if self.shadow_fraction is not None and not 0.0 <= self.shadow_fraction <= 1.0:
+            raise ConfigurationError(f"--shadow-fraction must be in [0, 1], not {self.shadow_fraction}")
 
     @property
     def batch_tokens(self) -> int:
@@ -72,6 +79,13 @@ class WorkerConfig:
     def with_precision(self, precision: str) -> WorkerConfig:
         """The same configuration serving ``precision`` (its queue changes with it)."""
         return replace(self, key=replace(self.key, precision=precision))
+
+    @property
+    def shadow_share(self) -> float:
+        """The share of done items the shadow check runs at fp32: the one given, else the default for the precision."""
+        if self.shadow_fraction is not None:
+            return self.shadow_fraction
+        return 0.0 if self.key.precision in (REFERENCE, AUTO_PRECISION) else C.DEFAULT_SHADOW_FRACTION
 
     def check_shadow(self) -> None:
         """Raise ConfigurationError when a shadow check is asked of a worker that serves fp32 itself."""
@@ -99,8 +113,11 @@ class WorkerConfig:
         return int8_backend(self.device, self.int8_backend)
 
     def as_record(self) -> dict[str, Any]:
+        """The settings recorded on the worker row (the key and the precision choice have their own columns)."""
         data = asdict(self)
         data.pop("key")
+        data.pop("precision_choice")
+        data["shadow_fraction"] = self.shadow_share
         return data
 
 

@@ -94,6 +94,7 @@ class WorkerContext:
                 "device": cfg.device,
                 "status": "loading",
                 "settings": cfg.as_record(),
+                "precision_choice": cfg.precision_choice,
             }
         )
         # Heartbeats from the start: a worker loading a large model is not dead (see take_over).
@@ -105,7 +106,7 @@ class WorkerContext:
         self.runtime = PipelineRuntime(
             self.loaded.pipe, key.task, max_batch_tokens=cfg.batch_tokens, max_batch_size=cfg.max_batch_size
         )
-        if cfg.shadow_fraction:
+        if cfg.shadow_share:
             self.shadow = ShadowCheck.load(self.store, cfg)
         self.recorder = Recorder(
             self.store,

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import socket
+from dataclasses import replace
 
 from pipeq.errors import ConfigurationError
+from pipeq.precisions import REFERENCE
 from pipeq.routing import check_model
 from pipeq.settings import Settings
 from pipeq.store import Store
@@ -37,7 +39,9 @@ def run_worker(settings: Settings, cfg: WorkerConfig, *, loglevel: str = "INFO",
     try:
         store.check_schema()
         cfg = tune(store, cfg)  # --precision auto and the token budget, measured in a spawned process
-        cfg.check_shadow()  # auto may have chosen fp32
+        if cfg.key.precision == REFERENCE and cfg.shadow_fraction:  # auto chose fp32: nothing to compare
+            log.info("no shadow check: this worker serves %s itself", REFERENCE)
+            cfg = replace(cfg, shadow_fraction=0.0)
     finally:
         store.close()
     if cfg.metrics_port is not None:  # before any child forks: they inherit its multiprocess directory

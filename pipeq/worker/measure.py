@@ -18,14 +18,15 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from pipeq import constants as C
 from pipeq.errors import ConfigurationError
-from pipeq.precisions import PRECISIONS
+from pipeq.precisions import PRECISIONS, REFERENCE
 from pipeq.tasks import traits
 from pipeq.worker.config import WorkerConfig
+from pipeq.worker.gate import agreement, calibration_outputs
 from pipeq.worker.loading import load_pipeline, set_threads, synthetic_text
 from pipeq.worker.runtime import PipelineRuntime
 
@@ -47,12 +48,16 @@ _SWEEP_ROUNDS = 3
 
 @dataclass(frozen=True)
 class PrecisionMeasurement:
-    """Items/s per precision measured on one device, and why the others were left out."""
+    """Items/s per precision measured on one device, why the others were left out, and their agreement with fp32."""
 
     device_name: str
     measured: dict[str, float]
     skipped: dict[str, str]
     supported: list[str]
+    #: Figures (``pipeq.agreement.merge``) of each lower precision's calibration outputs against fp32's.
+    agreement: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Why a lower precision could not be compared with fp32 (it ran, but its or fp32's calibration run failed).
+    not_compared: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -192,37 +197,68 @@ def _release(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def measure_precisions(cfg: WorkerConfig, candidates: Sequence[str], min_seconds: float) -> PrecisionMeasurement:
-    """Load ``cfg``'s model at each candidate precision the device supports and measure it (runs in the child)."""
+def measure_precisions(
+    cfg: WorkerConfig, candidates: Sequence[str], min_seconds: float, texts: Sequence[str] = ()
+) -> PrecisionMeasurement:
+    """Load ``cfg``'s model at each candidate precision the device supports, measure its speed and, with
+    ``texts``, run them through it and through fp32 to measure their agreement (runs in the child)."""
     set_threads(cfg.threads, cfg.concurrency)
     measured: dict[str, float] = {}
     skipped: dict[str, str] = {}
-    supported: list[str] = []
+    runs: list[str] = []
     for precision in candidates:
-        candidate = cfg.with_precision(precision)
-        reason = unsupported_reason(candidate)
-        if reason is not None:
+        reason = unsupported_reason(cfg.with_precision(precision))
+        if reason is None:
+            runs.append(precision)
+        else:
             skipped[precision] = reason
-            continue
-        supported.append(precision)
-        if not traits(cfg.key.task).synthetic_warmup:
-            continue
+    lower = [p for p in runs if p != REFERENCE]
+    gated = bool(texts) and bool(lower)
+    # fp32 first: its calibration outputs are what the others are compared with (loaded for that alone if not allowed).
+    order = ([REFERENCE] if gated else []) + [p for p in runs if not (gated and p == REFERENCE)]
+    timed = traits(cfg.key.task).synthetic_warmup
+    outputs: dict[str, dict[int, Any]] = {}
+    failed: dict[str, str] = {}
+    for precision in order if timed or gated else ():
         try:
-            measured[precision] = _measure_one(candidate, min_seconds)
+            runtime = _runtime(cfg.with_precision(precision))
+            if timed and precision in runs:
+                measured[precision] = _throughput(runtime, cfg.key.task, min_seconds)
+            if gated:
+                try:
+                    outputs[precision] = calibration_outputs(runtime, cfg.key.task, texts)
+                except Exception as exc:  # the model's own code on real texts: this precision stays unjudged
+                    failed[precision] = f"{type(exc).__name__}: {exc}"
+            del runtime
         except Exception as exc:  # the model's own code at this precision: recorded, and auto picks another
-            skipped[precision] = f"{type(exc).__name__}: {exc}"
+            failed[precision] = f"{type(exc).__name__}: {exc}"
+            if precision in runs:
+                skipped[precision] = failed[precision]
         _release(cfg.device)
-    return PrecisionMeasurement(_device_name_here(cfg.device), measured, skipped, supported)
+    figures: dict[str, dict[str, Any]] = {}
+    not_compared: dict[str, str] = {}
+    for precision in lower if gated else []:
+        if REFERENCE not in outputs:
+            not_compared[precision] = f"{REFERENCE} reference failed: {failed.get(REFERENCE, '?')}"
+        elif precision not in outputs:
+            not_compared[precision] = failed.get(precision, "not run")
+        else:
+            figures[precision] = agreement(outputs[REFERENCE], outputs[precision], precision, cfg.thresholds)
+    supported = [p for p in runs if p not in skipped]
+    return PrecisionMeasurement(_device_name_here(cfg.device), measured, skipped, supported, figures, not_compared)
 
 
-def _measure_one(cfg: WorkerConfig, min_seconds: float) -> float:
+def _runtime(cfg: WorkerConfig) -> PipelineRuntime:
     loaded = load_pipeline(cfg)
-    runtime = PipelineRuntime(
+    return PipelineRuntime(
         loaded.pipe, cfg.key.task, max_batch_tokens=cfg.batch_tokens, max_batch_size=cfg.max_batch_size
     )
-    inputs = synthetic_inputs(loaded.pipe, cfg.key.task, max_length=runtime.max_length)
+
+
+def _throughput(runtime: PipelineRuntime, task: str, min_seconds: float) -> float:
+    inputs = synthetic_inputs(runtime.pipe, task, max_length=runtime.max_length)
     if not inputs:
-        raise ConfigurationError(f"pipeq cannot make measuring inputs for task {cfg.key.task!r}")
+        raise ConfigurationError(f"pipeq cannot make measuring inputs for task {task!r}")
     return throughput(runtime, inputs, min_seconds=min_seconds)
 
 
