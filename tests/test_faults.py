@@ -48,11 +48,12 @@ def model(model_dir: Callable[[str], str]) -> str:
 
 @pytest.fixture
 def serve(start_worker: Callable[..., WorkerProcess], model: str) -> Callable[..., WorkerProcess]:
-    """Start a worker for the faulty pipeline (not waiting for it)."""
+    """Start a worker for the faulty pipeline (not waiting for it), at a pinned precision as a fleet runs:
+    ``--precision auto`` would measure and gate precisions first, which only delays the faults."""
 
     def _serve(broker_url: str, database_url: str, *, delay: float = 0.0, env: dict[str, str] | None = None) -> Any:
         return start_worker(
-            "--task", faultpipe.TASK, "--model", model,
+            "--task", faultpipe.TASK, "--model", model, "--precision", "fp32",
             "--pipeline-class", "faultpipe:FaultyClassificationPipeline",
             "--model-class", "transformers:AutoModelForSequenceClassification",
             "--max-batch-size", "4", "--no-warmup",
