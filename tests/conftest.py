@@ -192,6 +192,37 @@ def thread_worker(
 
 
 @pytest.fixture
+def thread_embedding_worker(settings: Any, model_dir: Callable[[str], str]) -> Iterator[str]:
+    """A real Celery worker (solo pool, in a thread) on the memory broker serving the tiny
+    feature-extraction model, batches of 4; yields the model."""
+    from celery.contrib.testing.worker import start_worker as start_thread_worker
+
+    from pipeq.routing import ServeKey
+    from pipeq.worker.app import create_worker_app
+    from pipeq.worker.config import WorkerConfig
+
+    cfg = WorkerConfig(
+        key=ServeKey("feature-extraction", model_dir("feature-extraction")), max_batch_size=4, warmup=False
+    )
+    app, ctx = create_worker_app(settings, cfg)
+    ctx.start()
+    with start_thread_worker(app, pool="solo", perform_ping_check=False, queues=[cfg.key.queue], shutdown_timeout=30):
+        yield cfg.key.model
+    ctx.stop()
+
+
+def count_rows(url: str, table: str) -> int:
+    """Rows in ``table`` of the store at ``url``."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        n = conn.execute(sa.text(f"select count(*) from {table}")).scalar_one()
+    engine.dispose()
+    return int(n)
+
+
+@pytest.fixture
 def ctx(sqlite_url: str, model_dir: Callable[[str], str]) -> Iterator[Any]:
     """A started WorkerContext (no broker) serving the tiny text-classification model, batches of 4."""
     from pipeq import Settings

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 from typer.testing import CliRunner
 
+from conftest import count_rows
 from pipeq import Client, Settings
 from pipeq.cli import app as cli_app
 from pipeq.errors import InputError, ModelNotFoundError, UnsupportedTaskError
@@ -18,14 +18,6 @@ from pipeq.routing import ServeKey
 from pipeq.worker.config import WorkerConfig
 
 TASK = "text-classification"
-
-
-def count(url: str, table: str) -> int:
-    engine = sa.create_engine(url)
-    with engine.connect() as conn:
-        n = conn.execute(sa.text(f"select count(*) from {table}")).scalar_one()
-    engine.dispose()
-    return int(n)
 
 
 def test_submit_wait_results_in_input_order(settings: Settings, thread_worker: WorkerConfig, sqlite_url: str) -> None:
@@ -40,7 +32,7 @@ def test_submit_wait_results_in_input_order(settings: Settings, thread_worker: W
     # top_k=None passed through: every label with its score, as transformers returns it
     assert {d["label"] for d in rows[0]["output"]} == {"alpha", "beta", "gamma"}
     assert all(r["timing"]["forward_ms"] > 0 and r["timing"]["batch_size"] <= 4 for r in rows)
-    assert count(sqlite_url, "batches") >= 6  # max_batch_size=4: micro-batches, not one per message
+    assert count_rows(sqlite_url, "batches") >= 6  # max_batch_size=4: micro-batches, not one per message
 
 
 def test_chunks_are_messages_of_many_items(
@@ -83,7 +75,7 @@ def test_bad_submissions_store_nothing(
     args: dict[str, Any] = {"inputs": ["fine"], "task": TASK, "model": model_dir(TASK), **kwargs}
     with pytest.raises(error, match=message):
         client.submit(args.pop("inputs"), **args)
-    assert count(sqlite_url, "jobs") == 0 and count(sqlite_url, "items") == 0
+    assert count_rows(sqlite_url, "jobs") == 0 and count_rows(sqlite_url, "items") == 0
 
 
 def test_cancel_before_any_worker(client: Client, model_dir: Callable[[str], str]) -> None:
@@ -145,7 +137,7 @@ def test_cli_bad_file_names_line_and_queues_nothing(
     out = run_cli(["submit", str(src), "--task", TASK, "--model", model_dir(TASK)], env)
     assert out.exit_code == 2
     assert "bad.jsonl:2: field 'text' must be a string, got int" in out.output
-    assert count(settings.database_url, "jobs") == 0
+    assert count_rows(settings.database_url, "jobs") == 0
 
 
 def test_cli_param_parsing_and_stdin(settings: Settings, thread_worker: WorkerConfig) -> None:

@@ -15,6 +15,7 @@ import pytest
 import sqlalchemy as sa
 from typer.testing import CliRunner
 
+from conftest import count_rows
 from pipeq import Client, Settings
 from pipeq import constants as C
 from pipeq.cli import app as cli_app
@@ -34,14 +35,6 @@ def model(model_dir: Callable[[str], str]) -> str:
 def env(store_url: str) -> dict[str, str]:
     """The CLI's environment: the memory:// broker (nothing to probe) and the store of the test."""
     return {"PIPEQ_BROKER_URL": "memory://", "PIPEQ_DATABASE_URL": store_url}
-
-
-def count(url: str, table: str) -> int:
-    engine = sa.create_engine(url)
-    with engine.connect() as conn:
-        n = conn.execute(sa.text(f"select count(*) from {table}")).scalar_one()
-    engine.dispose()
-    return int(n)
 
 
 def submit(env: dict[str, str], *args: str) -> Any:
@@ -67,7 +60,7 @@ def test_cli_names_both_lines_and_stores_nothing(tmp_path: Path, env: dict[str, 
     assert out.exit_code == 2, out.output
     assert f'{src}:7: duplicate id "a" (first on line 2)' in out.output
     assert "--allow-duplicate-ids" in out.output
-    assert count(env["PIPEQ_DATABASE_URL"], "jobs") == 0 and count(env["PIPEQ_DATABASE_URL"], "items") == 0
+    assert count_rows(env["PIPEQ_DATABASE_URL"], "jobs") == 0 and count_rows(env["PIPEQ_DATABASE_URL"], "items") == 0
 
     # When it is submitted with --allow-duplicate-ids, both items are stored under their id
     out = submit(env, str(src), "--task", TASK, "--model", model, "--allow-duplicate-ids")
@@ -84,7 +77,7 @@ def test_csv_lines_count_quoted_newlines(tmp_path: Path, env: dict[str, str], mo
     out = submit(env, str(src), "--task", TASK, "--model", model)
     assert out.exit_code == 2, out.output
     assert f'{src}:6: duplicate id "7" (first on line 2)' in out.output
-    assert count(env["PIPEQ_DATABASE_URL"], "items") == 0
+    assert count_rows(env["PIPEQ_DATABASE_URL"], "items") == 0
 
 
 def test_a_duplicate_pages_apart_is_found_by_the_database(store_url: str, model: str) -> None:
@@ -102,7 +95,7 @@ def test_a_duplicate_pages_apart_is_found_by_the_database(store_url: str, model:
         assert str(caught.value).startswith(f'<inputs>:{second + 1}: duplicate id "id-3" (first on line 4);')
         assert isinstance(caught.value, InputError)
         assert (caught.value.first, caught.value.second) == (3, second)
-        assert count(store_url, "jobs") == 0 and count(store_url, "items") == 0
+        assert count_rows(store_url, "jobs") == 0 and count_rows(store_url, "items") == 0
         # And allow_duplicate_ids stores every item as given
         job = client.submit(inputs, task=TASK, model=model, allow_duplicate_ids=True)
         assert job.status().total == n + 1

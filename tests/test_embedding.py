@@ -112,21 +112,6 @@ def test_pooled_job_end_to_end(thread_embedding_worker: Any, client: Client) -> 
     assert all(r["timing"]["forward_ms"] > 0 for r in rows)
 
 
-@pytest.fixture
-def thread_embedding_worker(settings: Any, model_dir: Callable[[str], str]) -> Any:
-    """A real Celery worker (solo pool, in a thread) on the memory broker serving feature-extraction."""
-    from celery.contrib.testing.worker import start_worker
-
-    from pipeq.worker.app import create_worker_app
-
-    cfg = WorkerConfig(key=ServeKey(TASK, model_dir(TASK)), max_batch_size=4, warmup=False)
-    app, ctx = create_worker_app(settings, cfg)
-    ctx.start()
-    with start_worker(app, pool="solo", perform_ping_check=False, queues=[cfg.key.queue], shutdown_timeout=30):
-        yield cfg.key.model
-    ctx.stop()
-
-
 def test_a_jobs_own_tokenize_kwargs_win_over_the_truncation_default(runtime: PipelineRuntime) -> None:
     params = {"tokenize_kwargs": {"truncation": True, "max_length": 8}, "pooling": "mean"}
     out = {r.idx: r for results, _ in runtime.run(list(enumerate(TEXTS)), params) for r in results}

@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-import sqlalchemy as sa
 
+from conftest import count_rows
 from pipeq import Client, Job, Settings
 from pipeq.errors import InputError
 from pipeq.producer.writers import COLUMNS, TIMING_COLUMNS, arrow_batches, write_results
@@ -34,14 +34,6 @@ def worker_batch_size() -> int:
 def model(thread_worker: WorkerConfig) -> str:
     """The path of the model a thread worker serves (its own copy, so its own queue)."""
     return thread_worker.key.model
-
-
-def count(url: str, table: str) -> int:
-    engine = sa.create_engine(url)
-    with engine.connect() as conn:
-        n = conn.execute(sa.text(f"select count(*) from {table}")).scalar_one()
-    engine.dispose()
-    return int(n)
 
 
 def assert_frames_match_results(job: Job) -> list[dict[str, Any]]:
@@ -130,7 +122,7 @@ def test_bad_frames_store_nothing(
 ) -> None:
     with Client(settings, max_text_chars=100) as client, pytest.raises(InputError, match=message):
         client.submit(make(), task=TASK, model=model_dir(TASK))
-    assert count(settings.database_url, "jobs") == 0 and count(settings.database_url, "items") == 0
+    assert count_rows(settings.database_url, "jobs") == 0 and count_rows(settings.database_url, "items") == 0
 
 
 def test_arrow_batches_stream_rows() -> None:

@@ -13,7 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +27,7 @@ from pipeq.cli import app as cli_app
 from pipeq.errors import ConfigurationError, InputError
 from pipeq.producer.readers import RecordSpec, read_path
 from pipeq.producer.writers import write_results
-from pipeq.routing import ServeKey
 from pipeq.store import Store
-from pipeq.worker.config import WorkerConfig
 from pipeq.worker.embedding import EmbeddingPipeline
 
 TASK = "feature-extraction"
@@ -195,21 +193,6 @@ def test_a_local_model_is_named_as_given_or_as_stored(
 # ------------------------------------------------------------------ a real job, written back
 
 
-@pytest.fixture
-def embedding_worker(settings: Settings, model_dir: Callable[[str], str]) -> Iterator[str]:
-    """A real Celery worker (solo pool, in a thread) on the memory broker serving feature-extraction."""
-    from celery.contrib.testing.worker import start_worker
-
-    from pipeq.worker.app import create_worker_app
-
-    cfg = WorkerConfig(key=ServeKey(TASK, model_dir(TASK)), max_batch_size=4, warmup=False)
-    app, ctx = create_worker_app(settings, cfg)
-    ctx.start()
-    with start_worker(app, pool="solo", perform_ping_check=False, queues=[cfg.key.queue], shutdown_timeout=30):
-        yield cfg.key.model
-    ctx.stop()
-
-
 def run_cli(args: list[str], settings: Settings) -> Any:
     """``pipeq`` in-process on ``settings``' URLs; the logging set-up is put back afterwards (a worker
     thread logging later must not write to the runner's closed stream)."""
@@ -224,10 +207,10 @@ def run_cli(args: list[str], settings: Settings) -> Any:
 
 
 def test_a_request_file_runs_and_comes_back_as_the_batch_output_file(
-    settings: Settings, embedding_worker: str, tmp_path: Path
+    settings: Settings, thread_embedding_worker: str, tmp_path: Path
 ) -> None:
     # Given: the documented request file, and one more request whose second text fails (truncation off)
-    model = embedding_worker
+    model = thread_embedding_worker
     extra = request("request-4", {"model": "MODEL", "input": ["short one", LONG]}) + "\n"
     path = write(tmp_path / "batch.jsonl", REQUESTS + extra, model)
 

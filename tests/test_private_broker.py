@@ -26,7 +26,7 @@ import pytest
 import sqlalchemy as sa
 
 import faultpipe
-from conftest import FaultLedger, WorkerProcess, unavailable
+from conftest import FaultLedger, WorkerProcess, count_rows, unavailable
 from pipeq import Client, Settings
 from pipeq import constants as C
 from pipeq.broker.private import EMBEDDED, REDIS_SERVER, free_port, private_broker
@@ -38,14 +38,6 @@ from pipeq.store import Store
 from pipeq.vectors import Vector
 
 KINDS = [REDIS_SERVER, EMBEDDED]
-
-
-def count(url: str, table: str) -> int:
-    engine = sa.create_engine(url)
-    with engine.connect() as conn:
-        n = conn.execute(sa.text(f"select count(*) from {table}")).scalar_one()
-    engine.dispose()
-    return int(n)
 
 
 def port_open(port: int) -> bool:
@@ -100,17 +92,17 @@ def test_submit_and_worker_fail_at_once_with_the_command_that_starts_redis(
     assert out.returncode == 3, out.stderr
     assert advice in out.stderr and start in out.stderr
     assert "stored but not queued" not in out.stderr
-    assert count(sqlite_url, "jobs") == 0
+    assert count_rows(sqlite_url, "jobs") == 0
     # When a worker is started: exit 3 with the same advice, before it loads or registers anything
     out = pipeq("worker", "--task", "text-classification", "--model", model, "--no-warmup", env=env)
     assert out.returncode == 3, out.stderr
     assert advice in out.stderr and start in out.stderr
-    assert count(sqlite_url, "workers") == 0
+    assert count_rows(sqlite_url, "workers") == 0
     # And from Python: the same error before anything is stored
     with Client(Settings(broker_url=broker, database_url=sqlite_url)) as client:
         with pytest.raises(BrokerUnreachableError, match="no Redis answers"):
             client.submit(["one"], task="text-classification", model=model)
-    assert count(sqlite_url, "jobs") == 0
+    assert count_rows(sqlite_url, "jobs") == 0
 
 
 def test_the_demo_only_replaces_the_default_broker(tmp_path: Path, redis_url: str) -> None:

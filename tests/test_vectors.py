@@ -365,20 +365,6 @@ def test_client_job_end_to_end_in_float16(client: Client, thread_embedding_worke
     assert scalar(client.settings.database_url, "select max(length(vector)) from items") == HEADER_BYTES + 32 * 2
 
 
-@pytest.fixture
-def thread_embedding_worker(settings: Any, model_dir: Callable[[str], str]) -> Iterator[str]:
-    from celery.contrib.testing.worker import start_worker
-
-    from pipeq.worker.app import create_worker_app
-
-    cfg = WorkerConfig(key=ServeKey(TASK, model_dir(TASK)), max_batch_size=4, warmup=False)
-    app, ctx = create_worker_app(settings, cfg)
-    ctx.start()
-    with start_worker(app, pool="solo", perform_ping_check=False, queues=[cfg.key.queue], shutdown_timeout=30):
-        yield cfg.key.model
-    ctx.stop()
-
-
 # ------------------------------------------------------------------ the migration
 
 
