@@ -73,5 +73,5 @@ class SchemaQueries(StoreBase):
         if missing:
             raise StoreError(
                 f"the store {mask_url(self.url)} has no pipeq schema or an older one (missing "
-                f"{', '.join(missing)}); run `pipeq db upgrade` first"
+                f"{', '.join(sorted(missing))}); run `pipeq db upgrade` first"
             )
