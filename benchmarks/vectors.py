@@ -17,6 +17,11 @@ both compacted (SQLite ``VACUUM``: page count x page size; PostgreSQL ``VACUUM F
 texts, "whole items" the table (or SQLite file) per 1,000 with the inputs, "value" the average size
 of the stored value itself (``length``; PostgreSQL ``pg_column_size``).
 
+Page sizes (``--page-sizes``): SQLite stores are made with 16 KB pages (``pipeq.store.engine``); the
+whole items table per 1,000 texts with float32 vectors for SQLite's default 4 KB and for 16 KB pages,
+over texts of several lengths (the corpus's texts joined to about 200 to 8,000 characters), 4,000
+items each, so that the fixed pages of the other tables weigh little.
+
 Export: ``--export-n`` items (the real vectors over and over) in a SQLite store, then the wall time of
 ``python -m pipeq results JOB --format parquet -o FILE`` in a subprocess (interpreter start and imports
 included). "json (before)" is a job stored as JSON whose export writes ``output`` as JSON text, as
@@ -27,12 +32,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +164,43 @@ def sqlite_url(work: Path, name: str) -> Iterator[str]:
     path.unlink(missing_ok=True)
 
 
+def page_size_table(texts: list[str], vectors: np.ndarray, work: Path, page_sizes: list[int]) -> None:
+    """Print the whole SQLite file per 1,000 float32 results for each page size and text length."""
+    n = 4000
+    print(f"\n| mean text chars | {' | '.join(f'{p // 1024} KB pages, MB / 1,000' for p in page_sizes)} |")
+    print(f"| --- | {' | '.join('---' for _ in page_sizes)} |")
+    for chars in (200, 1000, 3000, 8000):
+        long = _texts_of(texts, chars, n)
+        row = []
+        for page_size in page_sizes:
+            path = work / f"pages-{page_size}-{chars}.db"
+            with closing(sqlite3.connect(path)) as conn:  # the file's first table fixes its page size
+                conn.execute(f"PRAGMA page_size={page_size}")
+                conn.execute("CREATE TABLE made_before (x INTEGER)")
+                conn.commit()
+            url = f"sqlite:///{path}"
+            db.upgrade(url)
+            with Store(url) as store:
+                job_id = fill(store, long, n, "float32")
+                write_results(store, job_id, vectors, n, "float32")
+            row.append(f"{_sqlite_bytes(url) / n * 1000 / 1e6:.2f}")
+            path.unlink()
+        mean = np.mean([len(t) for t in long])
+        print(f"| {mean:,.0f} | {' | '.join(row)} |", flush=True)
+
+
+def _texts_of(texts: list[str], chars: int, n: int) -> list[str]:
+    """``n`` texts of about ``chars`` characters on average (uneven: exponentially distributed), from ``texts``."""
+    rng = np.random.default_rng(0)
+    joined = " ".join(texts)
+    out = []
+    for _ in range(n):
+        size = max(10, int(rng.exponential(chars)))
+        start = int(rng.integers(0, max(1, len(joined) - size)))
+        out.append(joined[start : start + size])
+    return out
+
+
 def export_seconds(work: Path, texts: list[str], vectors: np.ndarray, n: int, form: str) -> float:
     """Wall seconds of ``pipeq results --format parquet`` over ``n`` stored vectors (checked: ``n`` rows written)."""
     with sqlite_url(work, f"export-{form.split()[0]}-{len(form)}") as url:
@@ -184,6 +227,7 @@ def main() -> None:
     parser.add_argument("--export-n", type=int, default=100_000, help="vectors exported to Parquet")
     parser.add_argument("--no-pg", action="store_true", help="SQLite only")
     parser.add_argument("--no-sizes", action="store_true", help="only the export")
+    parser.add_argument("--page-sizes", default="4096,16384", help="SQLite page sizes compared ('' to skip)")
     args = parser.parse_args()
     texts = corpus.english(args.n)
     vectors = embed(texts)
@@ -203,6 +247,8 @@ def main() -> None:
                     f = sizes(url, texts, vectors, form, pg=True)
                 print(f"| PostgreSQL | {form} | {f['results_mb_per_1000']:.2f} | {f['whole_mb_per_1000']:.2f} | "
                       f"{f['value_bytes']:,.0f} |", flush=True)  # fmt: skip
+        if args.page_sizes:
+            page_size_table(texts, vectors, work, [int(p) for p in args.page_sizes.split(",")])
         print(f"\n| export of {args.export_n:,} vectors to Parquet (SQLite store) | seconds |")
         print("| --- | --- |")
         for form in ("json (before)", *FORMS):

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import engine_from_config, pool
+from sqlalchemy import engine_from_config, event, pool
 
 from pipeq.models import Base
 from pipeq.settings import Settings
+from pipeq.store.engine import sqlite_page_size
 
 config = context.config
 target_metadata = Base.metadata
@@ -25,6 +26,8 @@ def run_migrations_offline() -> None:
 
 def run_migrations_online() -> None:
     connectable = engine_from_config({"sqlalchemy.url": _url()}, prefix="sqlalchemy.", poolclass=pool.NullPool)
+    if connectable.dialect.name == "sqlite":
+        event.listen(connectable, "connect", sqlite_page_size)  # a new store's first write is its schema
     with connectable.connect() as connection:
         context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
         with context.begin_transaction():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from contextlib import closing
 from datetime import UTC, datetime
 from typing import Any
 
@@ -201,3 +202,33 @@ def test_inputs_round_trip_through_the_bulk_insert(store: Store) -> None:
     )
     assert [x for page in store.iter_pending("rt") for _, x in page] == inputs
     assert store.job("rt").total == len(inputs)
+
+
+def _page_size(path: Any) -> int:
+    import sqlite3
+
+    with closing(sqlite3.connect(path)) as conn:
+        return int(conn.execute("PRAGMA page_size").fetchone()[0])
+
+
+def test_a_new_sqlite_store_has_large_pages_and_an_old_one_keeps_its_own(tmp_path: Any) -> None:
+    import sqlite3
+
+    from pipeq.store import schema as db
+    from pipeq.store.engine import SQLITE_PAGE_SIZE
+
+    new = tmp_path / "new.db"
+    db.upgrade(f"sqlite:///{new}")
+    assert _page_size(new) == SQLITE_PAGE_SIZE == 16384
+
+    # A store created before (SQLite's default 4 KB pages) is upgraded and used as it is.
+    old = tmp_path / "old.db"
+    with closing(sqlite3.connect(old)) as conn:
+        conn.execute("PRAGMA page_size=4096")
+        conn.execute("CREATE TABLE made_before (x INTEGER)")
+        conn.commit()
+    db.upgrade(f"sqlite:///{old}")
+    with Store(f"sqlite:///{old}") as store:
+        job_id = make_job(store, 3)
+        assert [r["input_id"] for r in store.iter_results(job_id)] == ["id0", "id1", "id2"]
+    assert _page_size(old) == 4096

@@ -10,6 +10,18 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 #: Execution option marking a connection that writes (SQLite: BEGIN IMMEDIATE).
 WRITE = "pipeq_write"
+#: Page size of a new SQLite store. SQLite's default 4 KB pages hold two result rows with a pooled
+#: float32 embedding (1.5 KB) beside its input, or one where the text is long: about a quarter of each
+#: page stays empty. 16 KB pages pack eight (benchmarks/vectors.py). SQLite applies it only to a file
+#: that has no tables yet; an existing store keeps the page size it was created with.
+SQLITE_PAGE_SIZE = 16384
+
+
+def sqlite_page_size(dbapi_conn: Any, _record: Any = None) -> None:
+    """Connect hook: give a new SQLite file ``SQLITE_PAGE_SIZE`` pages (a no-op on an existing store)."""
+    cur = dbapi_conn.cursor()
+    cur.execute(f"PRAGMA page_size={SQLITE_PAGE_SIZE}")
+    cur.close()
 
 
 def as_utc(value: datetime | None) -> datetime | None:
@@ -36,6 +48,7 @@ def make_engine(url: str) -> Engine:
             # Let SQLAlchemy, not pysqlite, say when transactions begin (so BEGIN IMMEDIATE works);
             # WAL lets readers (status, results) run while a worker writes.
             dbapi_conn.isolation_level = None
+            sqlite_page_size(dbapi_conn)  # before WAL: a file's first write fixes its page size
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
