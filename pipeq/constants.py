@@ -47,6 +47,11 @@ MIN_PRIORITY = 0
 MAX_PRIORITY = 9
 #: Rows written to SQL per INSERT while a job is stored.
 INSERT_BATCH_ROWS = 5_000
+#: A job of at least this many items has the store's statistics refreshed once it is stored (PostgreSQL
+#: ``ANALYZE items``): the planner must know a job is large to look its items up by key (``Store.create_job``).
+ANALYZE_AFTER_ITEMS = 10_000
+#: How long that ANALYZE waits for a lock (autovacuum may hold it) before it leaves the table to autovacuum.
+ANALYZE_LOCK_TIMEOUT_MS = 2_000
 
 #: Celery task name that runs one chunk of a job (producers publish by name, never import it).
 CHUNK_TASK_NAME = "pipeq.run_chunk"

@@ -232,3 +232,37 @@ def test_a_new_sqlite_store_has_large_pages_and_an_old_one_keeps_its_own(tmp_pat
         job_id = make_job(store, 3)
         assert [r["input_id"] for r in store.iter_results(job_id)] == ["id0", "id1", "id2"]
     assert _page_size(old) == 4096
+
+
+def test_postgres_claims_read_only_their_rows_of_a_large_new_job(pg_url: str) -> None:
+    """Without statistics of a job just stored, the planner takes it for a few rows and reads all of it for
+    every claim and result write (a bitmap scan of the job). A large job has its statistics refreshed
+    when it is stored, and the store runs its statements' generic plan: a claim reads its rows by key."""
+    import re
+
+    from pipeq.store import items
+
+    with Store(pg_url) as store:
+        job_id = make_job(store, 20_000)
+        names: list[str] = []
+
+        def positional(match: re.Match[str]) -> str:
+            if match.group(1) not in names:
+                names.append(match.group(1))
+            return f"${names.index(match.group(1)) + 1}"
+
+        claim = re.sub(r"%\((\w+)\)[sb]", positional, items._PG_CLAIM_UNLEASED)
+        types = {"b_now": "timestamptz", "b_job": "text", "k_slot": "text", "b_idxs": "int[]"}
+        values = {"b_now": "now()", "b_job": f"'{job_id}'", "k_slot": "''", "b_idxs": "'{100,101,102,103}'"}
+        with store.engine.connect() as conn:
+            assert conn.exec_driver_sql("SHOW plan_cache_mode").scalar_one() == "force_generic_plan"
+            conn.exec_driver_sql(f"PREPARE claim ({', '.join(types[n] for n in names)}) AS {claim}")
+            plan = "\n".join(
+                conn.exec_driver_sql(f"EXPLAIN EXECUTE claim ({', '.join(values[n] for n in names)})").scalars()
+            )
+            conn.rollback()
+        assert "Bitmap" not in plan and "Seq Scan" not in plan, plan
+        assert re.search(r"Index Cond: \(\(\(job_id\)::text = \$\d+\) AND \(idx = ANY", plan), plan
+        # And the claim itself still counts the first attempts of exactly those items.
+        assert store.claim(job_id, [100, 101, 102, 103]) == {100: 0, 101: 0, 102: 0, 103: 0}
+        assert store.claim(job_id, [100, 104]) == {100: 1, 104: 0}

@@ -34,13 +34,32 @@ _START_JOB = (
     .where(JOBS.c.id == bindparam("b_job"), JOBS.c.status == C.JOB_QUEUED)
     .values(started_at=func.coalesce(JOBS.c.started_at, bindparam("b_now")), status=C.JOB_RUNNING)
 )
-#: A claim on PostgreSQL: first attempts counted, and what the pending items had before (0 for those counted).
-_PG_CLAIM = (
-    "WITH first AS (UPDATE items SET attempts = 1 WHERE job_id = %(job)s AND idx = ANY(%(idxs)s::int[]) "
-    f"AND status = '{C.ITEM_PENDING}' AND attempts = 0 RETURNING idx) "
-    "SELECT idx, 0 FROM first UNION ALL SELECT idx, attempts FROM items WHERE job_id = %(job)s "
-    f"AND idx = ANY(%(idxs)s::int[]) AND status = '{C.ITEM_PENDING}' AND attempts > 0"
+#: What a claim or a result write adds to the writer's ``job_counts`` row on PostgreSQL (its sign of life,
+#: too): the rows of a CTE named ``n`` (``n``, ``done``, ``failed``, ``cancelled``).
+_PG_ADD_COUNTS = (
+    "k AS (INSERT INTO job_counts (job_id, slot, n_done, n_failed, n_cancelled, updated_at) "
+    "SELECT %(b_job)s, %(k_slot)s, done, failed, cancelled, %(b_now)s FROM n {where}"
+    "ON CONFLICT (job_id, slot) DO UPDATE SET n_done = job_counts.n_done + excluded.n_done, "
+    "n_failed = job_counts.n_failed + excluded.n_failed, n_cancelled = job_counts.n_cancelled + excluded.n_cancelled, "
+    "updated_at = excluded.updated_at)"
 )
+#: A claim on PostgreSQL, in one statement: the lease on the worker's row, the job started if it was queued,
+#: the writer's sign of life, first attempts counted, and what the pending items had before (0 for those
+#: counted; the SELECT reads the statement's snapshot, from before its UPDATE). One statement is one
+#: transaction: it runs without BEGIN and COMMIT.
+_PG_CLAIM = (
+    "WITH {lease}"
+    "s AS (UPDATE jobs SET started_at = coalesce(started_at, %(b_now)s), status = '" + C.JOB_RUNNING + "' "
+    "WHERE id = %(b_job)s AND status = '" + C.JOB_QUEUED + "'), "
+    "n AS (SELECT 0 AS done, 0 AS failed, 0 AS cancelled), "
+    + _PG_ADD_COUNTS.format(where="")
+    + ", first AS (UPDATE items SET attempts = 1 WHERE job_id = %(b_job)s AND idx = ANY(%(b_idxs)b::int[]) "
+    f"AND status = '{C.ITEM_PENDING}' AND attempts = 0 RETURNING idx) "
+    "SELECT idx, 0 FROM first UNION ALL SELECT idx, attempts FROM items WHERE job_id = %(b_job)s "
+    f"AND idx = ANY(%(b_idxs)b::int[]) AND status = '{C.ITEM_PENDING}' AND attempts > 0"
+)
+_PG_CLAIM_LEASED = _PG_CLAIM.format(lease="w AS (UPDATE workers SET lease = %(lease)s::json WHERE id = %(k_slot)s), ")
+_PG_CLAIM_UNLEASED = _PG_CLAIM.format(lease="")
 _INSERT_BATCH = insert(BATCHES)
 #: A page of a job's results with their batch timing (``iter_result_pages``), in input order.
 _RESULT_PAGE = (
@@ -72,25 +91,50 @@ _RESULT_PAGE = (
     .limit(bindparam("b_limit"))
 )
 _RESULT_PAGE_NAMES = tuple(c.name for c in _RESULT_PAGE.selected_columns)
-#: The timing row a PostgreSQL result write inserts, as a CTE named ``b``.
-_PG_INSERT_BATCH = "b AS (INSERT INTO batches ({cols}) VALUES ({values}) RETURNING id),".format(
-    cols=", ".join(_TIMING_COLUMNS), values=", ".join(f"%(t_{c})s" for c in _TIMING_COLUMNS)
-)
-#: A batch's results on PostgreSQL: one UPDATE from arrays, of the items still pending; returns which.
+#: A micro-batch's results on PostgreSQL, in one statement: its items still pending updated from arrays
+#: (``u``), its timing row inserted if any was (``b``, its id drawn first so the items can point at it), the
+#: writer's counts added (``k``) and the job's row settled (``s``: started, or done with its last items).
+#: Returns the indexes it wrote. The job's counts in ``s`` are read from the statement's snapshot, which
+#: does not hold what ``k`` adds, so ``s`` adds this batch's count itself.
 _PG_WRITE = (
-    "WITH {batch} u AS ("
-    "UPDATE items AS i SET status = r.status, output = r.output::json, vector = r.vector, error = r.error, "
+    "WITH {batch_id_cte}"
+    "u AS (UPDATE items AS i SET status = r.status, output = r.output::json, vector = r.vector, error = r.error, "
     "truncated = r.truncated, n_tokens = r.n_tokens, cached = r.cached, batch_id = {batch_id}, finished_at = %(b_now)s "
-    "FROM unnest(%(r_idx)s::int[], %(r_status)s::varchar[], %(r_output)s::text[], %(r_vector)s::bytea[], "
-    "%(r_error)s::text[], %(r_truncated)s::bool[], %(r_n_tokens)s::int[], %(r_cached)s::bool[]) "
+    "FROM unnest(%(r_idx)b::int[], %(r_status)b::varchar[], %(r_output)b::text[], %(r_vector)b::bytea[], "
+    "%(r_error)b::text[], %(r_truncated)b::bool[], %(r_n_tokens)b::int[], %(r_cached)b::bool[]) "
     "AS r(idx, status, output, vector, error, truncated, n_tokens, cached) "
     # ``idx = ANY`` as well as the join: the planner then reads the 64 rows by primary key, not the whole job.
-    f"WHERE i.job_id = %(b_job)s AND i.idx = ANY(%(r_idx)s::int[]) AND i.idx = r.idx "
-    f"AND i.status = '{C.ITEM_PENDING}' RETURNING i.idx) "
-    "SELECT {batch_id}, array(SELECT idx FROM u)"
+    "WHERE i.job_id = %(b_job)s AND i.idx = ANY(%(r_idx)b::int[]) AND i.idx = r.idx "
+    f"AND i.status = '{C.ITEM_PENDING}' RETURNING i.idx, i.status), "
+    "{insert_batch}"
+    f"n AS (SELECT count(*) AS n, count(*) FILTER (WHERE status = '{C.ITEM_DONE}') AS done, "
+    f"count(*) FILTER (WHERE status = '{C.ITEM_FAILED}') AS failed, "
+    f"count(*) FILTER (WHERE status = '{C.ITEM_CANCELLED}') AS cancelled FROM u), "
+    + _PG_ADD_COUNTS.format(where="WHERE n > 0 ")
+    + ", {settle} SELECT array(SELECT idx FROM u)"
 )
-_PG_WRITE_TIMED = _PG_WRITE.format(batch=_PG_INSERT_BATCH, batch_id="(SELECT id FROM b)")
-_PG_WRITE_UNTIMED = _PG_WRITE.format(batch="", batch_id="NULL::bigint")
+#: The job's row after a batch: its counts, its writers' and this batch's (``n``) reach its total.
+_PG_COMPLETE = (
+    "(jobs.n_done + jobs.n_failed + jobs.n_cancelled + (SELECT coalesce(sum(c.n_done + c.n_failed + c.n_cancelled), 0) "
+    "FROM job_counts AS c WHERE c.job_id = jobs.id) + (SELECT n FROM n) >= jobs.total)"
+)
+_PG_SETTLE = (
+    f"s AS (UPDATE jobs SET status = CASE WHEN {_PG_COMPLETE} THEN '{C.JOB_DONE}' ELSE '{C.JOB_RUNNING}' END, "
+    f"started_at = coalesce(started_at, %(b_now)s), "
+    f"finished_at = CASE WHEN {_PG_COMPLETE} THEN %(b_now)s ELSE finished_at END "
+    f"WHERE id = %(b_job)s AND (SELECT n FROM n) > 0 "
+    f"AND (status = '{C.JOB_QUEUED}' OR (status = '{C.JOB_RUNNING}' AND {_PG_COMPLETE})))"
+)
+_PG_WRITE_TIMED = _PG_WRITE.format(
+    settle=_PG_SETTLE,
+    batch_id_cte="bid AS MATERIALIZED (SELECT nextval(pg_get_serial_sequence('batches', 'id')) AS id), ",
+    batch_id="(SELECT id FROM bid)",
+    insert_batch="b AS (INSERT INTO batches (id, {cols}) SELECT (SELECT id FROM bid), {values} "
+    "WHERE EXISTS (SELECT 1 FROM u)), ".format(
+        cols=", ".join(_TIMING_COLUMNS), values=", ".join(f"%(t_{c})s" for c in _TIMING_COLUMNS)
+    ),
+)
+_PG_WRITE_UNTIMED = _PG_WRITE.format(settle=_PG_SETTLE, batch_id_cte="", batch_id="NULL::bigint", insert_batch="")
 #: The job's row moves only twice: queued -> running with its first write, and -> done once every item is
 #: final (its counts plus its writers' ``job_counts``); on every other write the WHERE matches nothing and
 #: no lock is taken, so the fleet's writers never queue on the job's row.
@@ -152,18 +196,21 @@ class ItemQueries(StoreBase):
         """
         now = utcnow()
         params = {"b_job": job_id, "b_idxs": list(idxs), "b_now": now}
-        with self.writer.begin() as conn:
+        if self._is_pg:
+            params["k_slot"] = lease.worker_id if lease else ""
+            if lease is not None:
+                params["lease"] = json.dumps(lease.record(job_id, idxs))
+            with self.engine.connect() as conn:  # one statement, its own transaction
+                conn.execution_options(isolation_level="AUTOCOMMIT")
+                rows = conn.exec_driver_sql(_PG_CLAIM_LEASED if lease else _PG_CLAIM_UNLEASED, params).all()
+            return {int(idx): int(attempts) for idx, attempts in rows}
+        with self.writer.begin() as conn:  # SQLite: the transaction holds the write lock
             if lease is not None:
                 conn.execute(
                     update(WORKERS).where(WORKERS.c.id == lease.worker_id).values(lease=lease.record(job_id, idxs))
                 )
-            if self._is_pg:
-                # One statement, each row written once: the UPDATE takes the row locks itself, and the
-                # SELECT beside it reads the statement's snapshot, from before that UPDATE.
-                rows = conn.exec_driver_sql(_PG_CLAIM, {"job": job_id, "idxs": list(idxs)}).all()
-            else:  # SQLite: the transaction already holds the write lock
-                rows = conn.execute(_SELECT_CLAIMABLE, params).all()
-                conn.execute(_FIRST_ATTEMPT, params)
+            rows = conn.execute(_SELECT_CLAIMABLE, params).all()
+            conn.execute(_FIRST_ATTEMPT, params)
             conn.execute(_START_JOB, params)
             self._add_counts(conn, job_id, lease.worker_id if lease else None, WriteOutcome(), now=now)
         return {int(idx): int(attempts) for idx, attempts in rows}
@@ -264,12 +311,13 @@ class ItemQueries(StoreBase):
         if not any(results for results, _ in batches):
             return [WriteOutcome() for _ in batches]
         now = utcnow()
+        batch = {"worker_id": worker_id, "model_revision": model_revision, "precision": precision, "device": device}
+        if self._is_pg:
+            return self._record_pg(job_id, batches, batch, now, cache_scope)
         outcomes: list[WriteOutcome] = []
         written: list[ItemResult] = []
-        batch = {"worker_id": worker_id, "model_revision": model_revision, "precision": precision, "device": device}
-        write = self._write_pg if self._is_pg else self._write_sqlite
         with self.writer.begin() as conn:
-            for results, todo in write(conn, job_id, batches, batch, now):
+            for results, todo in self._write_sqlite(conn, job_id, batches, batch, now):
                 written.extend(todo)
                 outcomes.append(_outcome(todo, skipped=len(results) - len(todo)))
             if written:
@@ -277,10 +325,33 @@ class ItemQueries(StoreBase):
                 conn.execute(_SETTLE_JOB, {"b_job": job_id, "b_now": now})
                 if cache_scope is not None:
                     record_cached(conn, job_id, cache_scope, written)
-        if written and self._is_pg:
-            # Two writers finishing a job's last items at once each see the other's count uncommitted,
-            # and neither marks it done; after its commit, the later one of them sees both.
-            with self.writer.begin() as conn:
+        return outcomes
+
+    def _record_pg(
+        self, job_id: str, batches: _Batches, batch: dict[str, Any], now: datetime, cache_scope: CacheScope | None
+    ) -> list[WriteOutcome]:
+        """PostgreSQL: a statement a batch (``_PG_WRITE``: results, timing, counts and the job's row), then a
+        look at the job's row after the commit. One batch with no cache to fill is one statement, so it
+        runs as its own transaction, without BEGIN and COMMIT: three round trips a write in all."""
+        outcomes: list[WriteOutcome] = []
+        written: list[ItemResult] = []
+        with self.engine.connect() as conn:
+            if len(batches) == 1 and cache_scope is None:
+                conn.execution_options(isolation_level="AUTOCOMMIT")
+                written = self._write_pg(conn, job_id, *batches[0], batch, now)
+                outcomes.append(_outcome(written, skipped=len(batches[0][0]) - len(written)))
+            else:
+                with conn.begin():
+                    for results, timing in batches:
+                        todo = self._write_pg(conn, job_id, results, timing, batch, now)
+                        written.extend(todo)
+                        outcomes.append(_outcome(todo, skipped=len(results) - len(todo)))
+                    if written and cache_scope is not None:
+                        record_cached(conn, job_id, cache_scope, written)
+                conn.execution_options(isolation_level="AUTOCOMMIT")
+            if written:
+                # Two writers finishing a job's last items at once each see the other's count uncommitted,
+                # and neither marks it done; after its commit, the later one of them sees both.
                 conn.execute(_SETTLE_JOB, {"b_job": job_id, "b_now": utcnow()})
         return outcomes
 
@@ -297,36 +368,43 @@ class ItemQueries(StoreBase):
             yield results, todo
 
     def _write_pg(
-        self, conn: Any, job_id: str, batches: _Batches, batch: dict[str, Any], now: datetime
-    ) -> Iterator[tuple[Sequence[ItemResult], list[ItemResult]]]:
-        """PostgreSQL: one statement a batch inserts its timing row and updates its items still pending.
+        self,
+        conn: Any,
+        job_id: str,
+        results: Sequence[ItemResult],
+        timing: BatchTiming | None,
+        batch: dict[str, Any],
+        now: datetime,
+    ) -> list[ItemResult]:
+        """PostgreSQL: one statement writes a batch (``_PG_WRITE``); returns the results it wrote.
 
         The UPDATE's own guard (``status = 'pending'``, re-checked under the row lock it takes) keeps
         a result from being written twice by two deliveries at once; RETURNING says which it wrote.
         A batch none of whose items was pending any more leaves no timing row behind.
         """
-        for results, timing in batches:
-            columns = {
-                "idx": [r.idx for r in results],
-                "status": [r.status for r in results],
-                # Encoded as the JSON column encodes a value (json.dumps), cast back to json by the statement;
-                # a pooled embedding goes to ``vector`` as its bytes.
-                "output": [_json(r.output) for r in results],
-                "vector": [r.output.blob if isinstance(r.output, Vector) else None for r in results],
-                "error": [r.error for r in results],
-                "truncated": [r.truncated for r in results],
-                "n_tokens": [r.n_tokens for r in results],
-                "cached": [r.cached for r in results],
-            }
-            params: dict[str, Any] = {"b_job": job_id, "b_now": now, **{f"r_{k}": v for k, v in columns.items()}}
-            sql = _PG_WRITE_UNTIMED if timing is None else _PG_WRITE_TIMED
-            if timing is not None:
-                params.update({f"t_{k}": v for k, v in {"job_id": job_id, **batch, **vars(timing)}.items()})
-            batch_id, written = conn.exec_driver_sql(sql, params).one()
-            if batch_id is not None and not written:
-                conn.exec_driver_sql("DELETE FROM batches WHERE id = %(id)s", {"id": batch_id})
-            done = set(written)
-            yield results, [r for r in results if r.idx in done]
+        columns = {
+            "idx": [r.idx for r in results],
+            "status": [r.status for r in results],
+            # Encoded as the JSON column encodes a value (json.dumps), cast back to json by the statement;
+            # a pooled embedding goes to ``vector`` as its bytes.
+            "output": [_json(r.output) for r in results],
+            "vector": [r.output.blob if isinstance(r.output, Vector) else None for r in results],
+            "error": [r.error for r in results],
+            "truncated": [r.truncated for r in results],
+            "n_tokens": [r.n_tokens for r in results],
+            "cached": [r.cached for r in results],
+        }
+        params: dict[str, Any] = {
+            "b_job": job_id,
+            "b_now": now,
+            "k_slot": batch["worker_id"] or "",
+            **{f"r_{k}": v for k, v in columns.items()},
+        }
+        sql = _PG_WRITE_UNTIMED if timing is None else _PG_WRITE_TIMED
+        if timing is not None:
+            params.update({f"t_{k}": v for k, v in {"job_id": job_id, **batch, **vars(timing)}.items()})
+        done = set(conn.exec_driver_sql(sql, params).scalar_one())
+        return [r for r in results if r.idx in done]
 
     def _write_items(
         self,

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import and_, bindparam, func, insert, or_, select, update
+from sqlalchemy.exc import OperationalError
 
 from pipeq import constants as C
 from pipeq.errors import DuplicateIdError, JobNotFoundError
@@ -16,6 +18,8 @@ from pipeq.routing import ServeKey
 from pipeq.store.base import ITEMS, JOBS, StoreBase
 from pipeq.store.counts import CANCELLED, COUNTED, DONE, FAILED, LAST_ACTIVITY
 from pipeq.store.engine import as_utc
+
+log = logging.getLogger(__name__)
 
 #: A job's row with its counts summed over its writers' rows (``counts``), under the row's own column names.
 _JOB = select(
@@ -131,7 +135,25 @@ class JobQueries(StoreBase):
                         self._refuse_duplicates(conn, job["id"], rows[0]["idx"], rows[-1]["idx"] + 1)
                     total += len(rows)
             conn.execute(update(JOBS).where(JOBS.c.id == job["id"]).values(total=total, activity_at=utcnow()))
+        if self._is_pg and total >= C.ANALYZE_AFTER_ITEMS:
+            self._analyze_items()
         return total
+
+    def _analyze_items(self) -> None:
+        """Refresh PostgreSQL's statistics of ``items`` after a large job was stored.
+
+        Until autovacuum next analyzes the table (after a tenth of it changed, so perhaps never for a job
+        small beside the table), the planner takes a new job for a few rows, and reads all of it for each
+        claim and result write instead of the rows they name: on a 64,000-item job 10-16 ms a statement
+        instead of 0.5. ANALYZE samples a bounded number of rows; it gives up after a short lock wait
+        (autovacuum is on the table) and is skipped with a warning where the role does not own the table.
+        """
+        try:
+            with self.writer.begin() as conn:
+                conn.exec_driver_sql(f"SET LOCAL lock_timeout = {C.ANALYZE_LOCK_TIMEOUT_MS}")
+                conn.exec_driver_sql("ANALYZE items")
+        except OperationalError as exc:
+            log.info("left the statistics of items to autovacuum: %s", exc.orig)
 
     def _insert_items(self, conn: Any, rows: Sequence[dict[str, Any]]) -> None:
         """Bulk-insert new items: COPY on PostgreSQL, a plain executemany on SQLite.
