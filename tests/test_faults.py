@@ -191,13 +191,15 @@ def test_a_killed_worker_is_taken_over_in_seconds(
     timeout (an hour) or the stalled-job reconciler (five minutes). Racing Redis's own redelivery of the
     dead message (second case), every item is still written exactly once."""
     store, queue, texts = Store(pg_url), queue_of(model), TEXTS[:240]
-    a = serve(redis_url, pg_url, delay=0.25, env=recovery)
-    a.wait_ready(store, queue)
-    job = submit(redis_url, pg_url, model, texts)
+    # Both live before the job exists, so the slow one gets messages however long either took to load.
+    a = serve(redis_url, pg_url, delay=0.75, env=recovery)
     b = serve(redis_url, pg_url, delay=0.05, env=recovery)
-    wait_for("a second worker", lambda: len(store.live_workers(queue)) == 2, logs=[a, b])
+    wait_for("two workers", lambda: len(store.live_workers(queue)) == 2, logs=[a, b])
     victim = child_of(store, queue, a)
-    wait_for("the first worker to hold a message", lambda: child_of(store, queue, a)["current_job"] == job, logs=[a])
+    job = submit(redis_url, pg_url, model, texts)
+    # Its claim (the lease on its row) says it holds a message, the moment it takes one: a heartbeat
+    # (every 10 s) could miss a message the slow worker holds for a few seconds.
+    wait_for("the first worker to hold a message", lambda: holds(store, queue, a, job), logs=[a])
     os.killpg(a.proc.pid, signal.SIGKILL)
     killed = time.monotonic()
     a.proc.wait(timeout=10)
@@ -211,6 +213,14 @@ def test_a_killed_worker_is_taken_over_in_seconds(
     racing = "PIPEQ_DEAD_AFTER" in recovery
     ledger.recovery(f"dead worker taken over ({'racing redelivery' if racing else 'default timeouts'})", recovered)
     assert recovered < 60, f"the job finished {recovered:.0f}s after the kill"
+
+
+def holds(store: Store, queue: str, worker: WorkerProcess, job_id: str) -> bool:
+    """Whether ``worker``'s pool child has claimed items of ``job_id`` that are still pending."""
+    lease = child_of(store, queue, worker)["lease"]
+    if not lease or lease["job"] != job_id:
+        return False
+    return bool(store.pending_inputs(job_id, lease["idxs"]))
 
 
 def _all_rows(store: Store) -> list[dict[str, Any]]:
