@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from celery import Celery
-from celery.contrib.testing.worker import start_worker
 
+from conftest import in_thread_worker
 from pipeq import Client, Settings
 from pipeq.broker.publish import broker_priority
 from pipeq.broker.window import SLICE_CHUNKS, WINDOW_SLICES, requeue, top_up
@@ -123,7 +123,7 @@ def test_a_small_job_does_not_wait_for_a_large_one(
         # Both jobs are queued before any worker runs: the large one first.
         large = client.submit([f"a long review number {i}" for i in range(800)], task=TASK, model=model)
         small = client.submit(["quick one", "and another"], task=TASK, model=model)
-        with start_worker(app, pool="solo", perform_ping_check=False, queues=[cfg.key.queue], shutdown_timeout=30):
+        with in_thread_worker(app, cfg.key.queue):
             small_state = small.wait(timeout=120)
             large_state = large.wait(timeout=300)
         assert small_state.done == 2 and large_state.done == 800
