@@ -189,7 +189,7 @@ def test_late_acks_and_redelivery_work_on_the_embedded_broker(
 
     def serve(broker_url: str, delay: float) -> WorkerProcess:
         return start_worker(
-            "--task", faultpipe.TASK, "--model", model,
+            "--task", faultpipe.TASK, "--model", model, "--precision", "fp32",
             "--pipeline-class", "faultpipe:FaultyClassificationPipeline",
             "--model-class", "transformers:AutoModelForSequenceClassification",
             "--max-batch-size", "4", "--no-warmup",
