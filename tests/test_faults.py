@@ -240,6 +240,8 @@ def test_a_worker_in_a_long_forward_pass_is_not_taken_over(
     job = submit(redis_url, pg_url, model, texts)
     wait_for("the slow worker to take the message", lambda: child_of(store, queue, slow)["current_job"] == job)
     watcher = serve(redis_url, pg_url, env=env)
+    wait_for("the watcher to beat", lambda: len(store.live_workers(queue)) == 2, logs=[slow, watcher])
+    assert not store.job(job).is_final, "the forward pass ended before the watcher looked for dead workers"
     wait_for("the job to finish", lambda: store.job(job).is_final, timeout=150, logs=[slow, watcher])
     assert "marked lost" not in watcher.log(), watcher.log()[-3000:]
     assert all(w["status"] != "lost" for w in _all_rows(store))
