@@ -10,7 +10,8 @@ broker), claims them (``Store.claim`` with its lease, as ``run_chunk`` does) and
 micro-batches of 64 synthetic results, each its own transaction by default (``Store.record_batches``;
 ``--batches-per-write 4`` writes a chunk's four in one, as a worker's writer thread groups what finished
 within a quarter second). Nothing else runs: no model, no broker, so what saturates is the store. The
-clock starts once every writer has imported pipeq, connected and registered.
+clock starts once every writer has imported pipeq, connected and registered. Each N runs in a new
+database, so no N finds the tables an earlier one grew (or autovacuum still working on them).
 
 Per N: items/s over the run, the 99th percentile of a batch write's latency, and how often a writer
 waited on a lock: a sampler reads ``pg_stat_activity`` every 10 ms and counts, among the writers'
@@ -188,7 +189,8 @@ def render(args: argparse.Namespace, points: list[Point]) -> str:
     cpu = platform.processor() or platform.machine()
     lines = [
         f"`python benchmarks/fleet.py --writers {args.writers} --items {args.items} --batches-per-write "
-        f"{args.batches_per_write}` on {cpu}, {os.cpu_count()} cores, PostgreSQL on the same machine; each writer "
+        f"{args.batches_per_write}` on {cpu}, {os.cpu_count()} cores, PostgreSQL on the same machine, a new "
+        "database for each writer count; each writer "
         f"claims {CHUNK} items at a time and writes them as micro-batches of {BATCH}, {args.batches_per_write} a "
         "transaction. Waits: share of the writers' backends' active samples by wait event ('CPU': none).",
         "",
@@ -214,9 +216,11 @@ def main() -> None:
     parser.add_argument("--results", default=None, help=f"Markdown file whose {BEGIN} block is replaced")
     args = parser.parse_args()
     points: list[Point] = []
-    with benchenv.fresh_pg_database("pipeq_fleet") as url:
-        db.upgrade(url)
-        for n in (int(x) for x in args.writers.split(",")):
+    for n in (int(x) for x in args.writers.split(",")):
+        # A database of its own for each point: on a shared one each point would find the tables the
+        # earlier points grew, and autovacuum still at work on them, and the later (larger) N would pay.
+        with benchenv.fresh_pg_database("pipeq_fleet") as url:
+            db.upgrade(url)
             point = run_point(url, n, args.items, args.batches_per_write)
             print(
                 json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in vars(point).items()}), flush=True
