@@ -12,8 +12,9 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 WRITE = "pipeq_write"
 #: Page size of a new SQLite store. SQLite's default 4 KB pages hold two result rows with a pooled
 #: float32 embedding (1.5 KB) beside its input, or one where the text is long: about a quarter of each
-#: page stays empty. 16 KB pages pack eight (benchmarks/vectors.py). SQLite applies it only to a file
-#: that has no tables yet; an existing store keeps the page size it was created with.
+#: page stays empty. 16 KB pages pack eight; texts of several thousand characters pack a little worse
+#: in them (benchmarks/vectors.py, benchmarks/RESULTS.md). SQLite applies it only to a file that has
+#: no tables yet; an existing store keeps the page size it was created with.
 SQLITE_PAGE_SIZE = 16384
 
 
@@ -76,10 +77,11 @@ def _postgres_connect(dbapi_conn: Any, _record: Any) -> None:
     Every statement pipeq runs often finds rows by key (a job's items by ``(job_id, idx)``), and its best
     plan does not depend on the values bound. A custom plan does, through the statistics of the job it
     names: a job newer than the last ANALYZE is taken for a few rows, and each claim and result write
-    read all of its items instead of the ones they name (10-16 ms a statement instead of 0.5 on a
-    64,000-item job; see ``Store.create_job``, which refreshes the statistics after a large job). The
-    generic plan estimates a job by the table's average, and is not planned again on every execution.
-    psycopg prepares a statement on its fifth execution on a connection.
+    reads all of its items instead of the ones it names (10-16 ms a statement instead of 0.5 on a
+    64,000-item job). The generic plan estimates a job by the table's average (so a small job newer
+    than the statistics is not taken for nothing either) and is not planned again on every execution.
+    On a table never analyzed it too reads the whole job: ``Store.create_job`` runs ANALYZE after a
+    large job. psycopg prepares a statement on its fifth execution on a connection.
     """
     cur = dbapi_conn.cursor()
     cur.execute("SET plan_cache_mode = force_generic_plan")
