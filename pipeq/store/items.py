@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 from datetime import datetime
 from functools import cache
 from typing import Any
 
-from sqlalchemy import Dialect, and_, bindparam, case, func, insert, or_, select, update
+from sqlalchemy import Dialect, and_, bindparam, case, func, insert, literal_column, or_, select, update
+from sqlalchemy.dialects.postgresql import psycopg as pg_psycopg
 
 from pipeq import constants as C
 from pipeq.cache import CacheScope
@@ -113,20 +115,39 @@ _PG_WRITE = (
     + _PG_ADD_COUNTS.format(where="WHERE n > 0 ")
     + ", {settle} SELECT array(SELECT idx FROM u)"
 )
-#: The job's row after a batch: its counts, its writers' and this batch's (``n``) reach its total.
-_PG_COMPLETE = (
-    "(jobs.n_done + jobs.n_failed + jobs.n_cancelled + (SELECT coalesce(sum(c.n_done + c.n_failed + c.n_cancelled), 0) "
-    "FROM job_counts AS c WHERE c.job_id = jobs.id) + (SELECT n FROM n) >= jobs.total)"
-)
-_PG_SETTLE = (
-    f"s AS (UPDATE jobs SET status = CASE WHEN {_PG_COMPLETE} THEN '{C.JOB_DONE}' ELSE '{C.JOB_RUNNING}' END, "
-    f"started_at = coalesce(started_at, %(b_now)s), "
-    f"finished_at = CASE WHEN {_PG_COMPLETE} THEN %(b_now)s ELSE finished_at END "
-    f"WHERE id = %(b_job)s AND (SELECT n FROM n) > 0 "
-    f"AND (status = '{C.JOB_QUEUED}' OR (status = '{C.JOB_RUNNING}' AND {_PG_COMPLETE})))"
-)
+
+
+def _settle_job(batch: Any = None) -> Any:
+    """The UPDATE that moves the job's row: queued -> running with its first write, and -> done once every
+    item is final (its counts plus its writers' ``job_counts``). On every other write the WHERE matches
+    nothing and no lock is taken, so the fleet's writers never queue on the job's row.
+
+    ``batch``: the SQL count of the items the same statement writes (PostgreSQL's one-statement write),
+    added to the counts, which that statement's snapshot does not hold yet; the row moves only if it is > 0.
+    """
+    complete = (COUNTED if batch is None else COUNTED + batch) >= JOBS.c.total
+    where = [
+        JOBS.c.id == bindparam("b_job"),
+        or_(JOBS.c.status == C.JOB_QUEUED, and_(JOBS.c.status == C.JOB_RUNNING, complete)),
+    ]
+    return (
+        update(JOBS)
+        .where(*where, *([] if batch is None else [batch > literal_column("0")]))
+        .values(
+            status=case((complete, C.JOB_DONE), else_=C.JOB_RUNNING),
+            started_at=func.coalesce(JOBS.c.started_at, bindparam("b_now")),
+            finished_at=case((complete, bindparam("b_now")), else_=JOBS.c.finished_at),
+        )
+    )
+
+
+_SETTLE_JOB = _settle_job()
+#: ``_settle_job`` inside ``_PG_WRITE`` (its CTE ``s``), compiled as psycopg takes it; its constants
+#: (the statuses, coalesce's 0) go with every execution's parameters.
+_PG_SETTLE = _settle_job(literal_column("(SELECT n FROM n)")).compile(dialect=pg_psycopg.dialect())
+_PG_SETTLE_CONSTANTS = {k: v for k, v in _PG_SETTLE.params.items() if not k.startswith("b_")}
 _PG_WRITE_TIMED = _PG_WRITE.format(
-    settle=_PG_SETTLE,
+    settle=f"s AS ({_PG_SETTLE})",
     batch_id_cte="bid AS MATERIALIZED (SELECT nextval(pg_get_serial_sequence('batches', 'id')) AS id), ",
     batch_id="(SELECT id FROM bid)",
     insert_batch="b AS (INSERT INTO batches (id, {cols}) SELECT (SELECT id FROM bid), {values} "
@@ -134,22 +155,8 @@ _PG_WRITE_TIMED = _PG_WRITE.format(
         cols=", ".join(_TIMING_COLUMNS), values=", ".join(f"%(t_{c})s" for c in _TIMING_COLUMNS)
     ),
 )
-_PG_WRITE_UNTIMED = _PG_WRITE.format(settle=_PG_SETTLE, batch_id_cte="", batch_id="NULL::bigint", insert_batch="")
-#: The job's row moves only twice: queued -> running with its first write, and -> done once every item is
-#: final (its counts plus its writers' ``job_counts``); on every other write the WHERE matches nothing and
-#: no lock is taken, so the fleet's writers never queue on the job's row.
-_COMPLETE = COUNTED >= JOBS.c.total
-_SETTLE_JOB = (
-    update(JOBS)
-    .where(
-        JOBS.c.id == bindparam("b_job"),
-        or_(JOBS.c.status == C.JOB_QUEUED, and_(JOBS.c.status == C.JOB_RUNNING, _COMPLETE)),
-    )
-    .values(
-        status=case((_COMPLETE, C.JOB_DONE), else_=C.JOB_RUNNING),
-        started_at=func.coalesce(JOBS.c.started_at, bindparam("b_now")),
-        finished_at=case((_COMPLETE, bindparam("b_now")), else_=JOBS.c.finished_at),
-    )
+_PG_WRITE_UNTIMED = _PG_WRITE.format(
+    settle=f"s AS ({_PG_SETTLE})", batch_id_cte="", batch_id="NULL::bigint", insert_batch=""
 )
 
 
@@ -335,19 +342,18 @@ class ItemQueries(StoreBase):
         runs as its own transaction, without BEGIN and COMMIT: three round trips a write in all."""
         outcomes: list[WriteOutcome] = []
         written: list[ItemResult] = []
+        alone = len(batches) == 1 and cache_scope is None
         with self.engine.connect() as conn:
-            if len(batches) == 1 and cache_scope is None:
+            if alone:
                 conn.execution_options(isolation_level="AUTOCOMMIT")
-                written = self._write_pg(conn, job_id, *batches[0], batch, now)
-                outcomes.append(_outcome(written, skipped=len(batches[0][0]) - len(written)))
-            else:
-                with conn.begin():
-                    for results, timing in batches:
-                        todo = self._write_pg(conn, job_id, results, timing, batch, now)
-                        written.extend(todo)
-                        outcomes.append(_outcome(todo, skipped=len(results) - len(todo)))
-                    if written and cache_scope is not None:
-                        record_cached(conn, job_id, cache_scope, written)
+            with nullcontext() if alone else conn.begin():
+                for results, timing in batches:
+                    todo = self._write_pg(conn, job_id, results, timing, batch, now)
+                    written.extend(todo)
+                    outcomes.append(_outcome(todo, skipped=len(results) - len(todo)))
+                if written and cache_scope is not None:
+                    record_cached(conn, job_id, cache_scope, written)
+            if not alone:  # committed: the look at the job's row below is a statement of its own
                 conn.execution_options(isolation_level="AUTOCOMMIT")
             if written:
                 # Two writers finishing a job's last items at once each see the other's count uncommitted,
@@ -395,6 +401,7 @@ class ItemQueries(StoreBase):
             "cached": [r.cached for r in results],
         }
         params: dict[str, Any] = {
+            **_PG_SETTLE_CONSTANTS,
             "b_job": job_id,
             "b_now": now,
             "k_slot": batch["worker_id"] or "",
