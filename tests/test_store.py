@@ -254,6 +254,8 @@ def test_postgres_claims_read_only_their_rows_of_a_large_new_job(pg_url: str) ->
         claim = re.sub(r"%\((\w+)\)[sb]", positional, items._PG_CLAIM_UNLEASED)
         types = {"b_now": "timestamptz", "b_job": "text", "k_slot": "text", "b_idxs": "int[]"}
         values = {"b_now": "now()", "b_job": f"'{job_id}'", "k_slot": "''", "b_idxs": "'{100,101,102,103}'"}
+        for name, constant in items._PG_START_JOB_CONSTANTS.items():  # the job-start CTE's bound statuses
+            types[name], values[name] = "text", f"'{constant}'"
         with store.engine.connect() as conn:
             assert conn.exec_driver_sql("SHOW plan_cache_mode").scalar_one() == "force_generic_plan"
             conn.exec_driver_sql(f"PREPARE claim ({', '.join(types[n] for n in names)}) AS {claim}")

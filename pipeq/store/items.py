@@ -36,6 +36,16 @@ _START_JOB = (
     .where(JOBS.c.id == bindparam("b_job"), JOBS.c.status == C.JOB_QUEUED)
     .values(started_at=func.coalesce(JOBS.c.started_at, bindparam("b_now")), status=C.JOB_RUNNING)
 )
+
+
+def _pg_inline(statement: Any) -> tuple[str, dict[str, Any]]:
+    """``statement`` compiled as psycopg takes it, to sit inside a hand-written PostgreSQL statement (as a
+    CTE), and its constants (bound literals, not pipeq's own ``b_`` parameters) to pass with every execution."""
+    compiled = statement.compile(dialect=pg_psycopg.dialect())
+    return str(compiled), {k: v for k, v in compiled.params.items() if not k.startswith("b_")}
+
+
+_PG_START_JOB, _PG_START_JOB_CONSTANTS = _pg_inline(_START_JOB)
 #: What a claim or a result write adds to the writer's ``job_counts`` row on PostgreSQL (its sign of life,
 #: too): the rows of a CTE named ``n`` (``n``, ``done``, ``failed``, ``cancelled``).
 _PG_ADD_COUNTS = (
@@ -51,8 +61,7 @@ _PG_ADD_COUNTS = (
 #: transaction: it runs without BEGIN and COMMIT.
 _PG_CLAIM = (
     "WITH {lease}"
-    "s AS (UPDATE jobs SET started_at = coalesce(started_at, %(b_now)s), status = '" + C.JOB_RUNNING + "' "
-    "WHERE id = %(b_job)s AND status = '" + C.JOB_QUEUED + "'), "
+    f"s AS ({_PG_START_JOB}), "
     "n AS (SELECT 0 AS done, 0 AS failed, 0 AS cancelled), "
     + _PG_ADD_COUNTS.format(where="")
     + ", first AS (UPDATE items SET attempts = 1 WHERE job_id = %(b_job)s AND idx = ANY(%(b_idxs)b::int[]) "
@@ -142,10 +151,8 @@ def _settle_job(batch: Any = None) -> Any:
 
 
 _SETTLE_JOB = _settle_job()
-#: ``_settle_job`` inside ``_PG_WRITE`` (its CTE ``s``), compiled as psycopg takes it; its constants
-#: (the statuses, coalesce's 0) go with every execution's parameters.
-_PG_SETTLE = _settle_job(literal_column("(SELECT n FROM n)")).compile(dialect=pg_psycopg.dialect())
-_PG_SETTLE_CONSTANTS = {k: v for k, v in _PG_SETTLE.params.items() if not k.startswith("b_")}
+#: ``_settle_job`` inside ``_PG_WRITE``, as its CTE ``s``.
+_PG_SETTLE, _PG_SETTLE_CONSTANTS = _pg_inline(_settle_job(literal_column("(SELECT n FROM n)")))
 _PG_WRITE_TIMED = _PG_WRITE.format(
     settle=f"s AS ({_PG_SETTLE})",
     batch_id_cte="bid AS MATERIALIZED (SELECT nextval(pg_get_serial_sequence('batches', 'id')) AS id), ",
@@ -204,7 +211,7 @@ class ItemQueries(StoreBase):
         now = utcnow()
         params = {"b_job": job_id, "b_idxs": list(idxs), "b_now": now}
         if self._is_pg:
-            params["k_slot"] = lease.worker_id if lease else ""
+            params.update(_PG_START_JOB_CONSTANTS, k_slot=lease.worker_id if lease else "")
             if lease is not None:
                 params["lease"] = json.dumps(lease.record(job_id, idxs))
             with self.engine.connect() as conn:  # one statement, its own transaction
