@@ -32,6 +32,9 @@ CHUNKS_PER_WORKER = 4
 DEFAULT_MAX_BATCH_TOKENS = 8192
 #: Most threads the fast tokenizer gets per worker child on an accelerator (``--tokenizer-threads``).
 MAX_TOKENIZER_THREADS = 8
+#: Most forward streams a CPU child runs by default (one per torch thread up to this many, then threads shared
+#: among them): each stream's Python between operators holds the GIL, so very many streams would queue on it.
+MAX_CPU_STREAMS = 8
 #: Rows allowed in one forward pass, whatever their length.
 DEFAULT_MAX_BATCH_SIZE = 64
 #: Token budgets ``pipeq worker --calibrate`` tries (each capped at max batch size x the model's maximum length).

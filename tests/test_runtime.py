@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -80,15 +81,27 @@ def reference(task: str, model: str, inputs: list[Any], params: dict[str, Any]) 
     return [to_jsonable(pipe(x, **params)) for x in inputs]
 
 
-@pytest.mark.parametrize("prepare_ahead", [0, 2], ids=["serial", "overlapped"])
+#: How the runtime lays its stages out: (prepare_ahead, streams).
+LAYOUTS = {"serial": (0, 1), "overlapped": (2, 1), "streams": (2, 3)}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("task", sorted(CASES))
-def test_outputs_equal_plain_pipeline(task: str, prepare_ahead: int, model_dir: Callable[[str], str]) -> None:
+def test_outputs_equal_plain_pipeline(task: str, layout: str, model_dir: Callable[[str], str]) -> None:
     # Given a tiny model and mixed-length inputs (English, Chinese, one over the model's maximum)
     inputs, params = CASES[task]
     model = model_dir(task)
-    # When pipeq runs them in small token-budget micro-batches, its stages serial or overlapped
+    # When pipeq runs them in small token-budget micro-batches, its stages serial, overlapped, or with
+    # several forward passes at once
+    prepare_ahead, streams = LAYOUTS[layout]
     rt = PipelineRuntime(
-        pipeline(task, model=model), task, max_batch_tokens=256, max_batch_size=4, prepare_ahead=prepare_ahead
+        pipeline(task, model=model),
+        task,
+        max_batch_tokens=256,
+        max_batch_size=2 if streams > 1 else 4,  # more batches than streams
+        prepare_ahead=prepare_ahead,
+        streams=streams,
+        stream_threads=1 if streams > 1 else None,
     )
     out = run_all(rt, inputs, params)
     # Then every output equals what transformers returns for that input
@@ -158,18 +171,82 @@ class _Poisoned:
         return out
 
 
-@pytest.mark.parametrize("prepare_ahead", [0, 2], ids=["serial", "overlapped"])
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("stage", ["preprocess", "forward"])
-def test_poison_item_fails_alone(stage: str, prepare_ahead: int, model_dir: Callable[[str], str]) -> None:
+def test_poison_item_fails_alone(stage: str, layout: str, model_dir: Callable[[str], str]) -> None:
     pipe = pipeline("text-classification", model=model_dir("text-classification"))
+    prepare_ahead, streams = LAYOUTS[layout]
     rt = PipelineRuntime(
-        _Poisoned(pipe, stage, "POISON"), "text-classification", max_batch_size=8, prepare_ahead=prepare_ahead
+        _Poisoned(pipe, stage, "POISON"),
+        "text-classification",
+        max_batch_size=4 if streams > 1 else 8,
+        prepare_ahead=prepare_ahead,
+        streams=streams,
     )
     texts = [f"text number {i}" for i in range(10)]
     texts[4] = "this is POISON here"
     out = run_all(rt, texts, {})
     assert out[4].status == "failed" and out[4].error.startswith(stage)
     assert all(out[i].status == "done" for i in range(10) if i != 4)
+
+
+class _Meeting:
+    """Wraps a pipeline so each forward pass waits until ``parties`` passes are running at once."""
+
+    def __init__(self, pipe: Any, parties: int) -> None:
+        self._pipe = pipe
+        self.barrier = threading.Barrier(parties, timeout=30)
+        self.threads: set[str] = set()
+        self.running = 0
+        self.most = 0
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pipe, name)
+
+    def forward(self, inputs: Any, **kw: Any) -> Any:
+        with self._lock:
+            self.threads.add(threading.current_thread().name)
+            self.running += 1
+            self.most = max(self.most, self.running)
+        try:
+            self.barrier.wait()  # raises BrokenBarrierError if the passes do not run at once
+            return self._pipe.forward(inputs, **kw)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+def test_streams_run_forward_passes_at_once_and_hand_results_on_in_order(model_dir: Callable[[str], str]) -> None:
+    # Given a pipeline whose forward passes wait for each other two by two, and four batches of two
+    pipe = _Meeting(pipeline("text-classification", model=model_dir("text-classification")), parties=2)
+    rt = PipelineRuntime(pipe, "text-classification", max_batch_size=2, streams=2, stream_threads=1)
+    texts = [f"text number {i}" for i in range(8)]
+    # When the runtime runs them with two streams
+    batches = [[r.idx for r in results] for results, _ in rt.run(list(enumerate(texts)), {})]
+    rt.close()
+    # Then two passes ran at once (else the barrier breaks and the items fail), on the streams' own threads
+    assert pipe.most == 2 and len(pipe.threads) == 2
+    assert all(name.startswith("pipeq-forward") for name in pipe.threads)
+    # And each batch's results come once, in the order the batches were cut, all of them done
+    assert sorted(i for batch in batches for i in batch) == list(range(8)) and len(batches) == 4
+    out = run_all(PipelineRuntime(pipe._pipe, "text-classification", max_batch_size=2), texts, {})
+    assert all(r.status == "done" for r in out.values())
+
+
+def test_closing_a_stream_early_leaves_no_forward_pass_running(model_dir: Callable[[str], str]) -> None:
+    # Given two streams on a pipeline that counts its running forward passes
+    pipe = _Meeting(pipeline("text-classification", model=model_dir("text-classification")), parties=1)
+    rt = PipelineRuntime(pipe, "text-classification", max_batch_size=1, streams=2, stream_threads=1)
+    steps = rt.stream(list(enumerate(f"text {i}" for i in range(10))), {})
+    # When the consumer takes one step and stops (a worker told to stop)
+    first = next(steps)
+    steps.close()
+    # Then no forward pass is left running, and what was taken is a whole batch's result
+    assert pipe.running == 0
+    results, _ = first.finish()
+    assert [r.status for r in results] == ["done"]
+    rt.close()
 
 
 def test_postprocess_failure_fails_alone(model_dir: Callable[[str], str]) -> None:

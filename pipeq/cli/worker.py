@@ -61,6 +61,14 @@ def worker(
     model_class: Annotated[str | None, typer.Option(help="Model class for --pipeline-class, module:Class.")] = None,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own code to run.")] = False,
     threads: Annotated[int | None, typer.Option(help="torch threads per child [default: cores/children].")] = None,
+    streams: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help=f"Forward passes a child runs at once, sharing its torch threads [default: on the CPU one per "
+            f"thread, at most {C.MAX_CPU_STREAMS}; on CUDA 1].",
+        ),
+    ] = None,
     tokenizer_threads: Annotated[
         int | None,
         typer.Option(
@@ -156,6 +164,7 @@ def worker(
             model_class=model_class,
             trust_remote_code=trust_remote_code,
             threads=threads,
+            streams=streams,
             tokenizer_threads=tokenizer_threads,
             warmup=warmup,
             allowed_precisions=parse_precisions(allow_precision) if allow_precision else DEFAULT_ALLOWED_PRECISIONS,

@@ -29,6 +29,8 @@ class WorkerConfig:
     model_class: str | None = None
     trust_remote_code: bool = False
     threads: int | None = None
+    #: Forward passes a child runs at once, each on its share of the threads; None: see ``resolved_streams``.
+    streams: int | None = None
     #: Threads the fast tokenizer may use for one batch; None: 1 on the CPU, a share of the cores on CUDA.
     tokenizer_threads: int | None = None
     warmup: bool = True
@@ -64,6 +66,10 @@ class WorkerConfig:
             raise ConfigurationError("--precision auto needs at least one precision in --allow-precision")
         for precision in self.allowed_precisions:
             check_precision(precision)
+        if self.streams is not None and self.streams < 1:
+            raise ConfigurationError("--streams must be at least 1")
+        if self.streams is not None and self.threads is not None and self.streams > self.threads:
+            raise ConfigurationError(f"--streams {self.streams} needs at least as many --threads (got {self.threads})")
         if self.tokenizer_threads is not None and self.tokenizer_threads < 1:
             raise ConfigurationError("--tokenizer-threads must be at least 1")
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
@@ -94,6 +100,21 @@ class WorkerConfig:
                 f"--shadow-fraction compares this worker's outputs with {REFERENCE} ones, but it serves {REFERENCE}: "
                 f"nothing to compare (with --precision auto, leave {REFERENCE} out of --allow-precision)"
             )
+
+    def resolved_streams(self, threads: int) -> int:
+        """Forward streams for a child with ``threads`` torch threads: as set, else on the CPU one per
+        thread (at most ``MAX_CPU_STREAMS``), on an accelerator one.
+
+        On a CPU, torch splits each operator evenly over its threads and waits for the last, so any
+        other thread of the worker (tokenizing, writing) that takes a core for a moment stalls the
+        whole forward pass; streams of one thread each lose only their own moment, and a stream's
+        tokenizing or writing fills the cores the others leave. One loaded model serves them all.
+        """
+        if self.streams is not None:
+            return min(self.streams, threads)
+        if self.device != "cpu":
+            return 1
+        return max(1, min(threads, C.MAX_CPU_STREAMS))
 
     @property
     def resolved_tokenizer_threads(self) -> int:

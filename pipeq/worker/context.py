@@ -101,10 +101,16 @@ class WorkerContext:
         self._heartbeat = threading.Thread(target=self._beat, name="pipeq-heartbeat", daemon=True)
         self._heartbeat.start()
         threads = set_threads(cfg.threads, cfg.concurrency)
+        streams = cfg.resolved_streams(threads)
         tokenizer_threads = set_tokenizer_threads(cfg.resolved_tokenizer_threads)
         self.loaded = load_pipeline(cfg)
         self.runtime = PipelineRuntime(
-            self.loaded.pipe, key.task, max_batch_tokens=cfg.batch_tokens, max_batch_size=cfg.max_batch_size
+            self.loaded.pipe,
+            key.task,
+            max_batch_tokens=cfg.batch_tokens,
+            max_batch_size=cfg.max_batch_size,
+            streams=streams,
+            stream_threads=max(1, threads // streams) if streams > 1 else None,
         )
         if cfg.shadow_share:
             self.shadow = ShadowCheck.load(self.store, cfg)
@@ -120,11 +126,12 @@ class WorkerContext:
         warm_seconds, speed, warm = self._warm_up() if cfg.warmup else (0.0, None, False)
         record = cfg.as_record()
         cheap = warm_seconds < C.THREAD_TRIAL_MAX_SECONDS
-        if speed and warm and cheap and cfg.threads is None and threads > 1 and cfg.device == "cpu":
+        if speed and warm and cheap and cfg.threads is None and threads > 1 and cfg.device == "cpu" and streams == 1:
             began = time.perf_counter()
             threads, speed, record["torch_threads_measured"] = self._choose_threads(threads, speed)
             warm_seconds += time.perf_counter() - began
         record["torch_threads"] = threads
+        record["forward_streams"] = streams
         record["tokenizer_threads"] = tokenizer_threads
         if speed:
             # What producers size this worker's messages by until it has run real chunks (see broker.window).
@@ -139,7 +146,7 @@ class WorkerContext:
             settings=record,
             heartbeat_at=utcnow(),
         )
-        log.info("worker %s ready on %s (%d threads)", self.worker_id[:8], key.queue, threads)
+        log.info("worker %s ready on %s (%d threads, %d streams)", self.worker_id[:8], key.queue, threads, streams)
         if cfg.metrics_port is not None:
             self.metrics = WorkerMetrics(cfg)
             self.metrics.model_loaded(self.loaded.footprint_bytes, self.loaded.load_seconds + warm_seconds)
@@ -168,6 +175,8 @@ class WorkerContext:
         self._stop.set()
         if self._behind is not None:
             self._behind.close()
+        if self.runtime is not None:
+            self.runtime.close()
         if self.on_stop is not None:
             self.on_stop()
         if self.store is not None:

@@ -10,7 +10,12 @@ stages, as the fast serving peers do:
   of the fast tokenizer where the pipeline's ``preprocess`` is one, see ``tokenizing``; else
   ``preprocess`` per input), cut it into batches and collate each one (on CUDA, copy it to the
   device from pinned memory without blocking);
-- **forward**, on the calling thread: one forward pass per batch;
+- **forward**, on the calling thread: one forward pass per batch; or, with ``streams`` > 1 (the
+  CPU's default, see ``WorkerConfig.resolved_streams``), that many forward passes at once, each on a
+  thread of its own running torch on its share of the cores. On a CPU one stream on every core loses
+  to the work around it: torch splits each operator evenly over its threads, so the prepare or writer
+  thread taking a core for a moment stalls the whole operator; streams of one thread each lose only
+  that stream's moment. Their steps still come out in order;
 - **finish**, on whichever thread calls ``Step.finish`` (the worker's writer thread): unbatch,
   ``postprocess``, JSON values (a pooled embedding stays the bytes it is stored as, ``pipeq.vectors``).
 
@@ -21,8 +26,11 @@ The tokenizer (Rust) and torch release the GIL, so the stages run at once on rea
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Generator, Sequence
+from collections import deque
+from collections.abc import Generator, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
@@ -49,6 +57,9 @@ from pipeq.worker.stages import (
 from pipeq.worker.tokenizing import BatchTokenizer, Encoded
 
 log = logging.getLogger(__name__)
+
+#: A batch's forward outputs (or one per unit, where it had to be split), when that pass began, and its milliseconds.
+Forwarded = tuple[list[Segment], datetime, float]
 
 #: Tokenizer limits above this are "no limit" placeholders (transformers uses 1e30).
 _NO_LIMIT = 1_000_000
@@ -91,6 +102,14 @@ def _stored(output: Any) -> Any:
     return output if isinstance(output, Vector) else to_jsonable(output)
 
 
+def _set_torch_threads(threads: int | None) -> None:
+    """A stream's thread: torch's intra-op threads for the operators this thread runs."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def _is_oom(exc: BaseException) -> bool:
     """CUDA's OutOfMemoryError, or a RuntimeError from an allocator that ran out (CUDA, MPS or CPU)."""
     text = str(exc).lower()
@@ -120,6 +139,8 @@ class PipelineRuntime:
         max_batch_tokens: int = C.DEFAULT_MAX_BATCH_TOKENS,
         max_batch_size: int = C.DEFAULT_MAX_BATCH_SIZE,
         prepare_ahead: int = PREFETCH,
+        streams: int = 1,
+        stream_threads: int | None = None,
     ) -> None:
         from transformers.pipelines.base import ChunkPipeline, pad_collate_fn
 
@@ -129,6 +150,14 @@ class PipelineRuntime:
         self.max_batch_size = max_batch_size
         #: Prepared batches the prepare thread may hold ahead of the model; 0 prepares on the calling thread.
         self.prepare_ahead = prepare_ahead
+        if streams < 1:
+            raise ConfigurationError("streams must be at least 1")
+        #: Forward passes that run at once, each on a thread of its own (1: on the calling thread).
+        self.streams = streams
+        #: torch threads each stream's thread runs with (None: as the process is set).
+        self.stream_threads = stream_threads
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
         self.is_chunk = isinstance(pipe, ChunkPipeline)
         feature_extractor = pipe.feature_extractor if pipe.feature_extractor is not None else pipe.image_processor
         try:
@@ -220,27 +249,93 @@ class PipelineRuntime:
         state = [Item(idx, value) for idx, value in items]
         size = max_batch_size or self.max_batch_size
         source = self._prepare(state, pre, size)
-        prepared = prefetch(source, self.prepare_ahead) if self.prepare_ahead > 0 else source
+        prepared = prefetch(source, self.prepare_ahead + self.streams - 1) if self.prepare_ahead > 0 else source
         dispatched = [0] * len(state)
+
+        def step(ready: Ready | Prepared, forwarded: Forwarded | None) -> Step:
+            if isinstance(ready, Ready):
+                return Step([state[p].idx for p in ready.items], ready.finish(self, state, post))
+            assert forwarded is not None
+            segments, started, forward_ms = forwarded
+            done = []
+            for unit in ready.batch:
+                dispatched[unit.item] += 1
+                if dispatched[unit.item] == state[unit.item].n_units:
+                    done.append(unit.item)
+            timing = Timing(started, ready.prepare_ms, forward_ms, queue_wait_ms)
+            finish = BatchFinish(self, state, ready.batch, segments, post, timing, done)
+            return Step([state[p].idx for p in done], finish)
+
+        forwarded = self._forwarded(prepared, fwd)
+        try:
+            for ready, outputs in forwarded:
+                yield step(ready, outputs)
+        finally:
+            forwarded.close()  # first: it waits for forward passes still running
+            prepared.close()
+
+    def _forwarded(
+        self, prepared: Iterator[Ready | Prepared], fwd: dict[str, Any]
+    ) -> Generator[tuple[Ready | Prepared, Forwarded | None], None, None]:
+        """Each prepared batch with its forward pass's outputs (None for a ``Ready``), in the order they came.
+
+        With several streams, that many forward passes run at once on the pool's threads; the oldest
+        is waited for only when every stream is busy. Closed early, it lets no forward pass outlive it.
+        """
+        if self.streams == 1:
+            for ready in prepared:
+                yield ready, None if isinstance(ready, Ready) else self._timed_forward(ready, fwd)
+            return
+        pool = self._forward_pool()
+        pending: deque[tuple[Ready | Prepared, Future[Forwarded] | None]] = deque()
+        running = 0
         try:
             for ready in prepared:
                 if isinstance(ready, Ready):
-                    yield Step([state[p].idx for p in ready.items], ready.finish(self, state, post))
-                    continue
-                started = datetime.now(UTC)
-                t0 = time.perf_counter()
-                segments = self._forward(ready.batch, ready.inputs, fwd)
-                forward_ms = (time.perf_counter() - t0) * 1000
-                done = []
-                for unit in ready.batch:
-                    dispatched[unit.item] += 1
-                    if dispatched[unit.item] == state[unit.item].n_units:
-                        done.append(unit.item)
-                timing = Timing(started, ready.prepare_ms, forward_ms, queue_wait_ms)
-                finish = BatchFinish(self, state, ready.batch, segments, post, timing, done)
-                yield Step([state[p].idx for p in done], finish)
+                    pending.append((ready, None))
+                else:
+                    pending.append((ready, pool.submit(self._timed_forward, ready, fwd)))
+                    running += 1
+                while pending and (pending[0][1] is None or pending[0][1].done() or running >= self.streams):
+                    ready, future = pending.popleft()
+                    if future is not None:
+                        running -= 1
+                    yield ready, None if future is None else future.result()
+            while pending:
+                ready, future = pending.popleft()
+                yield ready, None if future is None else future.result()
         finally:
-            prepared.close()
+            for _, future in pending:
+                if future is not None and not future.cancel():
+                    try:
+                        future.result()
+                    except BaseException:  # its batch is handed on by no one either way
+                        log.debug("a forward pass of a closed stream failed", exc_info=True)
+
+    def _timed_forward(self, ready: Prepared, fwd: dict[str, Any]) -> Forwarded:
+        started = datetime.now(UTC)
+        t0 = time.perf_counter()
+        segments = self._forward(ready.batch, ready.inputs, fwd)
+        return segments, started, (time.perf_counter() - t0) * 1000
+
+    def _forward_pool(self) -> ThreadPoolExecutor:
+        """The streams' threads, started at first use, each running torch on ``stream_threads`` threads."""
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(
+                    max_workers=self.streams,
+                    thread_name_prefix="pipeq-forward",
+                    initializer=_set_torch_threads,
+                    initargs=(self.stream_threads,),
+                )
+            return self._pool
+
+    def close(self) -> None:
+        """Stop the streams' threads (a runtime that runs again starts them anew)."""
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
 
     def _prepare(self, state: list[Item], pre: dict[str, Any], size: int) -> Generator[Ready | Prepared, None, None]:
         """Slice by slice: inputs that failed or need no forward, then collated batches."""
