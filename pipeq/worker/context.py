@@ -101,17 +101,10 @@ class WorkerContext:
         self._heartbeat = threading.Thread(target=self._beat, name="pipeq-heartbeat", daemon=True)
         self._heartbeat.start()
         threads = set_threads(cfg.threads, cfg.concurrency)
-        streams = cfg.resolved_streams(threads)
         tokenizer_threads = set_tokenizer_threads(cfg.resolved_tokenizer_threads)
         self.loaded = load_pipeline(cfg)
-        self.runtime = PipelineRuntime(
-            self.loaded.pipe,
-            key.task,
-            max_batch_tokens=cfg.batch_tokens,
-            max_batch_size=cfg.max_batch_size,
-            streams=streams,
-            stream_threads=max(1, threads // streams) if streams > 1 else None,
-        )
+        self.runtime = PipelineRuntime.for_worker(self.loaded.pipe, cfg, threads)
+        streams = self.runtime.streams
         if cfg.shadow_share:
             self.shadow = ShadowCheck.load(self.store, cfg)
         self.recorder = Recorder(

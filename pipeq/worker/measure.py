@@ -202,7 +202,7 @@ def measure_precisions(
 ) -> PrecisionMeasurement:
     """Load ``cfg``'s model at each candidate precision the device supports, measure its speed and, with
     ``texts``, run them through it and through fp32 to measure their agreement (runs in the child)."""
-    set_threads(cfg.threads, cfg.concurrency)
+    threads = set_threads(cfg.threads, cfg.concurrency)
     measured: dict[str, float] = {}
     skipped: dict[str, str] = {}
     runs: list[str] = []
@@ -221,7 +221,7 @@ def measure_precisions(
     failed: dict[str, str] = {}
     for precision in order if timed or gated else ():
         try:
-            runtime = _runtime(cfg.with_precision(precision))
+            runtime = _runtime(cfg.with_precision(precision), threads)
             if timed and precision in runs:
                 measured[precision] = _throughput(runtime, cfg.key.task, min_seconds)
             if gated:
@@ -229,6 +229,7 @@ def measure_precisions(
                     outputs[precision] = calibration_outputs(runtime, cfg.key.task, texts)
                 except Exception as exc:  # the model's own code on real texts: this precision stays unjudged
                     failed[precision] = f"{type(exc).__name__}: {exc}"
+            runtime.close()
             del runtime
         except Exception as exc:  # the model's own code at this precision: recorded, and auto picks another
             failed[precision] = f"{type(exc).__name__}: {exc}"
@@ -248,11 +249,8 @@ def measure_precisions(
     return PrecisionMeasurement(_device_name_here(cfg.device), measured, skipped, supported, figures, not_compared)
 
 
-def _runtime(cfg: WorkerConfig) -> PipelineRuntime:
-    loaded = load_pipeline(cfg)
-    return PipelineRuntime(
-        loaded.pipe, cfg.key.task, max_batch_tokens=cfg.batch_tokens, max_batch_size=cfg.max_batch_size
-    )
+def _runtime(cfg: WorkerConfig, threads: int) -> PipelineRuntime:
+    return PipelineRuntime.for_worker(load_pipeline(cfg).pipe, cfg, threads)
 
 
 def _throughput(runtime: PipelineRuntime, task: str, min_seconds: float) -> float:
@@ -270,9 +268,9 @@ def budget_candidates(max_batch_size: int, max_length: int | None) -> list[int]:
 
 def sweep_budgets(cfg: WorkerConfig, min_seconds: float) -> BudgetSweep:
     """Load ``cfg``'s model once and measure items/s at each token budget (runs in the child)."""
-    set_threads(cfg.threads, cfg.concurrency)
+    threads = set_threads(cfg.threads, cfg.concurrency)
     loaded = load_pipeline(cfg)
-    runtime = PipelineRuntime(loaded.pipe, cfg.key.task, max_batch_size=cfg.max_batch_size)
+    runtime = PipelineRuntime.for_worker(loaded.pipe, cfg, threads)
     inputs = synthetic_inputs(loaded.pipe, cfg.key.task, max_length=runtime.max_length)
     if not inputs:
         raise ConfigurationError(f"--calibrate cannot make inputs for task {cfg.key.task!r}")
@@ -283,4 +281,5 @@ def sweep_budgets(cfg: WorkerConfig, min_seconds: float) -> BudgetSweep:
             runtime.max_batch_tokens = budget
             rate = throughput(runtime, inputs, min_seconds=min_seconds / _SWEEP_ROUNDS, warm_up=round_no == 0)
             speeds[budget] = max(speeds[budget], rate)
+    runtime.close()
     return BudgetSweep(_device_name_here(cfg.device), speeds)

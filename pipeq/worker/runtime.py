@@ -32,7 +32,7 @@ from collections import deque
 from collections.abc import Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeq import constants as C
 from pipeq.embedding import TASK as EMBEDDING_TASK
@@ -55,6 +55,9 @@ from pipeq.worker.stages import (
     prefetch,
 )
 from pipeq.worker.tokenizing import BatchTokenizer, Encoded
+
+if TYPE_CHECKING:
+    from pipeq.worker.config import WorkerConfig
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +182,20 @@ class PipelineRuntime:
         limit = getattr(tokenizer, "model_max_length", None) if tokenizer is not None else None
         #: The tokenizer's maximum length, None when it sets no real limit.
         self.max_length = int(limit) if limit and limit < _NO_LIMIT else None
+
+    @classmethod
+    def for_worker(cls, pipe: Any, cfg: WorkerConfig, threads: int) -> PipelineRuntime:
+        """The runtime a worker child with ``threads`` torch threads runs ``cfg``'s pipeline in: its budget,
+        batch size and forward streams (warm-up, calibration and precision measurements use the same)."""
+        streams = cfg.resolved_streams(threads)
+        return cls(
+            pipe,
+            cfg.key.task,
+            max_batch_tokens=cfg.batch_tokens,
+            max_batch_size=cfg.max_batch_size,
+            streams=streams,
+            stream_threads=max(1, threads // streams) if streams > 1 else None,
+        )
 
     # ------------------------------------------------------------ parameters
 
