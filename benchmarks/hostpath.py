@@ -25,8 +25,9 @@ in parallel (the worker is stopped before the second raw run).
 
 Stage shares are each stage's busy time over the worker's wall time (the job's started_at to
 finished_at), from the job report's per-batch timing (``pipeq report --json``): preprocess (tokenize
-and collate, on the prepare thread), forward (the task thread), postprocess (the writer thread). The
-three threads overlap, so the shares need not add up to 100%. "Model idle" is the wall time with no
+and collate, on the prepare thread), forward (the forward passes, summed over the worker's streams: a
+CPU worker runs one per core at once, so this share passes 100%), postprocess (the writer thread). They
+overlap, so the shares need not add up to 100%. "Model idle" is the wall time with no
 forward pass running (Celery messages, claims and job reads in SQL, waiting for the prepare thread or
 the writer, time between chunks). Two more figures come from the worker's own totals (``pipeq workers
 --json``): "SQL writes", the result commits on the writer thread, and "outside chunks", the wall time
@@ -261,6 +262,31 @@ class Worker:
 # ------------------------------------------------------------ pipeq run
 
 
+def forward_busy(url: str, job_id: str) -> float:
+    """Seconds in which at least one of the job's forward passes ran (the union of the batches' forward
+    intervals: with several streams they overlap)."""
+    from sqlalchemy import create_engine, select
+
+    from pipeq.models import Batch
+
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(select(Batch.started_at, Batch.forward_ms).where(Batch.job_id == job_id)).all()
+    finally:
+        engine.dispose()
+    busy, end = 0.0, None
+    for started, forward_ms in sorted(rows):
+        begin, stop = started, started + timedelta(milliseconds=forward_ms)
+        if end is None or begin >= end:
+            busy += (stop - begin).total_seconds()
+            end = stop
+        elif stop > end:
+            busy += (stop - end).total_seconds()
+            end = stop
+    return busy
+
+
 @dataclass
 class PipeqRun:
     rate: float
@@ -305,7 +331,7 @@ def pipeq_run(
     stages = {
         p["name"]: p["sum_ms"] / 1000 for p in report["phases"] if p["name"] in ("preprocess", "forward", "postprocess")
     }
-    stages["model idle"] = max(0.0, wall - stages.get("forward", 0.0))
+    stages["model idle"] = max(0.0, wall - forward_busy(url, job.id))
     agree = sum(a["label"] == b["label"] for a, b in zip(sample, check, strict=True)) / max(len(check), 1)
     diff = max((abs(a["score"] - b["score"]) for a, b in zip(sample, check, strict=True)), default=0.0)
     return PipeqRun(
@@ -406,7 +432,8 @@ def render(args: argparse.Namespace, texts: list[str], results: list[StoreResult
             table(results),
             "",
             "Shares are of the worker's wall time, each stage's busy time on its own thread: preprocess "
-            "(tokenize and collate, on the prepare thread, a slice ahead), forward (the task thread), "
+            "(tokenize and collate, on the prepare thread, a slice ahead), forward (summed over the worker's "
+            "forward streams, so over 100% where they run at once), "
             "postprocess (on the writer thread, with *SQL writes); they overlap, so they need not add up to "
             "100%. Model idle is the wall time with no forward pass running. *Outside chunks is wall time in "
             "which the worker ran no chunk (between Celery messages).",

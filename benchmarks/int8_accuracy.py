@@ -41,6 +41,8 @@ from pipeq.worker.loading import load_pipeline  # noqa: E402
 from pipeq.worker.runtime import PipelineRuntime  # noqa: E402
 
 TASK = "feature-extraction"
+
+
 def linear_names(model: Any) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
 
