@@ -243,3 +243,42 @@ def test_warm_up_covers_batch_shapes_and_counts_as_load_time(
         assert len(set(seen)) >= 4
     finally:
         context.stop()
+
+
+@pytest.mark.parametrize(("device_streams", "threads", "expected"), [(None, 2, 2), (1, 2, 1), (None, 1, 1)])
+def test_a_cpu_worker_runs_a_forward_stream_per_torch_thread(
+    sqlite_url: str, model_dir: Any, device_streams: int | None, threads: int, expected: int
+) -> None:
+    """By default a CPU worker runs as many forward passes at once as it has torch threads, each on one
+    of them, and says so on its row; ``--streams 1`` keeps one forward pass on every thread."""
+    from pipeq import Settings
+    from pipeq.worker.config import WorkerConfig
+
+    cfg = WorkerConfig(key=ServeKey(TASK, model_dir(TASK)), threads=threads, streams=device_streams, warmup=False)
+    context = WorkerContext(Settings(broker_url="memory://", database_url=sqlite_url), cfg)
+    context.start()
+    try:
+        assert context.runtime is not None
+        assert context.runtime.streams == expected
+        assert context.runtime.stream_threads == (threads // expected if expected > 1 else None)
+        (row,) = Store(sqlite_url).live_workers(cfg.key.queue)
+        assert (row["settings"]["forward_streams"], row["settings"]["torch_threads"]) == (expected, threads)
+        # And it runs a message's items to the same results either way
+        counts = context.run_chunk("job", submit(Store(sqlite_url), cfg.key, [f"text {i}" for i in range(9)]), None)
+        assert counts["done"] == 9
+    finally:
+        context.stop()
+
+
+def test_streams_are_checked_against_threads_and_the_device() -> None:
+    from pipeq.errors import ConfigurationError
+    from pipeq.worker.config import WorkerConfig
+
+    key = ServeKey(TASK, "m")
+    with pytest.raises(ConfigurationError, match="--streams 4 needs at least as many --threads"):
+        WorkerConfig(key=key, threads=2, streams=4)
+    with pytest.raises(ConfigurationError, match="--streams must be at least 1"):
+        WorkerConfig(key=key, streams=0)
+    assert WorkerConfig(key=key, device="cuda:0").resolved_streams(8) == 1
+    assert WorkerConfig(key=key).resolved_streams(32) == C.MAX_CPU_STREAMS
+    assert WorkerConfig(key=key, streams=3).resolved_streams(2) == 2
