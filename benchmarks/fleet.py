@@ -227,25 +227,48 @@ def run_point(url: str, writers: int, items: int, group: int) -> Point:
     return Point(writers, items / elapsed, busy_items / (busy_until - t0), p99, waits.get("Lock", 0.0), active, waits)
 
 
-def render(args: argparse.Namespace, points: list[Point]) -> str:
+def combined(runs: list[Point]) -> Point:
+    """One writer count's runs as one point: mean rates, lock share and waits; the median p99."""
+    n = len(runs)
+    kinds = {kind for p in runs for kind in p.waits}
+    return Point(
+        runs[0].writers,
+        sum(p.items_per_s for p in runs) / n,
+        sum(p.busy_items_per_s for p in runs) / n,
+        sorted(p.p99_ms for p in runs)[n // 2],
+        sum(p.lock_wait_share for p in runs) / n,
+        sum(p.samples for p in runs),
+        {kind: sum(p.waits.get(kind, 0.0) for p in runs) / n for kind in kinds},
+    )
+
+
+def render(args: argparse.Namespace, rounds: dict[int, list[Point]]) -> str:
     cpu = platform.processor() or platform.machine()
+    many = args.rounds > 1
+    in_turns = f" in each of {args.rounds} rounds (every count once a round, in turns; rates are the means)"
     lines = [
         f"`python benchmarks/fleet.py --writers {args.writers} --items {args.items} --batches-per-write "
-        f"{args.batches_per_write}` on {cpu}, {os.cpu_count()} cores, PostgreSQL on the same machine, a new "
-        f"database for each writer count; each writer warms up on {WARMUP_CHUNKS} chunks of its own, then "
-        f"claims {CHUNK} items at a time and writes them as micro-batches of {BATCH}, {args.batches_per_write} a "
-        "transaction. Waits: share of the writers' backends' active samples by wait event ('CPU': none).",
+        f"{args.batches_per_write}{f' --rounds {args.rounds}' if many else ''}` on {cpu}, {os.cpu_count()} cores, "
+        "PostgreSQL on the same machine, a new database for each writer count"
+        f"{in_turns if many else ''}"
+        f"; each writer warms up on {WARMUP_CHUNKS} chunks of its own, then claims {CHUNK} items at a time and "
+        f"writes them as micro-batches of {BATCH}, {args.batches_per_write} a transaction. Waits: share of the "
+        "writers' backends' active samples by wait event ('CPU': none).",
         "",
-        "| writers | items/s | items/s, all writers busy | p99 write | writers' active samples waiting on a lock "
-        "| other waits |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| writers | items/s | runs | vs 2 writers | items/s, all writers busy | p99 write "
+        "| writers' active samples waiting on a lock | other waits |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for p in points:
+    two = combined(rounds[2]).items_per_s if 2 in rounds else None
+    for runs in rounds.values():
+        p = combined(runs)
         top = sorted(((share, kind) for kind, share in p.waits.items() if kind != "Lock"), reverse=True)[:4]
         other = ", ".join(f"{kind} {100 * share:.0f}%" for share, kind in top)
+        each = ", ".join(f"{r.items_per_s:,.0f}" for r in runs)
+        versus = f"{p.items_per_s / two:.2f}x" if two else ""
         lines.append(
-            f"| {p.writers} | {p.items_per_s:,.0f} | {p.busy_items_per_s:,.0f} | {p.p99_ms:.0f} ms | "
-            f"{100 * p.lock_wait_share:.1f}% | {other} |"
+            f"| {p.writers} | {p.items_per_s:,.0f} | {each} | {versus} | {p.busy_items_per_s:,.0f} | "
+            f"{p.p99_ms:.0f} ms | {100 * p.lock_wait_share:.1f}% | {other} |"
         )
     return "\n".join(lines)
 
@@ -258,19 +281,25 @@ def main() -> None:
         "--batches-per-write", type=int, default=1, help="micro-batches per transaction [1: the hottest case]"
     )
     parser.add_argument("--results", default=None, help=f"Markdown file whose {BEGIN} block is replaced")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="runs of every writer count, in turns; the table has their means [1]"
+    )
     args = parser.parse_args()
-    points: list[Point] = []
-    for n in (int(x) for x in args.writers.split(",")):
-        # A database of its own for each point: on a shared one each point would find the tables the
-        # earlier points grew, and autovacuum still at work on them, and the later (larger) N would pay.
-        with benchenv.fresh_pg_database("pipeq_fleet") as url:
-            db.upgrade(url)
-            point = run_point(url, n, args.items, args.batches_per_write)
-            print(
-                json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in vars(point).items()}), flush=True
-            )
-            points.append(point)
-    report = render(args, points)
+    counts = [int(x) for x in args.writers.split(",")]
+    rounds: dict[int, list[Point]] = {n: [] for n in counts}
+    # In turns (1, 2, ..., 16, then again): this machine's speed drifts 10-30% within minutes, so one
+    # run per count compares moments as much as writer counts.
+    for _ in range(args.rounds):
+        for n in counts:
+            # A database of its own for each point: on a shared one each point would find the tables the
+            # earlier points grew, and autovacuum still at work on them, and the later (larger) N would pay.
+            with benchenv.fresh_pg_database("pipeq_fleet") as url:
+                db.upgrade(url)
+                point = run_point(url, n, args.items, args.batches_per_write)
+                row = {k: round(v, 4) if isinstance(v, float) else v for k, v in vars(point).items()}
+                print(json.dumps(row), flush=True)
+                rounds[n].append(point)
+    report = render(args, rounds)
     print("\n" + report)
     if args.results:
         benchenv.write_block(args.results, report, BEGIN, END)

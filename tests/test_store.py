@@ -268,3 +268,37 @@ def test_postgres_claims_read_only_their_rows_of_a_large_new_job(pg_url: str) ->
         # And the claim itself still counts the first attempts of exactly those items.
         assert store.claim(job_id, [100, 101, 102, 103]) == {100: 0, 101: 0, 102: 0, 103: 0}
         assert store.claim(job_id, [100, 104]) == {100: 1, 104: 0}
+
+
+def test_a_pooled_connection_is_pinged_only_after_sitting_idle_and_replaced_when_dead(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlalchemy as sa
+
+    from conftest import PG_ADMIN_URL
+    from pipeq.store import engine as engine_module
+
+    store = Store(pg_url)
+    pings: list[object] = []
+    real_ping = store.engine.dialect.do_ping
+    monkeypatch.setattr(store.engine.dialect, "do_ping", lambda conn: pings.append(conn) or real_ping(conn))
+    make_job(store, 4, "job")
+    # Given a connection the store used a moment ago: handed out again without a ping
+    monkeypatch.setattr(engine_module, "PING_AFTER_IDLE_SECONDS", 60.0)
+    assert store.claim("job", [0]) == {0: 0}
+    assert pings == []
+    # When it has sat idle longer than the limit (here: any time at all): pinged before it is used
+    monkeypatch.setattr(engine_module, "PING_AFTER_IDLE_SECONDS", 0.0)
+    assert store.claim("job", [1]) == {1: 0}
+    assert len(pings) == 1
+    # And when the server dropped it meanwhile: the ping fails, a new connection serves the call
+    with store.engine.connect() as conn:
+        pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        assert conn.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid}).scalar_one()
+    admin.dispose()
+    assert store.claim("job", [2]) == {2: 0}
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one() != pid
+    store.close()

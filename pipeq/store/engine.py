@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, InvalidatePoolError, OperationalError
 
 #: Execution option marking a connection that writes (SQLite: BEGIN IMMEDIATE).
 WRITE = "pipeq_write"
+#: Seconds a pooled server connection may sit unused before it is pinged at checkout (``_ping_when_idle``).
+PING_AFTER_IDLE_SECONDS = 1.0
+_CHECKED_IN = "pipeq_checked_in"
 #: Page size of a new SQLite store. SQLite's default 4 KB pages hold two result rows with a pooled
 #: float32 embedding (1.5 KB) beside its input, or one where the text is long: about a quarter of each
 #: page stays empty. 16 KB pages pack eight; texts of several thousand characters pack a little worse
@@ -65,10 +69,39 @@ def make_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(WRITE) else "BEGIN")
 
         return engine
-    engine = create_engine(url, pool_pre_ping=True)
+    engine = create_engine(url)
+    _ping_when_idle(engine)
     if engine.dialect.name == "postgresql":
         event.listen(engine, "connect", _postgres_connect)
     return engine
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Ping a pooled server connection before handing it out, if it sat unused for ``PING_AFTER_IDLE_SECONDS``.
+
+    A connection can go stale while it waits in the pool (the server restarted, a proxy or firewall
+    dropped it), so one that waited is pinged, and replaced if the ping fails, as SQLAlchemy's
+    ``pool_pre_ping`` does. That option pings at every checkout, though: a round trip before each claim
+    and each result write, one of a write's three round trips on PostgreSQL (``benchmarks/fleet.py``, one
+    writer, in turns: 10,574 and 8,263 results/s without it against 8,440 and 6,334 with it). A
+    connection checked in moments ago was alive then; if the server went away since, its statement
+    fails as any statement can in an outage, and the caller's retry takes a new connection.
+    """
+
+    @event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi_conn: Any, record: Any) -> None:
+        record.info[_CHECKED_IN] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get(_CHECKED_IN)
+        if since is None or time.monotonic() - since < PING_AFTER_IDLE_SECONDS:
+            return  # new (just connected), or in use moments ago
+        try:
+            engine.dialect.do_ping(dbapi_conn)
+        except Exception as exc:
+            # SQLAlchemy replaces this connection (and those older than it) and checks out a new one.
+            raise InvalidatePoolError(f"pooled connection failed its ping: {type(exc).__name__}") from exc
 
 
 def _postgres_connect(dbapi_conn: Any, _record: Any) -> None:
