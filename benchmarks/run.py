@@ -597,7 +597,8 @@ def main() -> None:
             for lang, sample in texts.items():
                 print(f"\n## {name} / {lang}: {corpus.describe(sample)}", flush=True)
                 outputs: dict[str, list[Any]] = {}
-                for precision in args.precisions.split(","):
+                # fp32 first, whatever the order asked: the others' accuracy is measured against its outputs.
+                for precision in sorted(args.precisions.split(","), key=lambda p: p != "fp32"):
                     row, outputs[precision] = measure(args, name, path, lang, precision, sample, work)
                     if precision != "fp32" and "fp32" in outputs and name == "minilm":
                         agree, diff = label_agreement(outputs["fp32"], outputs[precision])
