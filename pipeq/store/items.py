@@ -346,7 +346,8 @@ class ItemQueries(StoreBase):
     ) -> list[WriteOutcome]:
         """PostgreSQL: a statement a batch (``_PG_WRITE``: results, timing, counts and the job's row), then a
         look at the job's row after the commit. One batch with no cache to fill is one statement, so it
-        runs as its own transaction, without BEGIN and COMMIT: three round trips a write in all."""
+        runs as its own transaction, without BEGIN and COMMIT: two round trips a write in all (three when
+        the pooled connection sat idle and is pinged first, see ``engine._ping_when_idle``)."""
         outcomes: list[WriteOutcome] = []
         written: list[ItemResult] = []
         alone = len(batches) == 1 and cache_scope is None

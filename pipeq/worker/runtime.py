@@ -305,18 +305,16 @@ class PipelineRuntime:
             return
         pool = self._forward_pool()
         pending: deque[tuple[Ready | Prepared, Future[Forwarded] | None]] = deque()
-        running = 0
+
+        def every_stream_busy() -> bool:
+            return sum(future is not None for _, future in pending) >= self.streams
+
         try:
             for ready in prepared:
-                if isinstance(ready, Ready):
-                    pending.append((ready, None))
-                else:
-                    pending.append((ready, pool.submit(self._timed_forward, ready, fwd)))
-                    running += 1
-                while pending and (pending[0][1] is None or pending[0][1].done() or running >= self.streams):
+                future = None if isinstance(ready, Ready) else pool.submit(self._timed_forward, ready, fwd)
+                pending.append((ready, future))
+                while pending and (pending[0][1] is None or pending[0][1].done() or every_stream_busy()):
                     ready, future = pending.popleft()
-                    if future is not None:
-                        running -= 1
                     yield ready, None if future is None else future.result()
             while pending:
                 ready, future = pending.popleft()
