@@ -236,6 +236,36 @@ def test_worker_start_errors_are_clear(tmp_path: Path) -> None:
     assert out.returncode == 2 and "cuda:0 asked for, but torch sees no CUDA device" in out.stderr
 
 
+def test_worker_flag_and_model_errors_come_before_torch_and_transformers_are_imported(
+    tmp_path: Path, model_dir: Callable[[str], str]
+) -> None:
+    # Given a worker command with one mistake each (importing transformers' pipelines takes seconds)
+    bad = {
+        "unknown precision 'int4'": ["--model", model_dir(TASK), "--precision", "int4"],
+        "does not exist": ["--model", str(tmp_path / "missing")],
+        "unknown device 'gpu0'": ["--model", model_dir(TASK), "--device", "gpu0"],
+        "nothing to compare": ["--model", model_dir(TASK), "--precision", "fp32", "--shadow-fraction", "0.1"],
+    }
+    script = textwrap.dedent(
+        """
+        import sys
+        from typer.testing import CliRunner
+        from pipeq.cli import app
+        result = CliRunner().invoke(app, ["worker", "--task", "text-classification", *sys.argv[1:]])
+        heavy = sorted(m for m in ("torch", "transformers.pipelines") if m in sys.modules)
+        print(result.exit_code, heavy, result.output.replace("\\n", " "))
+        """
+    )
+    env = {**os.environ, "PIPEQ_DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}", "PIPEQ_BROKER_URL": "memory://"}
+    for error, args in bad.items():
+        # When the command runs
+        out = subprocess.run(
+            [sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=120
+        )
+        # Then it exits 2 with its error, and neither torch nor transformers' pipelines were imported
+        assert out.stdout.startswith("2 [] ") and error in out.stdout, (error, out.stdout, out.stderr[-2000:])
+
+
 def test_worker_that_cannot_load_its_model_exits_2(tmp_path: Path, model_dir: Callable[[str], str]) -> None:
     broken = tmp_path / "broken"
     shutil.copytree(model_dir(TASK), broken)

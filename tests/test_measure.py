@@ -24,10 +24,10 @@ from pipeq.routing import ServeKey, check_precision
 from pipeq.store import Store
 from pipeq.worker.autotune import calibrate, choose_precision, describe, reuse_calibration, tune
 from pipeq.worker.config import WorkerConfig, parse_precisions
+from pipeq.worker.devices import device_name
 from pipeq.worker.measure import (
     MEASURE_ITEMS,
     budget_candidates,
-    device_name,
     synthetic_inputs,
     throughput,
     unsupported_reason,

@@ -126,22 +126,20 @@ def worker(
 
     for name, value in C.WORKER_ENVIRONMENT.items():  # before torch loads its OpenMP runtime
         os.environ.setdefault(name, value)
+    from dataclasses import replace
+
     from pipeq.agreement import Thresholds
     from pipeq.broker.probe import check_broker
-
-    with cli_errors():
-        settings = settings_from(broker_url, database_url)
-        check_broker(settings)  # in seconds, before torch loads: not Celery's minute of connection retries
     from pipeq.routing import AUTO_PRECISION, ServeKey, check_precision, normalize_model
     from pipeq.tasks import normalize_task
     from pipeq.worker.config import WorkerConfig, parse_precisions
-    from pipeq.worker.main import run_worker
+    from pipeq.worker.devices import cuda_device_count
+    from pipeq.worker.main import run_worker, validate
 
-    if device is None:
-        from pipeq.worker.measure import cuda_device_count
-
-        device = "cuda:0" if cuda_device_count() else "cpu"
     with cli_errors():
+        # Every flag, the task and the model are checked before torch or transformers is imported (seconds):
+        # a mistyped flag fails at once.
+        settings = settings_from(broker_url, database_url)
         auto = precision == AUTO_PRECISION
         if allow_precision is not None and not auto:
             raise ConfigurationError("--allow-precision only applies to --precision auto")
@@ -155,7 +153,7 @@ def worker(
         )
         cfg = WorkerConfig(
             key=key,
-            device=device,
+            device=device or "cpu",  # no --device: CUDA if torch sees any, asked below
             concurrency=concurrency,
             max_batch_tokens=max_batch_tokens,
             max_batch_size=max_batch_size,
@@ -179,5 +177,9 @@ def worker(
                 min_cosine=min_cosine,
             ),
         )
+        validate(cfg)
+        check_broker(settings)  # in seconds, before torch loads: not Celery's minute of connection retries
+        if device is None and cuda_device_count():
+            cfg = replace(cfg, device="cuda:0")
         level = "DEBUG" if State.verbosity > 0 else "WARNING" if State.verbosity < 0 else "INFO"
         run_worker(settings, cfg, loglevel=level, pool=pool)

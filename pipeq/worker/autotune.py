@@ -19,8 +19,9 @@ from pipeq.routing import AUTO_PRECISION
 from pipeq.store import Store
 from pipeq.tasks import traits
 from pipeq.worker.config import WorkerConfig
+from pipeq.worker.devices import device_name, in_subprocess
 from pipeq.worker.gate import calibration_texts
-from pipeq.worker.measure import MEASURE_SECONDS, device_name, in_subprocess, measure_precisions, sweep_budgets
+from pipeq.worker.measure import MEASURE_SECONDS, measure_precisions, sweep_budgets
 
 log = logging.getLogger(__name__)
 

@@ -12,18 +12,22 @@ from pipeq.routing import check_model
 from pipeq.settings import Settings
 from pipeq.store import Store
 from pipeq.tasks import check_task
-from pipeq.worker.app import create_worker_app
-from pipeq.worker.autotune import tune
 from pipeq.worker.config import WorkerConfig
-from pipeq.worker.loading import register_custom_pipeline
-from pipeq.worker.measure import device_name
+from pipeq.worker.devices import device_name
 
 log = logging.getLogger(__name__)
 
 
 def validate(cfg: WorkerConfig) -> None:
-    """Fail fast in the parent, before any child loads the model: task, model, store."""
-    register_custom_pipeline(cfg)
+    """Fail fast in the parent, before any child loads the model: task, model, store.
+
+    Cheap for the built-in tasks: transformers and torch are imported only after it passes (a custom
+    pipeline class is imported here, to register its task).
+    """
+    if cfg.pipeline_class:
+        from pipeq.worker.loading import register_custom_pipeline
+
+        register_custom_pipeline(cfg)
     custom = frozenset({cfg.key.task}) if cfg.pipeline_class else frozenset()
     check_task(cfg.key.task, custom_tasks=custom)
     check_model(cfg.key.model)
@@ -33,8 +37,10 @@ def validate(cfg: WorkerConfig) -> None:
 
 
 def run_worker(settings: Settings, cfg: WorkerConfig, *, loglevel: str = "INFO", pool: str = "prefork") -> None:
-    """Run the worker until it is stopped (SIGTERM finishes running batches first)."""
-    validate(cfg)
+    """Run the worker until it is stopped (SIGTERM finishes running batches first); ``cfg`` passed ``validate``."""
+    from pipeq.worker.app import create_worker_app  # the model stack: seconds of imports
+    from pipeq.worker.autotune import tune
+
     store = Store(settings.database_url)
     try:
         store.check_schema()

@@ -7,17 +7,12 @@ spawned process that hands back plain results.
 
 from __future__ import annotations
 
-import functools
 import gc
 import logging
 import math
-import multiprocessing
-import platform
 import random
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -26,6 +21,7 @@ from pipeq.errors import ConfigurationError
 from pipeq.precisions import PRECISIONS, REFERENCE
 from pipeq.tasks import traits
 from pipeq.worker.config import WorkerConfig
+from pipeq.worker.devices import device_name_here
 from pipeq.worker.gate import agreement, calibration_outputs
 from pipeq.worker.loading import load_pipeline, set_threads, synthetic_text
 from pipeq.worker.runtime import PipelineRuntime
@@ -66,44 +62,6 @@ class BudgetSweep:
 
     device_name: str
     items_per_s: dict[int, float]
-
-
-def in_subprocess(fn: Callable[..., T], *args: Any) -> T:
-    """Run ``fn(*args)`` in a freshly spawned process and return its (picklable) result."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        try:
-            return pool.submit(fn, *args).result()
-        except BrokenProcessPool as exc:
-            raise ConfigurationError(f"the measuring process died: {exc}") from None
-
-
-@functools.cache
-def cuda_device_names() -> tuple[str, ...]:
-    """The names of the CUDA devices torch sees (index order), asked once, in a spawned process.
-
-    Asking in the worker's parent would poison its prefork pool: once the parent has touched the CUDA
-    runtime (``torch.cuda.is_available()`` does), a forked child cannot initialise CUDA at all.
-    """
-    import torch
-
-    if not torch.backends.cuda.is_built():  # a CPU build of torch: no need to ask
-        return ()
-    return in_subprocess(_cuda_device_names_here)
-
-
-def _cuda_device_names_here() -> tuple[str, ...]:
-    import torch
-
-    return tuple(str(torch.cuda.get_device_name(i)) for i in range(torch.cuda.device_count()))
-
-
-def cuda_device_count() -> int:
-    return len(cuda_device_names())
-
-
-def cuda_index(device: str) -> int:
-    """0 for ``cuda``, N for ``cuda:N``."""
-    return int(device.partition(":")[2] or 0)
 
 
 def synthetic_inputs(pipe: Any, task: str, *, max_length: int | None, n: int = MEASURE_ITEMS) -> list[str]:
@@ -153,39 +111,6 @@ def _run_all(runtime: PipelineRuntime, items: list[tuple[int, Any]]) -> int:
 def unsupported_reason(cfg: WorkerConfig) -> str | None:
     """Why ``cfg``'s device cannot run its precision (None when it can); may import torch, so call it in the child."""
     return PRECISIONS[cfg.key.precision].unsupported(cfg)
-
-
-def device_name(device: str) -> str:
-    """The CPU's model name or the CUDA device's name (from the one spawned lookup, for CUDA).
-
-    Raises ConfigurationError for a CUDA device torch does not see.
-    """
-    if not device.startswith("cuda"):
-        return _cpu_name()
-    names, index = cuda_device_names(), cuda_index(device)
-    if index >= len(names):
-        seen = f"{len(names)} CUDA device(s)" if names else "no CUDA device"
-        raise ConfigurationError(f"device {device} asked for, but torch sees {seen}")
-    return names[index]
-
-
-def _device_name_here(device: str) -> str:
-    if not device.startswith("cuda"):
-        return _cpu_name()
-    import torch
-
-    return str(torch.cuda.get_device_name(device))
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass  # not Linux
-    return platform.processor() or platform.machine() or "cpu"
 
 
 def _release(device: str) -> None:
@@ -246,7 +171,7 @@ def measure_precisions(
         else:
             figures[precision] = agreement(outputs[REFERENCE], outputs[precision], precision, cfg.thresholds)
     supported = [p for p in runs if p not in skipped]
-    return PrecisionMeasurement(_device_name_here(cfg.device), measured, skipped, supported, figures, not_compared)
+    return PrecisionMeasurement(device_name_here(cfg.device), measured, skipped, supported, figures, not_compared)
 
 
 def _runtime(cfg: WorkerConfig, threads: int) -> PipelineRuntime:
@@ -282,4 +207,4 @@ def sweep_budgets(cfg: WorkerConfig, min_seconds: float) -> BudgetSweep:
             rate = throughput(runtime, inputs, min_seconds=min_seconds / _SWEEP_ROUNDS, warm_up=round_no == 0)
             speeds[budget] = max(speeds[budget], rate)
     runtime.close()
-    return BudgetSweep(_device_name_here(cfg.device), speeds)
+    return BudgetSweep(device_name_here(cfg.device), speeds)

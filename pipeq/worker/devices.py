@@ -1,0 +1,92 @@
+"""Which device a worker runs on: CUDA devices asked about in a spawned process, the CPU's model name.
+
+Light on purpose: ``pipeq worker`` asks before it imports the model stack, so a mistyped flag fails in
+a second, not after seconds of importing transformers. The worker's parent process later forks Celery
+pool children; a parent that touched the CUDA runtime would break them, so CUDA is asked about in a
+freshly spawned process that hands back plain results (``in_subprocess``).
+"""
+
+from __future__ import annotations
+
+import functools
+import multiprocessing
+import platform
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, TypeVar
+
+from pipeq.errors import ConfigurationError
+
+T = TypeVar("T")
+
+
+def in_subprocess(fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn(*args)`` in a freshly spawned process and return its (picklable) result."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            return pool.submit(fn, *args).result()
+        except BrokenProcessPool as exc:
+            raise ConfigurationError(f"the measuring process died: {exc}") from None
+
+
+@functools.cache
+def cuda_device_names() -> tuple[str, ...]:
+    """The names of the CUDA devices torch sees (index order), asked once, in a spawned process.
+
+    Asking in the worker's parent would poison its prefork pool: once the parent has touched the CUDA
+    runtime (``torch.cuda.is_available()`` does), a forked child cannot initialise CUDA at all.
+    """
+    import torch
+
+    if not torch.backends.cuda.is_built():  # a CPU build of torch: no need to ask
+        return ()
+    return in_subprocess(_cuda_device_names_here)
+
+
+def _cuda_device_names_here() -> tuple[str, ...]:
+    import torch
+
+    return tuple(str(torch.cuda.get_device_name(i)) for i in range(torch.cuda.device_count()))
+
+
+def cuda_device_count() -> int:
+    return len(cuda_device_names())
+
+
+def cuda_index(device: str) -> int:
+    """0 for ``cuda``, N for ``cuda:N``."""
+    return int(device.partition(":")[2] or 0)
+
+
+def device_name(device: str) -> str:
+    """The CPU's model name or the CUDA device's name (from the one spawned lookup, for CUDA).
+
+    Raises ConfigurationError for a CUDA device torch does not see.
+    """
+    if not device.startswith("cuda"):
+        return _cpu_name()
+    names, index = cuda_device_names(), cuda_index(device)
+    if index >= len(names):
+        seen = f"{len(names)} CUDA device(s)" if names else "no CUDA device"
+        raise ConfigurationError(f"device {device} asked for, but torch sees {seen}")
+    return names[index]
+
+
+def device_name_here(device: str) -> str:
+    if not device.startswith("cuda"):
+        return _cpu_name()
+    import torch
+
+    return str(torch.cuda.get_device_name(device))
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass  # not Linux
+    return platform.processor() or platform.machine() or "cpu"
