@@ -19,10 +19,11 @@ log = logging.getLogger(__name__)
 
 
 def validate(cfg: WorkerConfig) -> None:
-    """Fail fast in the parent, before any child loads the model: task, model, store.
+    """Fail fast in the parent, before any child loads the model: the task, the model, the shadow check and a
+    named CUDA device.
 
-    Cheap for the built-in tasks: transformers and torch are imported only after it passes (a custom
-    pipeline class is imported here, to register its task).
+    Cheap for a built-in task: transformers is imported only after it passes (a custom pipeline class
+    is imported here, to register its task; a named CUDA device imports torch, to ask whether it is seen).
     """
     if cfg.pipeline_class:
         from pipeq.worker.loading import register_custom_pipeline

@@ -14,7 +14,7 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 from pipeq import constants as C
 from pipeq.errors import ConfigurationError
@@ -27,8 +27,6 @@ from pipeq.worker.loading import load_pipeline, set_threads, synthetic_text
 from pipeq.worker.runtime import PipelineRuntime
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 #: Inputs in the synthetic measuring set: enough for several batches at the largest budget.
 MEASURE_ITEMS = 128
