@@ -249,6 +249,26 @@ def test_closing_a_stream_early_leaves_no_forward_pass_running(model_dir: Callab
     rt.close()
 
 
+def test_a_runtime_used_in_a_with_block_stops_its_stream_threads_even_when_the_block_raises(
+    model_dir: Callable[[str], str],
+) -> None:
+    def stream_threads() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name.startswith("pipeq-forward")}
+
+    # Given a runtime with two streams, used as precision measurements use it
+    pipe = pipeline("text-classification", model=model_dir("text-classification"))
+    before = stream_threads()
+    # When its block runs batches on the streams' threads, then raises
+    with pytest.raises(RuntimeError, match="measurement failed"):
+        with PipelineRuntime(pipe, "text-classification", max_batch_size=1, streams=2, stream_threads=1) as rt:
+            out = run_all(rt, ["a text", "another text", "a third"], {})
+            started = stream_threads() - before
+            raise RuntimeError("measurement failed")
+    # Then the streams had run the batches, and none of their threads is left
+    assert [r.status for r in out.values()] == ["done"] * 3 and len(started) == 2
+    assert not stream_threads() - before and not any(t.is_alive() for t in started)
+
+
 def test_postprocess_failure_fails_alone(model_dir: Callable[[str], str]) -> None:
     pipe = pipeline("text-classification", model=model_dir("text-classification"))
     calls = {"n": 0}

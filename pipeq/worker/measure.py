@@ -143,21 +143,21 @@ def measure_precisions(
     outputs: dict[str, dict[int, Any]] = {}
     failed: dict[str, str] = {}
     for precision in order if timed or gated else ():
+        runtime: PipelineRuntime | None = None
         try:
-            runtime = _runtime(cfg.with_precision(precision), threads)
-            if timed and precision in runs:
-                measured[precision] = _throughput(runtime, cfg.key.task, min_seconds)
-            if gated:
-                try:
-                    outputs[precision] = calibration_outputs(runtime, cfg.key.task, texts)
-                except Exception as exc:  # the model's own code on real texts: this precision stays unjudged
-                    failed[precision] = f"{type(exc).__name__}: {exc}"
-            runtime.close()
-            del runtime
+            with _runtime(cfg.with_precision(precision), threads) as runtime:  # its stream threads end either way
+                if timed and precision in runs:
+                    measured[precision] = _throughput(runtime, cfg.key.task, min_seconds)
+                if gated:
+                    try:
+                        outputs[precision] = calibration_outputs(runtime, cfg.key.task, texts)
+                    except Exception as exc:  # the model's own code on real texts: this precision stays unjudged
+                        failed[precision] = f"{type(exc).__name__}: {exc}"
         except Exception as exc:  # the model's own code at this precision: recorded, and auto picks another
             failed[precision] = f"{type(exc).__name__}: {exc}"
             if precision in runs:
                 skipped[precision] = failed[precision]
+        runtime = None  # its model unreferenced, whether it ran or failed: freed before the next one loads
         _release(cfg.device)
     figures: dict[str, dict[str, Any]] = {}
     not_compared: dict[str, str] = {}
@@ -193,16 +193,15 @@ def sweep_budgets(cfg: WorkerConfig, min_seconds: float) -> BudgetSweep:
     """Load ``cfg``'s model once and measure items/s at each token budget (runs in the child)."""
     threads = set_threads(cfg.threads, cfg.concurrency)
     loaded = load_pipeline(cfg)
-    runtime = PipelineRuntime.for_worker(loaded.pipe, cfg, threads)
-    inputs = synthetic_inputs(loaded.pipe, cfg.key.task, max_length=runtime.max_length)
-    if not inputs:
-        raise ConfigurationError(f"--calibrate cannot make inputs for task {cfg.key.task!r}")
-    speeds = dict.fromkeys(budget_candidates(cfg.max_batch_size, runtime.max_length), 0.0)
-    # Interleaved rounds, so a burst of other work on the machine does not decide for one budget.
-    for round_no in range(_SWEEP_ROUNDS):
-        for budget in speeds:
-            runtime.max_batch_tokens = budget
-            rate = throughput(runtime, inputs, min_seconds=min_seconds / _SWEEP_ROUNDS, warm_up=round_no == 0)
-            speeds[budget] = max(speeds[budget], rate)
-    runtime.close()
+    with PipelineRuntime.for_worker(loaded.pipe, cfg, threads) as runtime:
+        inputs = synthetic_inputs(loaded.pipe, cfg.key.task, max_length=runtime.max_length)
+        if not inputs:
+            raise ConfigurationError(f"--calibrate cannot make inputs for task {cfg.key.task!r}")
+        speeds = dict.fromkeys(budget_candidates(cfg.max_batch_size, runtime.max_length), 0.0)
+        # Interleaved rounds, so a burst of other work on the machine does not decide for one budget.
+        for round_no in range(_SWEEP_ROUNDS):
+            for budget in speeds:
+                runtime.max_batch_tokens = budget
+                rate = throughput(runtime, inputs, min_seconds=min_seconds / _SWEEP_ROUNDS, warm_up=round_no == 0)
+                speeds[budget] = max(speeds[budget], rate)
     return BudgetSweep(device_name_here(cfg.device), speeds)

@@ -352,6 +352,12 @@ class PipelineRuntime:
         if pool is not None:
             pool.shutdown(wait=True)
 
+    def __enter__(self) -> PipelineRuntime:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
     def _prepare(self, state: list[Item], pre: dict[str, Any], size: int) -> Generator[Ready | Prepared, None, None]:
         """Slice by slice: inputs that failed or need no forward, then collated batches."""
         # Slices of similar length (shortest first: the model starts on a quick batch). A producer's
