@@ -9,7 +9,8 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -22,6 +23,7 @@ from pipeq.cli import app as cli_app
 from pipeq.errors import ConfigurationError
 from pipeq.routing import ServeKey, check_precision
 from pipeq.store import Store
+from pipeq.worker import autotune
 from pipeq.worker.autotune import calibrate, choose_precision, describe, reuse_calibration, tune
 from pipeq.worker.config import WorkerConfig, parse_precisions
 from pipeq.worker.devices import device_name
@@ -236,6 +238,33 @@ def test_calibrate_stores_the_fastest_budget_and_the_next_start_reuses_it(
     assert tune(store, WorkerConfig(key=key, max_batch_tokens=300)).max_batch_tokens == 300
     other = tune(store, WorkerConfig(key=key).with_precision("int8"))
     assert (other.max_batch_tokens, other.calibration) == (C.DEFAULT_MAX_BATCH_TOKENS, None)
+    store.close()
+
+
+def test_auto_and_calibrate_measure_in_one_process(
+    sqlite_url: str, model_dir: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given the processes tune opens, each recording what runs in it (here in this process, not spawned)
+    opened: list[list[str]] = []
+
+    @contextmanager
+    def recording_process() -> Iterator[Callable[..., Any]]:
+        calls: list[str] = []
+        opened.append(calls)
+        yield lambda fn, *args: (calls.append(fn.__name__), fn(*args))[1]
+
+    def one_shot(fn: Callable[..., Any], *args: Any) -> Any:
+        raise AssertionError(f"{fn.__name__} ran in a process of its own")
+
+    monkeypatch.setattr(autotune, "spawned_process", recording_process)
+    monkeypatch.setattr(autotune, "in_subprocess", one_shot)
+    store = Store(sqlite_url)
+    # When a worker with --precision auto and --calibrate is tuned
+    cfg = tune(store, auto_config(model_dir(TASK), "fp32", calibrate=True, max_batch_size=16), min_seconds=0)
+    # Then one process measured the precisions and then swept the budget for the chosen one
+    assert opened == [["measure_precisions", "sweep_budgets"]]
+    assert cfg.key.precision == "fp32" and cfg.calibration is not None and cfg.calibration["source"] == "calibrated"
+    assert cfg.max_batch_tokens in (1024, 2048) and not cfg.calibrate
     store.close()
 
 

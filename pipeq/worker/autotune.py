@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import replace
 from typing import Any
 
@@ -19,7 +20,7 @@ from pipeq.routing import AUTO_PRECISION
 from pipeq.store import Store
 from pipeq.tasks import traits
 from pipeq.worker.config import WorkerConfig
-from pipeq.worker.devices import device_name, in_subprocess
+from pipeq.worker.devices import Runner, device_name, in_subprocess, spawned_process
 from pipeq.worker.gate import calibration_texts
 from pipeq.worker.measure import MEASURE_SECONDS, measure_precisions, sweep_budgets
 
@@ -28,10 +29,13 @@ log = logging.getLogger(__name__)
 
 def tune(store: Store, cfg: WorkerConfig, *, min_seconds: float = MEASURE_SECONDS) -> WorkerConfig:
     """``cfg`` with a fixed precision and token budget: measured now, stored by an earlier start, or default."""
-    if cfg.key.precision == AUTO_PRECISION:
-        cfg = choose_precision(cfg, min_seconds=min_seconds)
-    if cfg.calibrate:
-        return calibrate(store, cfg, min_seconds=min_seconds)
+    auto = cfg.key.precision == AUTO_PRECISION
+    # Both measured: in one spawned process, which imports torch and transformers once.
+    with spawned_process() if auto and cfg.calibrate else nullcontext(None) as run:
+        if auto:
+            cfg = choose_precision(cfg, min_seconds=min_seconds, run=run)
+        if cfg.calibrate:
+            return calibrate(store, cfg, min_seconds=min_seconds, run=run)
     if cfg.max_batch_tokens is None:
         return reuse_calibration(store, cfg)
     return cfg
@@ -41,7 +45,9 @@ def _rates(speeds: dict[Any, float]) -> str:
     return ", ".join(f"{name} {rate:,.0f}/s" for name, rate in speeds.items())
 
 
-def choose_precision(cfg: WorkerConfig, *, min_seconds: float = MEASURE_SECONDS) -> WorkerConfig:
+def choose_precision(
+    cfg: WorkerConfig, *, min_seconds: float = MEASURE_SECONDS, run: Runner | None = None
+) -> WorkerConfig:
     """Serve the fastest allowed precision that agrees with fp32 on the calibration texts (``--precision auto``).
 
     Each lower precision runs the calibration texts beside fp32 in the measuring process; one whose
@@ -51,7 +57,7 @@ def choose_precision(cfg: WorkerConfig, *, min_seconds: float = MEASURE_SECONDS)
     texts = calibration_texts(cfg.calibration_texts)
     task = cfg.key.task
     t0 = time.perf_counter()
-    result = in_subprocess(measure_precisions, cfg, allowed, min_seconds, texts)
+    result = (run or in_subprocess)(measure_precisions, cfg, allowed, min_seconds, texts)
     seconds = time.perf_counter() - t0
     for precision, reason in result.skipped.items():
         log.warning("--precision auto leaves out %s: %s", precision, reason)
@@ -124,13 +130,15 @@ def summarize(
     return f"auto: {head} {speed(chosen)}{kept}"
 
 
-def calibrate(store: Store, cfg: WorkerConfig, *, min_seconds: float = MEASURE_SECONDS) -> WorkerConfig:
+def calibrate(
+    store: Store, cfg: WorkerConfig, *, min_seconds: float = MEASURE_SECONDS, run: Runner | None = None
+) -> WorkerConfig:
     """Sweep the token budget on the real model, store the fastest and serve with it (``--calibrate``)."""
     if not traits(cfg.key.task).synthetic_warmup:
         raise ConfigurationError(
             f"--calibrate cannot make test inputs for task {cfg.key.task!r}; set --max-batch-tokens instead"
         )
-    sweep = in_subprocess(sweep_budgets, cfg, min_seconds)
+    sweep = (run or in_subprocess)(sweep_budgets, cfg, min_seconds)
     best = max(sweep.items_per_s, key=sweep.items_per_s.__getitem__)
     rates = {str(budget): round(rate, 2) for budget, rate in sweep.items_per_s.items()}
     key = cfg.key

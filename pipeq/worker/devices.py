@@ -11,9 +11,10 @@ from __future__ import annotations
 import functools
 import multiprocessing
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from pipeq.errors import ConfigurationError
@@ -21,13 +22,30 @@ from pipeq.errors import ConfigurationError
 T = TypeVar("T")
 
 
+#: Runs ``fn(*args)`` in a spawned process and returns its (picklable) result.
+Runner = Callable[..., Any]
+
+
+@contextmanager
+def spawned_process() -> Iterator[Runner]:
+    """A freshly spawned process for several calls in a row: it imports torch and transformers once
+    (seconds), where a process per call would import them again for each."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+
+        def run(fn: Callable[..., T], *args: Any) -> T:
+            try:
+                return pool.submit(fn, *args).result()
+            except BrokenProcessPool as exc:
+                raise ConfigurationError(f"the measuring process died: {exc}") from None
+
+        yield run
+
+
 def in_subprocess(fn: Callable[..., T], *args: Any) -> T:
     """Run ``fn(*args)`` in a freshly spawned process and return its (picklable) result."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        try:
-            return pool.submit(fn, *args).result()
-        except BrokenProcessPool as exc:
-            raise ConfigurationError(f"the measuring process died: {exc}") from None
+    with spawned_process() as run:
+        result: T = run(fn, *args)
+        return result
 
 
 @functools.cache
