@@ -177,8 +177,8 @@ def worker(
                 min_cosine=min_cosine,
             ),
         )
-        validate(cfg)
         check_broker(settings)  # in seconds, before torch loads: not Celery's minute of connection retries
+        validate(cfg)  # the task (transformers' task list, cached on disk after the first run) and the model
         if device is None and cuda_device_count():
             cfg = replace(cfg, device="cuda:0")
         level = "DEBUG" if State.verbosity > 0 else "WARNING" if State.verbosity < 0 else "INFO"
