@@ -192,9 +192,8 @@ def budget_candidates(max_batch_size: int, max_length: int | None) -> list[int]:
 def sweep_budgets(cfg: WorkerConfig, min_seconds: float) -> BudgetSweep:
     """Load ``cfg``'s model once and measure items/s at each token budget (runs in the child)."""
     threads = set_threads(cfg.threads, cfg.concurrency)
-    loaded = load_pipeline(cfg)
-    with PipelineRuntime.for_worker(loaded.pipe, cfg, threads) as runtime:
-        inputs = synthetic_inputs(loaded.pipe, cfg.key.task, max_length=runtime.max_length)
+    with _runtime(cfg, threads) as runtime:
+        inputs = synthetic_inputs(runtime.pipe, cfg.key.task, max_length=runtime.max_length)
         if not inputs:
             raise ConfigurationError(f"--calibrate cannot make inputs for task {cfg.key.task!r}")
         speeds = dict.fromkeys(budget_candidates(cfg.max_batch_size, runtime.max_length), 0.0)
