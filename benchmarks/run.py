@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -70,6 +71,8 @@ class Row:
     worker_rss_mb: float = 0.0
     sql_share: float = float("nan")
     accuracy: dict[str, float] = field(default_factory=dict)
+    #: Each turn's figure where a rate is a mean of turns ((c) and (d)), in the order they ran.
+    runs: dict[str, list[float]] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------- models
@@ -218,8 +221,9 @@ def pipeq_end_to_end(
     work: Path,
     between: Callable[[], None] | None = None,
     rounds: int = 1,
-) -> tuple[float, float, float, float]:
-    """Returns (texts/s from submit to last commit, worker footprint MB, worker peak RSS MB, SQL share).
+) -> tuple[list[float], float, float, float]:
+    """Returns (texts/s from submit to last commit of each round, worker footprint MB, worker peak RSS MB,
+    SQL share).
 
     With ``rounds`` > 1 the same worker runs the texts as that many jobs, ``between()`` running before
     each (the in-process ceiling, so the two interleave on one warm worker); the rate is their mean.
@@ -248,7 +252,7 @@ def pipeq_end_to_end(
     store.close()
     busy = sum(w["busy_seconds"] or 0.0 for w in rows)
     share = sum(w["write_seconds"] or 0.0 for w in rows) / busy if busy else float("nan")
-    return sum(rates) / len(rates), footprint, rss, share
+    return rates, footprint, rss, share
 
 
 @dataclass
@@ -559,15 +563,18 @@ def measure(
         ceilings.append(speed)
         outputs[:] = outputs or out
 
-    row.rates["d"], row.footprint_mb, row.worker_rss_mb, row.sql_share = pipeq_end_to_end(
+    row.runs["d"], row.footprint_mb, row.worker_rss_mb, row.sql_share = pipeq_end_to_end(
         path, precision, sample, 1, budget, size, work, between=ceiling, rounds=args.rounds
     )
     ceiling()
-    row.rates["c"] = sum(ceilings) / len(ceilings)
+    row.runs["c"] = ceilings
+    row.rates["c"] = statistics.fmean(ceilings)
+    row.rates["d"] = statistics.fmean(row.runs["d"])
     del pipe, ceiling  # free the in-process model before (e) loads two more
     if DEVICE.startswith("cuda"):
         torch.cuda.empty_cache()
-    row.rates["e"], _, _, _ = pipeq_end_to_end(path, precision, sample, 2, budget, size, work)
+    e_runs, _, _, _ = pipeq_end_to_end(path, precision, sample, 2, budget, size, work)
+    row.rates["e"] = e_runs[0]
     return row, outputs
 
 
@@ -626,6 +633,7 @@ def row_record(row: Row) -> dict[str, Any]:
         "lang": row.lang,
         "precision": row.precision,
         "rates": {k: round(v, 1) for k, v in row.rates.items()},
+        "runs": {k: [round(v, 1) for v in vs] for k, vs in row.runs.items()},
         "footprint_mb": round(row.footprint_mb, 1),
         "worker_rss_mb": round(row.worker_rss_mb, 1),
         "sql_share": round(row.sql_share, 4),

@@ -130,5 +130,13 @@ DEFAULT_MAX_SCORE_DIFF = 0.02
 DEFAULT_MIN_COSINE = 0.99
 #: Share of a lower-precision worker's done items it also runs at fp32 to compare (``--shadow-fraction``).
 DEFAULT_SHADOW_FRACTION = 0.01
+#: Sampled items the shadow check runs at fp32 in one batch.
+SHADOW_BATCH = 32
+#: Longest a sampled item waits for others to share its fp32 batch (so a job's figures land this soon after it).
+SHADOW_SECONDS = 1.0
+#: Sampled items that may wait for the shadow check before the writer thread waits for it.
+SHADOW_BACKLOG = 512
+#: Longest a stopping worker spends comparing the sampled items still waiting.
+SHADOW_STOP_SECONDS = 30.0
 #: Calibration texts shipped with pipeq (English and Chinese, uneven lengths), in ``pipeq/data``.
 CALIBRATION_TEXTS_FILE = "calibration_texts.txt"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -15,6 +17,7 @@ from pipeq.agreement import Comparison, Thresholds, compare
 from pipeq.agreement import merge as merge_with
 from pipeq.cli import app as cli_app
 from pipeq.errors import ConfigurationError
+from pipeq.primitives import ItemResult
 from pipeq.report import build_report
 from pipeq.report.text import format_text, shadow_line
 from pipeq.routing import ServeKey
@@ -22,7 +25,7 @@ from pipeq.settings import Settings
 from pipeq.store import Store, new_job_row
 from pipeq.worker.config import WorkerConfig
 from pipeq.worker.context import WorkerContext
-from pipeq.worker.shadow import in_sample
+from pipeq.worker.shadow import ShadowCheck, in_sample
 
 
 def merge(current: dict[str, Any] | None, precision: str, found: list[Comparison]) -> dict[str, Any]:
@@ -156,6 +159,7 @@ def test_every_done_item_is_compared_at_fraction_one(int8_ctx: WorkerContext, sq
     store = Store(sqlite_url)
     counts = int8_ctx.run_chunk("job", submit(store, int8_ctx.cfg.key, TEXTS, "job"), None)
     assert counts["done"] == len(TEXTS)
+    assert int8_ctx.shadow is not None and int8_ctx.shadow.drain(timeout=60)
     shadow = store.job("job").shadow
     assert shadow is not None and shadow["precision"] == "int8"
     assert shadow["sampled"] == shadow["labelled"] == len(TEXTS)
@@ -210,6 +214,172 @@ def test_a_failing_shadow_run_fails_no_item(
     store = Store(sqlite_url)
     with caplog.at_level(logging.WARNING, logger="pipeq.worker.shadow"):
         counts = int8_ctx.run_chunk("job", submit(store, int8_ctx.cfg.key, TEXTS, "job"), None)
+        assert int8_ctx.shadow.drain(timeout=60)
     assert counts["done"] == len(TEXTS) and store.job("job").status == C.JOB_DONE
     assert store.job("job").shadow is None
     assert "shadow check of" in caplog.text and "fp32 copy exploded" in caplog.text
+
+
+# ------------------------------------------------------- the shadow thread
+
+
+def test_the_fp32_runs_wait_for_no_write_and_the_figures_follow(
+    int8_ctx: WorkerContext, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a worker whose fp32 copy is stuck until released
+    shadow = int8_ctx.shadow
+    assert shadow is not None
+    release, started = threading.Event(), threading.Event()
+    real_run = shadow.runtime.run
+
+    def stuck(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        started.set()
+        release.wait(60)
+        yield from real_run(*args, **kwargs)
+
+    monkeypatch.setattr(shadow.runtime, "run", stuck)
+    store = Store(sqlite_url)
+    # When a chunk runs, every item sampled (fraction 1.0)
+    counts = int8_ctx.run_chunk("job", submit(store, int8_ctx.cfg.key, TEXTS, "job"), None)
+    # Then its results are committed and the job is done while the fp32 run is still held up
+    assert counts["done"] == len(TEXTS) and store.job("job").status == C.JOB_DONE
+    assert not release.is_set() and store.job("job").shadow is None
+    # And once the fp32 copy runs, the figures follow: every sampled item compared
+    release.set()
+    assert shadow.drain(timeout=60) and started.is_set()
+    assert store.job("job").shadow["sampled"] == len(TEXTS)  # type: ignore[index]
+
+
+class FakeRuntime:
+    """The fp32 copy: records each run's items (and the torch threads it ran on), blocks while ``gate`` is clear."""
+
+    def __init__(self) -> None:
+        self.runs: list[list[int]] = []
+        self.threads: list[int] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.started = threading.Event()
+        self.closed = False
+
+    def run(self, items: list[tuple[int, Any]], params: dict[str, Any]) -> Iterator[Any]:
+        import torch
+
+        self.started.set()
+        self.gate.wait(60)
+        self.runs.append([idx for idx, _ in items])
+        self.threads.append(torch.get_num_threads())
+        yield [ItemResult(idx, C.ITEM_DONE, output={"label": "POS", "score": 0.5}) for idx, _ in items], None
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeStore:
+    def __init__(self) -> None:
+        self.figures: dict[str, Any] = {}
+
+    def update_shadow(self, job_id: str, merge: Callable[[Any], Any]) -> None:
+        self.figures[job_id] = merge(self.figures.get(job_id))
+
+
+def shadow_check(runtime: FakeRuntime, store: FakeStore, **kwargs: Any) -> ShadowCheck:
+    return ShadowCheck(store, runtime, fraction=1.0, precision="int8", **kwargs)  # type: ignore[arg-type]
+
+
+def written(check: ShadowCheck, job_id: str, idxs: range) -> None:
+    """What the writer thread does after committing a batch of ``idxs``."""
+    check.begin(job_id, {}, [(i, f"text {i}") for i in idxs])
+    check.after_write(job_id, [ItemResult(i, C.ITEM_DONE, output={"label": "POS", "score": 0.5}) for i in idxs])
+
+
+def test_sampled_items_run_in_batches_of_the_check_not_of_the_writes() -> None:
+    runtime, store = FakeRuntime(), FakeStore()
+    check = shadow_check(runtime, store, batch=8, wait_seconds=3600, torch_threads=1)
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        # Five writes of three items: the thread runs them eight at a time as they come
+        for first in range(0, 15, 3):
+            written(check, "job", range(first, first + 3))
+        deadline = time.monotonic() + 60
+        while len(runtime.runs) < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert runtime.runs == [list(range(8))]
+        # And a drain runs the rest at once, then their figures are on the job
+        assert check.drain(timeout=60)
+        assert runtime.runs == [list(range(8)), list(range(8, 15))]
+        assert store.figures["job"]["sampled"] == 15
+        # On the torch threads it was given, without changing this thread's
+        assert runtime.threads == [1, 1] and torch.get_num_threads() == before
+    finally:
+        check.close()
+        torch.set_num_threads(before)
+    assert runtime.closed
+
+
+def test_a_sample_waits_at_most_the_check_s_seconds_for_company() -> None:
+    runtime, store = FakeRuntime(), FakeStore()
+    check = shadow_check(runtime, store, batch=32, wait_seconds=0.2)
+    try:
+        written(check, "job", range(2))
+        deadline = time.monotonic() + 60
+        while "job" not in store.figures and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert runtime.runs == [[0, 1]] and store.figures["job"]["sampled"] == 2
+    finally:
+        check.close()
+
+
+def test_the_writer_waits_for_the_check_only_when_its_backlog_is_full() -> None:
+    runtime, store = FakeRuntime(), FakeStore()
+    runtime.gate.clear()  # the fp32 copy is stuck
+    check = shadow_check(runtime, store, batch=4, backlog=8, wait_seconds=0.0)
+    try:
+        written(check, "job", range(0, 4))  # taken by the thread, which is now stuck in its run
+        assert runtime.started.wait(60)
+        written(check, "job", range(4, 12))  # eight wait: the backlog is full, the writer went on
+        blocked = threading.Thread(target=written, args=(check, "job", range(12, 14)))
+        blocked.start()
+        blocked.join(0.3)
+        assert blocked.is_alive()  # the next write waits for room
+        runtime.gate.set()
+        blocked.join(60)
+        assert not blocked.is_alive()
+        assert check.drain(timeout=60)
+        # Nothing was dropped
+        assert sorted(i for run in runtime.runs for i in run) == list(range(14))
+        assert store.figures["job"]["sampled"] == 14
+    finally:
+        runtime.gate.set()
+        check.close()
+
+
+def test_samples_of_two_jobs_are_compared_and_counted_apart() -> None:
+    runtime, store = FakeRuntime(), FakeStore()
+    check = shadow_check(runtime, store, batch=32, wait_seconds=3600)
+    try:
+        written(check, "a", range(3))
+        written(check, "b", range(5))
+        assert check.drain(timeout=60)
+        assert sorted(runtime.runs) == [[0, 1, 2], [0, 1, 2, 3, 4]]
+        assert (store.figures["a"]["sampled"], store.figures["b"]["sampled"]) == (3, 5)
+    finally:
+        check.close()
+
+
+def test_close_compares_what_waits_and_gives_up_on_a_stuck_run(caplog: pytest.LogCaptureFixture) -> None:
+    runtime, store = FakeRuntime(), FakeStore()
+    check = shadow_check(runtime, store, batch=32, wait_seconds=3600)
+    written(check, "job", range(3))
+    check.close()
+    assert store.figures["job"]["sampled"] == 3 and runtime.closed
+    # A stopping worker whose fp32 copy hangs stops anyway, and says what it left
+    runtime, store = FakeRuntime(), FakeStore()
+    runtime.gate.clear()
+    check = shadow_check(runtime, store, batch=32, wait_seconds=3600)
+    written(check, "job", range(3))
+    with caplog.at_level(logging.WARNING, logger="pipeq.worker.shadow"):
+        check.close(timeout=0.3)
+    assert "3 sampled items not compared" in caplog.text and "job" not in store.figures
+    runtime.gate.set()

@@ -346,6 +346,7 @@ def test_worker_stores_vectors_that_equal_the_pipeline_and_the_cache_and_shadow_
     assert scalar(sqlite_url, "select count(*) from result_cache where vector is not null") == len(TEXTS)
     np.testing.assert_allclose(Job(store, "first").to_numpy(), want, atol=1e-6)
     # And the shadow check compared the vectors (fp32 against fp32: the same direction)
+    assert embedding_ctx.shadow is not None and embedding_ctx.shadow.drain(timeout=60)
     shadow = store.job("first").shadow
     assert shadow is not None and shadow["sampled"] == len(TEXTS)
     assert shadow["min_cosine"] == pytest.approx(1.0, abs=1e-6)

@@ -106,7 +106,12 @@ class WorkerContext:
         self.runtime = PipelineRuntime.for_worker(self.loaded.pipe, cfg, threads)
         streams = self.runtime.streams
         if cfg.shadow_share:
-            self.shadow = ShadowCheck.load(self.store, cfg)
+            # On a CPU the fp32 copy runs on as many torch threads as one forward stream (one where a single
+            # stream has every core): its share of the cores, not all of them at once.
+            on_cpu = cfg.device == "cpu"
+            self.shadow = ShadowCheck.load(
+                self.store, cfg, torch_threads=(self.runtime.stream_threads or 1) if on_cpu else None
+            )
         self.recorder = Recorder(
             self.store,
             worker_id=self.worker_id,
@@ -168,6 +173,8 @@ class WorkerContext:
         self._stop.set()
         if self._behind is not None:
             self._behind.close()
+        if self.shadow is not None:
+            self.shadow.close()  # after the writer: it hands the last samples over
         if self.runtime is not None:
             self.runtime.close()
         if self.on_stop is not None:

@@ -105,8 +105,8 @@ def _stored(output: Any) -> Any:
     return output if isinstance(output, Vector) else to_jsonable(output)
 
 
-def _set_torch_threads(threads: int | None) -> None:
-    """A stream's thread: torch's intra-op threads for the operators this thread runs."""
+def set_torch_threads(threads: int | None) -> None:
+    """A stream's (or the shadow check's) thread: torch's intra-op threads for the operators this thread runs."""
     if threads is not None:
         import torch
 
@@ -340,7 +340,7 @@ class PipelineRuntime:
                 self._pool = ThreadPoolExecutor(
                     max_workers=self.streams,
                     thread_name_prefix="pipeq-forward",
-                    initializer=_set_torch_threads,
+                    initializer=set_torch_threads,
                     initargs=(self.stream_threads,),
                 )
             return self._pool
