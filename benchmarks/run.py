@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -125,6 +126,8 @@ def rate(n: int, seconds: float) -> float:
 #: store (``jobs.finished_at``, written with the last result), so polling is rare: on two cores a
 #: client polling every 20 ms took ~7% of the worker's forward time (measured).
 POLL = 0.25
+#: Extra ``pipeq worker`` arguments for (d) and (e) (``--worker-args``).
+WORKER_ARGS: list[str] = []
 
 
 def run_job(client: Client, texts: list[str], **submit: Any) -> tuple[Any, float]:
@@ -232,7 +235,7 @@ def pipeq_end_to_end(
     url = f"sqlite:///{work / f'store-{precision}-{workers}-{time.time_ns()}.db'}"
     threads = max(1, (os.cpu_count() or 1) // workers)
     extra = ("--threads", str(threads), "--max-batch-tokens", str(budget), "--max-batch-size", str(size))
-    proc, store, live = start_worker(model, precision, url, *extra, workers=workers)
+    proc, store, live = start_worker(model, precision, url, *extra, *WORKER_ARGS, workers=workers)
     rates: list[float] = []
     try:
         with Client(Settings(broker_url=REDIS, database_url=url)) as client:
@@ -442,7 +445,13 @@ def render(
             f"of which forward {latency_forward:.1f} ms (median of 20).",
             "",
             f"Texts/s. (a) and (b) on the first {args.baseline_n} texts, (c)-(e) on {args.n}; token budget "
-            f"{args.max_batch_tokens}, at most {args.max_batch_size} rows a batch, truncation at {MAX_LENGTH} tokens.",
+            f"{args.max_batch_tokens}, at most {args.max_batch_size} rows a batch, truncation at {MAX_LENGTH} tokens. "
+            + (
+                f"Workers ran with `{args.worker_args}`."
+                if args.worker_args
+                else "Workers ran as a user gets them: at a lower precision that includes the shadow check "
+                "(1% of items also run at fp32)."
+            ),
             "",
             table(rows),
             "",
@@ -519,6 +528,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--results", default=None, help="write the tables to this Markdown file")
     parser.add_argument("--submit-n", type=int, default=100_000, help="items for the submit-rate measurement")
     parser.add_argument(
+        "--worker-args",
+        default="",
+        help="extra arguments for the workers of (d) and (e), one string: --worker-args='--shadow-fraction 0'",
+    )
+    parser.add_argument(
         "--scale", default="1000,10000,100000", help="job sizes for the linearity run on a tiny model ('' skips it)"
     )
     args = parser.parse_args()
@@ -582,6 +596,7 @@ def main() -> None:
     global DEVICE
     args = parse_args()
     DEVICE = args.device
+    WORKER_ARGS[:] = shlex.split(args.worker_args)
     texts = load_texts(args)
     if args.dump_corpus:
         Path(args.dump_corpus).write_text(json.dumps(texts, ensure_ascii=False), encoding="utf-8")
