@@ -139,7 +139,7 @@ def writer(
 
 def write_chunk(store: Store, job_id: str, worker_id: str, idxs: list[int], group: int) -> tuple[int, list[float]]:
     """Claim ``idxs`` and write them as micro-batches, ``group`` a transaction; (items written, write latencies)."""
-    store.claim(job_id, idxs, lease=Lease(worker_id))
+    store.claim(job_id, idxs, lease=Lease(worker_id), redelivered=False)  # a first delivery from Redis
     batches = [idxs[b : b + BATCH] for b in range(0, len(idxs), BATCH)]
     written, latencies = 0, []
     for g in range(0, len(batches), group):  # ``group`` micro-batches a transaction, as the writer thread groups

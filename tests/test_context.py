@@ -62,6 +62,27 @@ def test_redelivered_message_runs_one_input_at_a_time(ctx: WorkerContext, sqlite
     assert {row["attempts"] for row in store.iter_results("job")} == {2}
 
 
+def test_a_broker_marked_first_delivery_runs_batched_and_its_redelivery_one_input_at_a_time(
+    ctx: WorkerContext, sqlite_url: str
+) -> None:
+    store = Store(sqlite_url)
+    message = submit(store, ctx.cfg.key, [f"text {i}" for i in range(6)])
+    store.claim("job", list(range(6)), redelivered=False)  # a first delivery whose pool child died
+    assert store.attempts("job", list(range(6))) == dict.fromkeys(range(6), 0)
+    ctx.run_chunk("job", message, None, redelivered=True)  # the broker hands the message back, marked
+    assert {row["batch_size"] for row in store.iter_results("job")} == {1}
+    assert {row["attempts"] for row in store.iter_results("job")} == {2}
+
+
+def test_a_broker_marked_first_delivery_counts_one_attempt_an_item(ctx: WorkerContext, sqlite_url: str) -> None:
+    store = Store(sqlite_url)
+    message = submit(store, ctx.cfg.key, [f"text {i}" for i in range(6)])
+    ctx.run_chunk("job", message, None, redelivered=False)
+    rows = list(store.iter_results("job"))
+    assert {row["status"] for row in rows} == {"done"} and max(row["batch_size"] for row in rows) > 1
+    assert {row["attempts"] for row in rows} == {1}
+
+
 def test_items_out_of_attempts_are_failed_not_run(ctx: WorkerContext, sqlite_url: str) -> None:
     store = Store(sqlite_url)
     message = submit(store, ctx.cfg.key, ["killer", "fine"])

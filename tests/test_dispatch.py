@@ -13,6 +13,7 @@ from celery import Celery
 
 from conftest import in_thread_worker
 from pipeq import Client, Settings
+from pipeq.broker.app import marks_redeliveries
 from pipeq.broker.publish import broker_priority
 from pipeq.broker.window import SLICE_CHUNKS, WINDOW_SLICES, requeue, top_up
 from pipeq.errors import ConfigurationError
@@ -142,6 +143,32 @@ def test_priorities() -> None:
     # Redis serves its priority 0 first: pipeq's 9 (most urgent) becomes 0 there.
     assert [broker_priority(redis, p) for p in (0, 5, 9)] == [9, 4, 0]
     assert [broker_priority(memory, p) for p in (0, 5, 9)] == [0, 5, 9]
+
+
+def test_which_brokers_mark_a_redelivery() -> None:
+    marking = ("redis://localhost/0", "rediss://h:6380/1", "sentinel://a:26379;sentinel://b:26379", "amqp://g@h//")
+    assert all(marks_redeliveries(url) for url in marking)
+    assert not marks_redeliveries("memory://")
+
+
+@pytest.mark.integration
+def test_redis_marks_a_message_it_hands_back_and_not_a_first_delivery(redis_url: str) -> None:
+    """What a worker's claim relies on (Store.claim): a message its consumer hands back (Celery rejects a
+    lost pool child's message with requeue) comes back marked ``redelivered``; a first delivery does not."""
+    import secrets
+
+    from kombu import Connection
+
+    with Connection(redis_url) as conn, conn.SimpleQueue(f"pipeq-test-{secrets.token_hex(4)}") as queue:
+        queue.put({"job": "j", "items": [[0, "x"]]})
+        first = queue.get(timeout=5)
+        assert not first.delivery_info.get("redelivered")
+        first.requeue()
+        again = queue.get(timeout=5)
+        assert again.payload == {"job": "j", "items": [[0, "x"]]}
+        assert again.delivery_info.get("redelivered") is True
+        again.ack()
+        queue.clear()
 
 
 def test_priority_out_of_range_is_refused(settings: Settings, model: str) -> None:

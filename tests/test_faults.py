@@ -69,8 +69,8 @@ def queue_of(model: str) -> str:
     return ServeKey(faultpipe.TASK, model).queue
 
 
-def submit(broker_url: str, database_url: str, model: str, texts: list[str]) -> str:
-    with Client(Settings(broker_url=broker_url, database_url=database_url, chunk_size=16)) as client:
+def submit(broker_url: str, database_url: str, model: str, texts: list[str], *, chunk_size: int = 16) -> str:
+    with Client(Settings(broker_url=broker_url, database_url=database_url, chunk_size=chunk_size)) as client:
         return client.submit(texts, task=faultpipe.TASK, model=model).id
 
 
@@ -259,7 +259,10 @@ def test_sigterm_commits_the_running_batch_and_hands_back_the_rest(
     store, queue, texts = Store(pg_url), queue_of(model), TEXTS[:64]
     worker = serve(redis_url, pg_url, delay=0.3)
     worker.wait_ready(store, queue)
-    job = submit(redis_url, pg_url, model, texts)
+    # One message of 16 batches: the worker's two forward streams start them two at a time, so SIGTERM
+    # after the first commit finds batches of it not started (with messages of 4 batches it could fall
+    # where every batch of the running message had started, and nothing would be handed back).
+    job = submit(redis_url, pg_url, model, texts, chunk_size=len(texts))
     wait_for("a first batch", lambda: finished(store, job) >= 4, logs=[worker])
     # As docker stop or Kubernetes would: SIGTERM to the main process only.
     worker.proc.send_signal(signal.SIGTERM)

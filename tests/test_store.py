@@ -137,6 +137,30 @@ def test_claim_counts_first_attempts_and_leaves_out_finished_items(store: Store)
     assert store.start_attempt(job, 1) is None, "a finished item never starts again"
 
 
+def test_a_first_delivery_the_broker_would_mark_again_counts_its_attempt_with_the_result(store: Store) -> None:
+    job = make_job(store, 4)
+    assert store.claim(job, [0, 1, 2, 3], redelivered=False) == {0: 0, 1: 0, 2: 0, 3: 0}
+    assert store.attempts(job, [0, 1, 2, 3]) == {0: 0, 1: 0, 2: 0, 3: 0}, "the claim wrote no item row"
+    record(store, job, [done(0)])
+    assert [r["attempts"] for r in store.iter_results(job)] == [1, 0, 0, 0], "the result counts its attempt"
+    # The delivery died: the broker's redelivery counts its attempt on the items it left pending, and
+    # reports them as tried (so they run one at a time).
+    assert store.claim(job, [0, 1, 2, 3], redelivered=True) == {1: 1, 2: 1, 3: 1}
+    assert store.start_attempt(job, 1) == 2
+    assert store.claim(job, [1, 2, 3], redelivered=True) == {1: 2, 2: 1, 3: 1}, "counted once a delivery"
+    record(store, job, [done(1)])
+    assert [r["attempts"] for r in store.iter_results(job)][:2] == [1, 2]
+
+
+def test_a_take_over_counts_the_dead_deliverys_attempt_once(store: Store) -> None:
+    job = make_job(store, 3)
+    store.claim(job, [0, 1, 2], redelivered=False)
+    record(store, job, [done(0)])
+    store.count_lost_delivery(job, [1, 2])
+    store.count_lost_delivery(job, [1, 2])  # a second survivor, or a delivery that had counted already
+    assert store.claim(job, [0, 1, 2], redelivered=False) == {1: 1, 2: 1}, "queued again as tried"
+
+
 def test_cancel_keeps_finished_results(store: Store) -> None:
     job = make_job(store, 4)
     record(store, job, [done(0)])
@@ -251,20 +275,22 @@ def test_postgres_claims_read_only_their_rows_of_a_large_new_job(pg_url: str) ->
                 names.append(match.group(1))
             return f"${names.index(match.group(1)) + 1}"
 
-        claim = re.sub(r"%\((\w+)\)[sb]", positional, items._PG_CLAIM_UNLEASED)
-        types = {"b_now": "timestamptz", "b_job": "text", "k_slot": "text", "b_idxs": "int[]"}
-        values = {"b_now": "now()", "b_job": f"'{job_id}'", "k_slot": "''", "b_idxs": "'{100,101,102,103}'"}
-        for name, constant in items._PG_START_JOB_CONSTANTS.items():  # the job-start CTE's bound statuses
-            types[name], values[name] = "text", f"'{constant}'"
-        with store.engine.connect() as conn:
-            assert conn.exec_driver_sql("SHOW plan_cache_mode").scalar_one() == "force_generic_plan"
-            conn.exec_driver_sql(f"PREPARE claim ({', '.join(types[n] for n in names)}) AS {claim}")
-            plan = "\n".join(
-                conn.exec_driver_sql(f"EXPLAIN EXECUTE claim ({', '.join(values[n] for n in names)})").scalars()
-            )
-            conn.rollback()
-        assert "Bitmap" not in plan and "Seq Scan" not in plan, plan
-        assert re.search(r"Index Cond: \(\(\(job_id\)::text = \$\d+\) AND \(idx = ANY", plan), plan
+        for n, redelivered in enumerate((None, False, True)):  # each claim statement (see Store.claim)
+            names.clear()
+            claim = re.sub(r"%\((\w+)\)[sb]", positional, items._PG_CLAIMS[False, redelivered])
+            types = {"b_now": "timestamptz", "b_job": "text", "k_slot": "text", "b_idxs": "int[]"}
+            values = {"b_now": "now()", "b_job": f"'{job_id}'", "k_slot": "''", "b_idxs": "'{100,101,102,103}'"}
+            for name, constant in items._PG_START_JOB_CONSTANTS.items():  # the job-start CTE's bound statuses
+                types[name], values[name] = "text", f"'{constant}'"
+            with store.engine.connect() as conn:
+                assert conn.exec_driver_sql("SHOW plan_cache_mode").scalar_one() == "force_generic_plan"
+                conn.exec_driver_sql(f"PREPARE claim{n} ({', '.join(types[n] for n in names)}) AS {claim}")
+                plan = "\n".join(
+                    conn.exec_driver_sql(f"EXPLAIN EXECUTE claim{n} ({', '.join(values[n] for n in names)})").scalars()
+                )
+                conn.rollback()
+            assert "Bitmap" not in plan and "Seq Scan" not in plan, plan
+            assert re.search(r"Index Cond: \(\(\(job_id\)::text = \$\d+\) AND \(idx = ANY", plan), plan
         # And the claim itself still counts the first attempts of exactly those items.
         assert store.claim(job_id, [100, 101, 102, 103]) == {100: 0, 101: 0, 102: 0, 103: 0}
         assert store.claim(job_id, [100, 104]) == {100: 1, 104: 0}

@@ -103,6 +103,22 @@ def test_a_silent_worker_is_taken_over_once_and_only_its_pending_items_go_back(
     assert len(published) == 1
 
 
+def test_the_items_a_dead_first_delivery_left_go_back_counted_as_tried(
+    store: Store, published: list[dict[str, Any]]
+) -> None:
+    job = make_job(store, 4)
+    register(store, "dead")
+    # A first delivery from a broker that marks redeliveries writes no attempt on its items.
+    assert store.claim(job, [0, 1, 2, 3], lease=Lease("dead"), redelivered=False) == dict.fromkeys(range(4), 0)
+    record(store, job, [done(0)])
+    silence(store, "dead", 31)
+    (taken,) = take_over(store, object(), dead_after=30, queues=[QUEUE])  # type: ignore[arg-type]
+    assert taken.items == 3
+    assert store.attempts(job, [0, 1, 2, 3]) == {1: 1, 2: 1, 3: 1}, "the lost delivery's attempt is counted"
+    # So the message queued again runs them one at a time: an input that killed the worker runs out.
+    assert store.claim(job, [1, 2, 3], redelivered=False) == {1: 1, 2: 1, 3: 1}
+
+
 def test_a_worker_dead_after_its_last_write_still_moves_the_jobs_window_on(
     store: Store, published: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from celery import Celery
+from kombu import Connection
 
 from pipeq.settings import Settings
 
@@ -40,3 +41,20 @@ def make_celery(settings: Settings, *, name: str = "pipeq") -> Celery:
         enable_utc=True,
     )
     return app
+
+
+def marks_redeliveries(broker_url: str) -> bool:
+    """Whether the broker marks a message it delivers again as ``redelivered`` in its delivery info.
+
+    kombu's Redis transport sets the mark on every restore (a message requeued after its pool child
+    died, one back after the visibility timeout, a stopping worker's unacknowledged ones), and AMQP
+    brokers set it themselves. Where a broker cannot tell (``memory://``, SQS), a worker counts an
+    item's first attempt when it claims it (``Store.claim``).
+    """
+    from kombu.transport import pyamqp, redis
+
+    try:
+        transport = Connection(broker_url).transport
+    except ImportError:  # a transport whose client library is not installed: it marks nothing we know of
+        return False
+    return isinstance(transport, (redis.Transport, pyamqp.Transport))

@@ -128,6 +128,8 @@ def _requeue_claim(store: Store, celery: Celery, lease: dict[str, Any]) -> tuple
         return (job["id"] if job is not None else None), 0
     pending = store.pending_inputs(job["id"], lease.get("idxs") or [])
     if pending:
+        # The dead delivery's attempt: an input that killed the worker runs out of attempts (Store.claim).
+        store.count_lost_delivery(job["id"], [idx for idx, _ in pending])
         publish_chunks(
             celery,
             job["id"],

@@ -46,6 +46,8 @@ def _pg_inline(statement: Any) -> tuple[str, dict[str, Any]]:
 
 
 _PG_START_JOB, _PG_START_JOB_CONSTANTS = _pg_inline(_START_JOB)
+#: A result write counts the attempt that made it on an item its claim did not count (a first delivery).
+_COUNT_ATTEMPT = "CASE WHEN {attempts} = 0 THEN 1 ELSE {attempts} END"
 #: What a claim or a result write adds to the writer's ``job_counts`` row on PostgreSQL (its sign of life,
 #: too): the rows of a CTE named ``n`` (``n``, ``done``, ``failed``, ``cancelled``).
 _PG_ADD_COUNTS = (
@@ -56,21 +58,38 @@ _PG_ADD_COUNTS = (
     "updated_at = excluded.updated_at)"
 )
 #: A claim on PostgreSQL, in one statement: the lease on the worker's row, the job started if it was queued,
-#: the writer's sign of life, first attempts counted, and what the pending items had before (0 for those
-#: counted; the SELECT reads the statement's snapshot, from before its UPDATE). One statement is one
+#: the writer's sign of life, and the pending items with their attempts (``claim``). One statement is one
 #: transaction: it runs without BEGIN and COMMIT.
 _PG_CLAIM = (
     "WITH {lease}"
     f"s AS ({_PG_START_JOB}), "
-    "n AS (SELECT 0 AS done, 0 AS failed, 0 AS cancelled), "
-    + _PG_ADD_COUNTS.format(where="")
-    + ", first AS (UPDATE items SET attempts = 1 WHERE job_id = %(b_job)s AND idx = ANY(%(b_idxs)b::int[]) "
-    f"AND status = '{C.ITEM_PENDING}' AND attempts = 0 RETURNING idx) "
-    "SELECT idx, 0 FROM first UNION ALL SELECT idx, attempts FROM items WHERE job_id = %(b_job)s "
-    f"AND idx = ANY(%(b_idxs)b::int[]) AND status = '{C.ITEM_PENDING}' AND attempts > 0"
+    "n AS (SELECT 0 AS done, 0 AS failed, 0 AS cancelled), " + _PG_ADD_COUNTS.format(where="") + "{items}"
 )
-_PG_CLAIM_LEASED = _PG_CLAIM.format(lease="w AS (UPDATE workers SET lease = %(lease)s::json WHERE id = %(k_slot)s), ")
-_PG_CLAIM_UNLEASED = _PG_CLAIM.format(lease="")
+#: The pending items as they are: a first delivery counts no attempt on them (see ``claim``).
+_PG_PENDING_ITEMS = (
+    "SELECT idx, attempts FROM items WHERE job_id = %(b_job)s AND idx = ANY(%(b_idxs)b::int[]) "
+    f"AND status = '{C.ITEM_PENDING}'"
+)
+#: First attempts counted (``first``), and what the pending items had before: ``{counted}`` for those it
+#: counts (the SELECT reads the statement's snapshot, from before its UPDATE).
+_PG_COUNT_FIRST = (
+    ", first AS (UPDATE items SET attempts = 1 WHERE job_id = %(b_job)s AND idx = ANY(%(b_idxs)b::int[]) "
+    f"AND status = '{C.ITEM_PENDING}' AND attempts = 0 RETURNING idx) "
+    "SELECT idx, {counted} FROM first UNION ALL " + _PG_PENDING_ITEMS + " AND attempts > 0"
+)
+#: {(leased, redelivered): statement} for ``claim``.
+_PG_CLAIMS = {
+    (leased, redelivered): _PG_CLAIM.format(
+        lease="w AS (UPDATE workers SET lease = %(lease)s::json WHERE id = %(k_slot)s), " if leased else "",
+        items=(
+            _PG_COUNT_FIRST.format(counted=0 if redelivered is None else 1)
+            if redelivered is not False
+            else " " + _PG_PENDING_ITEMS
+        ),
+    )
+    for leased in (False, True)
+    for redelivered in (None, False, True)
+}
 _INSERT_BATCH = insert(BATCHES)
 #: A page of a job's results with their batch timing (``iter_result_pages``), in input order.
 _RESULT_PAGE = (
@@ -110,7 +129,8 @@ _RESULT_PAGE_NAMES = tuple(c.name for c in _RESULT_PAGE.selected_columns)
 _PG_WRITE = (
     "WITH {batch_id_cte}"
     "u AS (UPDATE items AS i SET status = r.status, output = r.output::json, vector = r.vector, error = r.error, "
-    "truncated = r.truncated, n_tokens = r.n_tokens, cached = r.cached, batch_id = {batch_id}, finished_at = %(b_now)s "
+    "truncated = r.truncated, n_tokens = r.n_tokens, cached = r.cached, batch_id = {batch_id}, "
+    f"finished_at = %(b_now)s, attempts = {_COUNT_ATTEMPT.format(attempts='i.attempts')} "
     "FROM unnest(%(r_idx)b::int[], %(r_status)b::varchar[], %(r_output)b::text[], %(r_vector)b::bytea[], "
     "%(r_error)b::text[], %(r_truncated)b::bool[], %(r_n_tokens)b::int[], %(r_cached)b::bool[]) "
     "AS r(idx, status, output, vector, error, truncated, n_tokens, cached) "
@@ -197,13 +217,25 @@ class ItemQueries(StoreBase):
 
     # ---------------------------------------------------------------- items
 
-    def claim(self, job_id: str, idxs: Sequence[int], *, lease: Lease | None = None) -> dict[int, int]:
+    def claim(
+        self, job_id: str, idxs: Sequence[int], *, lease: Lease | None = None, redelivered: bool | None = None
+    ) -> dict[int, int]:
         """Start a delivery of ``idxs``: returns {idx: attempts before it} for the items still pending.
 
-        Items never tried get their first attempt counted here. Items tried before (a redelivered
-        message) are left as they are: the worker runs them one at a time and counts each attempt
-        as it starts (``start_attempt``), so an input that kills the process uses up only its own
-        attempts. Finished items are left out, so they never run twice.
+        An attempt is counted on an item so that an input that kills the process runs out of
+        attempts: a delivery that finds an item tried before (attempts > 0) runs its items one at a
+        time, counting each attempt as it starts (``start_attempt``), so the culprit uses up only its
+        own. Finished items are left out, so they never run twice. ``redelivered`` says what the
+        broker knows of this delivery:
+
+        - None (a broker that does not mark redeliveries): items never tried get their first
+          attempt counted now, and report 0.
+        - False (the broker's first delivery of the message, and it marks any later one): nothing is
+          written on the items; their first attempt is counted with their result (``record_batches``),
+          or by whoever finds the delivery lost: the broker's redelivery (True) or a take-over
+          (``count_lost_delivery``). That is one row write an item instead of two.
+        - True (the broker delivers the message again: its first delivery died or lost the store):
+          that delivery's attempt is counted on the items it never got to count, and they report 1.
 
         With ``lease``, the claim is written on the worker's row in the same transaction: if the
         worker dies, a live one knows exactly which items to queue again (``take_over``).
@@ -216,7 +248,7 @@ class ItemQueries(StoreBase):
                 params["lease"] = json.dumps(lease.record(job_id, idxs))
             with self.engine.connect() as conn:  # one statement, its own transaction
                 conn.execution_options(isolation_level="AUTOCOMMIT")
-                rows = conn.exec_driver_sql(_PG_CLAIM_LEASED if lease else _PG_CLAIM_UNLEASED, params).all()
+                rows = conn.exec_driver_sql(_PG_CLAIMS[lease is not None, redelivered], params).all()
             return {int(idx): int(attempts) for idx, attempts in rows}
         with self.writer.begin() as conn:  # SQLite: the transaction holds the write lock
             if lease is not None:
@@ -224,10 +256,19 @@ class ItemQueries(StoreBase):
                     update(WORKERS).where(WORKERS.c.id == lease.worker_id).values(lease=lease.record(job_id, idxs))
                 )
             rows = conn.execute(_SELECT_CLAIMABLE, params).all()
-            conn.execute(_FIRST_ATTEMPT, params)
+            if redelivered is not False:
+                conn.execute(_FIRST_ATTEMPT, params)
             conn.execute(_START_JOB, params)
             self._add_counts(conn, job_id, lease.worker_id if lease else None, WriteOutcome(), now=now)
-        return {int(idx): int(attempts) for idx, attempts in rows}
+        counted = 1 if redelivered else 0
+        return {int(idx): int(attempts) or counted for idx, attempts in rows}
+
+    def count_lost_delivery(self, job_id: str, idxs: Sequence[int]) -> None:
+        """Count the attempt of a delivery that died (its worker taken over) on the pending items among
+        ``idxs`` that it had not counted (claimed as a first delivery), before they are queued again."""
+        if idxs:
+            with self.writer.begin() as conn:
+                conn.execute(_FIRST_ATTEMPT, {"b_job": job_id, "b_idxs": list(idxs)})
 
     def start_attempt(self, job_id: str, idx: int) -> int | None:
         """Count one more attempt on a pending item about to run alone; None when it is no longer pending."""
@@ -560,7 +601,8 @@ _RESULT_COLUMNS = ("status", "output", "vector", "error", "truncated", "n_tokens
 def _result_update(dialect: Dialect) -> tuple[str, tuple[Callable[[Any], Any], ...]]:
     """The driver-level UPDATE of one item's result (guarded by status), and the bind processors it needs."""
     mark = "?" if dialect.paramstyle == "qmark" else "%s"
-    sets = ", ".join(f"{name} = {mark}" for name in _RESULT_COLUMNS)
+    counted = f"attempts = {_COUNT_ATTEMPT.format(attempts='attempts')}"
+    sets = ", ".join([*(f"{name} = {mark}" for name in _RESULT_COLUMNS), counted])
     sql = f"UPDATE items SET {sets} WHERE job_id = {mark} AND idx = {mark} AND status = '{C.ITEM_PENDING}'"
 
     def processor(column: str) -> Callable[[Any], Any]:

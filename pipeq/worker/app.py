@@ -12,7 +12,7 @@ from celery.exceptions import Reject
 from celery.signals import worker_process_init, worker_process_shutdown, worker_shutting_down
 
 from pipeq import constants as C
-from pipeq.broker.app import make_celery
+from pipeq.broker.app import make_celery, marks_redeliveries
 from pipeq.errors import StoreError
 from pipeq.settings import Settings
 from pipeq.worker.config import WorkerConfig
@@ -30,6 +30,7 @@ def create_worker_app(settings: Settings, cfg: WorkerConfig) -> tuple[Celery, Wo
     )
     ctx = WorkerContext(settings, cfg)
     ctx.celery = app
+    marked = marks_redeliveries(settings.broker_url)
 
     @app.task(
         name=C.CHUNK_TASK_NAME,
@@ -44,7 +45,8 @@ def create_worker_app(settings: Settings, cfg: WorkerConfig) -> tuple[Celery, Wo
         if ctx.runtime is None:  # solo pool or eager use: no child process was started
             ctx.start()
         try:
-            return ctx.run_chunk(job_id, items, sent_at, slice_end=slice_end)
+            redelivered = bool((self.request.delivery_info or {}).get("redelivered")) if marked else None
+            return ctx.run_chunk(job_id, items, sent_at, slice_end=slice_end, redelivered=redelivered)
         except StoreError as exc:
             # The store stayed unreachable through the retry budget: hand the message back, never ack it.
             log.error("%s; handing job %s's chunk back to the queue", exc, job_id[:8])

@@ -319,12 +319,19 @@ class WorkerContext:
     # -------------------------------------------------------------- running
 
     def run_chunk(
-        self, job_id: str, items: list[list[Any]], sent_at: float | None, *, slice_end: bool = False
+        self,
+        job_id: str,
+        items: list[list[Any]],
+        sent_at: float | None,
+        *,
+        slice_end: bool = False,
+        redelivered: bool | None = None,
     ) -> dict[str, int]:
         """Run one message's items and commit each micro-batch's results; returns counts.
 
         ``slice_end`` marks the last message of a slice of the job: once it is done, this worker
-        publishes the job's next slice (see ``pipeq.broker.window``).
+        publishes the job's next slice (see ``pipeq.broker.window``). ``redelivered``: whether the
+        broker delivers this message again, None where it cannot tell (see ``Store.claim``).
 
         An unreachable store is retried with backoff for ``store_retry_budget`` seconds (the same
         claim is kept, so retries count no extra attempt); after that StoreError is raised and the
@@ -339,7 +346,7 @@ class WorkerContext:
         try:
             while True:
                 try:
-                    return self._run_chunk(job_id, items, sent_at, claim, slice_end)
+                    return self._run_chunk(job_id, items, sent_at, claim, slice_end, redelivered)
                 except Exception as exc:
                     if not is_transient(exc):
                         raise
@@ -366,6 +373,7 @@ class WorkerContext:
         sent_at: float | None,
         claim: dict[str, dict[int, int]],
         slice_end: bool,
+        redelivered: bool | None,
     ) -> dict[str, int]:
         assert self.store is not None and self.runtime is not None
         started = time.time()
@@ -377,7 +385,8 @@ class WorkerContext:
             return {"skipped": len(items)}
         idxs = [int(idx) for idx, _ in items]
         if "prior" not in claim:
-            claim["prior"] = self.store.claim(job_id, idxs, lease=Lease(self.worker_id, slice_end))
+            lease = Lease(self.worker_id, slice_end)
+            claim["prior"] = self.store.claim(job_id, idxs, lease=lease, redelivered=redelivered)
             prior = claim["prior"]
         else:  # a retry after the store came back: the same delivery, no new attempt
             still = self.store.attempts(job_id, idxs)
