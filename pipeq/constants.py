@@ -130,6 +130,9 @@ DEFAULT_MAX_SCORE_DIFF = 0.02
 DEFAULT_MIN_COSINE = 0.99
 #: Share of a lower-precision worker's done items it also runs at fp32 to compare (``--shadow-fraction``).
 DEFAULT_SHADOW_FRACTION = 0.01
+#: Most items of one job the shadow check compares (``--shadow-max-items``): 1,000 bound a label agreement
+#: of 99% within about 0.6 points (95% interval), and a large job would otherwise pay the fp32 runs on all of its 1%.
+SHADOW_MAX_ITEMS = 1000
 #: Sampled items the shadow check runs at fp32 in one batch.
 SHADOW_BATCH = 32
 #: Longest a sampled item waits for others to share its fp32 batch (so a job's figures land this soon after it).

@@ -141,8 +141,10 @@ def test_fp32_worker_with_shadow_is_refused(model_dir: Callable[[str], str], sql
 # ------------------------------------------------------------ worker runs
 
 
-def start(sqlite_url: str, model: str, task: str, fraction: float) -> WorkerContext:
-    cfg = WorkerConfig(key=ServeKey(task, model, "int8"), max_batch_size=4, warmup=False, shadow_fraction=fraction)
+def start(sqlite_url: str, model: str, task: str, fraction: float, **options: Any) -> WorkerContext:
+    cfg = WorkerConfig(
+        key=ServeKey(task, model, "int8"), max_batch_size=4, warmup=False, shadow_fraction=fraction, **options
+    )
     context = WorkerContext(Settings(broker_url="memory://", database_url=sqlite_url), cfg)
     context.start()
     return context
@@ -187,6 +189,28 @@ def test_half_the_items_sampled_deterministically(sqlite_url: str, model_dir: Ca
         expected = sum(in_sample(job_id, i, 0.5) for i in range(len(TEXTS)))
         assert 0 < expected < len(TEXTS)
         assert store.job(job_id).shadow["sampled"] == expected  # type: ignore[index]
+
+
+def test_a_job_is_sampled_up_to_its_cap_over_its_chunks(sqlite_url: str, model_dir: Callable[[str], str]) -> None:
+    context = start(sqlite_url, model_dir(TASK), TASK, 1.0, shadow_max_items=5)
+    store = Store(sqlite_url)
+    try:
+        message = submit(store, context.cfg.key, TEXTS, "job")
+        assert len(message) > 5
+        context.run_chunk("job", message[:3], None)
+        assert context.shadow is not None and context.shadow.drain(timeout=60)
+        assert store.job("job").shadow["sampled"] == 3  # type: ignore[index]
+        context.run_chunk("job", message[3:], None)  # the job has 3 compared: 2 more of this chunk
+        assert context.shadow.drain(timeout=60)
+    finally:
+        context.stop()
+    assert store.job("job").shadow["sampled"] == 5  # type: ignore[index]
+    assert store.job("job").done == len(TEXTS), "the cap stops the check, never the results"
+
+
+def test_the_cap_on_sampled_items_is_checked() -> None:
+    with pytest.raises(ConfigurationError, match="--shadow-max-items must be 0"):
+        WorkerConfig(key=ServeKey(TASK, "/m", "int8"), shadow_max_items=-1)
 
 
 def test_embeddings_record_cosine(sqlite_url: str, model_dir: Callable[[str], str]) -> None:
@@ -352,6 +376,21 @@ def test_the_writer_waits_for_the_check_only_when_its_backlog_is_full() -> None:
         assert store.figures["job"]["sampled"] == 14
     finally:
         runtime.gate.set()
+        check.close()
+
+
+def test_a_chunk_samples_only_what_its_job_has_left_under_the_cap() -> None:
+    runtime, store = FakeRuntime(), FakeStore()
+    check = shadow_check(runtime, store, max_items=10, wait_seconds=3600)
+    try:
+        for sampled, idxs, picked in ((0, range(8), 8), (8, range(8, 16), 2), (10, range(16, 24), 0)):
+            check.begin("job", {}, [(i, f"text {i}") for i in idxs], sampled=sampled)
+            assert len(check._inputs) == picked
+        uncapped = shadow_check(runtime, store, max_items=0)
+        uncapped.begin("job", {}, [(i, "x") for i in range(24)], sampled=10_000)
+        assert len(uncapped._inputs) == 24, "0: no cap"
+        uncapped.close()
+    finally:
         check.close()
 
 

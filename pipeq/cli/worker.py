@@ -92,6 +92,13 @@ def worker(
             f"[default: {C.DEFAULT_SHADOW_FRACTION:g} below {REFERENCE}, off at {REFERENCE}].",
         ),
     ] = None,
+    shadow_max_items: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Stop sampling a job once this many of its items were compared, over all workers (0: no cap).",
+        ),
+    ] = C.SHADOW_MAX_ITEMS,
     calibration_texts: Annotated[
         str | None,
         typer.Option(
@@ -169,6 +176,7 @@ def worker(
             calibrate=calibrate,
             metrics_port=metrics_port,
             shadow_fraction=shadow_fraction,
+            shadow_max_items=shadow_max_items,
             calibration_texts=calibration_texts,
             thresholds=Thresholds(
                 min_agreement=min_agreement,

@@ -52,6 +52,8 @@ class WorkerConfig:
     #: Share of done items also run through an fp32 copy of the model, to compare outputs (``--shadow-fraction``);
     #: None: ``DEFAULT_SHADOW_FRACTION`` for a worker that serves a lower precision, none for an fp32 one.
     shadow_fraction: float | None = None
+    #: Most items of one job the shadow check compares, over every worker (``--shadow-max-items``); 0: no cap.
+    shadow_max_items: int = C.SHADOW_MAX_ITEMS
 
     def __post_init__(self) -> None:
         if self.int8_backend is not None and self.int8_backend not in INT8_BACKENDS:
@@ -74,8 +76,13 @@ class WorkerConfig:
             raise ConfigurationError("--tokenizer-threads must be at least 1")
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ConfigurationError(f"unknown device {self.device!r}; use cpu or cuda[:N]")
+        self._check_shadow_options()
+
+    def _check_shadow_options(self) -> None:
         if self.shadow_fraction is not None and not 0.0 <= self.shadow_fraction <= 1.0:
             raise ConfigurationError(f"--shadow-fraction must be in [0, 1], not {self.shadow_fraction}")
+        if self.shadow_max_items < 0:
+            raise ConfigurationError(f"--shadow-max-items must be 0 (no cap) or more, not {self.shadow_max_items}")
 
     @property
     def batch_tokens(self) -> int:

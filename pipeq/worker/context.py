@@ -403,7 +403,7 @@ class WorkerContext:
         if job["use_cache"]:
             todo = self._from_cache(job, todo, counts)
         if self.shadow is not None:
-            self.shadow.begin(job_id, params, todo)
+            self.shadow.begin(job_id, params, todo, sampled=(job["shadow"] or {}).get("sampled", 0))
         queue_wait_ms = max(0.0, (started - sent_at) * 1000) if sent_at else 0.0
         if any(prior[idx] > 0 for idx, _ in todo):
             # Redelivered: an input in it may kill the process. Run one input at a time, counting each

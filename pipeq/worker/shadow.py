@@ -66,6 +66,7 @@ class ShadowCheck:
         *,
         fraction: float,
         precision: str,
+        max_items: int = C.SHADOW_MAX_ITEMS,
         thresholds: Thresholds | None = None,
         torch_threads: int | None = None,
         batch: int = C.SHADOW_BATCH,
@@ -75,6 +76,7 @@ class ShadowCheck:
         self.store = store
         self.runtime = runtime
         self.fraction = fraction
+        self.max_items = max_items
         self.precision = precision
         self.thresholds = thresholds or Thresholds()
         self.batch, self.wait_seconds, self.backlog = batch, wait_seconds, max(backlog, batch)
@@ -109,14 +111,19 @@ class ShadowCheck:
             runtime,
             fraction=cfg.shadow_share,
             precision=cfg.key.precision,
+            max_items=cfg.shadow_max_items,
             thresholds=cfg.thresholds,
             torch_threads=torch_threads,
         )
 
-    def begin(self, job_id: str, params: dict[str, Any], items: Sequence[tuple[int, Any]]) -> None:
-        """Pick the sample of a chunk about to run."""
+    def begin(self, job_id: str, params: dict[str, Any], items: Sequence[tuple[int, Any]], *, sampled: int = 0) -> None:
+        """Pick the sample of a chunk about to run; ``sampled``: items of the job compared so far (its
+        ``jobs.shadow``), so that a job stops being sampled at ``max_items`` (0: no cap)."""
         self._job_id, self._params = job_id, params
-        self._inputs = {idx: value for idx, value in items if in_sample(job_id, idx, self.fraction)}
+        picked = [(idx, value) for idx, value in items if in_sample(job_id, idx, self.fraction)]
+        if self.max_items:
+            picked = picked[: max(0, self.max_items - sampled)]
+        self._inputs = dict(picked)
 
     def after_write(self, job_id: str, results: Sequence[ItemResult]) -> None:
         """Hand a written batch's sampled, computed items to the shadow thread (waits only while it is
