@@ -83,6 +83,24 @@ def test_a_broker_marked_first_delivery_counts_one_attempt_an_item(ctx: WorkerCo
     assert {row["attempts"] for row in rows} == {1}
 
 
+def test_a_first_delivery_that_raises_counts_its_attempt_before_it_is_acknowledged(
+    ctx: WorkerContext, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = Store(sqlite_url)
+    message = submit(store, ctx.cfg.key, [f"text {i}" for i in range(4)])
+    assert ctx.runtime is not None
+
+    def broken(*_: Any, **__: Any) -> Any:
+        raise RuntimeError("a bug outside any one input")
+
+    monkeypatch.setattr(ctx.runtime, "stream", broken)
+    with pytest.raises(RuntimeError, match="a bug outside"):
+        ctx.run_chunk("job", message, None, redelivered=False)
+    # Celery acknowledges a failed task, and no marked redelivery follows: the attempt is counted now,
+    # so the items queued again (pipeq reconcile) run one at a time and run out of attempts.
+    assert store.attempts("job", [0, 1, 2, 3]) == dict.fromkeys(range(4), 1)
+
+
 def test_items_out_of_attempts_are_failed_not_run(ctx: WorkerContext, sqlite_url: str) -> None:
     store = Store(sqlite_url)
     message = submit(store, ctx.cfg.key, ["killer", "fine"])

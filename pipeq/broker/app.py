@@ -54,7 +54,7 @@ def marks_redeliveries(broker_url: str) -> bool:
     from kombu.transport import pyamqp, redis
 
     try:
-        transport = Connection(broker_url).transport
+        with Connection(broker_url) as connection:  # connects to nothing: only its transport class is read
+            return isinstance(connection.transport, (redis.Transport, pyamqp.Transport))
     except ImportError:  # a transport whose client library is not installed: it marks nothing we know of
         return False
-    return isinstance(transport, (redis.Transport, pyamqp.Transport))

@@ -232,8 +232,9 @@ class ItemQueries(StoreBase):
           attempt counted now, and report 0.
         - False (the broker's first delivery of the message, and it marks any later one): nothing is
           written on the items; their first attempt is counted with their result (``record_batches``),
-          or by whoever finds the delivery lost: the broker's redelivery (True) or a take-over
-          (``count_lost_delivery``). That is one row write an item instead of two.
+          or by whoever finds the delivery lost (``count_lost_delivery``): the broker's redelivery
+          (True), a take-over, or the delivery itself when it fails as a whole. That is one row write
+          an item instead of two.
         - True (the broker delivers the message again: its first delivery died or lost the store):
           that delivery's attempt is counted on the items it never got to count, and they report 1.
 
@@ -264,8 +265,8 @@ class ItemQueries(StoreBase):
         return {int(idx): int(attempts) or counted for idx, attempts in rows}
 
     def count_lost_delivery(self, job_id: str, idxs: Sequence[int]) -> None:
-        """Count the attempt of a delivery that died (its worker taken over) on the pending items among
-        ``idxs`` that it had not counted (claimed as a first delivery), before they are queued again."""
+        """Count the attempt of a delivery that was lost (its worker taken over, or the delivery failed as a
+        whole) on the pending items among ``idxs`` that it had not counted (claimed as a first delivery)."""
         if idxs:
             with self.writer.begin() as conn:
                 conn.execute(_FIRST_ATTEMPT, {"b_job": job_id, "b_idxs": list(idxs)})

@@ -349,6 +349,7 @@ class WorkerContext:
                     return self._run_chunk(job_id, items, sent_at, claim, slice_end, redelivered)
                 except Exception as exc:
                     if not is_transient(exc):
+                        self._count_failed_delivery(job_id, claim, redelivered)
                         raise
                     if time.monotonic() + delay > deadline:
                         raise StoreError(
@@ -365,6 +366,17 @@ class WorkerContext:
                 self.recorder.cache = None
             release_free_memory()  # or a long job of uneven texts keeps growing the heap (see memory.py)
             self.busy_seconds += time.perf_counter() - began
+
+    def _count_failed_delivery(self, job_id: str, claim: dict[str, dict[int, int]], redelivered: bool | None) -> None:
+        """A first delivery that raised is acknowledged (Celery acks a failed task) and never comes back
+        marked: count its attempt on the items it left pending, so that a message queued again for them
+        (``pipeq reconcile``) runs them one at a time and one that keeps failing runs out of attempts."""
+        if redelivered is not False or "prior" not in claim or self.store is None:
+            return  # nothing claimed, or the claim counted the attempt already
+        try:
+            self.store.count_lost_delivery(job_id, list(claim["prior"]))
+        except Exception:
+            log.warning("could not count the failed delivery of job %s's chunk", job_id[:8], exc_info=True)
 
     def _run_chunk(
         self,
