@@ -256,13 +256,15 @@ def test_a_worker_in_a_long_forward_pass_is_not_taken_over(
 def test_sigterm_commits_the_running_batch_and_hands_back_the_rest(
     pg_url: str, redis_url: str, model: str, serve: Any, ledger: FaultLedger
 ) -> None:
-    store, queue, texts = Store(pg_url), queue_of(model), TEXTS[:64]
+    store, queue, texts = Store(pg_url), queue_of(model), TEXTS[:256]
     worker = serve(redis_url, pg_url, delay=0.3)
     worker.wait_ready(store, queue)
-    # One message of 16 batches: the worker's two forward streams start them two at a time, so SIGTERM
-    # after the first commit finds batches of it not started (with messages of 4 batches it could fall
-    # where every batch of the running message had started, and nothing would be handed back).
+    # Messages of 64 items (a job spreads over 4 messages a live worker), 16 batches of 4: the worker's
+    # two forward streams start them two at a time, so SIGTERM after the first commit always finds
+    # batches of the running message not started. (With 64 texts, messages of 16 had 4 batches, and
+    # SIGTERM could land when all of them had started: nothing was left to hand back.)
     job = submit(redis_url, pg_url, model, texts, chunk_size=len(texts))
+    assert store.job_row(job)["chunk_size"] == 64
     wait_for("a first batch", lambda: finished(store, job) >= 4, logs=[worker])
     # As docker stop or Kubernetes would: SIGTERM to the main process only.
     worker.proc.send_signal(signal.SIGTERM)
