@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from transformers import pipeline
 
-from pipeq.worker.runtime import PipelineRuntime, offline_defaults
+from pipeq.worker.runtime import STREAM_BACKLOG, PipelineRuntime, offline_defaults
 from pipeq.worker.serialize import to_jsonable
 
 MIXED = [
@@ -232,6 +232,72 @@ def test_streams_run_forward_passes_at_once_and_hand_results_on_in_order(model_d
     assert sorted(i for batch in batches for i in batch) == list(range(8)) and len(batches) == 4
     out = run_all(PipelineRuntime(pipe._pipe, "text-classification", max_batch_size=2), texts, {})
     assert all(r.status == "done" for r in out.values())
+
+
+class _SlowFirst:
+    """Wraps a pipeline so its first forward pass runs until ``others`` later passes have finished (or
+    ``patience`` seconds went by), counting how many did meanwhile."""
+
+    def __init__(self, pipe: Any, others: int, patience: float) -> None:
+        self._pipe = pipe
+        self.others, self.patience = others, patience
+        self.calls = 0
+        self.finished_meanwhile = 0
+        self.first_running = True
+        self.enough = threading.Event()
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pipe, name)
+
+    def forward(self, inputs: Any, **kw: Any) -> Any:
+        with self._lock:
+            self.calls += 1
+            first = self.calls == 1
+        out = self._pipe.forward(inputs, **kw)
+        if first:
+            self.enough.wait(self.patience)
+            self.first_running = False
+            return out
+        with self._lock:
+            if self.first_running:
+                self.finished_meanwhile += 1
+                if self.finished_meanwhile >= self.others:
+                    self.enough.set()
+        return out
+
+
+def test_a_stream_that_finishes_takes_the_next_batch_while_an_older_one_still_runs(
+    model_dir: Callable[[str], str],
+) -> None:
+    # Given two streams, and a first batch whose forward pass runs until two later batches have finished
+    pipe = _SlowFirst(pipeline("text-classification", model=model_dir("text-classification")), 2, patience=20)
+    rt = PipelineRuntime(pipe, "text-classification", max_batch_size=1, streams=2, stream_threads=1)
+    texts = [f"text number {i}" for i in range(6)]
+    # When the runtime runs six batches of one
+    order = [[r.idx for r in results] for results, _ in rt.run(list(enumerate(texts)), {})]
+    rt.close()
+    # Then the free stream ran the second and third batches while the first still ran (waiting for the
+    # oldest batch would have kept it idle, and the first pass would have waited out its patience)
+    assert pipe.enough.is_set() and pipe.finished_meanwhile >= 2
+    # And the results still come in the order the batches were cut, each once
+    serial = PipelineRuntime(pipe._pipe, "text-classification", max_batch_size=1)
+    assert order == [[r.idx for r in results] for results, _ in serial.run(list(enumerate(texts)), {})]
+
+
+def test_finished_batches_wait_behind_a_running_one_only_up_to_a_bound(model_dir: Callable[[str], str]) -> None:
+    # Given two streams, and a first batch whose forward pass runs until 100 later ones have finished
+    # (more than may wait for it) or a second went by
+    pipe = _SlowFirst(pipeline("text-classification", model=model_dir("text-classification")), 100, patience=1.0)
+    rt = PipelineRuntime(pipe, "text-classification", max_batch_size=1, streams=2, stream_threads=1)
+    texts = [f"text number {i}" for i in range(40)]
+    # When the runtime runs forty batches of one
+    out = {r.idx: r for results, _ in rt.run(list(enumerate(texts)), {}) for r in results}
+    rt.close()
+    # Then fewer than the bound finished behind the first one (the rest waited for it), and all are done
+    assert 0 < pipe.finished_meanwhile < 2 * STREAM_BACKLOG
+    assert not pipe.enough.is_set()
+    assert sorted(out) == list(range(40)) and all(r.status == "done" for r in out.values())
 
 
 def test_closing_a_stream_early_leaves_no_forward_pass_running(model_dir: Callable[[str], str]) -> None:

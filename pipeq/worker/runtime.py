@@ -30,7 +30,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Generator, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -68,6 +68,8 @@ Forwarded = tuple[list[Segment], datetime, float]
 _NO_LIMIT = 1_000_000
 #: Prepared (tokenized, collated) batches that may wait for the model.
 PREFETCH = 2
+#: Forward passes per stream that may wait, finished, behind an older one still running (see ``_forwarded``).
+STREAM_BACKLOG = 4
 #: Inputs tokenized at a time, in batch sizes: a chunk's first forward waits for one slice, not all of it.
 SLICE_BATCHES = 2
 
@@ -296,26 +298,45 @@ class PipelineRuntime:
     ) -> Generator[tuple[Ready | Prepared, Forwarded | None], None, None]:
         """Each prepared batch with its forward pass's outputs (None for a ``Ready``), in the order they came.
 
-        With several streams, that many forward passes run at once on the pool's threads; the oldest
-        is waited for only when every stream is busy. Closed early, it lets no forward pass outlive it.
+        With several streams, that many forward passes run at once on the pool's threads, and a stream
+        that finishes takes the next batch at once, whichever stream's batch is the oldest: batches of a
+        slice differ in length, so waiting for the oldest would leave a stream idle until it ends (the
+        streams then run in lockstep pairs, each pair as long as its longer batch). Outputs still come out
+        in order; at most ``STREAM_BACKLOG`` batches a stream wait finished behind an older one that runs.
+        Closed early, it lets no forward pass outlive it.
         """
         if self.streams == 1:
             for ready in prepared:
                 yield ready, None if isinstance(ready, Ready) else self._timed_forward(ready, fwd)
-            return
+        else:
+            yield from self._forwarded_on_streams(prepared, fwd)
+
+    def _forwarded_on_streams(
+        self, prepared: Iterator[Ready | Prepared], fwd: dict[str, Any]
+    ) -> Generator[tuple[Ready | Prepared, Forwarded | None], None, None]:
+        """``_forwarded`` with several streams."""
         pool = self._forward_pool()
         pending: deque[tuple[Ready | Prepared, Future[Forwarded] | None]] = deque()
+        backlog = self.streams * STREAM_BACKLOG
 
-        def every_stream_busy() -> bool:
-            return sum(future is not None for _, future in pending) >= self.streams
+        def head_done() -> bool:
+            return bool(pending) and (pending[0][1] is None or pending[0][1].done())
+
+        def running() -> list[Future[Forwarded]]:
+            return [future for _, future in pending if future is not None and not future.done()]
 
         try:
             for ready in prepared:
                 future = None if isinstance(ready, Ready) else pool.submit(self._timed_forward, ready, fwd)
                 pending.append((ready, future))
-                while pending and (pending[0][1] is None or pending[0][1].done() or every_stream_busy()):
-                    ready, future = pending.popleft()
-                    yield ready, None if future is None else future.result()
+                while True:
+                    while head_done():
+                        ready, future = pending.popleft()
+                        yield ready, None if future is None else future.result()
+                    busy = running()
+                    if len(busy) < self.streams and len(pending) < backlog:
+                        break  # a stream is free: it takes the next prepared batch
+                    wait(busy, return_when=FIRST_COMPLETED)
             while pending:
                 ready, future = pending.popleft()
                 yield ready, None if future is None else future.result()
