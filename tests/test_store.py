@@ -228,6 +228,40 @@ def test_inputs_round_trip_through_the_bulk_insert(store: Store) -> None:
     assert store.job("rt").total == len(inputs)
 
 
+def test_results_round_trip_through_the_batch_write(store: Store) -> None:
+    # PostgreSQL sends a batch's results as one JSON document: every output, error and flag must come back
+    # exactly as written, a JSON null output as no output, and the job's own row must still settle.
+    outputs: list[Any] = [
+        {"label": "我非常讨厌这个！", "score": 0.1 + 0.2},
+        [{"entity": 'quote " \\ back\\slash \u2028', "start": 0, "end": 2**40}],
+        [],
+        {},
+        [[1e-07, -0.0, 3.5e300], None, True, "tab\there\nnew line"],
+        "a bare string",
+        None,
+    ]
+    job = make_job(store, len(outputs) + 1)
+    results = [
+        ItemResult(i, C.ITEM_DONE, output=out, n_tokens=i or None, truncated=[None, True, False][i % 3], cached=None)
+        for i, out in enumerate(outputs)
+    ]
+    results.append(ItemResult(len(outputs), C.ITEM_FAILED, error='forward: "boom"\n\tat line 2 \\ é'))
+    outcome = record(store, job, results)
+    assert (outcome.done, outcome.failed, outcome.skipped) == (len(outputs), 1, 0)
+    rows = list(store.iter_results(job))
+    assert [r["output"] for r in rows] == [*outputs, None]
+    assert [r["n_tokens"] for r in rows] == [r.n_tokens for r in results]
+    assert [r["truncated"] for r in rows] == [r.truncated for r in results]
+    assert [r["cached"] for r in rows] == [None] * len(results)
+    assert rows[-1]["status"] == C.ITEM_FAILED and rows[-1]["error"] == results[-1].error
+    assert [r["error"] for r in rows[:-1]] == [None] * len(outputs)
+    if store.engine.dialect.name == "postgresql":  # no output is SQL NULL there (SQLAlchemy's JSON writes 'null')
+        with store.engine.connect() as conn:
+            empty = conn.exec_driver_sql(f"SELECT idx FROM items WHERE job_id = '{job}' AND output IS NULL ORDER BY idx")
+            assert [idx for (idx,) in empty] == [outputs.index(None), len(outputs)]
+    assert store.job(job).status == C.JOB_DONE
+
+
 def _page_size(path: Any) -> int:
     import sqlite3
 
