@@ -257,7 +257,8 @@ def test_results_round_trip_through_the_batch_write(store: Store) -> None:
     assert [r["error"] for r in rows[:-1]] == [None] * len(outputs)
     if store.engine.dialect.name == "postgresql":  # no output is SQL NULL there (SQLAlchemy's JSON writes 'null')
         with store.engine.connect() as conn:
-            empty = conn.exec_driver_sql(f"SELECT idx FROM items WHERE job_id = '{job}' AND output IS NULL ORDER BY idx")
+            sql = f"SELECT idx FROM items WHERE job_id = '{job}' AND output IS NULL ORDER BY idx"
+            empty = conn.exec_driver_sql(sql)
             assert [idx for (idx,) in empty] == [outputs.index(None), len(outputs)]
     assert store.job(job).status == C.JOB_DONE
 
