@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from contextlib import closing
 from datetime import UTC, datetime
@@ -362,4 +363,44 @@ def test_a_pooled_connection_is_pinged_only_after_sitting_idle_and_replaced_when
     assert store.claim("job", [2]) == {2: 0}
     with store.engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one() != pid
+    store.close()
+
+
+def test_a_hot_statement_that_loses_its_connection_fails_as_sqlalchemys_and_the_next_gets_a_new_one(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Claims and result writes run on the driver's connection (``engine.driver_execute``): their errors
+    # must still read as SQLAlchemy's, which the worker's retry tells apart (``is_transient``), and the
+    # pool must not hand the dead connection out again.
+    import sqlalchemy as sa
+
+    from conftest import PG_ADMIN_URL
+    from pipeq.store import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "PING_AFTER_IDLE_SECONDS", 3600.0)  # no ping to catch it first
+    store = Store(pg_url)
+    make_job(store, 4, "job")
+    assert store.claim("job", [0]) == {0: 0}
+    with store.engine.connect() as conn:
+        pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        assert conn.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid}).scalar_one()
+    admin.dispose()
+    # Given the pooled connection's server gone: the write fails as SQLAlchemy's, transient, and writes nothing
+    with pytest.raises(sa.exc.DBAPIError) as err:
+        record(store, "job", [done(0)])
+    assert engine_module.is_transient(err.value) and err.value.connection_invalidated
+    # (invalidated at once: the pool does not find it broken when it takes it back, and log an error)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    # When the writer tries again: a new connection writes it, once
+    assert record(store, "job", [done(0)]).done == 1
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one() != pid
+    assert store.job("job").done == 1
+    # And a statement the server refuses is SQLAlchemy's error too, not a transient one
+    with pytest.raises(sa.exc.DBAPIError) as err:
+        store.claim("job", [2**40])  # out of the int range of the statement's array
+    assert not engine_module.is_transient(err.value)
+    assert store.claim("job", [1]) == {1: 0}
     store.close()
