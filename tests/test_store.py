@@ -369,9 +369,8 @@ def test_a_pooled_connection_is_pinged_only_after_sitting_idle_and_replaced_when
 def test_a_hot_statement_that_loses_its_connection_fails_as_sqlalchemys_and_the_next_gets_a_new_one(
     pg_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Claims and result writes run on the driver's connection (``engine.driver_execute``): their errors
-    # must still read as SQLAlchemy's, which the worker's retry tells apart (``is_transient``), and the
-    # pool must not hand the dead connection out again.
+    # A claim's or a result write's error must read as SQLAlchemy's, which the worker's retry tells apart
+    # (``is_transient``), and the pool must not hand the dead connection out again.
     import sqlalchemy as sa
 
     from conftest import PG_ADMIN_URL

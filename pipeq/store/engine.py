@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import DBAPIError, InterfaceError, InvalidatePoolError, OperationalError
 
 #: Execution option marking a connection that writes (SQLite: BEGIN IMMEDIATE).
@@ -42,27 +41,6 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, OperationalError | InterfaceError):
         return True
     return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
-
-
-def driver_execute(conn: Connection, sql: str, params: Mapping[str, Any]) -> Any:
-    """Run ``sql`` (the driver's own SQL) on ``conn``'s driver connection; the driver's cursor, to fetch from.
-
-    For the store's hottest statements on PostgreSQL: a claim, a micro-batch's result write and the look
-    at the job's row after it. Through ``exec_driver_sql`` SQLAlchemy's per-statement machinery (its
-    execution context, the result around the cursor) cost the client about as much CPU as psycopg's own
-    execution of a result write. The statement runs in whatever ``conn`` is in: its transaction, or
-    autocommit. An error comes out as SQLAlchemy's, as from ``exec_driver_sql``, and a connection it broke is
-    invalidated, so the pool never hands it out again (``is_transient`` then reads it as SQLAlchemy's).
-    """
-    try:
-        return conn.connection.driver_connection.execute(sql, params)  # type: ignore[union-attr]
-    except conn.dialect.loaded_dbapi.Error as exc:
-        broken = conn.dialect.is_disconnect(exc, conn.connection.dbapi_connection, None)
-        if broken:
-            conn.invalidate(exc)
-        raise DBAPIError.instance(
-            sql, params, exc, conn.dialect.loaded_dbapi.Error, connection_invalidated=broken, dialect=conn.dialect
-        ) from exc
 
 
 def make_engine(url: str) -> Engine:

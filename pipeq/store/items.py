@@ -19,7 +19,6 @@ from pipeq.primitives import BatchTiming, ItemResult, Lease, WriteOutcome, utcno
 from pipeq.store.base import BATCHES, ITEMS, JOB_COUNTS, JOBS, WORKERS, StoreBase
 from pipeq.store.cache import record_cached
 from pipeq.store.counts import COUNTED
-from pipeq.store.engine import driver_execute
 from pipeq.vectors import Vector
 
 #: A batch's timing row: who ran it, then BatchTiming's fields.
@@ -261,7 +260,7 @@ class ItemQueries(StoreBase):
                 params["lease"] = json.dumps(lease.record(job_id, idxs))
             with self.engine.connect() as conn:  # one statement, its own transaction
                 conn.execution_options(isolation_level="AUTOCOMMIT")
-                rows = driver_execute(conn, _PG_CLAIMS[lease is not None, redelivered], params).fetchall()
+                rows = conn.exec_driver_sql(_PG_CLAIMS[lease is not None, redelivered], params).all()
             return {int(idx): int(attempts) for idx, attempts in rows}
         with self.writer.begin() as conn:  # SQLite: the transaction holds the write lock
             if lease is not None:
@@ -420,8 +419,8 @@ class ItemQueries(StoreBase):
             if written:
                 # Two writers finishing a job's last items at once each see the other's count uncommitted,
                 # and neither marks it done; after its commit, the later one of them sees both.
-                driver_execute(
-                    conn, _PG_SETTLE_AFTER, {**_PG_SETTLE_AFTER_CONSTANTS, "b_job": job_id, "b_now": utcnow()}
+                conn.exec_driver_sql(
+                    _PG_SETTLE_AFTER, {**_PG_SETTLE_AFTER_CONSTANTS, "b_job": job_id, "b_now": utcnow()}
                 )
         return outcomes
 
@@ -463,7 +462,7 @@ class ItemQueries(StoreBase):
         sql = _PG_WRITE_UNTIMED if timing is None else _PG_WRITE_TIMED
         if timing is not None:
             params.update({f"t_{k}": v for k, v in {"job_id": job_id, **batch, **vars(timing)}.items()})
-        done = set(driver_execute(conn, sql, params).fetchone()[0])
+        done = set(conn.exec_driver_sql(sql, params).scalar_one())
         return [r for r in results if r.idx in done]
 
     def _write_items(
