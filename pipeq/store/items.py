@@ -129,9 +129,11 @@ _RESULT_PAGE_NAMES = tuple(c.name for c in _RESULT_PAGE.selected_columns)
 #: does not hold what ``k`` adds, so ``s`` adds this batch's count itself.
 #:
 #: The rows travel as one JSON array of arrays (``_pg_rows``: one ``json.dumps``, in C) and ``r_idx`` as an
-#: int array's text: a parameter per column, each a Python list dumped by the driver, cost the writer about
-#: four times as much CPU an item. A JSON ``output`` is taken verbatim (``->`` on ``json`` keeps the text as
-#: ``json.dumps`` wrote it, as the column's own encoding does); a vector travels as base64.
+#: int array's text. A parameter per column, each a Python list the driver dumped element by element, was
+#: most of a write's client CPU; with one document a writer spends about 18% less CPU an item (benchmarks/
+#: RESULTS.md, the fleet section, Session 15). A JSON ``output`` is taken verbatim (``->`` on ``json`` keeps
+#: the text ``json.dumps`` wrote, as the column's own encoding does), a JSON null as SQL NULL as before; a
+#: vector travels as base64.
 _PG_WRITE = (
     "WITH {batch_id_cte}"
     "r AS (SELECT (v->>0)::int AS idx, (v->>1)::varchar AS status, "
@@ -180,7 +182,7 @@ def _settle_job(batch: Any = None) -> Any:
 
 _SETTLE_JOB = _settle_job()
 #: ``_SETTLE_JOB`` as the driver's SQL, for the look after every PostgreSQL write (``_record_pg``): run as a
-#: string it skips the statement's cache-key walk, a third of that look's client CPU.
+#: string, compiled once, it skips the walk of the statement for its cache key on every execution.
 _PG_SETTLE_AFTER, _PG_SETTLE_AFTER_CONSTANTS = _pg_inline(_SETTLE_JOB)
 #: ``_settle_job`` inside ``_PG_WRITE``, as its CTE ``s``.
 _PG_SETTLE, _PG_SETTLE_CONSTANTS = _pg_inline(_settle_job(literal_column("(SELECT n FROM n)")))
