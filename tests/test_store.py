@@ -332,12 +332,29 @@ def test_postgres_claims_read_only_their_rows_of_a_large_new_job(pg_url: str) ->
         assert store.claim(job_id, [100, 104]) == {100: 1, 104: 0}
 
 
-def test_a_pooled_connection_is_pinged_only_after_sitting_idle_and_replaced_when_dead(
-    pg_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _backend_pid(store: Store) -> int:
+    """The server process behind the store's pooled connection."""
+    with store.engine.connect() as conn:
+        return int(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one())
+
+
+def _terminate_pooled_backend(store: Store) -> int:
+    """End the server process behind the store's pooled connection, as a server restart would; its pid."""
     import sqlalchemy as sa
 
     from conftest import PG_ADMIN_URL
+
+    pid = _backend_pid(store)
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        assert conn.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid}).scalar_one()
+    admin.dispose()
+    return pid
+
+
+def test_a_pooled_connection_is_pinged_only_after_sitting_idle_and_replaced_when_dead(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from pipeq.store import engine as engine_module
 
     store = Store(pg_url)
@@ -354,15 +371,9 @@ def test_a_pooled_connection_is_pinged_only_after_sitting_idle_and_replaced_when
     assert store.claim("job", [1]) == {1: 0}
     assert len(pings) == 1
     # And when the server dropped it meanwhile: the ping fails, a new connection serves the call
-    with store.engine.connect() as conn:
-        pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
-    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        assert conn.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid}).scalar_one()
-    admin.dispose()
+    pid = _terminate_pooled_backend(store)
     assert store.claim("job", [2]) == {2: 0}
-    with store.engine.connect() as conn:
-        assert conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one() != pid
+    assert _backend_pid(store) != pid
     store.close()
 
 
@@ -373,19 +384,13 @@ def test_a_hot_statement_that_loses_its_connection_fails_as_sqlalchemys_and_the_
     # (``is_transient``), and the pool must not hand the dead connection out again.
     import sqlalchemy as sa
 
-    from conftest import PG_ADMIN_URL
     from pipeq.store import engine as engine_module
 
     monkeypatch.setattr(engine_module, "PING_AFTER_IDLE_SECONDS", 3600.0)  # no ping to catch it first
     store = Store(pg_url)
     make_job(store, 4, "job")
     assert store.claim("job", [0]) == {0: 0}
-    with store.engine.connect() as conn:
-        pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
-    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        assert conn.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid}).scalar_one()
-    admin.dispose()
+    pid = _terminate_pooled_backend(store)
     # Given the pooled connection's server gone: the write fails as SQLAlchemy's, transient, and writes nothing
     with pytest.raises(sa.exc.DBAPIError) as err:
         record(store, "job", [done(0)])
@@ -394,8 +399,7 @@ def test_a_hot_statement_that_loses_its_connection_fails_as_sqlalchemys_and_the_
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
     # When the writer tries again: a new connection writes it, once
     assert record(store, "job", [done(0)]).done == 1
-    with store.engine.connect() as conn:
-        assert conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one() != pid
+    assert _backend_pid(store) != pid
     assert store.job("job").done == 1
     # And a statement the server refuses is SQLAlchemy's error too, not a transient one
     with pytest.raises(sa.exc.DBAPIError) as err:
