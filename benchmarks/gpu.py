@@ -13,7 +13,9 @@ text classifier:
 (d) end to end: one ``pipeq worker`` with one pool child, through Redis into SQLite, from
     ``Client.submit`` until the last result is committed (each turn's JSON line also gives
     ``steady_rate``, from the job's first claim to its last commit, and ``submit_seconds``, what came
-    before the first claim); (e) the same worker with two pool children sharing the GPU.
+    before the first claim); (eN) the same worker with N pool children sharing the GPU
+    (``--concurrency 1,2,4``); (w) the same worker started without ``--concurrency``, running the
+    children it chooses itself (``--concurrency 1,auto``; pipeq/worker/children.py).
 
 They run in turns on warm workers, f c d e f c d e ... (``--rounds``), and each figure is the mean of its
 turns. While (d) and (e) run, the GPU's busy share is sampled through NVML where it can be.
@@ -201,7 +203,7 @@ def measure(args: argparse.Namespace, model: str, precision: str, texts: list[st
         for i, concurrency in enumerate(args.concurrency):
             # Each worker its own broker database and store: both serve the same queue name.
             bench.REDIS = f"{base}/{int(db) - i}"
-            url = f"sqlite:///{work / f'store-{precision}-{concurrency}.db'}"
+            url = f"sqlite:///{work / f'store-{precision}-{row_name(concurrency)}.db'}"
             flags: tuple[str, ...] = ("--max-batch-tokens", str(budget), "--max-batch-size", str(size))
             if args.tokenizer_threads:
                 flags += ("--tokenizer-threads", str(args.tokenizer_threads))
@@ -212,9 +214,11 @@ def measure(args: argparse.Namespace, model: str, precision: str, texts: list[st
             rates["f"].append(forward_only(pipe, texts, budget, size, device))
             speed, outputs = in_process(pipe, texts, budget, size)
             rates["c"].append(speed)
-            for concurrency, _, client, _ in workers:
+            for concurrency, _, client, live in workers:
                 run = end_to_end(client, texts, precision, model, device)
-                name = "d" if concurrency == 1 else f"e{concurrency}"
+                name = row_name(concurrency)
+                if concurrency is None:
+                    run["children"] = len(live)
                 rates.setdefault(name, []).append(run.pop("rate"))
                 agree, diff = agreement(outputs, run.pop("outputs"))
                 extra.setdefault(name, []).append({**run, "labels_equal_to_c": agree, "max_score_diff_to_c": diff})
@@ -230,14 +234,19 @@ def measure(args: argparse.Namespace, model: str, precision: str, texts: list[st
     return {"precision": precision, "rates": means, "runs": rates, "extra": extra}
 
 
-def table(rows: list[dict[str, Any]], concurrency: list[int]) -> str:
-    others = [f"e{c}" for c in concurrency if c != 1]
+def row_name(concurrency: int | None) -> str:
+    """d: one child; eN: N children; w: the worker's own choice (no --concurrency)."""
+    return "w" if concurrency is None else "d" if concurrency == 1 else f"e{concurrency}"
+
+
+def table(rows: list[dict[str, Any]], concurrency: list[int | None]) -> str:
+    others = [row_name(c) for c in concurrency if c != 1]
     head = [
         "precision",
         "(f) forward only",
         "(c) in process",
         "(d) 1 worker",
-        *[f"({e}) {e[1:]} children" for e in others],
+        *[f"({e}) {e[1:]} children" if e != "w" else "(w) 1 worker, children it chose" for e in others],
     ]
     lines = ["| " + " | ".join([*head, "d/f", "d/c"]) + " |", "|" + " --- |" * (len(head) + 2)]
     for row in rows:
@@ -257,13 +266,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-batch-tokens", type=int, default=32_768)
     parser.add_argument("--max-batch-size", type=int, default=256)
-    parser.add_argument("--concurrency", default="1,2", help="pool children of the workers compared [1,2]")
+    parser.add_argument(
+        "--concurrency", default="1,auto", help="pool children of the workers compared; auto: none given [1,auto]"
+    )
     parser.add_argument("--tokenizer-threads", type=int, default=None, help="pass --tokenizer-threads to workers")
     parser.add_argument(
         "--model-src", default=None, help="folder with MiniLM's config and tokenizer (weights optional)"
     )
     args = parser.parse_args()
-    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    args.concurrency = [None if c == "auto" else int(c) for c in args.concurrency.split(",")]
     if 1 not in args.concurrency:
         parser.error("--concurrency must include 1: (d) is the one-child worker")
     return args

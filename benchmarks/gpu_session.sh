@@ -30,13 +30,13 @@ for step in "${steps[@]}"; do
     echo "== $step $(date +%T)"
     case $step in
     bench)  # the GPU rows: f c d e in turns
-        timeout 300 "${GPU[@]}" --precisions fp16 --concurrency "${PIPEQ_GPU_CONCURRENCY:-1,2,4}" --rounds 2 \
+        timeout 200 "${GPU[@]}" --precisions fp16 --concurrency "${PIPEQ_GPU_CONCURRENCY:-1,auto}" --rounds 2 \
             2>&1 | tee "$OUT/bench.log" ;;
     profile)  # where the GIL goes in (c) and in one worker's child: py-spy samples of the thread holding it
         timeout 150 py-spy record --gil --subprocesses --rate 200 --format raw -o "$OUT/spy.txt" -- \
             "${GPU[@]}" --precisions fp16 --concurrency 1 --rounds 1 --n 60000 2>&1 | tail -15 | tee "$OUT/profile.log" ;;
     tests)
-        timeout 240 python3 -m pytest -p no:cacheprovider -q -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/tests.log" ;;
+        timeout 200 python3 -m pytest -p no:cacheprovider -q -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/tests.log" ;;
     *) echo "unknown step $step"; exit 2 ;;
     esac
 done

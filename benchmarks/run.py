@@ -52,6 +52,7 @@ from pipeq.demo import EMBEDDING_PARAMS, minilm_path  # noqa: E402
 from pipeq.routing import ServeKey  # noqa: E402
 from pipeq.store import Store  # noqa: E402
 from pipeq.store import schema as db  # noqa: E402
+from pipeq.worker.children import choose_children  # noqa: E402
 from pipeq.worker.config import WorkerConfig  # noqa: E402
 from pipeq.worker.loading import load_pipeline  # noqa: E402
 from pipeq.worker.runtime import PipelineRuntime  # noqa: E402
@@ -183,12 +184,18 @@ def child_rss_mb(pids: list[int]) -> float:
 
 
 def start_worker(
-    model: str, precision: str, url: str, *extra: str, workers: int = 1, task: str = TASK
+    model: str, precision: str, url: str, *extra: str, workers: int | None = 1, task: str = TASK
 ) -> tuple[subprocess.Popen[bytes], Store, list[dict[str, Any]]]:
-    """Start ``pipeq worker`` on a migrated store and wait until its children are ready; returns them too."""
+    """Start ``pipeq worker`` on a migrated store and wait until its children are ready; returns them too.
+
+    ``workers=None`` starts it without ``--concurrency``: it runs the children it chooses itself."""
     db.upgrade(url)
     env = {**os.environ, "PIPEQ_BROKER_URL": REDIS, "PIPEQ_DATABASE_URL": url}
-    args = ["--task", task, "--model", model, "--precision", precision, "--concurrency", str(workers)]
+    args = ["--task", task, "--model", model, "--precision", precision]
+    if workers is None:
+        workers = choose_children(DEVICE, model).children
+    else:
+        args += ["--concurrency", str(workers)]
     args += ["--device", DEVICE, *extra]
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeq", "-q", "worker", *args],

@@ -32,6 +32,17 @@ CHUNKS_PER_WORKER = 4
 DEFAULT_MAX_BATCH_TOKENS = 8192
 #: Most threads the fast tokenizer gets per worker child on an accelerator (``--tokenizer-threads``).
 MAX_TOKENIZER_THREADS = 8
+#: A CUDA worker without ``--concurrency`` runs several children (model copies) only for weights up to this
+#: size on disk: a small model's forward pass leaves the GPU idle while one child's Python runs (worker/children.py).
+SMALL_MODEL_BYTES = 2**30
+#: Most children such a worker runs by default on one GPU.
+MAX_GPU_CHILDREN = 4
+#: Host cores per default child on a GPU: its own Python thread and its tokenizer's threads.
+CORES_PER_GPU_CHILD = 4
+#: Device memory per default child besides twice its weights: the CUDA context, activations, the allocator's cache.
+GPU_CHILD_OVERHEAD_BYTES = 2 * 2**30
+#: Share of the device's memory the default children may take together.
+GPU_MEMORY_SHARE = 0.8
 #: Most forward streams a CPU child runs by default (one per torch thread up to this many, then threads shared
 #: among them): each stream's Python between operators holds the GIL, so very many streams would queue on it.
 MAX_CPU_STREAMS = 8

@@ -6,6 +6,8 @@ a GPU is: ``pytest -m gpu``. Without CUDA they fail rather than skip, so a GPU r
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -123,4 +125,40 @@ def test_worker_on_cuda_end_to_end(
     assert {w["device"] for w in live} == {DEVICE}
     want = "bitsandbytes-llm-int8" if precision == "int8" else "none"
     assert {w["quantization"] for w in live} == {want}
+    store.close()
+
+
+def test_a_cuda_worker_runs_several_children_of_a_small_model_by_default(
+    tmp_path: Path, redis_url: str, model_dir: Callable[[str], str], start_worker: Any
+) -> None:
+    """No --concurrency: as many children as the host's cores and the GPU's memory allow for a small model
+    (pipeq/worker/children.py), each serving the queue with its share of the tokenizer's threads."""
+    from pipeq.worker.children import default_children, weights_bytes
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    db.upgrade(url)
+    model = model_dir(TASK)
+    memory = torch.cuda.get_device_properties(0).total_memory
+    want = default_children(DEVICE, cores=os.cpu_count(), weights=weights_bytes(model), device_memory=memory).children
+    assert want > 1, f"this test needs a host of at least 8 cores ({os.cpu_count()} here)"
+    worker = start_worker("--task", TASK, "--model", model, "--precision", "fp16", "--device", DEVICE,
+                          broker_url=redis_url, database_url=url)  # fmt: skip
+    store = Store(url)
+    queue = ServeKey(TASK, model, "fp16").queue
+    worker.wait_ready(store, queue)
+    deadline = time.monotonic() + 120
+    while len(ready := [w for w in store.live_workers(queue) if w["status"] == "ready"]) < want:
+        assert time.monotonic() < deadline, f"{len(ready)} of {want} children ready"
+        time.sleep(0.2)
+    assert len(store.live_workers(queue)) == want
+    assert {w["settings"]["concurrency"] for w in ready} == {want}
+    assert {w["settings"]["tokenizer_threads"] for w in ready} == {
+        WorkerConfig(ServeKey(TASK, model, "fp16"), device=DEVICE, concurrency=want).resolved_tokenizer_threads
+    }
+    with Client(Settings(broker_url=redis_url, database_url=url, chunk_size=4)) as client:
+        job = client.submit(TEXTS * 4, task=TASK, model=model, precision="fp16")
+        state = job.wait(timeout=120)
+        results = list(job.results())
+    assert (state.status, state.done, state.failed) == ("done", len(TEXTS) * 4, 0)
+    assert len({r["timing"]["worker_id"] for r in results}) > 1  # the children shared the job
     store.close()

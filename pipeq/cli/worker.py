@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 import typer
@@ -22,6 +23,8 @@ from pipeq.errors import ConfigurationError
 from pipeq.precisions import DEFAULT_ALLOWED_PRECISIONS, INT8_BACKENDS, REFERENCE
 
 # ------------------------------------------------------------------------- worker
+
+log = logging.getLogger(__name__)
 
 
 @app.command()
@@ -45,7 +48,16 @@ def worker(
     ] = None,
     revision: Annotated[str | None, typer.Option("--revision", help="Model revision (hub).")] = None,
     device: Annotated[str | None, typer.Option("--device", help="cpu or cuda:N [default: cuda:0 if any].")] = None,
-    concurrency: Annotated[int, typer.Option("--concurrency", "-c", help="Pool children (model copies).")] = 1,
+    concurrency: Annotated[
+        int | None,
+        typer.Option(
+            "--concurrency",
+            "-c",
+            help=f"Pool children (model copies) [default: 1; on CUDA, for weights up to "
+            f"{C.SMALL_MODEL_BYTES // 2**30} GiB, one per {C.CORES_PER_GPU_CHILD} cores, "
+            f"at most {C.MAX_GPU_CHILDREN}].",
+        ),
+    ] = None,
     max_batch_tokens: Annotated[
         int | None,
         typer.Option(help=f"Padded tokens per forward pass [default: calibrated, else {C.DEFAULT_MAX_BATCH_TOKENS}]."),
@@ -139,6 +151,7 @@ def worker(
     from pipeq.broker.probe import check_broker
     from pipeq.routing import AUTO_PRECISION, ServeKey, check_precision, normalize_model
     from pipeq.tasks import normalize_task
+    from pipeq.worker.children import choose_children
     from pipeq.worker.config import WorkerConfig, parse_precisions
     from pipeq.worker.devices import cuda_device_count
     from pipeq.worker.main import run_worker, validate
@@ -161,7 +174,7 @@ def worker(
         cfg = WorkerConfig(
             key=key,
             device=device or "cpu",  # no --device: CUDA if torch sees any, asked below
-            concurrency=concurrency,
+            concurrency=1 if concurrency is None else concurrency,  # None: chosen below, once the device is known
             max_batch_tokens=max_batch_tokens,
             max_batch_size=max_batch_size,
             int8_backend=int8_backend,
@@ -189,5 +202,12 @@ def worker(
         validate(cfg)  # the task (transformers' task list, cached on disk after the first run) and the model
         if device is None and cuda_device_count():
             cfg = replace(cfg, device="cuda:0")
+        if concurrency is None and pool != "solo":  # a solo pool is one process whatever --concurrency says
+            choice = choose_children(cfg.device, cfg.key.model, cfg.key.revision)
+            if cfg.device != "cpu":
+                log.info(
+                    "%d pool children on %s: %s (--concurrency to choose)", choice.children, cfg.device, choice.reason
+                )
+            cfg = replace(cfg, concurrency=choice.children)
         level = "DEBUG" if State.verbosity > 0 else "WARNING" if State.verbosity < 0 else "INFO"
         run_worker(settings, cfg, loglevel=level, pool=pool)

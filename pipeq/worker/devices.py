@@ -49,8 +49,8 @@ def in_subprocess(fn: Callable[..., T], *args: Any) -> T:
 
 
 @functools.cache
-def cuda_device_names() -> tuple[str, ...]:
-    """The names of the CUDA devices torch sees (index order), asked once, in a spawned process.
+def cuda_devices() -> tuple[tuple[str, int], ...]:
+    """The name and memory (bytes) of each CUDA device torch sees (index order), asked once, in a spawned process.
 
     Asking in the worker's parent would poison its prefork pool: once the parent has touched the CUDA
     runtime (``torch.cuda.is_available()`` does), a forked child cannot initialise CUDA at all.
@@ -59,13 +59,26 @@ def cuda_device_names() -> tuple[str, ...]:
 
     if not torch.backends.cuda.is_built():  # a CPU build of torch: no need to ask
         return ()
-    return in_subprocess(_cuda_device_names_here)
+    return in_subprocess(_cuda_devices_here)
 
 
-def _cuda_device_names_here() -> tuple[str, ...]:
+def _cuda_devices_here() -> tuple[tuple[str, int], ...]:
     import torch
 
-    return tuple(str(torch.cuda.get_device_name(i)) for i in range(torch.cuda.device_count()))
+    return tuple(
+        (str(torch.cuda.get_device_name(i)), int(torch.cuda.get_device_properties(i).total_memory))
+        for i in range(torch.cuda.device_count())
+    )
+
+
+def cuda_device_names() -> tuple[str, ...]:
+    return tuple(name for name, _ in cuda_devices())
+
+
+def cuda_device_memory(device: str) -> int | None:
+    """Total memory of a CUDA device in bytes; None for one torch does not see."""
+    devices, index = cuda_devices(), cuda_index(device)
+    return devices[index][1] if index < len(devices) else None
 
 
 def cuda_device_count() -> int:

@@ -1,0 +1,91 @@
+"""How many pool children (model copies) a worker runs when ``--concurrency`` is not given.
+
+Why: a child's own Python (tokenizing, collating, postprocessing, writing results) costs about the same
+per text whatever the model, about 100 µs on one core, while a small model's forward pass on a GPU
+costs a fraction of that. One child then keeps the GPU busy a few percent of the time (all-MiniLM-L6-v2
+at fp16 on an H100: 3-5%, benchmarks/RESULTS-GPU.md), and each further child, with its own interpreter
+and its own copy of the model, adds nearly a child's worth of texts per second. A large model's forward
+pass is the bound, and extra copies would only take memory.
+
+The rule, for a CUDA device (a CPU worker runs one child, which uses every core):
+
+* weights of at most ``SMALL_MODEL_BYTES`` on disk (found locally: a model folder, or the hub cache):
+  one child per ``CORES_PER_GPU_CHILD`` cores, at most ``MAX_GPU_CHILDREN``, and no more than fit
+  in ``GPU_MEMORY_SHARE`` of the device's memory at ``2 x weights + GPU_CHILD_OVERHEAD_BYTES`` each
+  (the served copy, a shadow check's fp32 copy, the CUDA context and activations);
+* larger or unknown weights: one child.
+
+``--concurrency N`` always wins.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeq import constants as C
+
+log = logging.getLogger(__name__)
+
+#: Weight files, in the order transformers prefers them.
+_WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
+
+
+@dataclass(frozen=True)
+class ChildrenChoice:
+    """The children a worker runs by default, and why (for the log and the worker row)."""
+
+    children: int
+    reason: str
+
+
+def weights_bytes(model: str, revision: str | None = None) -> int | None:
+    """Bytes of the model's weight files where they are on this machine (a folder, or the hub cache); else None.
+
+    Never downloads: a hub model not cached yet is unknown here (its child downloads it as it loads).
+    """
+    folder = Path(model)
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(str(snapshot_download(model, revision=revision, local_files_only=True)))
+        except Exception:  # not cached, offline, a malformed id: unknown, so the cautious default
+            return None
+    for pattern in _WEIGHT_GLOBS:
+        files = [f for f in folder.glob(pattern) if f.is_file()]
+        if files:
+            return sum(f.stat().st_size for f in files)
+    return None
+
+
+def default_children(
+    device: str, *, cores: int | None, weights: int | None, device_memory: int | None
+) -> ChildrenChoice:
+    """The rule in the module docstring, on plain figures (``cores``: the host's; ``device_memory``: bytes)."""
+    if not device.startswith("cuda"):
+        return ChildrenChoice(1, "a CPU worker's one child uses every core")
+    if weights is None:
+        return ChildrenChoice(1, "the model's weights are not on this machine yet, so their size is unknown")
+    size = f"{weights / 2**20:,.0f} MiB of weights"
+    if weights > C.SMALL_MODEL_BYTES:
+        return ChildrenChoice(1, f"{size}: the forward pass bounds this worker, not its Python")
+    by_cores = max(1, (cores or 1) // C.CORES_PER_GPU_CHILD)
+    children = min(C.MAX_GPU_CHILDREN, by_cores)
+    if device_memory is not None:
+        per_child = 2 * weights + C.GPU_CHILD_OVERHEAD_BYTES
+        children = min(children, max(1, int(C.GPU_MEMORY_SHARE * device_memory) // per_child))
+    return ChildrenChoice(children, f"{size} and {cores} cores: one child per {C.CORES_PER_GPU_CHILD} cores")
+
+
+def choose_children(device: str, model: str, revision: str | None = None) -> ChildrenChoice:
+    """``default_children`` for this host, device and model (the device's memory asked in a spawned process)."""
+    if not device.startswith("cuda"):
+        return default_children(device, cores=os.cpu_count(), weights=None, device_memory=None)
+    from pipeq.worker.devices import cuda_device_memory
+
+    return default_children(
+        device, cores=os.cpu_count(), weights=weights_bytes(model, revision), device_memory=cuda_device_memory(device)
+    )

@@ -1,0 +1,157 @@
+"""How many pool children a worker runs without ``--concurrency`` (pipeq/worker/children.py).
+
+A real CUDA worker choosing its children is in tests/test_gpu.py (``pytest -m gpu``); here the rule,
+the weights lookup and the CLI's wiring run on the CPU, with the CUDA device's figures faked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from pipeq import constants as C
+from pipeq.cli import app
+from pipeq.worker import children as children_module
+from pipeq.worker import devices
+from pipeq.worker.children import default_children, weights_bytes
+from pipeq.worker.config import WorkerConfig
+
+TASK = "text-classification"
+GIB = 2**30
+MIB = 2**20
+
+
+def test_a_cpu_worker_runs_one_child() -> None:
+    for weights in (None, 10 * MIB, 10 * GIB):
+        choice = default_children("cpu", cores=64, weights=weights, device_memory=None)
+        assert choice.children == 1, choice
+
+
+def test_a_small_model_on_cuda_gets_a_child_per_four_cores_up_to_four() -> None:
+    small = 90 * MIB  # all-MiniLM-L6-v2 in fp32
+    got = {
+        cores: default_children("cuda:0", cores=cores, weights=small, device_memory=80 * GIB)
+        for cores in (2, 4, 8, 12, 16, 64)
+    }
+    assert {cores: c.children for cores, c in got.items()} == {2: 1, 4: 1, 8: 2, 12: 3, 16: 4, 64: 4}
+    assert "90 MiB of weights and 16 cores" in got[16].reason
+
+
+def test_large_or_unknown_weights_on_cuda_get_one_child() -> None:
+    big = default_children("cuda:1", cores=64, weights=C.SMALL_MODEL_BYTES + 1, device_memory=80 * GIB)
+    assert big.children == 1 and "forward pass bounds" in big.reason
+    unknown = default_children("cuda:0", cores=64, weights=None, device_memory=80 * GIB)
+    assert unknown.children == 1 and "unknown" in unknown.reason
+    at_limit = default_children("cuda:0", cores=64, weights=C.SMALL_MODEL_BYTES, device_memory=80 * GIB)
+    assert at_limit.children == C.MAX_GPU_CHILDREN
+
+
+def test_the_device_memory_bounds_the_children() -> None:
+    # 2 x 512 MiB + 2 GiB = 3 GiB a child: 0.8 x 8 GiB holds two, 0.8 x 4 GiB one.
+    weights = 512 * MIB
+    assert default_children("cuda:0", cores=16, weights=weights, device_memory=8 * GIB).children == 2
+    assert default_children("cuda:0", cores=16, weights=weights, device_memory=4 * GIB).children == 1
+    assert default_children("cuda:0", cores=16, weights=weights, device_memory=1 * GIB).children == 1
+    assert default_children("cuda:0", cores=16, weights=weights, device_memory=None).children == 4
+
+
+def test_weights_are_the_safetensors_files_of_a_model_folder(model_dir: Callable[[str], str]) -> None:
+    folder = Path(model_dir(TASK))
+    files = list(folder.glob("*.safetensors"))
+    assert files
+    assert weights_bytes(str(folder)) == sum(f.stat().st_size for f in files)
+
+
+def test_weights_of_a_pytorch_bin_folder_and_of_none(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    assert weights_bytes(str(tmp_path)) is None
+    (tmp_path / "pytorch_model-00001-of-00002.bin").write_bytes(b"x" * 300)
+    (tmp_path / "pytorch_model-00002-of-00002.bin").write_bytes(b"x" * 200)
+    assert weights_bytes(str(tmp_path)) == 500
+    (tmp_path / "model.safetensors").write_bytes(b"y" * 70)  # preferred, as transformers prefers it
+    assert weights_bytes(str(tmp_path)) == 70
+
+
+def test_weights_of_a_hub_model_come_from_the_cache_without_downloading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--someone--small-model" / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (snapshot / "model.safetensors").write_bytes(b"z" * 1234)
+    (cache / "models--someone--small-model" / "refs").mkdir()
+    (cache / "models--someone--small-model" / "refs" / "main").write_text(snapshot.name)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    assert weights_bytes("someone/small-model") == 1234
+    assert weights_bytes("someone/not-cached") is None
+    assert weights_bytes("not a valid id at all!") is None
+
+
+# ---------------------------------------------------------------- the CLI
+
+
+@pytest.fixture
+def captured(monkeypatch: pytest.MonkeyPatch) -> list[WorkerConfig]:
+    """``pipeq worker`` up to the point it would start Celery: the configuration it would run."""
+    seen: list[WorkerConfig] = []
+
+    def fake_run_worker(settings: Any, cfg: WorkerConfig, **_: Any) -> None:
+        seen.append(cfg)
+
+    monkeypatch.setattr("pipeq.worker.main.run_worker", fake_run_worker)
+    return seen
+
+
+def fake_gpu(monkeypatch: pytest.MonkeyPatch, *, cores: int, memory: int) -> None:
+    monkeypatch.setattr(devices, "cuda_devices", lambda: (("Fake GPU", memory),))
+    monkeypatch.setattr(children_module.os, "cpu_count", lambda: cores)
+
+
+def worker_cfg(captured: list[WorkerConfig], redis_url: str, model: str, *extra: str) -> WorkerConfig:
+    return run_cli(captured, redis_url, model, *extra)[0]
+
+
+def run_cli(captured: list[WorkerConfig], redis_url: str, model: str, *extra: str) -> tuple[WorkerConfig, str]:
+    """The configuration ``pipeq worker`` would run, and what it printed (its log goes to stderr)."""
+    args = ["worker", "--task", TASK, "--model", model, "--precision", "fp32", "--broker-url", redis_url, *extra]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert len(captured) == 1
+    return captured.pop(), result.output
+
+
+def test_the_cli_gives_a_small_model_on_cuda_several_children(
+    captured: list[WorkerConfig],
+    redis_url: str,
+    model_dir: Callable[[str], str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake_gpu(monkeypatch, cores=16, memory=80 * GIB)
+    model = model_dir(TASK)
+    cfg, printed = run_cli(captured, redis_url, model)
+    assert (cfg.device, cfg.concurrency) == ("cuda:0", 4)
+    assert "4 pool children on cuda:0" in printed and "--concurrency to choose" in printed
+    # An explicit count, a solo pool and a CPU device are left as they are.
+    assert worker_cfg(captured, redis_url, model, "--concurrency", "2").concurrency == 2
+    assert worker_cfg(captured, redis_url, model, "--pool", "solo").concurrency == 1
+    assert worker_cfg(captured, redis_url, model, "--device", "cpu").concurrency == 1
+
+
+def test_the_cli_gives_a_cpu_worker_one_child_and_refuses_zero(
+    captured: list[WorkerConfig], redis_url: str, model_dir: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(devices, "cuda_devices", lambda: ())
+    model = model_dir(TASK)
+    cfg = worker_cfg(captured, redis_url, model)
+    assert (cfg.device, cfg.concurrency) == ("cpu", 1)
+    result = CliRunner().invoke(
+        app, ["worker", "--task", TASK, "--model", model, "--concurrency", "0", "--broker-url", redis_url]
+    )
+    assert result.exit_code != 0 and "--concurrency must be at least 1" in result.output
+    assert not captured
