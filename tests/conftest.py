@@ -281,12 +281,13 @@ class WorkerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def wait_ready(self, store: Any, queue: str, timeout: float = 120) -> None:
+    def wait_ready(self, store: Any, queue: str, timeout: float = 120, *, children: int = 1) -> None:
+        """Wait until ``children`` of its pool children serve ``queue`` (loaded and warmed up)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
-            if any(w["status"] == "ready" and w["queue"] == queue for w in store.live_workers()):
+            if sum(w["status"] == "ready" and w["queue"] == queue for w in store.live_workers()) >= children:
                 return
             time.sleep(0.2)
         raise AssertionError(f"worker not ready after {timeout}s:\n{self.log()[-4000:]}")

@@ -7,7 +7,6 @@ a GPU is: ``pytest -m gpu``. Without CUDA they fail rather than skip, so a GPU r
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -113,7 +112,8 @@ def test_worker_on_cuda_end_to_end(
     worker = start_worker(*args, broker_url=redis_url, database_url=url)
     store = Store(url)
     queue = ServeKey(TASK, model, precision).queue
-    worker.wait_ready(store, queue)
+    # Both children loaded before the job: a child still loading has no quantization on its row yet.
+    worker.wait_ready(store, queue, children=2)
     with Client(Settings(broker_url=redis_url, database_url=url, chunk_size=8)) as client:
         job = client.submit(TEXTS, task=TASK, model=model, precision=precision)
         state = job.wait(timeout=120)
@@ -145,12 +145,9 @@ def test_a_cuda_worker_runs_several_children_of_a_small_model_by_default(
                           broker_url=redis_url, database_url=url)  # fmt: skip
     store = Store(url)
     queue = ServeKey(TASK, model, "fp16").queue
-    worker.wait_ready(store, queue)
-    deadline = time.monotonic() + 120
-    while len(ready := [w for w in store.live_workers(queue) if w["status"] == "ready"]) < want:
-        assert time.monotonic() < deadline, f"{len(ready)} of {want} children ready"
-        time.sleep(0.2)
-    assert len(store.live_workers(queue)) == want
+    worker.wait_ready(store, queue, children=want)
+    ready = [w for w in store.live_workers(queue) if w["status"] == "ready"]
+    assert len(ready) == len(store.live_workers(queue)) == want
     assert {w["settings"]["concurrency"] for w in ready} == {want}
     assert {w["settings"]["tokenizer_threads"] for w in ready} == {
         WorkerConfig(ServeKey(TASK, model, "fp16"), device=DEVICE, concurrency=want).resolved_tokenizer_threads
