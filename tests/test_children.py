@@ -53,7 +53,8 @@ def test_large_or_unknown_weights_on_cuda_get_one_child() -> None:
 def test_the_device_memory_bounds_the_children() -> None:
     # 2 x 512 MiB + 2 GiB = 3 GiB a child: 0.8 x 8 GiB holds two, 0.8 x 4 GiB one.
     weights = 512 * MIB
-    assert default_children("cuda:0", cores=16, weights=weights, device_memory=8 * GIB).children == 2
+    bound = default_children("cuda:0", cores=16, weights=weights, device_memory=8 * GIB)
+    assert bound.children == 2 and "as many children as fit in 80% of 8 GiB" in bound.reason
     assert default_children("cuda:0", cores=16, weights=weights, device_memory=4 * GIB).children == 1
     assert default_children("cuda:0", cores=16, weights=weights, device_memory=1 * GIB).children == 1
     assert default_children("cuda:0", cores=16, weights=weights, device_memory=None).children == 4

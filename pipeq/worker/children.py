@@ -3,9 +3,9 @@
 Why: a child's own Python (tokenizing, collating, postprocessing, writing results) costs about the same
 per text whatever the model, about 100 µs on one core, while a small model's forward pass on a GPU
 costs a fraction of that. One child then keeps the GPU busy a few percent of the time (all-MiniLM-L6-v2
-at fp16 on an H100: 3-5%, benchmarks/RESULTS-GPU.md), and each further child, with its own interpreter
-and its own copy of the model, adds nearly a child's worth of texts per second. A large model's forward
-pass is the bound, and extra copies would only take memory.
+at fp16: 3-7% on an H100 and an H200, benchmarks/RESULTS-GPU.md), and further children, each with its
+own interpreter and its own copy of the model, fill that idle time (four ran 2.4x one on the H200).
+A large model's forward pass is the bound, and extra copies would only take memory.
 
 The rule, for a CUDA device (a CPU worker runs one child, which uses every core):
 
@@ -20,14 +20,11 @@ The rule, for a CUDA device (a CPU worker runs one child, which uses every core)
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeq import constants as C
-
-log = logging.getLogger(__name__)
 
 #: Weight files, in the order transformers prefers them.
 _WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
@@ -35,7 +32,7 @@ _WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
 
 @dataclass(frozen=True)
 class ChildrenChoice:
-    """The children a worker runs by default, and why (for the log and the worker row)."""
+    """The children a worker runs by default, and why (the worker logs it)."""
 
     children: int
     reason: str
@@ -72,12 +69,15 @@ def default_children(
     size = f"{weights / 2**20:,.0f} MiB of weights"
     if weights > C.SMALL_MODEL_BYTES:
         return ChildrenChoice(1, f"{size}: the forward pass bounds this worker, not its Python")
-    by_cores = max(1, (cores or 1) // C.CORES_PER_GPU_CHILD)
-    children = min(C.MAX_GPU_CHILDREN, by_cores)
+    children = min(C.MAX_GPU_CHILDREN, max(1, (cores or 1) // C.CORES_PER_GPU_CHILD))
+    reason = f"{size} and {cores} cores: one child per {C.CORES_PER_GPU_CHILD} cores, at most {C.MAX_GPU_CHILDREN}"
     if device_memory is not None:
         per_child = 2 * weights + C.GPU_CHILD_OVERHEAD_BYTES
-        children = min(children, max(1, int(C.GPU_MEMORY_SHARE * device_memory) // per_child))
-    return ChildrenChoice(children, f"{size} and {cores} cores: one child per {C.CORES_PER_GPU_CHILD} cores")
+        fit = max(1, int(C.GPU_MEMORY_SHARE * device_memory) // per_child)
+        if fit < children:
+            children = fit
+            reason = f"{size}: as many children as fit in {C.GPU_MEMORY_SHARE:.0%} of {device_memory / 2**30:,.0f} GiB"
+    return ChildrenChoice(children, reason)
 
 
 def choose_children(device: str, model: str, revision: str | None = None) -> ChildrenChoice:
