@@ -111,7 +111,7 @@ def captured(monkeypatch: pytest.MonkeyPatch) -> list[WorkerConfig]:
 
 def fake_gpu(monkeypatch: pytest.MonkeyPatch, *, cores: int, memory: int) -> None:
     monkeypatch.setattr(devices, "cuda_devices", lambda: (("Fake GPU", memory),))
-    monkeypatch.setattr(children_module.os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(children_module, "available_cores", lambda: cores)
 
 
 def worker_cfg(captured: list[WorkerConfig], redis_url: str, model: str, *extra: str) -> WorkerConfig:
@@ -156,3 +156,60 @@ def test_the_cli_gives_a_cpu_worker_one_child_and_refuses_zero(
     )
     assert result.exit_code != 0 and "--concurrency must be at least 1" in result.output
     assert not captured
+
+
+# ---------------------------------------------------------------- the cores a worker may use
+
+
+def cgroup(tmp_path: Path, v2: str | None = None, v1: tuple[str, str] | None = None) -> str:
+    if v2 is not None:
+        (tmp_path / "cpu.max").write_text(v2 + "\n")
+    if v1 is not None:
+        (tmp_path / "cpu").mkdir()
+        (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text(v1[0] + "\n")
+        (tmp_path / "cpu" / "cpu.cfs_period_us").write_text(v1[1] + "\n")
+    return str(tmp_path)
+
+
+def test_available_cores_are_the_cpus_this_process_may_run_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(devices.os, "sched_getaffinity", lambda pid: set(range(12)))
+    monkeypatch.setattr(devices.os, "cpu_count", lambda: 64)
+    assert devices.available_cores(cgroup(tmp_path / "none")) == 12  # no cgroup files at all
+    assert devices.available_cores(cgroup(tmp_path, v2="max 100000")) == 12
+
+
+def test_a_cpu_quota_caps_the_cores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(devices.os, "sched_getaffinity", lambda pid: set(range(64)))
+    (tmp_path / "v2").mkdir()
+    (tmp_path / "v2half").mkdir()
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v1none").mkdir()
+    assert devices.available_cores(cgroup(tmp_path / "v2", v2="400000 100000")) == 4  # docker --cpus 4
+    assert devices.available_cores(cgroup(tmp_path / "v2half", v2="150000 100000")) == 2  # 1.5 CPUs: 2 threads
+    assert devices.available_cores(cgroup(tmp_path / "v1", v1=("200000", "100000"))) == 2
+    assert devices.available_cores(cgroup(tmp_path / "v1none", v1=("-1", "100000"))) == 64
+    # A quota above the CPUs it may run on leaves those.
+    monkeypatch.setattr(devices.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert devices.available_cores(str(tmp_path / "v2")) == 2
+
+
+def test_the_threads_and_children_follow_the_available_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from pipeq.routing import ServeKey
+    from pipeq.worker.loading import set_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(devices, "available_cores", lambda: 8)
+    monkeypatch.setattr(devices.os, "cpu_count", lambda: 64)  # the host's count is not what a worker sizes by
+    try:
+        assert set_threads(None, 2) == 4 and torch.get_num_threads() == 4
+        assert set_threads(3, 2) == 3
+    finally:
+        torch.set_num_threads(before)
+    key = ServeKey(TASK, "m", "fp32")
+    assert WorkerConfig(key=key, device="cuda:0", concurrency=2).resolved_tokenizer_threads == 3
+    monkeypatch.setattr(children_module, "available_cores", lambda: 8)
+    monkeypatch.setattr(children_module, "cuda_device_memory", lambda device: 80 * GIB)
+    monkeypatch.setattr(children_module, "weights_bytes", lambda model, revision=None: 90 * MIB)
+    assert children_module.choose_children("cuda:0", "m").children == 2

@@ -6,7 +6,6 @@ a GPU is: ``pytest -m gpu``. Without CUDA they fail rather than skip, so a GPU r
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -134,13 +133,15 @@ def test_a_cuda_worker_runs_several_children_of_a_small_model_by_default(
     """No --concurrency: as many children as the host's cores and the GPU's memory allow for a small model
     (pipeq/worker/children.py), each serving the queue with its share of the tokenizer's threads."""
     from pipeq.worker.children import default_children, weights_bytes
+    from pipeq.worker.devices import available_cores
 
     url = f"sqlite:///{tmp_path / 'store.db'}"
     db.upgrade(url)
     model = model_dir(TASK)
     memory = torch.cuda.get_device_properties(0).total_memory
-    want = default_children(DEVICE, cores=os.cpu_count(), weights=weights_bytes(model), device_memory=memory).children
-    assert want > 1, f"this test needs a host of at least 8 cores ({os.cpu_count()} here)"
+    cores = available_cores()
+    want = default_children(DEVICE, cores=cores, weights=weights_bytes(model), device_memory=memory).children
+    assert want > 1, f"this test needs a host of at least 8 cores ({cores} here)"
     worker = start_worker("--task", TASK, "--model", model, "--precision", "fp16", "--device", DEVICE,
                           broker_url=redis_url, database_url=url)  # fmt: skip
     store = Store(url)

@@ -426,7 +426,7 @@ def test_forward_on_collated_batch_gives_the_pipelines_result(
 
 def test_worker_tokenizer_threads_one_on_the_cpu_a_share_of_the_cores_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     key = ServeKey("text-classification", "m", "fp32")
-    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr("pipeq.worker.devices.available_cores", lambda: 16)
     assert WorkerConfig(key=key).resolved_tokenizer_threads == 1
     assert WorkerConfig(key=key, device="cuda:0").resolved_tokenizer_threads == C.MAX_TOKENIZER_THREADS
     assert WorkerConfig(key=key, device="cuda:0", concurrency=4).resolved_tokenizer_threads == 3

@@ -20,11 +20,11 @@ The rule, for a CUDA device (a CPU worker runs one child, which uses every core)
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeq import constants as C
+from pipeq.worker.devices import available_cores, cuda_device_memory
 
 #: Weight files, in the order transformers prefers them.
 _WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
@@ -83,9 +83,6 @@ def default_children(
 def choose_children(device: str, model: str, revision: str | None = None) -> ChildrenChoice:
     """``default_children`` for this host, device and model (the device's memory asked in a spawned process)."""
     if not device.startswith("cuda"):
-        return default_children(device, cores=os.cpu_count(), weights=None, device_memory=None)
-    from pipeq.worker.devices import cuda_device_memory
-
-    return default_children(
-        device, cores=os.cpu_count(), weights=weights_bytes(model, revision), device_memory=cuda_device_memory(device)
-    )
+        return default_children(device, cores=available_cores(), weights=None, device_memory=None)
+    weights, memory = weights_bytes(model, revision), cuda_device_memory(device)
+    return default_children(device, cores=available_cores(), weights=weights, device_memory=memory)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -132,7 +131,9 @@ class WorkerConfig:
             return self.tokenizer_threads
         if self.device == "cpu":
             return 1
-        share = (os.cpu_count() or 1) // self.concurrency - 1
+        from pipeq.worker.devices import available_cores
+
+        share = available_cores() // self.concurrency - 1
         return max(1, min(C.MAX_TOKENIZER_THREADS, share))
 
     @property

@@ -1,4 +1,5 @@
-"""Which device a worker runs on: CUDA devices asked about in a spawned process, the CPU's model name.
+"""Which device a worker runs on: CUDA devices asked about in a spawned process, the CPU's model name, and
+how many of the host's cores this process may use.
 
 Light on purpose: ``pipeq worker`` asks before it imports the model stack, so a mistyped flag fails in
 a second, not after seconds of importing transformers. The worker's parent process later forks Celery
@@ -9,12 +10,15 @@ freshly spawned process that hands back plain results (``in_subprocess``).
 from __future__ import annotations
 
 import functools
+import math
 import multiprocessing
+import os
 import platform
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 from pipeq.errors import ConfigurationError
@@ -121,3 +125,35 @@ def _cpu_name() -> str:
     except OSError:
         pass  # not Linux
     return platform.processor() or platform.machine() or "cpu"
+
+
+def available_cores(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """The cores this process may use: the CPUs it may run on (a container's ``--cpuset-cpus``, ``taskset``),
+    fewer where a CPU quota (a container's ``--cpus``, Kubernetes' CPU limit; cgroup v2 or v1) allows less.
+
+    ``os.cpu_count()`` is the host's count: a worker limited to 4 of 64 cores that sized its threads and
+    children by it would run 16 times too many threads.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    quota = _cgroup_quota(Path(cgroup_root))
+    if quota is not None:
+        cores = min(cores, max(1, math.ceil(quota)))
+    return max(1, cores)
+
+
+def _cgroup_quota(root: Path) -> float | None:
+    """CPUs' worth of this process's cgroup CPU quota (``cpu.max``, or v1's ``cfs_quota_us``); None: no quota."""
+    try:
+        limit, period = (root / "cpu.max").read_text().split()[:2]  # cgroup v2: "max 100000" or "400000 100000"
+        return None if limit == "max" else int(limit) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())  # cgroup v1: -1 when there is none
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+    except (OSError, ValueError):
+        return None

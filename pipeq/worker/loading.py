@@ -166,9 +166,11 @@ def set_tokenizer_threads(threads: int) -> int:
 
 
 def set_threads(threads: int | None, concurrency: int) -> int:
-    """Give each pool child its share of the cores so children do not fight over them."""
+    """Give each pool child its share of the cores this worker may use, so children do not fight over them."""
     import torch
 
-    n = threads or max(1, (os.cpu_count() or 1) // max(concurrency, 1))
+    from pipeq.worker.devices import available_cores
+
+    n = threads or max(1, available_cores() // max(concurrency, 1))
     torch.set_num_threads(n)
     return n
