@@ -213,3 +213,9 @@ def test_the_threads_and_children_follow_the_available_cores(monkeypatch: pytest
     monkeypatch.setattr(children_module, "cuda_device_memory", lambda device: 80 * GIB)
     monkeypatch.setattr(children_module, "weights_bytes", lambda model, revision=None: 90 * MIB)
     assert children_module.choose_children("cuda:0", "m").children == 2
+    # A host of several GPUs runs a worker on each: each takes its GPU's share of the cores.
+    monkeypatch.setattr(children_module, "available_cores", lambda: 64)
+    monkeypatch.setattr(devices, "cuda_devices", lambda: tuple((f"GPU {i}", 80 * GIB) for i in range(8)))
+    assert children_module.choose_children("cuda:3", "m").children == 2  # 8 cores each: 2 children
+    monkeypatch.setattr(devices, "cuda_devices", lambda: (("GPU 0", 80 * GIB), ("GPU 1", 80 * GIB)))
+    assert children_module.choose_children("cuda:1", "m").children == 4

@@ -139,7 +139,7 @@ def test_a_cuda_worker_runs_several_children_of_a_small_model_by_default(
     db.upgrade(url)
     model = model_dir(TASK)
     memory = torch.cuda.get_device_properties(0).total_memory
-    cores = available_cores()
+    cores = available_cores() // torch.cuda.device_count()  # the GPU's share of them
     want = default_children(DEVICE, cores=cores, weights=weights_bytes(model), device_memory=memory).children
     assert want > 1, f"this test needs a host of at least 8 cores ({cores} here)"
     worker = start_worker("--task", TASK, "--model", model, "--precision", "fp16", "--device", DEVICE,

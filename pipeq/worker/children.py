@@ -10,7 +10,9 @@ A large model's forward pass is the bound, and extra copies would only take memo
 The rule, for a CUDA device (a CPU worker runs one child, which uses every core):
 
 * weights of at most ``SMALL_MODEL_BYTES`` on disk (found locally: a model folder, or the hub cache):
-  one child per ``CORES_PER_GPU_CHILD`` cores, at most ``MAX_GPU_CHILDREN``, and no more than fit
+  one child per ``CORES_PER_GPU_CHILD`` cores of the GPU's share of them (the cores the worker may use,
+  ``devices.available_cores``, over the GPUs the host has: one worker per GPU is the layout to expect),
+  at most ``MAX_GPU_CHILDREN``, and no more than fit
   in ``GPU_MEMORY_SHARE`` of the device's memory at ``2 x weights + GPU_CHILD_OVERHEAD_BYTES`` each
   (the served copy, a shadow check's fp32 copy, the CUDA context and activations);
 * larger or unknown weights: one child.
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeq import constants as C
-from pipeq.worker.devices import available_cores, cuda_device_memory
+from pipeq.worker.devices import available_cores, cuda_device_count, cuda_device_memory
 
 #: Weight files, in the order transformers prefers them.
 _WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
@@ -61,7 +63,8 @@ def weights_bytes(model: str, revision: str | None = None) -> int | None:
 def default_children(
     device: str, *, cores: int | None, weights: int | None, device_memory: int | None
 ) -> ChildrenChoice:
-    """The rule in the module docstring, on plain figures (``cores``: the host's; ``device_memory``: bytes)."""
+    """The rule in the module docstring, on plain figures (``cores``: this GPU's share of the cores the worker
+    may use; ``device_memory``: bytes)."""
     if not device.startswith("cuda"):
         return ChildrenChoice(1, "a CPU worker's one child uses every core")
     if weights is None:
@@ -85,4 +88,6 @@ def choose_children(device: str, model: str, revision: str | None = None) -> Chi
     if not device.startswith("cuda"):
         return default_children(device, cores=available_cores(), weights=None, device_memory=None)
     weights, memory = weights_bytes(model, revision), cuda_device_memory(device)
-    return default_children(device, cores=available_cores(), weights=weights, device_memory=memory)
+    # One worker per GPU is the layout to expect (README, "Scaling out"): each gets its GPU's share of the cores.
+    cores = max(1, available_cores() // max(1, cuda_device_count()))
+    return default_children(device, cores=cores, weights=weights, device_memory=memory)
