@@ -54,6 +54,7 @@ from pipeq.store import Store  # noqa: E402
 from pipeq.store import schema as db  # noqa: E402
 from pipeq.worker.children import choose_children  # noqa: E402
 from pipeq.worker.config import WorkerConfig  # noqa: E402
+from pipeq.worker.devices import worker_cores  # noqa: E402
 from pipeq.worker.loading import load_pipeline  # noqa: E402
 from pipeq.worker.runtime import PipelineRuntime  # noqa: E402
 
@@ -193,7 +194,8 @@ def start_worker(
     env = {**os.environ, "PIPEQ_BROKER_URL": REDIS, "PIPEQ_DATABASE_URL": url}
     args = ["--task", task, "--model", model, "--precision", precision]
     if workers is None:
-        workers = choose_children(DEVICE, model).children
+        cfg = WorkerConfig(ServeKey(task, model, precision), device=DEVICE, cores=worker_cores(DEVICE))
+        workers = choose_children(cfg).children
     else:
         args += ["--concurrency", str(workers)]
     args += ["--device", DEVICE, *extra]

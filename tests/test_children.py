@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from pipeq import constants as C
 from pipeq.cli import app
+from pipeq.errors import ConfigurationError
 from pipeq.worker import children as children_module
 from pipeq.worker import devices
 from pipeq.worker.children import default_children, weights_bytes
@@ -111,7 +112,7 @@ def captured(monkeypatch: pytest.MonkeyPatch) -> list[WorkerConfig]:
 
 def fake_gpu(monkeypatch: pytest.MonkeyPatch, *, cores: int, memory: int) -> None:
     monkeypatch.setattr(devices, "cuda_devices", lambda: (("Fake GPU", memory),))
-    monkeypatch.setattr(children_module, "available_cores", lambda: cores)
+    monkeypatch.setattr(devices, "available_cores", lambda: cores)
 
 
 def worker_cfg(captured: list[WorkerConfig], redis_url: str, model: str, *extra: str) -> WorkerConfig:
@@ -142,6 +143,10 @@ def test_the_cli_gives_a_small_model_on_cuda_several_children(
     assert worker_cfg(captured, redis_url, model, "--concurrency", "2").concurrency == 2
     assert worker_cfg(captured, redis_url, model, "--pool", "solo").concurrency == 1
     assert worker_cfg(captured, redis_url, model, "--device", "cpu").concurrency == 1
+    # Two GPUs: each GPU's worker takes half the cores, for its children and their threads.
+    monkeypatch.setattr(devices, "cuda_devices", lambda: (("Fake GPU", 80 * GIB), ("Fake GPU", 80 * GIB)))
+    cfg = worker_cfg(captured, redis_url, model, "--device", "cuda:1")
+    assert (cfg.cores, cfg.concurrency, cfg.resolved_tokenizer_threads) == (8, 2, 3)
 
 
 def test_the_cli_gives_a_cpu_worker_one_child_and_refuses_zero(
@@ -199,23 +204,36 @@ def test_the_threads_and_children_follow_the_available_cores(monkeypatch: pytest
     from pipeq.routing import ServeKey
     from pipeq.worker.loading import set_threads
 
-    before = torch.get_num_threads()
+    key = ServeKey(TASK, "m", "fp32")
     monkeypatch.setattr(devices, "available_cores", lambda: 8)
     monkeypatch.setattr(devices.os, "cpu_count", lambda: 64)  # the host's count is not what a worker sizes by
+    cfg = WorkerConfig(key=key, device="cuda:0", concurrency=2)
+    assert cfg.resolved_cores == 8 and cfg.resolved_tokenizer_threads == 3
+    before = torch.get_num_threads()
     try:
-        assert set_threads(None, 2) == 4 and torch.get_num_threads() == 4
-        assert set_threads(3, 2) == 3
+        assert set_threads(None, 2, cfg.resolved_cores) == 4 and torch.get_num_threads() == 4
+        assert set_threads(3, 2, cfg.resolved_cores) == 3
     finally:
         torch.set_num_threads(before)
-    key = ServeKey(TASK, "m", "fp32")
-    assert WorkerConfig(key=key, device="cuda:0", concurrency=2).resolved_tokenizer_threads == 3
-    monkeypatch.setattr(children_module, "available_cores", lambda: 8)
     monkeypatch.setattr(children_module, "cuda_device_memory", lambda device: 80 * GIB)
     monkeypatch.setattr(children_module, "weights_bytes", lambda model, revision=None: 90 * MIB)
-    assert children_module.choose_children("cuda:0", "m").children == 2
-    # A host of several GPUs runs a worker on each: each takes its GPU's share of the cores.
-    monkeypatch.setattr(children_module, "available_cores", lambda: 64)
+    assert children_module.choose_children(WorkerConfig(key=key, device="cuda:0")).children == 2
+
+
+def test_a_host_of_several_gpus_gives_each_worker_its_gpus_share_of_the_cores(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pipeq.routing import ServeKey
+
+    monkeypatch.setattr(devices, "available_cores", lambda: 64)
     monkeypatch.setattr(devices, "cuda_devices", lambda: tuple((f"GPU {i}", 80 * GIB) for i in range(8)))
-    assert children_module.choose_children("cuda:3", "m").children == 2  # 8 cores each: 2 children
-    monkeypatch.setattr(devices, "cuda_devices", lambda: (("GPU 0", 80 * GIB), ("GPU 1", 80 * GIB)))
-    assert children_module.choose_children("cuda:1", "m").children == 4
+    assert devices.worker_cores("cuda:3") == 8 and devices.worker_cores("cpu") is None
+    cfg = WorkerConfig(key=ServeKey(TASK, "m", "fp16"), device="cuda:3", cores=devices.worker_cores("cuda:3"))
+    monkeypatch.setattr(children_module, "cuda_device_memory", lambda device: 80 * GIB)
+    monkeypatch.setattr(children_module, "weights_bytes", lambda model, revision=None: 90 * MIB)
+    assert children_module.choose_children(cfg).children == 2  # 8 cores: 2 children
+    assert WorkerConfig(**{**vars(cfg), "concurrency": 2}).resolved_tokenizer_threads == 3  # 8 // 2 - 1
+    monkeypatch.setattr(devices, "cuda_devices", lambda: (("GPU 0", 80 * GIB),))
+    assert devices.worker_cores("cuda:0") is None  # one GPU: every core the worker may use
+    with pytest.raises(ConfigurationError, match="at least one core"):
+        WorkerConfig(key=cfg.key, cores=0)

@@ -153,7 +153,7 @@ def worker(
     from pipeq.tasks import normalize_task
     from pipeq.worker.children import choose_children
     from pipeq.worker.config import WorkerConfig, parse_precisions
-    from pipeq.worker.devices import cuda_device_count
+    from pipeq.worker.devices import cuda_device_count, worker_cores
     from pipeq.worker.main import run_worker, validate
 
     with cli_errors():
@@ -202,8 +202,9 @@ def worker(
         validate(cfg)  # the task (transformers' task list, cached on disk after the first run) and the model
         if device is None and cuda_device_count():
             cfg = replace(cfg, device="cuda:0")
+        cfg = replace(cfg, cores=worker_cores(cfg.device))
         if concurrency is None and pool != "solo":  # a solo pool is one process whatever --concurrency says
-            choice = choose_children(cfg.device, cfg.key.model, cfg.key.revision)
+            choice = choose_children(cfg)
             if cfg.device != "cpu":
                 log.info(
                     "%d pool children on %s: %s (--concurrency to choose)", choice.children, cfg.device, choice.reason

@@ -10,8 +10,8 @@ A large model's forward pass is the bound, and extra copies would only take memo
 The rule, for a CUDA device (a CPU worker runs one child, which uses every core):
 
 * weights of at most ``SMALL_MODEL_BYTES`` on disk (found locally: a model folder, or the hub cache):
-  one child per ``CORES_PER_GPU_CHILD`` cores of the GPU's share of them (the cores the worker may use,
-  ``devices.available_cores``, over the GPUs the host has: one worker per GPU is the layout to expect),
+  one child per ``CORES_PER_GPU_CHILD`` of the worker's cores (``WorkerConfig.resolved_cores``: the cores
+  it may use, over the GPUs the host has, since one worker per GPU is the layout to expect),
   at most ``MAX_GPU_CHILDREN``, and no more than fit
   in ``GPU_MEMORY_SHARE`` of the device's memory at ``2 x weights + GPU_CHILD_OVERHEAD_BYTES`` each
   (the served copy, a shadow check's fp32 copy, the CUDA context and activations);
@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeq import constants as C
-from pipeq.worker.devices import available_cores, cuda_device_count, cuda_device_memory
+from pipeq.worker.config import WorkerConfig
+from pipeq.worker.devices import cuda_device_memory
 
 #: Weight files, in the order transformers prefers them.
 _WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
@@ -83,11 +84,10 @@ def default_children(
     return ChildrenChoice(children, reason)
 
 
-def choose_children(device: str, model: str, revision: str | None = None) -> ChildrenChoice:
-    """``default_children`` for this host, device and model (the device's memory asked in a spawned process)."""
-    if not device.startswith("cuda"):
-        return default_children(device, cores=available_cores(), weights=None, device_memory=None)
-    weights, memory = weights_bytes(model, revision), cuda_device_memory(device)
-    # One worker per GPU is the layout to expect (README, "Scaling out"): each gets its GPU's share of the cores.
-    cores = max(1, available_cores() // max(1, cuda_device_count()))
-    return default_children(device, cores=cores, weights=weights, device_memory=memory)
+def choose_children(cfg: WorkerConfig) -> ChildrenChoice:
+    """``default_children`` for this worker's device, model and cores (``WorkerConfig.resolved_cores``: on a
+    host of several GPUs, its GPU's share); the device's memory is asked in a spawned process."""
+    if not cfg.device.startswith("cuda"):
+        return default_children(cfg.device, cores=cfg.resolved_cores, weights=None, device_memory=None)
+    weights, memory = weights_bytes(cfg.key.model, cfg.key.revision), cuda_device_memory(cfg.device)
+    return default_children(cfg.device, cores=cfg.resolved_cores, weights=weights, device_memory=memory)

@@ -32,6 +32,9 @@ class WorkerConfig:
     streams: int | None = None
     #: Threads the fast tokenizer may use for one batch; None: 1 on the CPU, a share of the cores on CUDA.
     tokenizer_threads: int | None = None
+    #: Cores this worker's children share: on a host of several GPUs, one GPU's share of the cores it may use
+    #: (``pipeq worker`` sets it); None: all the cores it may use (``devices.available_cores``).
+    cores: int | None = None
     warmup: bool = True
     #: What ``--precision auto`` may pick from (ignored for a fixed precision).
     allowed_precisions: tuple[str, ...] = DEFAULT_ALLOWED_PRECISIONS
@@ -73,6 +76,8 @@ class WorkerConfig:
             raise ConfigurationError(f"--streams {self.streams} needs at least as many --threads (got {self.threads})")
         if self.tokenizer_threads is not None and self.tokenizer_threads < 1:
             raise ConfigurationError("--tokenizer-threads must be at least 1")
+        if self.cores is not None and self.cores < 1:
+            raise ConfigurationError(f"a worker needs at least one core, not {self.cores}")
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ConfigurationError(f"unknown device {self.device!r}; use cpu or cuda[:N]")
         self._check_shadow_options()
@@ -131,10 +136,15 @@ class WorkerConfig:
             return self.tokenizer_threads
         if self.device == "cpu":
             return 1
+        share = self.resolved_cores // self.concurrency - 1
+        return max(1, min(C.MAX_TOKENIZER_THREADS, share))
+
+    @property
+    def resolved_cores(self) -> int:
+        """The cores this worker's children share: as set, else all the cores the process may use."""
         from pipeq.worker.devices import available_cores
 
-        share = available_cores() // self.concurrency - 1
-        return max(1, min(C.MAX_TOKENIZER_THREADS, share))
+        return self.cores if self.cores is not None else available_cores()
 
     @property
     def resolved_int8_backend(self) -> str:

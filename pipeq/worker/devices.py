@@ -157,3 +157,12 @@ def _cgroup_quota(root: Path) -> float | None:
         return quota_us / period_us if quota_us > 0 and period_us > 0 else None
     except (OSError, ValueError):
         return None
+
+
+def worker_cores(device: str) -> int | None:
+    """The cores a worker on ``device`` should size itself by: on a host of several CUDA devices, one device's
+    share of the cores it may use (one worker per GPU is the layout to expect); else None, all of them."""
+    if not device.startswith("cuda"):
+        return None
+    gpus = cuda_device_count()
+    return max(1, available_cores() // gpus) if gpus > 1 else None

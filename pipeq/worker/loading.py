@@ -165,12 +165,10 @@ def set_tokenizer_threads(threads: int) -> int:
     return threads
 
 
-def set_threads(threads: int | None, concurrency: int) -> int:
-    """Give each pool child its share of the cores this worker may use, so children do not fight over them."""
+def set_threads(threads: int | None, concurrency: int, cores: int) -> int:
+    """Give each pool child its share of the worker's ``cores``, so children do not fight over them."""
     import torch
 
-    from pipeq.worker.devices import available_cores
-
-    n = threads or max(1, available_cores() // max(concurrency, 1))
+    n = threads or max(1, cores // max(concurrency, 1))
     torch.set_num_threads(n)
     return n
