@@ -294,8 +294,10 @@ def test_finished_batches_wait_behind_a_running_one_only_up_to_a_bound(model_dir
     # When the runtime runs forty batches of one
     out = {r.idx: r for results, _ in rt.run(list(enumerate(texts)), {}) for r in results}
     rt.close()
-    # Then fewer than the bound finished behind the first one (the rest waited for it), and all are done
-    assert 0 < pipe.finished_meanwhile < 2 * STREAM_BACKLOG
+    # Then no more than the bound finished while the slow one ran (the rest waited for it), and all are done.
+    # The slow pass is the first forward call, which the other stream may start first: the batch cut before
+    # it then finishes meanwhile too, besides the 2 x STREAM_BACKLOG - 1 that may wait behind it.
+    assert 0 < pipe.finished_meanwhile <= 2 * STREAM_BACKLOG
     assert not pipe.enough.is_set()
     assert sorted(out) == list(range(40)) and all(r.status == "done" for r in out.values())
 
