@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch that lies on this machine; on a CUDA host the same pin takes PyPI's CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test test-fast test-gpu lint format typecheck check bench bench-quick bench-hostpath clean
+.PHONY: install demo test test-fast test-gpu gpu-bundle lint format typecheck check bench bench-quick bench-hostpath clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ test-fast:
 
 test-gpu:
 	$(PY) -m pytest -m gpu
+
+# What benchmarks/gpu_session.sh needs on a lent GPU machine with no network: .whl/ and .gpu/ (git-ignored).
+gpu-bundle:
+	PY=$(PY) bash benchmarks/gpu_bundle.sh
 
 lint:
 	$(VENV)/bin/ruff check pipeq migrations tests

@@ -3,7 +3,8 @@
 #
 #   benchmarks/gpu_session.sh [bench|profile|tests] ...   (default: bench tests)
 #
-# The machine has no network, Redis or PostgreSQL. Carried beside the repository (git-ignored):
+# The machine has no network, Redis or PostgreSQL. Carried beside the repository (git-ignored; `make gpu-bundle`,
+# i.e. benchmarks/gpu_bundle.sh, prepares both here):
 #   .whl/  wheels of what its image lacks (celery, kombu, billiard, vine, amqp, click-*, prompt-toolkit,
 #          wcwidth, tzdata, tzlocal, redis, sqlalchemy, greenlet, alembic, mako, fakeredis, py-spy,
 #          bitsandbytes for the int8 tests);
