@@ -7,6 +7,7 @@ the weights lookup and the CLI's wiring run on the CPU, with the CUDA device's f
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -211,8 +212,8 @@ def test_the_threads_and_children_follow_the_available_cores(monkeypatch: pytest
     assert cfg.resolved_cores == 8 and cfg.resolved_tokenizer_threads == 3
     before = torch.get_num_threads()
     try:
-        assert set_threads(None, 2, cfg.resolved_cores) == 4 and torch.get_num_threads() == 4
-        assert set_threads(3, 2, cfg.resolved_cores) == 3
+        assert set_threads(cfg.resolved_threads) == 4 and torch.get_num_threads() == 4
+        assert set_threads(replace(cfg, threads=3).resolved_threads) == 3
     finally:
         torch.set_num_threads(before)
     monkeypatch.setattr(children_module, "cuda_device_memory", lambda device: 80 * GIB)

@@ -128,6 +128,11 @@ class WorkerConfig:
         return max(1, min(threads, C.MAX_CPU_STREAMS))
 
     @property
+    def resolved_threads(self) -> int:
+        """torch's threads per child: as set, else the child's share of the worker's cores."""
+        return self.threads or max(1, self.resolved_cores // self.concurrency)
+
+    @property
     def resolved_tokenizer_threads(self) -> int:
         """The tokenizer's threads per child: as set, else 1 on the CPU (torch's forward needs every core)
         and on an accelerator the child's share of the cores, less one for its own Python, at most

@@ -100,7 +100,7 @@ class WorkerContext:
         # Heartbeats from the start: a worker loading a large model is not dead (see take_over).
         self._heartbeat = threading.Thread(target=self._beat, name="pipeq-heartbeat", daemon=True)
         self._heartbeat.start()
-        threads = set_threads(cfg.threads, cfg.concurrency, cfg.resolved_cores)
+        threads = set_threads(cfg.resolved_threads)
         tokenizer_threads = set_tokenizer_threads(cfg.resolved_tokenizer_threads)
         self.loaded = load_pipeline(cfg)
         self.runtime = PipelineRuntime.for_worker(self.loaded.pipe, cfg, threads)

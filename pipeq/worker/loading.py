@@ -165,10 +165,10 @@ def set_tokenizer_threads(threads: int) -> int:
     return threads
 
 
-def set_threads(threads: int | None, concurrency: int, cores: int) -> int:
-    """Give each pool child its share of the worker's ``cores``, so children do not fight over them."""
+def set_threads(threads: int) -> int:
+    """Run torch's operators on ``threads`` threads (``WorkerConfig.resolved_threads``: each pool child its
+    share of the worker's cores, so children do not fight over them)."""
     import torch
 
-    n = threads or max(1, cores // max(concurrency, 1))
-    torch.set_num_threads(n)
-    return n
+    torch.set_num_threads(threads)
+    return threads

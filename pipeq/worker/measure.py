@@ -125,7 +125,7 @@ def measure_precisions(
 ) -> PrecisionMeasurement:
     """Load ``cfg``'s model at each candidate precision the device supports, measure its speed and, with
     ``texts``, run them through it and through fp32 to measure their agreement (runs in the child)."""
-    threads = set_threads(cfg.threads, cfg.concurrency, cfg.resolved_cores)
+    threads = set_threads(cfg.resolved_threads)
     measured: dict[str, float] = {}
     skipped: dict[str, str] = {}
     runs: list[str] = []
@@ -191,7 +191,7 @@ def budget_candidates(max_batch_size: int, max_length: int | None) -> list[int]:
 
 def sweep_budgets(cfg: WorkerConfig, min_seconds: float) -> BudgetSweep:
     """Load ``cfg``'s model once and measure items/s at each token budget (runs in the child)."""
-    threads = set_threads(cfg.threads, cfg.concurrency, cfg.resolved_cores)
+    threads = set_threads(cfg.resolved_threads)
     with _runtime(cfg, threads) as runtime:
         inputs = synthetic_inputs(runtime.pipe, cfg.key.task, max_length=runtime.max_length)
         if not inputs:
