@@ -168,6 +168,8 @@ def test_the_cli_gives_a_cpu_worker_one_child_and_refuses_zero(
 
 
 def cgroup(tmp_path: Path, v2: str | None = None, v1: tuple[str, str] | None = None) -> str:
+    """A cgroup folder with a v2 ``cpu.max`` and/or v1 quota files, as ``available_cores`` reads them."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     if v2 is not None:
         (tmp_path / "cpu.max").write_text(v2 + "\n")
     if v1 is not None:
@@ -186,10 +188,6 @@ def test_available_cores_are_the_cpus_this_process_may_run_on(tmp_path: Path, mo
 
 def test_a_cpu_quota_caps_the_cores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(devices.os, "sched_getaffinity", lambda pid: set(range(64)))
-    (tmp_path / "v2").mkdir()
-    (tmp_path / "v2half").mkdir()
-    (tmp_path / "v1").mkdir()
-    (tmp_path / "v1none").mkdir()
     assert devices.available_cores(cgroup(tmp_path / "v2", v2="400000 100000")) == 4  # docker --cpus 4
     assert devices.available_cores(cgroup(tmp_path / "v2half", v2="150000 100000")) == 2  # 1.5 CPUs: 2 threads
     assert devices.available_cores(cgroup(tmp_path / "v1", v1=("200000", "100000"))) == 2

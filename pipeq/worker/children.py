@@ -61,9 +61,7 @@ def weights_bytes(model: str, revision: str | None = None) -> int | None:
     return None
 
 
-def default_children(
-    device: str, *, cores: int | None, weights: int | None, device_memory: int | None
-) -> ChildrenChoice:
+def default_children(device: str, *, cores: int, weights: int | None, device_memory: int | None) -> ChildrenChoice:
     """The rule in the module docstring, on plain figures (``cores``: this GPU's share of the cores the worker
     may use; ``device_memory``: bytes)."""
     if not device.startswith("cuda"):
@@ -73,7 +71,7 @@ def default_children(
     size = f"{weights / 2**20:,.0f} MiB of weights"
     if weights > C.SMALL_MODEL_BYTES:
         return ChildrenChoice(1, f"{size}: the forward pass bounds this worker, not its Python")
-    children = min(C.MAX_GPU_CHILDREN, max(1, (cores or 1) // C.CORES_PER_GPU_CHILD))
+    children = min(C.MAX_GPU_CHILDREN, max(1, cores // C.CORES_PER_GPU_CHILD))
     reason = f"{size} and {cores} cores: one child per {C.CORES_PER_GPU_CHILD} cores, at most {C.MAX_GPU_CHILDREN}"
     if device_memory is not None:
         per_child = 2 * weights + C.GPU_CHILD_OVERHEAD_BYTES
