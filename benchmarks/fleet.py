@@ -24,6 +24,13 @@ batch write's latency; and how often a writer waited on a lock: a sampler reads 
 every 10 ms and counts, among the writers' backends that are running a statement, those whose
 ``wait_event_type`` is ``Lock`` (a row lock such as the job row's shows as ``transactionid`` or ``tuple``).
 
+``--server-cpus 1 --writer-cpus 0`` splits the machine: the PostgreSQL server's processes (the postmaster,
+so every backend it forks later, and its children now) run on the first set of CPUs and the writers on the
+second, as on a fleet whose workers do not run on the database's cores. By default everything shares every
+core, and past the cores the writers' own processes take CPU from the server. The server's affinity is put
+back as it was at the end. Needs a local server and the right to set its processes' affinity (root, or
+its user).
+
 Needs a PostgreSQL server where a fresh database can be created and dropped (PIPEQ_BENCH_PG_URL, the
 tests' form, default postgresql+psycopg://postgres@127.0.0.1:5432/test).
 """
@@ -39,6 +46,8 @@ import secrets
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -93,9 +102,12 @@ def writer(
     ready: Any,
     start: Any,
     out: Any,
+    cpus: set[int] | None,
 ) -> None:
     """One writer process: warm up on its own part of ``warmup_job``, then claim chunks of ``job_id`` off the
     shared cursor and write them a micro-batch at a time."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)
     store = Store(url)
     worker_id = secrets.token_hex(16)
     store.register_worker(
@@ -184,7 +196,7 @@ def sample_locks(admin_url: str, db_name: str, stop: threading.Event, counts: di
             time.sleep(0.01)
 
 
-def run_point(url: str, writers: int, items: int, group: int) -> Point:
+def run_point(url: str, writers: int, items: int, group: int, cpus: set[int] | None = None) -> Point:
     store = Store(url)
     job_id, warmup_job = secrets.token_hex(16), secrets.token_hex(16)
     make_job(store, warmup_job, writers * WARMUP_CHUNKS * CHUNK)
@@ -193,7 +205,7 @@ def run_point(url: str, writers: int, items: int, group: int) -> Point:
     cursors = (ctx.Value("q", 0), ctx.Value("q", 0))
     ready, start, out = ctx.Barrier(writers + 1), ctx.Event(), ctx.Queue()
     procs = [
-        ctx.Process(target=writer, args=(url, job_id, warmup_job, items, group, cursors, ready, start, out))
+        ctx.Process(target=writer, args=(url, job_id, warmup_job, items, group, cursors, ready, start, out, cpus))
         for _ in range(writers)
     ]
     for p in procs:
@@ -227,6 +239,53 @@ def run_point(url: str, writers: int, items: int, group: int) -> Point:
     return Point(writers, items / elapsed, busy_items / (busy_until - t0), p99, waits.get("Lock", 0.0), active, waits)
 
 
+def parse_cpus(text: str | None) -> set[int] | None:
+    """ "0", "0,2" or "0-3" as a set of CPU numbers (None for None)."""
+    if not text:
+        return None
+    cpus: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def server_pids(admin_url: str) -> list[int]:
+    """The local PostgreSQL server's postmaster and its children now (found from a backend's parent)."""
+    import psycopg
+
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+    postmaster = int(Path(f"/proc/{backend}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    children = Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split()
+    return [postmaster, *map(int, children)]
+
+
+@contextmanager
+def server_on(cpus: set[int] | None) -> Iterator[None]:
+    """Run the PostgreSQL server's processes on ``cpus`` meanwhile (backends forked later inherit the
+    postmaster's), then put each one's affinity back."""
+    if not cpus:
+        yield
+        return
+    admin = benchenv.PG_ADMIN.replace("+psycopg", "", 1)
+    before = {}
+    for pid in server_pids(admin):
+        try:
+            before[pid] = os.sched_getaffinity(pid)
+            os.sched_setaffinity(pid, cpus)
+        except ProcessLookupError:  # a child that exited meanwhile
+            continue
+    try:
+        yield
+    finally:
+        for pid, mask in before.items():
+            try:
+                os.sched_setaffinity(pid, mask)
+            except ProcessLookupError:
+                pass
+
+
 def combined(runs: list[Point]) -> Point:
     """One writer count's runs as one point: mean rates, lock share and waits; the median p99."""
     n = len(runs)
@@ -242,14 +301,26 @@ def combined(runs: list[Point]) -> Point:
     )
 
 
+def layout_flags(args: argparse.Namespace) -> str:
+    server = f" --server-cpus {args.server_cpus}" if args.server_cpus else ""
+    return server + (f" --writer-cpus {args.writer_cpus}" if args.writer_cpus else "")
+
+
+def layout_text(args: argparse.Namespace) -> str:
+    if not (args.server_cpus or args.writer_cpus):
+        return " (server and writers sharing every core)"
+    return f" (the server on CPU {args.server_cpus or 'any'}, the writers on CPU {args.writer_cpus or 'any'})"
+
+
 def render(args: argparse.Namespace, rounds: dict[int, list[Point]]) -> str:
     cpu = platform.processor() or platform.machine()
     many = args.rounds > 1
     in_turns = f" in each of {args.rounds} rounds (every count once a round, in turns; rates are the means)"
     lines = [
         f"`python benchmarks/fleet.py --writers {args.writers} --items {args.items} --batches-per-write "
-        f"{args.batches_per_write}{f' --rounds {args.rounds}' if many else ''}` on {cpu}, {os.cpu_count()} cores, "
-        "PostgreSQL on the same machine, a new database for each writer count"
+        f"{args.batches_per_write}{f' --rounds {args.rounds}' if many else ''}{layout_flags(args)}` on {cpu}, "
+        f"{os.cpu_count()} cores, PostgreSQL on the same machine{layout_text(args)}, "
+        "a new database for each writer count"
         f"{in_turns if many else ''}"
         f"; each writer warms up on {WARMUP_CHUNKS} chunks of its own, then claims {CHUNK} items at a time and "
         f"writes them as micro-batches of {BATCH}, {args.batches_per_write} a transaction. Waits: share of the "
@@ -284,25 +355,39 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=int, default=1, help="runs of every writer count, in turns; the table has their means [1]"
     )
+    parser.add_argument(
+        "--server-cpus", default=None, help="CPUs for the local PostgreSQL server's processes, e.g. 1 [every core]"
+    )
+    parser.add_argument("--writer-cpus", default=None, help="CPUs for the writers, e.g. 0 [every core]")
     args = parser.parse_args()
+    writer_cpus = parse_cpus(args.writer_cpus)
+    if writer_cpus:
+        os.sched_setaffinity(0, writer_cpus)  # this process and its sampler thread, too
     counts = [int(x) for x in args.writers.split(",")]
     rounds: dict[int, list[Point]] = {n: [] for n in counts}
     # In turns (1, 2, ..., 16, then again): this machine's speed drifts 10-30% within minutes, so one
     # run per count compares moments as much as writer counts.
+    with server_on(parse_cpus(args.server_cpus)):
+        run_rounds(args, counts, rounds, writer_cpus)
+    report = render(args, rounds)
+    print("\n" + report)
+    if args.results:
+        benchenv.write_block(args.results, report, BEGIN, END)
+
+
+def run_rounds(
+    args: argparse.Namespace, counts: list[int], rounds: dict[int, list[Point]], writer_cpus: set[int] | None
+) -> None:
     for _ in range(args.rounds):
         for n in counts:
             # A database of its own for each point: on a shared one each point would find the tables the
             # earlier points grew, and autovacuum still at work on them, and the later (larger) N would pay.
             with benchenv.fresh_pg_database("pipeq_fleet") as url:
                 db.upgrade(url)
-                point = run_point(url, n, args.items, args.batches_per_write)
+                point = run_point(url, n, args.items, args.batches_per_write, writer_cpus)
                 row = {k: round(v, 4) if isinstance(v, float) else v for k, v in vars(point).items()}
                 print(json.dumps(row), flush=True)
                 rounds[n].append(point)
-    report = render(args, rounds)
-    print("\n" + report)
-    if args.results:
-        benchenv.write_block(args.results, report, BEGIN, END)
 
 
 if __name__ == "__main__":
