@@ -240,7 +240,7 @@ def run_point(url: str, writers: int, items: int, group: int, cpus: set[int] | N
 
 
 def parse_cpus(text: str | None) -> set[int] | None:
-    """ "0", "0,2" or "0-3" as a set of CPU numbers (None for None)."""
+    """A CPU list such as "0", "0,2" or "0-3" as a set of CPU numbers (None for None)."""
     if not text:
         return None
     cpus: set[int] = set()
@@ -269,16 +269,17 @@ def server_on(cpus: set[int] | None) -> Iterator[None]:
         yield
         return
     admin = benchenv.PG_ADMIN.replace("+psycopg", "", 1)
-    before = {}
-    for pid in server_pids(admin):
-        try:
-            before[pid] = os.sched_getaffinity(pid)
-            os.sched_setaffinity(pid, cpus)
-        except ProcessLookupError:  # a child that exited meanwhile
-            continue
+    before: dict[int, set[int]] = {}
     try:
+        for pid in server_pids(admin):
+            try:
+                mask = os.sched_getaffinity(pid)
+                os.sched_setaffinity(pid, cpus)
+            except ProcessLookupError:  # a child that exited meanwhile
+                continue
+            before[pid] = mask
         yield
-    finally:
+    finally:  # also when a process could not be moved (no right to): the ones moved go back
         for pid, mask in before.items():
             try:
                 os.sched_setaffinity(pid, mask)
@@ -365,8 +366,6 @@ def main() -> None:
         os.sched_setaffinity(0, writer_cpus)  # this process and its sampler thread, too
     counts = [int(x) for x in args.writers.split(",")]
     rounds: dict[int, list[Point]] = {n: [] for n in counts}
-    # In turns (1, 2, ..., 16, then again): this machine's speed drifts 10-30% within minutes, so one
-    # run per count compares moments as much as writer counts.
     with server_on(parse_cpus(args.server_cpus)):
         run_rounds(args, counts, rounds, writer_cpus)
     report = render(args, rounds)
@@ -378,6 +377,8 @@ def main() -> None:
 def run_rounds(
     args: argparse.Namespace, counts: list[int], rounds: dict[int, list[Point]], writer_cpus: set[int] | None
 ) -> None:
+    # In turns (1, 2, ..., 16, then again): this machine's speed drifts 10-30% within minutes, so one
+    # run per count compares moments as much as writer counts.
     for _ in range(args.rounds):
         for n in counts:
             # A database of its own for each point: on a shared one each point would find the tables the
