@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from datetime import datetime
@@ -68,13 +69,13 @@ _PG_CLAIM = (
 )
 #: The pending items as they are: a first delivery counts no attempt on them (see ``claim``).
 _PG_PENDING_ITEMS = (
-    "SELECT idx, attempts FROM items WHERE job_id = %(b_job)s AND idx = ANY(%(b_idxs)b::int[]) "
+    "SELECT idx, attempts FROM items WHERE job_id = %(b_job)s AND idx = ANY(%(b_idxs)s::int[]) "
     f"AND status = '{C.ITEM_PENDING}'"
 )
 #: First attempts counted (``first``), and what the pending items had before: ``{counted}`` for those it
 #: counts (the SELECT reads the statement's snapshot, from before its UPDATE).
 _PG_COUNT_FIRST = (
-    ", first AS (UPDATE items SET attempts = 1 WHERE job_id = %(b_job)s AND idx = ANY(%(b_idxs)b::int[]) "
+    ", first AS (UPDATE items SET attempts = 1 WHERE job_id = %(b_job)s AND idx = ANY(%(b_idxs)s::int[]) "
     f"AND status = '{C.ITEM_PENDING}' AND attempts = 0 RETURNING idx) "
     "SELECT idx, {counted} FROM first UNION ALL " + _PG_PENDING_ITEMS + " AND attempts > 0"
 )
@@ -129,11 +130,11 @@ _RESULT_PAGE_NAMES = tuple(c.name for c in _RESULT_PAGE.selected_columns)
 #: does not hold what ``k`` adds, so ``s`` adds this batch's count itself.
 #:
 #: The rows travel as one JSON array of arrays (``_pg_rows``: one ``json.dumps``, in C) and ``r_idx`` as an
-#: int array's text. A parameter per column, each a Python list the driver dumped element by element, was
-#: most of a write's client CPU; with one document a writer spends about 18% less CPU an item (benchmarks/
-#: RESULTS.md, the fleet section, Session 15). A JSON ``output`` is taken verbatim (``->`` on ``json`` keeps
-#: the text ``json.dumps`` wrote, as the column's own encoding does), a JSON null as SQL NULL as before; a
-#: vector travels as base64.
+#: int array's text (``_pg_int_array``). A parameter per column, each a Python list the driver dumped
+#: element by element, was most of a write's client CPU; with one document a writer spends about 18% less
+#: CPU an item (benchmarks/RESULTS.md, the fleet section, Session 15). A JSON ``output`` is taken verbatim
+#: (``->`` on ``json`` keeps the text ``json.dumps`` wrote, as the column's own encoding does), a JSON null
+#: as SQL NULL as before; a vector travels as base64.
 _PG_WRITE = (
     "WITH {batch_id_cte}"
     "r AS (SELECT (v->>0)::int AS idx, (v->>1)::varchar AS status, "
@@ -255,9 +256,9 @@ class ItemQueries(StoreBase):
         worker dies, a live one knows exactly which items to queue again (``take_over``).
         """
         now = utcnow()
-        params = {"b_job": job_id, "b_idxs": list(idxs), "b_now": now}
+        params: dict[str, Any] = {"b_job": job_id, "b_idxs": list(idxs), "b_now": now}
         if self._is_pg:
-            params.update(_PG_START_JOB_CONSTANTS, k_slot=lease.worker_id if lease else "")
+            params.update(_PG_START_JOB_CONSTANTS, b_idxs=_pg_int_array(idxs), k_slot=lease.worker_id if lease else "")
             if lease is not None:
                 params["lease"] = json.dumps(lease.record(job_id, idxs))
             with self.engine.connect() as conn:  # one statement, its own transaction
@@ -459,7 +460,7 @@ class ItemQueries(StoreBase):
             "b_now": now,
             "k_slot": batch["worker_id"] or "",
             "r_rows": _pg_rows(results),
-            "r_idx": "{" + ",".join([str(r.idx) for r in results]) + "}",
+            "r_idx": _pg_int_array([r.idx for r in results]),
         }
         sql = _PG_WRITE_UNTIMED if timing is None else _PG_WRITE_TIMED
         if timing is not None:
@@ -591,12 +592,16 @@ class ItemQueries(StoreBase):
 
 def _outcome(written: Sequence[ItemResult], *, skipped: int) -> WriteOutcome:
     """How many of ``written`` moved to each final state."""
+    moved = Counter([r.status for r in written])
     return WriteOutcome(
-        done=sum(r.status == C.ITEM_DONE for r in written),
-        failed=sum(r.status == C.ITEM_FAILED for r in written),
-        cancelled=sum(r.status == C.ITEM_CANCELLED for r in written),
-        skipped=skipped,
+        done=moved[C.ITEM_DONE], failed=moved[C.ITEM_FAILED], cancelled=moved[C.ITEM_CANCELLED], skipped=skipped
     )
+
+
+def _pg_int_array(values: Sequence[int]) -> str:
+    """Item indexes as a PostgreSQL int array's text (``%(x)s::int[]``): one string for the driver to send,
+    where a list is dumped element by element in Python (a tenth of a claim's client CPU)."""
+    return "{" + ",".join(map(str, values)) + "}"
 
 
 _RESULT_COLUMNS = ("status", "output", "vector", "error", "truncated", "n_tokens", "cached", "batch_id", "finished_at")
