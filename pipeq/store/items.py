@@ -256,9 +256,9 @@ class ItemQueries(StoreBase):
         worker dies, a live one knows exactly which items to queue again (``take_over``).
         """
         now = utcnow()
-        params: dict[str, Any] = {"b_job": job_id, "b_idxs": list(idxs), "b_now": now}
+        params = {"b_job": job_id, "b_idxs": _pg_int_array(idxs) if self._is_pg else list(idxs), "b_now": now}
         if self._is_pg:
-            params.update(_PG_START_JOB_CONSTANTS, b_idxs=_pg_int_array(idxs), k_slot=lease.worker_id if lease else "")
+            params.update(_PG_START_JOB_CONSTANTS, k_slot=lease.worker_id if lease else "")
             if lease is not None:
                 params["lease"] = json.dumps(lease.record(job_id, idxs))
             with self.engine.connect() as conn:  # one statement, its own transaction
@@ -600,7 +600,7 @@ def _outcome(written: Sequence[ItemResult], *, skipped: int) -> WriteOutcome:
 
 def _pg_int_array(values: Sequence[int]) -> str:
     """Item indexes as a PostgreSQL int array's text (``%(x)s::int[]``): one string for the driver to send,
-    where a list is dumped element by element in Python (a tenth of a claim's client CPU)."""
+    where a list is dumped element by element in Python (41 against 106 us for a 256-item claim's)."""
     return "{" + ",".join(map(str, values)) + "}"
 
 
