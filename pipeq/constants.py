@@ -59,8 +59,13 @@ DEFAULT_MAX_JOB_ITEMS = 10_000_000
 #: Job priorities: 0 (default) to 9, higher first.
 MIN_PRIORITY = 0
 MAX_PRIORITY = 9
-#: Rows written to SQL per INSERT while a job is stored.
+#: Rows written to SQL per INSERT while a job is stored: each page is its own short transaction, so a
+#: large submit never holds SQLite's write lock for long (workers claim, write and beat meanwhile).
 INSERT_BATCH_ROWS = 5_000
+#: Characters of text at most in one such page (a page of long texts is cut sooner).
+INSERT_BATCH_CHARS = 8_000_000
+#: Seconds without a stored page after which a job still "storing" counts as an interrupted submit.
+STORING_STALE_AFTER = 60.0
 #: A job of at least this many items has the store's statistics refreshed once it is stored (PostgreSQL
 #: ``ANALYZE items``): the planner must know a job is large to look its items up by key (``Store.create_job``).
 ANALYZE_AFTER_ITEMS = 10_000
@@ -113,7 +118,9 @@ ITEM_FAILED = "failed"
 ITEM_CANCELLED = "cancelled"
 ITEM_FINAL_STATES = (ITEM_DONE, ITEM_FAILED, ITEM_CANCELLED)
 
-#: Job states.
+#: Job states. A job is "storing" while its producer writes its items (no worker can see it yet); one
+#: left storing had its submit interrupted (``pipeq jobs`` says so; ``pipeq delete`` removes it).
+JOB_STORING = "storing"
 JOB_QUEUED = "queued"
 JOB_RUNNING = "running"
 JOB_DONE = "done"

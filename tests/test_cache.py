@@ -18,7 +18,7 @@ from pipeq.report import build_report
 from pipeq.report.html import write_html
 from pipeq.report.text import format_text
 from pipeq.routing import ServeKey
-from pipeq.store import Store, new_job_row
+from pipeq.store import NewItem, Store, new_job_row
 from pipeq.worker.config import WorkerConfig
 from pipeq.worker.context import WorkerContext
 
@@ -44,10 +44,7 @@ def submit(
     params: dict[str, Any] | None = None,
 ) -> list[list[Any]]:
     """Store a job the way the client does and return its one message's items."""
-    rows = [
-        {"job_id": job_id, "idx": i, "input_id": None, "input": t, "status": "pending", "attempts": 0}
-        for i, t in enumerate(texts)
-    ]
+    rows = [NewItem(i, None, t, len(t)) for i, t in enumerate(texts)]
     store.create_job(new_job_row(job_id, key, params=params, use_cache=use_cache), [rows])
     return [[i, t] for i, t in enumerate(texts)]
 

@@ -10,7 +10,7 @@ import pytest
 from pipeq import constants as C
 from pipeq.primitives import ItemResult
 from pipeq.routing import ServeKey
-from pipeq.store import Store, new_job_row
+from pipeq.store import NewItem, Store, new_job_row
 from pipeq.worker.context import WorkerContext
 
 TASK = "text-classification"
@@ -19,10 +19,7 @@ TASK = "text-classification"
 def submit(
     store: Store, key: ServeKey, texts: list[str], job_id: str = "job", params: dict[str, Any] | None = None
 ) -> list[list[object]]:
-    rows = [
-        {"job_id": job_id, "idx": i, "input_id": None, "input": t, "status": "pending", "attempts": 0}
-        for i, t in enumerate(texts)
-    ]
+    rows = [NewItem(i, None, t, len(t)) for i, t in enumerate(texts)]
     store.create_job(new_job_row(job_id, key, params=params), [rows])
     return [[i, t] for i, t in enumerate(texts)]
 

@@ -16,8 +16,9 @@ from pipeq import Client, Settings
 from pipeq.broker.app import marks_redeliveries
 from pipeq.broker.publish import broker_priority
 from pipeq.broker.window import SLICE_CHUNKS, WINDOW_SLICES, requeue, top_up
-from pipeq.errors import ConfigurationError
+from pipeq.errors import BrokerError, ConfigurationError
 from pipeq.models import Item
+from pipeq.ordering import order_key
 from pipeq.routing import ServeKey
 from pipeq.worker.app import create_worker_app
 from pipeq.worker.config import WorkerConfig
@@ -41,60 +42,107 @@ def capture(client: Client, monkeypatch: pytest.MonkeyPatch) -> list[dict[str, A
     return sent
 
 
-def test_a_large_job_keeps_only_its_window_on_the_broker(
+def run_order(texts: list[str]) -> list[int]:
+    """Item indexes in the order a job runs them: longest first across the whole job, then input order."""
+    return sorted(range(len(texts)), key=lambda i: order_key(len(texts[i]), i))
+
+
+def sent_items(sent: list[dict[str, Any]]) -> list[int]:
+    return [i for m in sent for i, _ in m["kwargs"]["items"]]
+
+
+def test_a_large_job_keeps_only_its_window_on_the_broker_in_run_order(
     settings: Settings, model: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    texts = [f"text {i} " * (1 + i % 7) for i in range(1000)]
+    order = run_order(texts)
     with Client(settings) as client:
         sent = capture(client, monkeypatch)
-        job = client.submit([f"text {i} " * (1 + i % 7) for i in range(1000)], task=TASK, model=model)
+        job = client.submit(texts, task=TASK, model=model)
         window = 10 * SLICE_CHUNKS * WINDOW_SLICES
         assert len(sent) == SLICE_CHUNKS * WINDOW_SLICES, "a few slices, not 100 messages"
-        assert sorted(i for m in sent for i, _ in m["kwargs"]["items"]) == list(range(window))
+        # The window holds the job's longest items, whichever part of the input they came from, in run order.
+        assert sent_items(sent) == order[:window]
+        lengths = [len(x) for m in sent for _, x in m["kwargs"]["items"]]
+        assert lengths == sorted(lengths, reverse=True) and lengths[0] == max(map(len, texts))
         assert [m["kwargs"].get("slice_end", False) for m in sent] == [False, False, False, True] * WINDOW_SLICES
-        first_slice = [len(x) for m in sent[:SLICE_CHUNKS] for _, x in m["kwargs"]["items"]]
-        assert first_slice == sorted(first_slice, reverse=True), "each slice is sorted by length"
         row = client.store.job_row(job.id)
         assert row is not None and (row["publish_cursor"], row["chunk_size"]) == (window, 10)
-        # A worker that finishes a slice publishes the next one, once.
+        # A worker that finishes a slice publishes the next one in run order, once.
         sent.clear()
         assert top_up(client.store, client._celery, row) == 10 * SLICE_CHUNKS
-        assert sorted(i for m in sent for i, _ in m["kwargs"]["items"]) == list(range(window, window + 40))
+        assert sent_items(sent) == order[window : window + 40]
         assert client.store.job_row(job.id)["publish_cursor"] == window + 40  # type: ignore[index]
+        # The job's last slices end the window exactly at its last item.
+        while top_up(client.store, client._celery, row):
+            pass
+        row = client.store.job_row(job.id)
+        assert row is not None and row["publish_cursor"] == len(texts)
+        assert sorted(set(sent_items(sent))) == sorted(order[window:])
+
+
+def test_a_slice_the_broker_refuses_goes_back_to_the_window(
+    settings: Settings, model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    texts = [f"t{i}" for i in range(500)]
+    with Client(settings) as client:
+        sent = capture(client, monkeypatch)
+        job = client.submit(texts, task=TASK, model=model)
+        row = client.store.job_row(job.id)
+        assert row is not None
+        before = (row["publish_cursor"], row["publish_key"])
+
+        def refuse(name: str, **kw: Any) -> None:
+            raise ConnectionError("broker down")
+
+        monkeypatch.setattr(client._celery, "send_task", refuse)
+        with pytest.raises(BrokerError):
+            top_up(client.store, client._celery, row)
+        after = client.store.job_row(job.id)
+        assert after is not None and (after["publish_cursor"], after["publish_key"]) == before
+        # Once the broker is back, the slice goes out from where the window stood.
+        sent.clear()
+        monkeypatch.setattr(client._celery, "send_task", lambda name, **kw: sent.append(kw))
+        assert top_up(client.store, client._celery, after) == 40
+        assert sent_items(sent) == run_order(texts)[160:200]
 
 
 def test_requeue_publishes_the_window_or_restarts_it(
     settings: Settings, model: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    texts = [f"t{i}" for i in range(500)]
+    order = run_order(texts)
     with Client(settings) as client:
         sent = capture(client, monkeypatch)
-        job = client.submit([f"t{i}" for i in range(500)], task=TASK, model=model)
+        job = client.submit(texts, task=TASK, model=model)
         row = client.store.job_row(job.id)
         assert row is not None
         sent.clear()
         # Redis lost the window: everything published but pending goes out again.
         assert requeue(client.store, client._celery, row) == 160
+        assert sent_items(sent) == order[:160]
         # The window's items are done, but the message that would move it on was lost: move it now.
-        client.store.claim(job.id, list(range(160)))
+        client.store.claim(job.id, order[:160])
         from pipeq.primitives import ItemResult
 
-        client.store.record_batch(job.id, [ItemResult(i, "done", output=1) for i in range(160)], None,
+        client.store.record_batch(job.id, [ItemResult(i, "done", output=1) for i in order[:160]], None,
                                   worker_id=None, model_revision=None, precision="fp32", device="cpu")  # fmt: skip
         sent.clear()
         row = client.store.job_row(job.id)
         assert row is not None
         assert requeue(client.store, client._celery, row) == 40
-        assert min(i for m in sent for i, _ in m["kwargs"]["items"]) == 160
+        assert sent_items(sent) == order[160:200]
 
 
 def test_requeue_opens_the_window_a_producer_never_opened(
     settings: Settings, model: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeq.store import new_job_row
+    from pipeq.store import NewItem, new_job_row
 
     with Client(settings) as client:
         sent = capture(client, monkeypatch)
         # Stored through the store API, as a producer that died before publishing leaves it.
-        rows = [{"job_id": "orphan", "idx": i, "input_id": None, "input": f"t{i}", "status": "pending", "attempts": 0}
+        rows = [NewItem(i, None, f"t{i}", len(f"t{i}"))
                 for i in range(500)]  # fmt: skip
         client.store.create_job(new_job_row("orphan", ServeKey(TASK, model), chunk_size=10), [rows])
         row = client.store.job_row("orphan")

@@ -27,7 +27,7 @@ from pipeq.errors import BrokerError
 from pipeq.models import Job, JobCount
 from pipeq.primitives import ItemResult, utcnow
 from pipeq.routing import ServeKey
-from pipeq.store import Store, new_job_row
+from pipeq.store import NewItem, Store, new_job_row
 from pipeq.worker.config import WorkerConfig
 
 KEY = ServeKey("text-classification", "/models/m")
@@ -42,11 +42,8 @@ def celery() -> Iterator[Celery]:
     app.close()
 
 
-def item_rows(job_id: str, n: int, start: int = 0) -> list[dict[str, Any]]:
-    return [
-        {"job_id": job_id, "idx": i, "input_id": None, "input": f"text {i}", "status": "pending", "attempts": 0}
-        for i in range(start, start + n)
-    ]
+def item_rows(job_id: str, n: int, start: int = 0) -> list[NewItem]:
+    return [NewItem(i, None, f"text {i}", len(f"text {i}")) for i in range(start, start + n)]
 
 
 def store_job(store: Store, job_id: str, n: int, *, key: ServeKey = KEY) -> None:
@@ -65,7 +62,7 @@ def age(store: Store, job_id: str, seconds: float, columns: tuple[str, ...] = ("
 
 def add_job(store: Store, job_id: str, n: int, *, idle_for: float, key: ServeKey = KEY) -> None:
     store_job(store, job_id, n, key=key)
-    store.open_window(job_id, cursor=n, chunk_size=4)  # as submit does: all of it published
+    store.open_window(job_id, chunk_size=4, items=n)  # as submit does: all of it published
     age(store, job_id, idle_for, ("activity_at", "published_at"))
 
 
@@ -194,7 +191,7 @@ def test_a_submission_still_being_written_is_left_alone(store: Store, celery: Ce
     live_worker(store)
     seen: list[list[dict[str, Any]]] = []
 
-    def streamed() -> Iterator[list[dict[str, Any]]]:
+    def streamed() -> Iterator[list[NewItem]]:
         for start in range(0, 30, 10):
             seen.append(store.stalled_jobs(0))  # what a reconciler sees while the producer streams
             yield item_rows("big", 10, start)

@@ -19,7 +19,7 @@ from pipeq.report import JobReport, build_report, failure_reason, time_buckets
 from pipeq.report.html import write_html
 from pipeq.report.text import format_text
 from pipeq.routing import ServeKey
-from pipeq.store import Store, new_job_row
+from pipeq.store import NewItem, Store, new_job_row
 
 #: Worker A runs batches 1..60, worker B batches 61..100; each batch holds two items.
 WORKER_A = "a" * 32
@@ -29,10 +29,7 @@ T0 = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
 
 
 def make_job(store: Store, job_id: str, n: int) -> str:
-    rows = [
-        {"job_id": job_id, "idx": i, "input_id": None, "input": f"text {i}", "status": C.ITEM_PENDING, "attempts": 0}
-        for i in range(n)
-    ]
+    rows = [NewItem(i, None, f"text {i}", len(f"text {i}")) for i in range(n)]
     store.create_job(new_job_row(job_id, ServeKey("text-classification", "/models/tiny", "int8")), [rows])
     return job_id
 

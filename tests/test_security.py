@@ -16,7 +16,7 @@ from pipeq import Client, Settings
 from pipeq import constants as C
 from pipeq.errors import BrokerError, ConfigurationError, InputError
 from pipeq.routing import ServeKey
-from pipeq.store import Store, new_job_row
+from pipeq.store import NewItem, Store, new_job_row
 from pipeq.worker.config import WorkerConfig
 
 TASK = "text-classification"
@@ -66,7 +66,7 @@ def test_a_job_cannot_pick_code_or_models_through_parameters(
             client.submit(["x"], task=TASK, model=cfg.key.model, params={"trust_remote_code": True, "model": "/x"})
         # Written straight into the store (bypassing the client), the worker still refuses it.
         store = Store(settings.database_url)
-        rows = [{"job_id": "evil", "idx": 0, "input_id": None, "input": "x", "status": "pending", "attempts": 0}]
+        rows = [NewItem(0, None, "x", 1)]
         store.create_job(new_job_row("evil", cfg.key, params={"trust_remote_code": True}), [rows])
         client._celery.send_task(C.CHUNK_TASK_NAME, kwargs={"job_id": "evil", "items": [[0, "x"]]}, queue=cfg.key.queue)
         client.job("evil").wait(timeout=60)

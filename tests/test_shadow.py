@@ -22,7 +22,7 @@ from pipeq.report import build_report
 from pipeq.report.text import format_text, shadow_line
 from pipeq.routing import ServeKey
 from pipeq.settings import Settings
-from pipeq.store import Store, new_job_row
+from pipeq.store import NewItem, Store, new_job_row
 from pipeq.worker.config import WorkerConfig
 from pipeq.worker.context import WorkerContext
 from pipeq.worker.shadow import ShadowCheck, in_sample
@@ -37,10 +37,7 @@ TEXTS = [f"some words {i} " * (i % 4 + 1) for i in range(16)]
 
 
 def submit(store: Store, key: ServeKey, texts: list[str], job_id: str) -> list[list[Any]]:
-    rows = [
-        {"job_id": job_id, "idx": i, "input_id": None, "input": t, "status": "pending", "attempts": 0}
-        for i, t in enumerate(texts)
-    ]
+    rows = [NewItem(i, None, t, len(t)) for i, t in enumerate(texts)]
     store.create_job(new_job_row(job_id, key), [rows])
     return [[i, t] for i, t in enumerate(texts)]
 

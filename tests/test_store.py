@@ -14,21 +14,11 @@ from pipeq import constants as C
 from pipeq.errors import JobNotFoundError, StoreError
 from pipeq.primitives import BatchTiming, ItemResult
 from pipeq.routing import ServeKey
-from pipeq.store import Store, new_job_row
+from pipeq.store import NewItem, Store, new_job_row
 
 
 def make_job(store: Store, n: int, job_id: str = "job1") -> str:
-    rows = [
-        {
-            "job_id": job_id,
-            "idx": i,
-            "input_id": f"id{i}",
-            "input": f"text {i}",
-            "status": C.ITEM_PENDING,
-            "attempts": 0,
-        }
-        for i in range(n)
-    ]
+    rows = [NewItem(i, f"id{i}", f"text {i}", len(f"text {i}")) for i in range(n)]
     store.create_job(
         new_job_row(job_id, ServeKey("text-classification", "/m"), params={"top_k": 1}),
         [rows],
@@ -184,7 +174,7 @@ def test_unknown_job(store: Store) -> None:
 
 def test_failed_submission_leaves_nothing(store: Store) -> None:
     def rows() -> Any:
-        yield [{"job_id": "j2", "idx": 0, "input_id": None, "input": "a", "status": "pending", "attempts": 0}]
+        yield [NewItem(0, None, "a", 1)]
         raise ValueError("bad line 2")
 
     with pytest.raises(ValueError):
@@ -217,15 +207,13 @@ def test_inputs_round_trip_through_the_bulk_insert(store: Store) -> None:
         {"text": "a", "text_pair": "b"},
         {"table": {"c": ["1", "2"]}, "query": "q?"},
     ]
-    rows = [
-        {"job_id": "rt", "idx": i, "input_id": None, "input": x, "status": "pending", "attempts": 0}
-        for i, x in enumerate(inputs)
-    ]
+    rows = [NewItem(i, None, x, len(str(x))) for i, x in enumerate(inputs)]
     store.create_job(
         new_job_row("rt", ServeKey("t", "m")),
         [rows],
     )
-    assert [x for page in store.iter_pending("rt") for _, x in page] == inputs
+    stored = dict(pair for page in store.iter_pending("rt") for pair in page)  # in run order: longest first
+    assert [stored[i] for i in range(len(inputs))] == inputs
     assert store.job("rt").total == len(inputs)
 
 

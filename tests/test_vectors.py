@@ -23,7 +23,7 @@ from pipeq.errors import ConfigurationError
 from pipeq.primitives import ItemResult
 from pipeq.producer.writers import COLUMNS, EMBEDDING, write_results
 from pipeq.routing import ServeKey
-from pipeq.store import Store, new_job_row
+from pipeq.store import NewItem, Store, new_job_row
 from pipeq.store import schema as db
 from pipeq.vectors import HEADER_BYTES, Vector, stack
 from pipeq.worker.config import WorkerConfig
@@ -52,7 +52,7 @@ def scalar(url: str, sql: str) -> Any:
 
 
 def store_job(store: Store, job_id: str, n: int, params: dict[str, Any], model: str = "m") -> None:
-    rows = [{"job_id": job_id, "idx": i, "input_id": None, "input": f"t{i}", "status": "pending", "attempts": 0}
+    rows = [NewItem(i, None, f"t{i}", len(f"t{i}"))
             for i in range(n)]  # fmt: skip
     store.create_job(new_job_row(job_id, ServeKey(TASK, model), params=params), [rows])
 
@@ -326,7 +326,7 @@ def embedding_ctx(sqlite_url: str, model_dir: Callable[[str], str]) -> Iterator[
 
 
 def chunk(store: Store, key: ServeKey, job_id: str, params: dict[str, Any], use_cache: bool = False) -> list[Any]:
-    rows = [{"job_id": job_id, "idx": i, "input_id": None, "input": t, "status": "pending", "attempts": 0}
+    rows = [NewItem(i, None, t, len(t))
             for i, t in enumerate(TEXTS)]  # fmt: skip
     store.create_job(new_job_row(job_id, key, params=params, use_cache=use_cache), [rows])
     return [[i, t] for i, t in enumerate(TEXTS)]

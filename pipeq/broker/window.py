@@ -8,11 +8,13 @@ keeps a few slices on the broker however large it is:
 - a million-item job does not put a million texts in Redis;
 - a small job submitted later waits behind a few slices of a large one, not behind all of it:
   jobs on a queue take turns slice by slice (fair sharing);
-- each slice is sorted by input length before it is cut into messages, so chunks are homogeneous.
+- a job runs longest first across all its items (``pipeq.ordering``): the window walks the job by
+  its items' order key, so each message, and each batch cut from it, holds texts of one length.
 
 The store stays the record: ``requeue`` (the reconciler, ``pipeq resume``) publishes whatever of
 the window is still pending, restarts the window when its chain was broken, and opens it when the
-producer never did (it died between commit and publish).
+producer never did (it died between commit and publish). A slice whose publish fails is handed back
+to the window (the cursor moves back), so the window never passes items that are on no broker.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from typing import Any
 from celery import Celery
 
 from pipeq import constants as C
-from pipeq.broker.publish import longest_first, publish_chunks
+from pipeq.broker.publish import publish_chunks
+from pipeq.errors import BrokerError
 from pipeq.store import Store
 
 log = logging.getLogger(__name__)
@@ -39,20 +42,23 @@ def slice_items(job: dict[str, Any]) -> int:
 
 
 def publish_range(store: Store, celery: Celery, job: dict[str, Any], start: int, stop: int) -> int:
-    """Publish the pending items of ``[start, stop)`` slice by slice, each sorted longest first; returns items."""
-    step, sent = slice_items(job), 0
-    for page in store.iter_pending(job["id"], page=step, start=start, stop=stop):
+    """Publish the pending items with order keys in ``[start, stop)``, in run order, a slice at a time; returns
+    items."""
+    sent = 0
+    for page in store.iter_pending(job["id"], page=slice_items(job), start=start, stop=stop):
         publish_chunks(
             celery,
             job["id"],
             job["queue"],
-            longest_first(page),
+            page,
             chunk_size=int(job["chunk_size"]),
             priority=int(job["priority"]),
             slice_end=True,
         )
         sent += len(page)
-    log.debug("job %s: published %d pending items of [%d, %d) to %s", job["id"][:8], sent, start, stop, job["queue"])
+    log.debug(
+        "job %s: published %d pending items of keys [%d, %d) to %s", job["id"][:8], sent, start, stop, job["queue"]
+    )
     return sent
 
 
@@ -84,17 +90,24 @@ def worker_speed(workers: list[dict[str, Any]]) -> float | None:
 def open_job(store: Store, celery: Celery, job: dict[str, Any], *, chunk_size: int) -> int:
     """Publish a newly stored job's first window; returns the items published."""
     job = {**job, "chunk_size": chunk_size}
-    stop = min(int(job["total"]), slice_items(job) * WINDOW_SLICES)
-    store.open_window(job["id"], cursor=stop, chunk_size=chunk_size)  # before any worker can move it
-    return publish_range(store, celery, job, 0, stop)
+    span = store.open_window(job["id"], chunk_size=chunk_size, items=slice_items(job) * WINDOW_SLICES)
+    return publish_range(store, celery, job, span.start, span.stop)  # the window is open before any worker moves it
 
 
 def top_up(store: Store, celery: Celery, job: dict[str, Any]) -> int:
-    """A slice of ``job`` is finished: publish its next one, if any; returns the items published."""
+    """A slice of ``job`` is finished: publish its next one, if any; returns the items published.
+
+    Raises BrokerError when the broker refuses it, with the slice handed back to the window: whoever
+    requeues the job next (the reconciler, ``pipeq resume``) publishes it.
+    """
     span = store.advance_window(job["id"], slice_items(job))
     if span is None:
         return 0
-    return publish_range(store, celery, job, *span)
+    try:
+        return publish_range(store, celery, job, span.start, span.stop)
+    except BrokerError:
+        store.retreat_window(job["id"], span)
+        raise
 
 
 def requeue(store: Store, celery: Celery, job: dict[str, Any]) -> int:
@@ -107,7 +120,7 @@ def requeue(store: Store, celery: Celery, job: dict[str, Any]) -> int:
         size = chunk_size_for(store, job["queue"], int(job["total"]), int(job["chunk_size"]))
         sent = open_job(store, celery, job, chunk_size=size)
     else:
-        sent = publish_range(store, celery, job, 0, int(job["publish_cursor"])) or top_up(store, celery, job)
+        sent = publish_range(store, celery, job, 0, int(job["publish_key"])) or top_up(store, celery, job)
     if job["published_at"] is None:
         store.mark_published(job["id"])
     return sent

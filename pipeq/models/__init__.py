@@ -74,8 +74,11 @@ class Job(Base):
     activity_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     #: Times the reconciler queued the job's pending items again.
     requeues: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
-    #: Items with a smaller index have been published; the rest wait for the job's window to move.
+    #: Items published so far (in run order); the rest wait for the job's window to move.
     publish_cursor: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    #: The window's cursor in run order: items with a smaller ``order_key`` have been published
+    #: (``publish_cursor`` counts them).
+    publish_key: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     #: Items per message for this job.
     chunk_size: Mapped[int] = mapped_column(Integer, default=256, server_default="256")
     #: Opt-in: reuse outputs stored for the same input, model revision, precision and parameters.
@@ -115,12 +118,16 @@ class Item(Base):
             postgresql_where=text("input_id IS NOT NULL"),
             sqlite_where=text("input_id IS NOT NULL"),
         ),
+        #: A job's items in run order (``pipeq.ordering``): how the publish window walks a job a slice at a time.
+        Index("ix_items_job_id_order_key", "job_id", "order_key"),
     )
 
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
     idx: Mapped[int] = mapped_column(Integer, primary_key=True)
     input_id: Mapped[str | None] = mapped_column(String(255))
     input: Mapped[Any] = mapped_column(JSON)
+    #: Where the item runs in its job: longest first, then input order (``pipeq.ordering.order_key``).
+    order_key: Mapped[int | None] = mapped_column(BigInteger)
     status: Mapped[str] = mapped_column(String(16), default="pending")
     output: Mapped[Any | None] = mapped_column(JSON)
     #: A pooled embedding (``pipeq.vectors``: a 4-byte type header, then the values little-endian); its

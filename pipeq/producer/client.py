@@ -31,7 +31,7 @@ from pipeq.producer.readers import (
 from pipeq.producer.writers import BATCH_ROWS, parquet_path, write_parquet, write_results
 from pipeq.routing import PRECISIONS, ServeKey, check_model, check_params, check_precision
 from pipeq.settings import Settings
-from pipeq.store import Store, new_job_row
+from pipeq.store import NewItem, Store, new_job_row
 from pipeq.tasks import check_task
 from pipeq.vectors import Vector, as_array, stack
 
@@ -319,7 +319,7 @@ class Client:
                     use_cache=cache,
                     chunk_size=self.settings.chunk_size or C.DEFAULT_CHUNK_SIZE,
                 ),
-                self._rows(job_id, records, lines),
+                self._rows(records, lines),
                 unique_ids=not allow_duplicate_ids and not _format_checks_ids(inputs, input_format),
             )
         except DuplicateIdError as dup:
@@ -363,29 +363,22 @@ class Client:
                 key.precision,
             )
 
-    def _rows(self, job_id: str, records: Iterator[Record], lines: Lines) -> Iterator[list[dict[str, Any]]]:
-        """Item rows in pages of ``INSERT_BATCH_ROWS``, noting each item's source line in ``lines``."""
-        rows: list[dict[str, Any]] = []
+    def _rows(self, records: Iterator[Record], lines: Lines) -> Iterator[list[NewItem]]:
+        """New items in pages of ``INSERT_BATCH_ROWS`` (fewer where texts are long), noting each item's source
+        line in ``lines``."""
+        rows: list[NewItem] = []
+        chars = 0
         idx = -1
+        limit = self.settings.max_job_items
         for idx, rec in enumerate(records):
-            if idx >= self.settings.max_job_items:
-                raise InputError(
-                    f"job has more than {self.settings.max_job_items:,} items (PIPEQ_MAX_JOB_ITEMS)", line=rec.line
-                )
+            if idx >= limit:
+                raise InputError(f"job has more than {limit:,} items (PIPEQ_MAX_JOB_ITEMS)", line=rec.line)
             lines.note(idx, rec.line)
-            rows.append(
-                {
-                    "job_id": job_id,
-                    "idx": idx,
-                    "input_id": rec.input_id,
-                    "input": rec.input,
-                    "status": C.ITEM_PENDING,
-                    "attempts": 0,
-                }
-            )
-            if len(rows) >= C.INSERT_BATCH_ROWS:
+            rows.append(NewItem(idx, rec.input_id, rec.input, rec.size))
+            chars += rec.size
+            if len(rows) >= C.INSERT_BATCH_ROWS or chars >= C.INSERT_BATCH_CHARS:
                 yield rows
-                rows = []
+                rows, chars = [], 0
         if idx < 0:
             raise InputError("the input holds no items")
         yield rows

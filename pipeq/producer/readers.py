@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+import orjson
+
 from pipeq.errors import InputError
 from pipeq.tasks import traits
 
@@ -53,21 +55,24 @@ class RecordSpec:
     params: Mapping[str, Any] = field(default_factory=dict)
 
 
+def _decoded_line(raw: bytes, number: int, source: str) -> str:
+    """Line ``number`` as text, failing clearly on bytes that are not UTF-8 (line 1 loses a byte-order mark)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"not valid UTF-8 (byte {exc.start} of the line: {raw[exc.start : exc.start + 4]!r}); "
+            f"re-encode the file as UTF-8",
+            source=source,
+            line=number,
+        ) from None
+    return text.removeprefix("\ufeff") if number == 1 else text
+
+
 def _decoded_lines(stream: IO[bytes], source: str) -> Iterator[tuple[int, str]]:
     """(line number, text) for each line, failing clearly on bytes that are not UTF-8."""
     for number, raw in enumerate(stream, start=1):
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise InputError(
-                f"not valid UTF-8 (byte {exc.start} of the line: {raw[exc.start : exc.start + 4]!r}); "
-                f"re-encode the file as UTF-8",
-                source=source,
-                line=number,
-            ) from None
-        if number == 1:
-            text = text.removeprefix("\ufeff")
-        yield number, text
+        yield number, _decoded_line(raw, number, source)
 
 
 def _check_text(value: Any, what: str, spec: RecordSpec, source: str, line: int) -> str | None:
@@ -170,13 +175,24 @@ def _streamed(read: Callable[[IO[bytes], str], RawRecords]) -> Callable[[Source]
 
 
 def _jsonl(stream: IO[bytes], source: str) -> RawRecords:
-    for line, text in _decoded_lines(stream, source):
-        if not text.strip():
-            continue
+    """Records of a JSON Lines stream. Each line is parsed by orjson straight from its bytes; a line it
+    refuses (blank, a byte-order mark, bytes that are not UTF-8, JSON it does not take such as NaN, or
+    malformed) is read again by the standard library, which accepts or names the problem as always."""
+    loads, refused = orjson.loads, orjson.JSONDecodeError
+    for number, raw in enumerate(stream, start=1):
         try:
-            yield line, json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"malformed JSON ({exc.msg} at column {exc.colno})", source=source, line=line) from None
+            value = loads(raw)
+        except refused:
+            text = _decoded_line(raw, number, source)
+            if not text.strip():
+                continue
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise InputError(
+                    f"malformed JSON ({exc.msg} at column {exc.colno})", source=source, line=number
+                ) from None
+        yield number, value
 
 
 def _txt(stream: IO[bytes], source: str) -> RawRecords:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pipeq.store.cache import CacheQueries
 from pipeq.store.engine import as_utc, is_transient, make_engine
 from pipeq.store.items import ItemQueries
-from pipeq.store.jobs import JobQueries, new_job_row
+from pipeq.store.jobs import JobQueries, NewItem, WindowSpan, new_job_row
 from pipeq.store.report import ReportQueries
 from pipeq.store.schema import SchemaQueries
 from pipeq.store.workers import WorkerQueries
@@ -22,4 +22,4 @@ class Store(JobQueries, ItemQueries, WorkerQueries, CacheQueries, ReportQueries,
     """All of pipeq's reads and writes of the SQL store, for one store URL."""
 
 
-__all__ = ["Store", "as_utc", "is_transient", "make_engine", "new_job_row"]
+__all__ = ["NewItem", "Store", "WindowSpan", "as_utc", "is_transient", "make_engine", "new_job_row"]

@@ -20,6 +20,10 @@ _CHECKED_IN = "pipeq_checked_in"
 #: in them (benchmarks/vectors.py, benchmarks/RESULTS.md). SQLite applies it only to a file that has
 #: no tables yet; an existing store keeps the page size it was created with.
 SQLITE_PAGE_SIZE = 16384
+#: Page cache of each SQLite connection, in KiB (SQLite's default is 2 MB). Storing a job inserts into
+#: three indexes of ``items`` at once; with the default cache their pages kept falling out and a page of
+#: items took twice as long to insert (about 16 against 7 us a row).
+SQLITE_CACHE_KIB = 65536
 
 
 def sqlite_page_size(dbapi_conn: Any, _record: Any = None) -> None:
@@ -58,6 +62,7 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA busy_timeout=60000")
+            cur.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
 

@@ -16,6 +16,7 @@ from sqlalchemy.dialects.postgresql import psycopg as pg_psycopg
 
 from pipeq import constants as C
 from pipeq.cache import CacheScope
+from pipeq.ordering import KEY_END
 from pipeq.primitives import BatchTiming, ItemResult, Lease, WriteOutcome, utcnow
 from pipeq.store.base import BATCHES, ITEMS, JOB_COUNTS, JOBS, WORKERS, StoreBase
 from pipeq.store.cache import record_cached
@@ -569,25 +570,29 @@ class ItemQueries(StoreBase):
         return None if row is None else read_output(row[0], row[1])
 
     def iter_pending(
-        self, job_id: str, *, page: int = 5000, start: int = 0, stop: int | None = None
+        self, job_id: str, *, page: int = 5000, start: int = 0, stop: int = KEY_END
     ) -> Iterator[list[tuple[int, Any]]]:
-        """(idx, input) of a job's pending items with ``start <= idx < stop``, in input order, a page at a time."""
-        last = start - 1
+        """(idx, input) of a job's pending items with ``start <= order_key < stop``, in run order
+        (``pipeq.ordering``), a page at a time."""
+        after = start - 1
         while True:
             q = (
-                select(ITEMS.c.idx, ITEMS.c.input)
-                .where(ITEMS.c.job_id == job_id, ITEMS.c.status == C.ITEM_PENDING, ITEMS.c.idx > last)
-                .order_by(ITEMS.c.idx)
+                select(ITEMS.c.order_key, ITEMS.c.idx, ITEMS.c.input)
+                .where(
+                    ITEMS.c.job_id == job_id,
+                    ITEMS.c.order_key > after,
+                    ITEMS.c.order_key < stop,
+                    ITEMS.c.status == C.ITEM_PENDING,
+                )
+                .order_by(ITEMS.c.order_key)
                 .limit(page)
             )
-            if stop is not None:
-                q = q.where(ITEMS.c.idx < stop)
             with self.engine.connect() as conn:
                 rows = conn.execute(q).all()
             if not rows:
                 return
-            yield [(int(i), x) for i, x in rows]
-            last = int(rows[-1][0])
+            yield [(int(i), x) for _, i, x in rows]
+            after = int(rows[-1][0])
 
 
 def _outcome(written: Sequence[ItemResult], *, skipped: int) -> WriteOutcome:

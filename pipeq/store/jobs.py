@@ -6,16 +6,18 @@ import json
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import and_, bindparam, func, insert, or_, select, update
+import orjson
+from sqlalchemy import bindparam, func, insert, or_, select, update
 from sqlalchemy.exc import OperationalError
 
 from pipeq import constants as C
 from pipeq.errors import DuplicateIdError, JobNotFoundError
+from pipeq.ordering import KEY_END, order_key
 from pipeq.primitives import JobProgress, utcnow
 from pipeq.routing import ServeKey
-from pipeq.store.base import ITEMS, JOBS, StoreBase
+from pipeq.store.base import BATCHES, ITEMS, JOB_COUNTS, JOBS, StoreBase
 from pipeq.store.counts import CANCELLED, COUNTED, DONE, FAILED, LAST_ACTIVITY
 from pipeq.store.engine import as_utc
 
@@ -29,33 +31,46 @@ _JOB = select(
     CANCELLED.label("n_cancelled"),
 )
 #: Columns a new item is inserted with (the rest start NULL).
-_ITEM_COLUMNS = "job_id, idx, input_id, input, status, attempts"
+_ITEM_COLUMNS = "job_id, idx, input_id, input, order_key, status, attempts"
 
-_LATER, _EARLIER = ITEMS.alias("later"), ITEMS.alias("earlier")
-#: The first item of a job's index range ``[lo, hi)`` whose id an earlier item of the job has, with the
-#: earliest such item: one probe of ``ix_items_job_id_input_id`` per item of the range.
-_FIRST_DUPLICATE = (
-    select(_LATER.c.idx, _LATER.c.input_id, func.min(_EARLIER.c.idx).label("first"))
-    .select_from(_LATER)
-    .join(
-        _EARLIER,
-        and_(
-            _EARLIER.c.job_id == _LATER.c.job_id,
-            _EARLIER.c.input_id == _LATER.c.input_id,
-            _EARLIER.c.input_id.is_not(None),
-            _EARLIER.c.idx < _LATER.c.idx,
-        ),
-    )
-    .where(
-        _LATER.c.job_id == bindparam("job"),
-        _LATER.c.idx >= bindparam("lo"),
-        _LATER.c.idx < bindparam("hi"),
-        _LATER.c.input_id.is_not(None),
-    )
-    .group_by(_LATER.c.idx, _LATER.c.input_id)
-    .order_by(_LATER.c.idx)
+
+#: The key ``:step`` items after ``:start`` in a job's run order (None when fewer are left).
+_WINDOW_STOP = (
+    select(ITEMS.c.order_key)
+    .where(ITEMS.c.job_id == bindparam("job"), ITEMS.c.order_key >= bindparam("start"))
+    .order_by(ITEMS.c.order_key)
     .limit(1)
+    .offset(bindparam("step"))
 )
+
+
+class WindowSpan(NamedTuple):
+    """Items of a job's run order published together: keys ``[start, stop)``, ``items`` of them."""
+
+    start: int
+    stop: int
+    items: int
+
+
+class NewItem(NamedTuple):
+    """One item of a job being stored: its index, its own id (or None), the pipeline input, and its size
+    (characters of its text: what orders the job, ``pipeq.ordering``)."""
+
+    idx: int
+    input_id: str | None
+    input: Any
+    size: int
+
+
+def _input_json(value: Any) -> str:
+    """An input as the JSON column stores it (``json.dumps(value, ensure_ascii=False)``); a text through orjson,
+    which writes the same characters several times faster."""
+    if type(value) is str:
+        try:
+            return orjson.dumps(value).decode()
+        except orjson.JSONEncodeError:  # a lone surrogate: the standard library writes it as it is
+            pass
+    return json.dumps(value, ensure_ascii=False)
 
 
 def new_job_row(
@@ -113,31 +128,71 @@ def _job_progress(row: Any) -> JobProgress:
 class JobQueries(StoreBase):
     """A job's row: create, read, cancel, shadow figures, publish window, reconciler."""
 
-    def create_job(
-        self, job: dict[str, Any], items: Iterable[Sequence[dict[str, Any]]], *, unique_ids: bool = False
-    ) -> int:
-        """Insert a job and all its items in one transaction; returns the item count.
+    def create_job(self, job: dict[str, Any], items: Iterable[Sequence[NewItem]], *, unique_ids: bool = False) -> int:
+        """Store a job and all its items; returns the item count.
 
-        ``items`` yields lists of rows in index order; an exception while it is consumed (bad input)
-        rolls back everything, so a rejected submission leaves nothing behind. With ``unique_ids``,
-        two items with the same ``input_id`` raise DuplicateIdError (naming the first such pair) and
-        store nothing: the database finds them, page by page, through the items' id index, so no set
-        of a large job's ids is held in memory. The commit counts as the job's activity: the reconciler
-        leaves a job alone while its producer may still be publishing it.
+        ``items`` yields pages of new items in index order. The job's row is written first, as
+        "storing"; each page is then its own short transaction (on SQLite the write lock is held for one
+        page only, so workers on the same file go on claiming, writing and beating), and the job takes
+        its status (``job["status"]``, "queued") once its last page is stored: until then no worker or
+        reconciler touches it. Any error while the pages are consumed (bad input) deletes what was
+        stored, so a refused submission leaves nothing behind; a producer killed meanwhile leaves a job
+        "storing" that ``pipeq jobs`` shows and ``delete_job`` removes.
+
+        With ``unique_ids``, two items with the same ``input_id`` raise DuplicateIdError naming the first
+        such pair (by the later item's index): each page is checked in memory, and against the pages
+        before it through the items' id index, one statement a page, so no set of a large job's ids is
+        held in memory. The last commit counts as the job's activity: the reconciler leaves a job alone
+        while its producer may still be publishing it.
         """
+        job_id = job["id"]
         total = 0
         with self.writer.begin() as conn:
-            conn.execute(insert(JOBS), [{**job, "total": 0}])
-            for rows in items:
-                if rows:
-                    self._insert_items(conn, rows)
-                    if unique_ids and any(r["input_id"] is not None for r in rows):
-                        self._refuse_duplicates(conn, job["id"], rows[0]["idx"], rows[-1]["idx"] + 1)
-                    total += len(rows)
-            conn.execute(update(JOBS).where(JOBS.c.id == job["id"]).values(total=total, activity_at=utcnow()))
+            conn.execute(insert(JOBS), [{**job, "status": C.JOB_STORING, "total": 0, "activity_at": utcnow()}])
+        try:
+            for page in items:
+                if not page:
+                    continue
+                with self.writer.begin() as conn:
+                    if self._is_pg:  # the job's last commit flushes these pages' WAL with it
+                        conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
+                    if unique_ids:
+                        self._refuse_duplicates(conn, job_id, page)
+                    self._insert_items(conn, job_id, page)
+                    total += len(page)
+                    conn.execute(update(JOBS).where(JOBS.c.id == job_id).values(total=total, activity_at=utcnow()))
+            with self.writer.begin() as conn:
+                stored = conn.execute(
+                    update(JOBS)
+                    .where(JOBS.c.id == job_id, JOBS.c.status == C.JOB_STORING)
+                    .values(status=job.get("status") or C.JOB_QUEUED, total=total, activity_at=utcnow())
+                ).rowcount
+            if not stored:
+                raise JobNotFoundError(f"job {job_id} was cancelled or deleted while it was stored")
+        except BaseException:
+            self._drop_unstored(job_id)
+            raise
         if self._is_pg and total >= C.ANALYZE_AFTER_ITEMS:
             self._analyze_items()
         return total
+
+    def _drop_unstored(self, job_id: str) -> None:
+        """Delete a job whose storing failed; a store that fails too leaves it "storing" (``pipeq jobs`` shows it)."""
+        try:
+            self.delete_job(job_id)
+        except Exception:  # noqa: BLE001 - the error that stopped the submit is the one to report
+            log.warning("could not delete the partly stored job %s: delete it with `pipeq delete %s`", job_id, job_id)
+
+    def delete_job(self, job_id: str) -> int:
+        """Delete a job with its items, results, counts and batches; returns its item count (0 if none)."""
+        with self.writer.begin() as conn:
+            total = conn.execute(select(JOBS.c.total).where(JOBS.c.id == job_id)).scalar_one_or_none()
+            if total is None:
+                return 0
+            for table in (ITEMS, JOB_COUNTS, BATCHES):
+                conn.execute(table.delete().where(table.c.job_id == job_id))
+            conn.execute(JOBS.delete().where(JOBS.c.id == job_id))
+        return int(total)
 
     def _analyze_items(self) -> None:
         """Refresh PostgreSQL's statistics of ``items`` after a large job was stored.
@@ -155,15 +210,14 @@ class JobQueries(StoreBase):
         except OperationalError as exc:
             log.info("left the statistics of items to autovacuum: %s", exc.orig)
 
-    def _insert_items(self, conn: Any, rows: Sequence[dict[str, Any]]) -> None:
+    def _insert_items(self, conn: Any, job_id: str, page: Sequence[NewItem]) -> None:
         """Bulk-insert new items: COPY on PostgreSQL, a plain executemany on SQLite.
 
         Submission is bound by this insert, so it bypasses per-row ORM/Core processing; the
         input is JSON-encoded here exactly as the JSON column would encode it.
         """
         tuples = [
-            (r["job_id"], r["idx"], r["input_id"], json.dumps(r["input"], ensure_ascii=False), C.ITEM_PENDING, 0)
-            for r in rows
+            (job_id, i.idx, i.input_id, _input_json(i.input), order_key(i.size, i.idx), C.ITEM_PENDING, 0) for i in page
         ]
         if self._is_pg:
             cursor = conn.connection.dbapi_connection.cursor()
@@ -172,13 +226,49 @@ class JobQueries(StoreBase):
                     copy.write_row(row)
             cursor.close()
         else:
-            conn.exec_driver_sql(f"INSERT INTO items ({_ITEM_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", tuples)
+            conn.exec_driver_sql(f"INSERT INTO items ({_ITEM_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", tuples)
 
-    def _refuse_duplicates(self, conn: Any, job_id: str, lo: int, hi: int) -> None:
-        """Raise DuplicateIdError if an item of ``[lo, hi)`` has the id of an earlier item of the job."""
-        found = conn.execute(_FIRST_DUPLICATE, {"job": job_id, "lo": lo, "hi": hi}).first()
+    def _refuse_duplicates(self, conn: Any, job_id: str, page: Sequence[NewItem]) -> None:
+        """Raise DuplicateIdError if an item of ``page`` has the id of an earlier item (of the page or stored).
+
+        The pair named is the one whose later item comes first in the input.
+        """
+        first: dict[str, int] = {}
+        found: tuple[int, int, str] | None = None  # (later, earlier, id)
+        for item in page:
+            if item.input_id is None:
+                continue
+            earlier = first.setdefault(item.input_id, item.idx)
+            if earlier != item.idx:
+                found = (item.idx, earlier, item.input_id)
+                break
+        if first:
+            for input_id, earlier in self._stored_ids(conn, job_id, list(first)):
+                later = first[input_id]
+                if found is None or later < found[0]:
+                    found = (later, earlier, input_id)
         if found is not None:
-            raise DuplicateIdError(found.input_id, int(found.first), int(found.idx))
+            raise DuplicateIdError(found[2], found[1], found[0])
+
+    def _stored_ids(self, conn: Any, job_id: str, ids: list[str]) -> list[tuple[str, int]]:
+        """(id, first index) of the ids among ``ids`` that stored items of the job already have.
+
+        One statement, a probe of ``ix_items_job_id_input_id`` per id: the ids travel as one array
+        (PostgreSQL) or one JSON document (SQLite), whatever their number.
+        """
+        if self._is_pg:
+            sql = (
+                "SELECT input_id, min(idx) FROM items WHERE job_id = %(job)s AND input_id = ANY(%(ids)s::text[]) "
+                "AND input_id IS NOT NULL GROUP BY input_id"
+            )
+            rows = conn.exec_driver_sql(sql, {"job": job_id, "ids": ids}).all()
+        else:
+            sql = (
+                "SELECT input_id, min(idx) FROM items INDEXED BY ix_items_job_id_input_id WHERE job_id = ? "
+                "AND input_id IN (SELECT value FROM json_each(?)) AND input_id IS NOT NULL GROUP BY input_id"
+            )
+            rows = conn.exec_driver_sql(sql, (job_id, json.dumps(ids))).all()
+        return [(str(input_id), int(idx)) for input_id, idx in rows]
 
     def mark_published(self, job_id: str) -> None:
         with self.writer.begin() as conn:
@@ -245,21 +335,62 @@ class JobQueries(StoreBase):
 
     # -------------------------------------------------------- publish window
 
-    def open_window(self, job_id: str, *, cursor: int, chunk_size: int) -> None:
-        """Record how far a new job's items are published, and its chunk size."""
+    def open_window(self, job_id: str, *, chunk_size: int, items: int) -> WindowSpan:
+        """Open a new job's window on its first ``items`` items in run order, with its chunk size; returns them."""
         with self.writer.begin() as conn:
-            conn.execute(update(JOBS).where(JOBS.c.id == job_id).values(publish_cursor=cursor, chunk_size=chunk_size))
+            stop, n = self._window_stop(conn, job_id, 0, items)
+            conn.execute(
+                update(JOBS)
+                .where(JOBS.c.id == job_id)
+                .values(publish_key=stop, publish_cursor=n, chunk_size=chunk_size)
+            )
+        return WindowSpan(0, stop, n)
 
-    def advance_window(self, job_id: str, step: int) -> tuple[int, int] | None:
-        """Move an unfinished job's publish cursor ``step`` items on; returns the items' (start, stop) to publish."""
+    def advance_window(self, job_id: str, step: int) -> WindowSpan | None:
+        """Move an unfinished job's window ``step`` items on in run order; returns the span to publish.
+
+        The span's items count as published from here on: a publish that fails hands them back with
+        ``retreat_window``, so the window never passes items that are on no broker.
+        """
         with self.writer.begin() as conn:
-            q = select(JOBS.c.publish_cursor, JOBS.c.total, JOBS.c.status).where(JOBS.c.id == job_id)
+            q = select(JOBS.c.publish_key, JOBS.c.publish_cursor, JOBS.c.total, JOBS.c.status).where(
+                JOBS.c.id == job_id
+            )
             row = conn.execute(self.locked(q)).first()
             if row is None or row.status in C.JOB_FINAL_STATES or row.publish_cursor >= row.total:
                 return None
-            stop = min(row.publish_cursor + step, row.total)
-            conn.execute(update(JOBS).where(JOBS.c.id == job_id).values(publish_cursor=stop))
-        return int(row.publish_cursor), int(stop)
+            start = int(row.publish_key)
+            stop, n = self._window_stop(conn, job_id, start, step, left=int(row.total) - int(row.publish_cursor))
+            conn.execute(
+                update(JOBS)
+                .where(JOBS.c.id == job_id)
+                .values(publish_key=stop, publish_cursor=JOBS.c.publish_cursor + n)
+            )
+        return WindowSpan(start, stop, n)
+
+    def retreat_window(self, job_id: str, span: WindowSpan) -> bool:
+        """Move a job's window back over ``span`` (its publish failed), unless it moved on since; True if moved."""
+        with self.writer.begin() as conn:
+            moved = conn.execute(
+                update(JOBS)
+                .where(JOBS.c.id == job_id, JOBS.c.publish_key == span.stop)
+                .values(publish_key=span.start, publish_cursor=JOBS.c.publish_cursor - span.items)
+            ).rowcount
+        return bool(moved)
+
+    def _window_stop(
+        self, conn: Any, job_id: str, start: int, step: int, *, left: int | None = None
+    ) -> tuple[int, int]:
+        """The key ``step`` items after ``start`` in the job's run order (``KEY_END`` past its last) and the
+        items in between: one walk of ``ix_items_job_id_order_key`` over ``step`` entries."""
+        stop = conn.execute(_WINDOW_STOP, {"job": job_id, "start": start, "step": step}).scalar_one_or_none()
+        if stop is not None:
+            return int(stop), step
+        if left is None:
+            left = conn.execute(
+                select(func.count()).select_from(ITEMS).where(ITEMS.c.job_id == job_id, ITEMS.c.order_key >= start)
+            ).scalar_one()
+        return KEY_END, int(left)
 
     # ------------------------------------------------------------ reconciler
 

@@ -19,7 +19,7 @@ from pipeq.broker.publish import publish_chunks
 from pipeq.broker.reconcile import reconcile, take_over
 from pipeq.broker.window import top_up
 from pipeq.cache import CacheScope
-from pipeq.errors import ConfigurationError, StoreError
+from pipeq.errors import BrokerError, ConfigurationError, StoreError
 from pipeq.primitives import BatchTiming, ItemResult, Lease, utcnow
 from pipeq.routing import check_params
 from pipeq.settings import Settings, mask_url
@@ -432,7 +432,7 @@ class WorkerContext:
         elif left:
             log.info("job %s cancelled or finished elsewhere; stopping its chunk", job_id[:8])
         elif slice_end and self.celery is not None:
-            counts["published"] = top_up(self.store, self.celery, job)
+            counts["published"] = self._top_up(job)
         log.info(
             "job %s chunk: %d done, %d failed, %d skipped in %.0f ms",
             job_id[:8],
@@ -442,6 +442,17 @@ class WorkerContext:
             (time.time() - started) * 1000,
         )
         return counts
+
+    def _top_up(self, job: dict[str, Any]) -> int:
+        """Publish the job's next slice; a broker that refuses it leaves the slice to the next requeue."""
+        assert self.store is not None and self.celery is not None
+        try:
+            return top_up(self.store, self.celery, job)
+        except BrokerError as exc:
+            log.warning(
+                "job %s: its next slice waits for the broker (%s); the reconciler publishes it", job["id"][:8], exc
+            )
+            return 0
 
     def _hand_back(self, job: dict[str, Any], left: list[tuple[int, Any]], slice_end: bool) -> None:
         """The worker is stopping: queue the chunk's unstarted items again, with their attempt taken back."""
