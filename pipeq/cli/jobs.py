@@ -1,4 +1,4 @@
-"""Commands on jobs: submit, status, results, report, jobs, cancel, resume."""
+"""Commands on jobs: submit, status, results, report, jobs, cancel, delete, resume."""
 
 from __future__ import annotations
 
@@ -241,7 +241,9 @@ def report(
 @app.command()
 def jobs(
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Most jobs listed.")] = 20,
-    status: Annotated[str | None, typer.Option("--status", help="queued, running, done or cancelled.")] = None,
+    status: Annotated[
+        str | None, typer.Option("--status", help="storing, queued, running, done or cancelled.")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     database_url: DatabaseOpt = None,
 ) -> None:
@@ -249,7 +251,7 @@ def jobs(
 
     Example: pipeq jobs --status running --limit 5
     """
-    states = (C.JOB_QUEUED, C.JOB_RUNNING, *C.JOB_FINAL_STATES)
+    states = (C.JOB_STORING, C.JOB_QUEUED, C.JOB_RUNNING, *C.JOB_FINAL_STATES)
     if status is not None and status not in states:
         raise typer.BadParameter(f"{status!r} is not one of {', '.join(states)}", param_hint="--status")
     with open_store(database_url) as store:
@@ -269,6 +271,23 @@ def jobs(
         )
     if not rows:
         typer.echo("no jobs", err=True)
+    if any(j.status == C.JOB_STORING for j in rows):
+        typer.echo(
+            "a job 'storing' is not submitted yet: its producer is still storing it, or was stopped while it did "
+            "(no worker runs it; `pipeq delete JOB` removes it)",
+            err=True,
+        )
+
+
+@app.command()
+def delete(job_id: Annotated[str, typer.Argument(help="Job id.")], database_url: DatabaseOpt = None) -> None:
+    """Delete a job with its items and results: one finished, cancelled, or left storing by an interrupted submit.
+
+    A queued or running job is cancelled first (`pipeq cancel`). Example: pipeq delete 3f2a9c...
+    """
+    with open_store(database_url) as store:
+        n = store.delete_finished_job(job_id)
+    typer.echo(f"deleted job {job_id} and its {n:,} items")
 
 
 @app.command()

@@ -182,6 +182,13 @@ class Job:
         """Cancel the job's remaining items; returns how many were cancelled."""
         return self.store.cancel_job(self.id)
 
+    def delete(self) -> int:
+        """Delete the job with its items and results (done, cancelled, or left storing); returns its item count.
+
+        A queued or running job raises ConfigurationError: cancel it first.
+        """
+        return self.store.delete_finished_job(self.id)
+
 
 def _read(
     inputs: Any, spec: RecordSpec, input_format: str | None, stdin: IO[bytes] | None

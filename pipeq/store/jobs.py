@@ -13,7 +13,7 @@ from sqlalchemy import bindparam, func, insert, or_, select, update
 from sqlalchemy.exc import OperationalError
 
 from pipeq import constants as C
-from pipeq.errors import DuplicateIdError, JobNotFoundError
+from pipeq.errors import ConfigurationError, DuplicateIdError, JobNotFoundError
 from pipeq.ordering import KEY_END, order_key
 from pipeq.primitives import JobProgress, utcnow
 from pipeq.routing import ServeKey
@@ -193,6 +193,18 @@ class JobQueries(StoreBase):
                 conn.execute(table.delete().where(table.c.job_id == job_id))
             conn.execute(JOBS.delete().where(JOBS.c.id == job_id))
         return int(total)
+
+    def delete_finished_job(self, job_id: str) -> int:
+        """Delete a job that no worker may still run (done, cancelled, or left "storing"); returns its item count.
+
+        Raises JobNotFoundError for an unknown job and ConfigurationError for a queued or running one.
+        """
+        status = self.job_status(job_id)
+        if status is None:
+            raise JobNotFoundError(f"no job {job_id!r} in the store")
+        if status in (C.JOB_QUEUED, C.JOB_RUNNING):
+            raise ConfigurationError(f"job {job_id} is {status}: cancel it first (`pipeq cancel {job_id}`)")
+        return self.delete_job(job_id)
 
     def _analyze_items(self) -> None:
         """Refresh PostgreSQL's statistics of ``items`` after a large job was stored.
