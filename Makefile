@@ -27,7 +27,7 @@ test-fast:
 test-gpu:
 	$(PY) -m pytest -m gpu
 
-# What benchmarks/gpu_session.sh needs on a lent GPU machine with no network: .whl/ and .gpu/ (git-ignored).
+# What benchmarks/gpu_session.sh needs on a GPU machine with no network: .whl/ and .gpu/ (git-ignored).
 gpu-bundle:
 	PY=$(PY) bash benchmarks/gpu_bundle.sh
 
