@@ -51,7 +51,7 @@ def _command(command: Any, path: str, out: list[str]) -> None:
             out += [" ".join(lines), ""]
     arguments = [p for p in command.params if p.param_type_name == "argument"]
     options = [p for p in command.params if p.param_type_name == "option" and not getattr(p, "hidden", False)]
-    usage = " ".join([path, *(p.name.upper() for p in arguments), "[OPTIONS]" if options else ""]).strip()
+    usage = " ".join([path, *(["[OPTIONS]"] if options else []), *(p.name.upper() for p in arguments)])
     out += ["```", usage, "```", ""]
     for example in examples:
         out += ["Example:", "", "```bash", example, "```", ""]
