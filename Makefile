@@ -1,11 +1,11 @@
-# pipeq developer targets. `make install` then `make test` is all CI does (see .ci/run).
+# pipeq developer targets. CI runs `make install`, `make docs`, `make lint`, `make typecheck` and `make test` (see .ci/run).
 VENV ?= .venv
 PYTHON ?= python3.11
 PY := $(VENV)/bin/python
 # The CPU build of torch that lies on this machine; on a CUDA host the same pin takes PyPI's CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test test-fast test-gpu gpu-bundle lint format typecheck check bench bench-quick bench-hostpath clean
+.PHONY: install demo test test-fast test-gpu gpu-bundle lint format typecheck check docs bench bench-quick bench-hostpath clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,7 @@ test-fast:
 test-gpu:
 	$(PY) -m pytest -m gpu
 
-# What benchmarks/gpu_session.sh needs on a lent GPU machine with no network: .whl/ and .gpu/ (git-ignored).
+# What benchmarks/gpu_session.sh needs on a GPU machine with no network: .whl/ and .gpu/ (git-ignored).
 gpu-bundle:
 	PY=$(PY) bash benchmarks/gpu_bundle.sh
 
@@ -44,6 +44,10 @@ typecheck:
 
 check: lint typecheck test
 
+# The manual (mkdocs.yml, docs/) into site/; --strict fails on a broken link, a missing page or a bad docstring reference.
+docs:
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
+
 bench:
 	$(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) benchmarks/run.py --results benchmarks/RESULTS.md
@@ -57,4 +61,4 @@ bench-hostpath:
 	$(PY) benchmarks/hostpath.py
 
 clean:
-	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache pipeq.db pipeq.db-*
+	rm -rf build dist site *.egg-info .pytest_cache .mypy_cache .ruff_cache pipeq.db pipeq.db-*

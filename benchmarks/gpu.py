@@ -1,4 +1,4 @@
-"""pipeq on a GPU: does one worker keep a fast model busy? (issue 13's GPU targets)
+"""pipeq on a GPU: does one worker keep a fast model busy? (its targets: benchmarks/RESULTS-GPU.md)
 
     python benchmarks/gpu.py --device cuda:0 --corpus texts.json --n 20000
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepare what benchmarks/gpu_session.sh needs on a lent GPU machine with no network (run here, once):
+# Prepare what benchmarks/gpu_session.sh needs on a GPU machine with no network (run here, once):
 #   .whl/  wheels of the packages its image lacks (Python 3.12, manylinux x86_64), without psycopg and lupa
 #          (no PostgreSQL there, and fakeredis' Lua only serves the demo's private broker);
 #   .gpu/  redis-server with the shared libraries it links beyond glibc, OpenSSL and the C++ runtime (the

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One lent GPU machine's checks, in one call (benchmarks/RESULTS-GPU.md says what they measured).
+# A GPU machine's checks, in one call (benchmarks/RESULTS-GPU.md says what they measured).
 #
 #   benchmarks/gpu_session.sh [bench|profile|tests] ...   (default: bench tests)
 #

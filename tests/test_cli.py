@@ -56,8 +56,8 @@ def test_logs_go_to_stderr_and_data_to_stdout(tmp_path: object) -> None:
 def test_exit_codes_are_documented() -> None:
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert re.search(r"Exit codes: `0` success; `1` .*`2` bad", readme.replace("\n", " "))
+    cli_page = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    assert re.search(r"Exit codes: `0` success; `1` .*`2` bad", cli_page.replace("\n", " "))
 
 
 @pytest.mark.parametrize(
@@ -91,11 +91,11 @@ def test_cli_conventions_are_documented() -> None:
     import yaml
 
     root = Path(__file__).resolve().parents[1]
-    readme = (root / "README.md").read_text()
-    section = readme.split("\n### CLI conventions\n", 1)[1].split("\n## ", 1)[0]
+    cli_page = (root / "docs" / "cli.md").read_text()
+    section = cli_page.split("\n### CLI conventions\n", 1)[1].split("\n## ", 1)[0]
     for flag in ("pipeq --version", "pipeq --install-completion", "-q`/`--quiet", "-v`/`--verbose", "--watch"):
         assert flag in section, flag
-    # The ports the README sends people to are the ones docker-compose.yml publishes.
+    # The ports the CLI reference sends people to are the ones docker-compose.yml publishes.
     services = yaml.safe_load((root / "docker-compose.yml").read_text())["services"]
     flower_port = services["flower"]["ports"][0].split(":")[0]
     assert f"Flower on port {flower_port}" in section and f"http://localhost:{flower_port}" in section

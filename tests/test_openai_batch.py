@@ -280,34 +280,35 @@ def test_only_embedding_jobs_with_pooling_are_written_as_batch_output(
         write_results(job.results(), "openai-batch", out=None, job=job.status())
 
 
-# ------------------------------------------------------------------ the README's example
+# ------------------------------------------------------------------ the manual's example
 
-README_SECTION = "OpenAI Batch files"
-README_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+DOC_SECTION = "OpenAI Batch files"
+DOC_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 @pytest.mark.integration
-def test_readme_openai_batch_example(
+def test_documented_openai_batch_example(
     tmp_path: Path, redis_url: str, model_dir: Callable[[str], str], start_worker: Any
 ) -> None:
-    from test_readme import README, code_blocks, run_block
+    from test_readme import DOCS, code_blocks, run_block
 
-    # Given: the README's block, its hub model replaced by a copy of the tiny embedder (same tokenizer)
-    (block,) = code_blocks(README_SECTION)
+    doc = DOCS / "inputs-outputs.md"
+    # Given: the block of docs/inputs-outputs.md, its hub model replaced by a copy of the tiny embedder (same tokenizer)
+    (block,) = code_blocks(DOC_SECTION, doc=doc)
     model = str(shutil.copytree(model_dir(TASK), tmp_path / "minilm"))
     url = f"sqlite:///{tmp_path / 'pipeq.db'}"
     env = {"PIPEQ_BROKER_URL": redis_url, "PIPEQ_DATABASE_URL": url}
     subprocess.run([sys.executable, "-m", "pipeq", "-q", "db", "upgrade"], env={**os.environ, **env}, check=True)
 
     # When: it runs as written: a worker, the submit, the results
-    run_block(block.replace(README_MODEL, model), cwd=tmp_path, env=env, start_worker=start_worker, store=Store(url))
+    run_block(block.replace(DOC_MODEL, model), cwd=tmp_path, env=env, start_worker=start_worker, store=Store(url))
 
-    # Then: the output file answers both requests in the documented shape, as the README shows it
+    # Then: the output file answers both requests in the documented shape, as the page shows it
     lines = [json.loads(x) for x in (tmp_path / "batch_output.jsonl").read_text(encoding="utf-8").splitlines()]
     for line in lines:
         check_output_line(line)
     assert [x["custom_id"] for x in lines] == ["request-1", "request-2"]
     assert [len(x["response"]["body"]["data"]) for x in lines] == [1, 2]
-    shown = README.read_text().split(f"### {README_SECTION}", 1)[1].split("```json\n", 1)[1].split("\n", 1)[0]
+    shown = doc.read_text().split(f"### {DOC_SECTION}", 1)[1].split("```json\n", 1)[1].split("\n", 1)[0]
     usage = json.loads(shown.replace(", ...", ""))["response"]["body"]["usage"]
     assert lines[1]["response"]["body"]["usage"] == usage

@@ -86,19 +86,19 @@ def test_migrations_build_exactly_the_models(store_url: str) -> None:
     assert diff == []
 
 
-def readme_grant() -> tuple[list[str], list[str], list[str]]:
-    """The least-privilege PostgreSQL role of the README: (privileges, tables, tables whose id sequence)."""
-    text = " ".join((ROOT / "README.md").read_text().split())
+def documented_grant() -> tuple[list[str], list[str], list[str]]:
+    """The least-privilege PostgreSQL role of docs/operations.md: (privileges, tables, tables whose id sequence)."""
+    text = " ".join((ROOT / "docs" / "operations.md").read_text().split())
     m = re.search(r"a role granted `([^`]+)` on `([^`]+)` and `USAGE` on the (.+?) id sequences", text)
-    assert m, "README's PostgreSQL section names the grants of pipeq's role"
+    assert m, "the PostgreSQL part of docs/operations.md names the grants of pipeq's role"
     privileges, tables = ([name.strip() for name in group.split(",")] for group in (m[1], m[2]))
     return privileges, tables, re.findall(r"`(\w+)`", m[3])
 
 
-def test_readme_grants_every_table_and_sequence_pipeq_uses() -> None:
+def test_documented_grants_cover_every_table_and_sequence_pipeq_uses() -> None:
     from pipeq.models import Base
 
-    privileges, tables, sequences = readme_grant()
+    privileges, tables, sequences = documented_grant()
     assert privileges == ["SELECT", "INSERT", "UPDATE"]
     assert sorted(tables) == sorted(Base.metadata.tables), "every table of the models, nothing else"
     serial = [t.name for t in Base.metadata.sorted_tables if t.autoincrement_column is not None]
@@ -106,11 +106,11 @@ def test_readme_grants_every_table_and_sequence_pipeq_uses() -> None:
 
 
 @pytest.fixture
-def readme_role_url(pg_url: str) -> Iterator[str]:
-    """The URL of a role with exactly the README's grants, on a database its owner migrated; dropped afterwards."""
+def documented_role_url(pg_url: str) -> Iterator[str]:
+    """The URL of a role with exactly the documented grants, on a database its owner migrated; dropped afterwards."""
     import sqlalchemy as sa
 
-    privileges, tables, sequences = readme_grant()
+    privileges, tables, sequences = documented_grant()
     role = f"pipeq_app_{uuid.uuid4().hex[:8]}"
     admin = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
@@ -126,8 +126,8 @@ def readme_role_url(pg_url: str) -> Iterator[str]:
     admin.dispose()
 
 
-def test_the_readme_role_is_enough_to_run_jobs(
-    readme_role_url: str, pg_url: str, model_dir: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
+def test_the_documented_role_is_enough_to_run_jobs(
+    documented_role_url: str, pg_url: str, model_dir: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import sqlalchemy as sa
 
@@ -136,7 +136,7 @@ def test_the_readme_role_is_enough_to_run_jobs(
     from pipeq.worker.config import WorkerConfig
     from pipeq.worker.context import WorkerContext
 
-    settings = Settings(broker_url="memory://", database_url=readme_role_url)
+    settings = Settings(broker_url="memory://", database_url=documented_role_url)
     task, model = "text-classification", model_dir("text-classification")
     texts = ["good", "bad", "我非常讨厌这个！"]
     ctx = WorkerContext(settings, WorkerConfig(key=ServeKey(task, model), max_batch_size=4, warmup=False))

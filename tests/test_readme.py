@@ -1,4 +1,4 @@
-"""The README's examples, run command for command, with the hub models swapped for local ones."""
+"""The README's tour and the manual's examples, run command for command, with the hub models swapped for local ones."""
 
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ from pipeq.tasks import normalize_task
 pytestmark = pytest.mark.integration
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+DOCS = README.parent / "docs"
+TOUR = "Five-minute tour"
 SENTIMENT = "Examples: English and Chinese sentiment"
 CUSTOM = "Example: a custom pipeline (pair classification)"
 EN_MODEL = "distilbert/distilbert-base-uncased-finetuned-sst-2-english"
@@ -32,9 +34,10 @@ MRPC_MODEL = "sgugger/finetuned-bert-mrpc"
 TINY_LABELS = {"alpha", "beta", "gamma"}
 
 
-def code_blocks(title: str, lang: str = "bash") -> list[str]:
-    """The ``lang`` code blocks of the README section that starts with ``### title``."""
-    section = README.read_text().split(f"\n### {title}", 1)[1]
+def code_blocks(title: str, lang: str = "bash", doc: Path = README) -> list[str]:
+    """The ``lang`` code blocks of the section of ``doc`` (the README, or a page of docs/) that starts with ``## title``
+    or ``### title``, up to the next heading."""
+    section = re.split(rf"\n###? {re.escape(title)}", doc.read_text(), maxsplit=1)[1]
     section = re.split(r"\n##+ ", section, maxsplit=1)[0]
     return re.findall(rf"```{lang}\n(.*?)```", section, re.S)
 
@@ -102,17 +105,44 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
+def test_readme_tour(tmp_path: Path, redis_url: str, model_dir: Callable[[str], str], start_worker: Any) -> None:
+    # Given: the README's tour, its hub model replaced by a copy of the tiny classifier
+    (block,) = code_blocks(TOUR)
+    model = str(shutil.copytree(model_dir("text-classification"), tmp_path / "model"))
+    url = f"sqlite:///{tmp_path / 'pipeq.db'}"
+    env = {"PIPEQ_BROKER_URL": redis_url, "PIPEQ_DATABASE_URL": url}
+    store = Store(url)
+
+    # When: it runs as written: migrate, an int8 worker, submit, watch, results, report
+    _, submitted, watched, _, report = run_block(
+        block.replace(EN_MODEL, model), cwd=tmp_path, env=env, start_worker=start_worker, store=store
+    )
+
+    # Then: the watch returned once the job was done, and results.csv has every review, in input order
+    job_id = submitted.strip().splitlines()[-1]
+    assert store.job(job_id).status == "done", watched
+    rows = read_csv(tmp_path / "results.csv")
+    assert [r["id"] for r in rows] == ["r1", "r2", "r3"] and {r["status"] for r in rows} == {"done"}
+    assert all(json.loads(r["output"])["label"] in TINY_LABELS for r in rows)
+    assert all(float(r["forward_ms"]) > 0 for r in rows)
+    (worker,) = store.live_workers(ServeKey("text-classification", model, "int8").queue)
+    assert {r["worker_id"] for r in rows} == {worker["id"]} and worker["quantization"] == "torch-dynamic-int8"
+    # And: the report sums up the job: its three items done, its batches and where they ran
+    assert f"job {job_id} [text-classification int8] done" in report, report
+    assert "items: 3 total, 3 done, 0 failed" in report and "quantization torch-dynamic-int8" in report, report
+
+
 def test_readme_sentiment_examples(
     tmp_path: Path, redis_url: str, model_dir: Callable[[str], str], start_worker: Any
 ) -> None:
-    # Given: the README's two blocks, each hub model replaced by its own copy of the tiny classifier
+    # Given: the getting-started page's two blocks, each hub model replaced by its own copy of the tiny classifier
     local = {
         hub: str(shutil.copytree(model_dir("text-classification"), tmp_path / f"model{i}"))
         for i, hub in enumerate((EN_MODEL, ZH_MODEL))
     }
     url = f"sqlite:///{tmp_path / 'pipeq.db'}"
     env = {"PIPEQ_BROKER_URL": redis_url, "PIPEQ_DATABASE_URL": url}
-    english, chinese = code_blocks(SENTIMENT)
+    english, chinese = code_blocks(SENTIMENT, doc=DOCS / "getting-started.md")
     for hub, path in local.items():
         english, chinese = english.replace(hub, path), chinese.replace(hub, path)
     assert {f"--precision {p} &" in block for p in ("fp32", "int8") for block in (english, chinese)} == {True}
@@ -148,18 +178,18 @@ def test_readme_sentiment_examples(
 def test_readme_custom_pipeline_example(
     tmp_path: Path, redis_url: str, model_dir: Callable[[str], str], start_worker: Any
 ) -> None:
-    # Given: the README's PairClassificationPipeline saved as pairs.py where its commands run, and
+    # Given: the tasks page's PairClassificationPipeline saved as pairs.py where its commands run, and
     # its MRPC model replaced by a local classifier
-    (code,) = code_blocks(CUSTOM, "python")
+    (code,) = code_blocks(CUSTOM, "python", doc=DOCS / "tasks.md")
     (tmp_path / "pairs.py").write_text(code, encoding="utf-8")
-    (block,) = code_blocks(CUSTOM, "bash")
+    (block,) = code_blocks(CUSTOM, "bash", doc=DOCS / "tasks.md")
     model = str(shutil.copytree(model_dir("text-classification"), tmp_path / "mrpc"))
     url = f"sqlite:///{tmp_path / 'pipeq.db'}"
     env = {"PIPEQ_BROKER_URL": redis_url, "PIPEQ_DATABASE_URL": url}
     subprocess.run([sys.executable, "-m", "pipeq", "-q", "db", "upgrade"], env={**os.environ, **env}, check=True)
     store = Store(url)
 
-    # When: the README block runs as written: a worker serving pairs.py, a job of text pairs
+    # When: the block runs as written: a worker serving pairs.py, a job of text pairs
     *_, results = run_block(
         block.replace(MRPC_MODEL, model), cwd=tmp_path, env=env, start_worker=start_worker, store=store
     )
@@ -174,7 +204,7 @@ def test_readme_custom_pipeline_example(
         assert out["logits"] == pytest.approx(pair_logits(model, pair["text"], pair["other"]), abs=1e-4)
         assert out["score"] == pytest.approx(softmax_max(out["logits"]), abs=1e-6)
 
-    # And: the class's own `second_text` parameter (the README's alternative) gives the same result
+    # And: the class's own `second_text` parameter (the page's alternative) gives the same result
     with Client(Settings(broker_url=redis_url, database_url=url)) as client:
         job = client.submit(
             [pairs[1]["text"]], task="pair-classification", model=model, params={"second_text": pairs[1]["other"]}

@@ -1,7 +1,7 @@
 """The reconciler queues again what a stalled job still has pending, once, and only when the queue is idle.
 
 It also queues a job whose producer stored it and never published it, once that commit is old; and
-``pipeq reconcile`` / ``pipeq resume JOB`` say what they queued, with the README's exit codes.
+``pipeq reconcile`` / ``pipeq resume JOB`` say what they queued, with the documented exit codes (docs/cli.md).
 """
 
 from __future__ import annotations

@@ -131,11 +131,10 @@ _RESULT_PAGE_NAMES = tuple(c.name for c in _RESULT_PAGE.selected_columns)
 #: does not hold what ``k`` adds, so ``s`` adds this batch's count itself.
 #:
 #: The rows travel as one JSON array of arrays (``_pg_rows``: one ``json.dumps``, in C) and ``r_idx`` as an
-#: int array's text (``_pg_int_array``). A parameter per column, each a Python list the driver dumped
-#: element by element, was most of a write's client CPU; with one document a writer spends about 18% less
-#: CPU an item (benchmarks/RESULTS.md, the fleet section, Session 15). A JSON ``output`` is taken verbatim
-#: (``->`` on ``json`` keeps the text ``json.dumps`` wrote, as the column's own encoding does), a JSON null
-#: as SQL NULL as before; a vector travels as base64.
+#: int array's text (``_pg_int_array``), so the writer's client CPU is not spent on a Python list per column
+#: that the driver would dump element by element (benchmarks/fleet.py measures the writes). A JSON ``output``
+#: is taken verbatim (``->`` on ``json`` keeps the text ``json.dumps`` wrote, as the column's own encoding
+#: does), a JSON null as SQL NULL; a vector travels as base64.
 _PG_WRITE = (
     "WITH {batch_id_cte}"
     "r AS (SELECT (v->>0)::int AS idx, (v->>1)::varchar AS status, "
