@@ -215,6 +215,10 @@ def test_a_killed_worker_is_taken_over_in_seconds(
     assert recovered < 60, f"the job finished {recovered:.0f}s after the kill"
 
 
+def row_of(store: Store, worker_id: str) -> dict[str, Any]:
+    return next(w for w in _all_rows(store) if w["id"] == worker_id)
+
+
 def holds(store: Store, queue: str, worker: WorkerProcess, job_id: str) -> bool:
     """Whether ``worker``'s pool child has claimed items of ``job_id`` that are still pending."""
     lease = child_of(store, queue, worker)["lease"]
@@ -481,3 +485,53 @@ def test_bad_input_at_the_door_queues_nothing(
         assert conn.execute(sa.text("SELECT count(*) FROM items")).scalar_one() == 0
     assert redis.Redis.from_url(redis_url).llen(ServeKey("text-classification", model).queue) == 0
     ledger.faults += len(cases)
+
+
+# ------------------------------------------------------------------ 9: the store's lock held past dead_after
+
+
+def test_a_store_lock_held_past_dead_after_declares_no_worker_lost(
+    sqlite_url: str, model: str, ledger: FaultLedger, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A long SQLite write (a large submit holds BEGIN IMMEDIATE) keeps every heartbeat waiting longer than
+    ``dead_after``: the store was busy, nobody died. Two live workers, each looking for dead ones every
+    half second, declare neither the other nor themselves lost."""
+    import sqlite3
+
+    from pipeq.worker.app import create_worker_app
+    from pipeq.worker.config import WorkerConfig
+
+    # Given two live workers on one queue, dead after 1.5 s of silence (a heartbeat and a look every 0.5 s)
+    settings = Settings(broker_url="memory://", database_url=sqlite_url, dead_after=1.5, reconcile_interval=0)
+    key = ServeKey("text-classification", model)
+    contexts = []
+    for _ in range(2):
+        _, ctx = create_worker_app(settings, WorkerConfig(key=key, warmup=False))
+        contexts.append(ctx)
+    store = Store(sqlite_url)
+    try:
+        for ctx in contexts:
+            ctx.start()
+        time.sleep(2.0)  # both have beaten and looked for dead workers a few times
+        # When another writer holds the store's lock for 4 s (more than dead_after)
+        lock = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None)
+        lock.execute("BEGIN IMMEDIATE")
+        time.sleep(4.0)
+        lock.execute("COMMIT")
+        lock.close()
+        time.sleep(3.0)  # the heartbeats that waited land, and the judges look again
+        # Then no worker was declared lost, and both still count as live
+        rows = _all_rows(store)
+        assert [w["status"] for w in rows] == ["ready", "ready"], rows
+        assert "marked lost" not in caplog.text
+        assert len(store.live_workers(key.queue)) == 2
+        # And a worker that does stop beating is still declared lost by the other, dead_after later
+        dead = contexts[1]
+        dead._stop.set()  # its heartbeat thread ends; the process goes on, as a hung one would
+        wait_for("the silent worker to be declared lost", lambda: row_of(store, dead.worker_id)["status"] == "lost")
+        assert row_of(store, contexts[0].worker_id)["status"] == "ready"
+    finally:
+        for ctx in contexts:
+            ctx.stop()
+        store.close()
+    ledger.faults += 1

@@ -19,8 +19,8 @@ class WorkerQueries(StoreBase):
     # -------------------------------------------------------------- workers
 
     def register_worker(self, row: dict[str, Any]) -> None:
-        now = utcnow()
         with self.writer.begin() as conn:
+            now = utcnow()  # once the write lock is held (SQLite: BEGIN IMMEDIATE), not before waiting for it
             conn.execute(insert(WORKERS), [{"started_at": now, "heartbeat_at": now, **row}])
 
     def update_worker(self, worker_id: str, **values: Any) -> None:
@@ -35,10 +35,12 @@ class WorkerQueries(StoreBase):
         Returns False when the worker had been declared lost (its heartbeats stopped for longer than
         ``dead_after``, and a live worker queued its claimed items again); it counts as live again, in
         ``status`` (what it is doing: ``ready``, or ``loading`` while its model loads).
+
+        The time is taken once the write lock is held: a heartbeat that waited for it (SQLite's lock held
+        by a long write) is fresh when it lands, not as old as the wait.
         """
-        now = utcnow()
-        values = {"heartbeat_at": now, "current_job": current_job, **totals}
         with self.writer.begin() as conn:
+            values = {"heartbeat_at": utcnow(), "current_job": current_job, **totals}
             conn.execute(update(WORKERS).where(WORKERS.c.id == worker_id).values(**values))
             revived = conn.execute(
                 update(WORKERS)

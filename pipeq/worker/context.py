@@ -25,6 +25,7 @@ from pipeq.routing import check_params
 from pipeq.settings import Settings, mask_url
 from pipeq.store import Store, is_transient
 from pipeq.worker.config import WorkerConfig
+from pipeq.worker.contact import StoreContact
 from pipeq.worker.loading import LoadedPipeline, load_pipeline, set_threads, set_tokenizer_threads, warmup_inputs
 from pipeq.worker.measure import throughput
 from pipeq.worker.memory import release_free_memory
@@ -67,6 +68,8 @@ class WorkerContext:
         self._behind: WriteBehind | None = None
         #: The fp32 copy of the model that ``--shadow-fraction`` compares outputs with.
         self.shadow: ShadowCheck | None = None
+        #: Whether this worker has reached the store long enough, without a break, to judge others dead.
+        self.contact = StoreContact(settings.dead_after, self._beat_every())
 
     # ------------------------------------------------------------ lifecycle
 
@@ -194,14 +197,21 @@ class WorkerContext:
                 log.warning("could not mark worker %s stopped", self.worker_id[:8], exc_info=True)
             self.store.close()
 
+    def _beat_every(self) -> float:
+        """Seconds between heartbeats: a few within ``dead_after``, so that one late beat is not a death."""
+        dead_after = self.settings.dead_after
+        return min(C.HEARTBEAT_INTERVAL, dead_after / C.HEARTBEATS_PER_DEAD_AFTER or C.HEARTBEAT_INTERVAL)
+
     def _beat(self) -> None:
         """A heartbeat (with the current job and totals) and a look for dead workers on this queue, a few
         times per ``dead_after``; a reconciler pass every ``reconcile_interval``.
 
-        Its own thread, so a long forward pass (torch releases the GIL) never silences it.
+        Its own thread, so a long forward pass (torch releases the GIL) never silences it. It looks for
+        dead workers only after ``dead_after`` seconds of unbroken contact with the store (``StoreContact``):
+        an outage or a long-held lock delays every worker's heartbeats, and is nobody's death.
         """
         interval, dead_after = self.settings.reconcile_interval, self.settings.dead_after
-        beat_every = min(C.HEARTBEAT_INTERVAL, dead_after / C.HEARTBEATS_PER_DEAD_AFTER or C.HEARTBEAT_INTERVAL)
+        beat_every = self._beat_every()
         next_beat = time.monotonic()
         # A reconcile interval of 0 turns the worker's own reconciler off (it must not make this loop spin).
         next_reconcile = next_beat if interval > 0 else float("inf")
@@ -210,7 +220,7 @@ class WorkerContext:
             if now >= next_beat:
                 next_beat = now + beat_every
                 self._heartbeat_once()
-                if dead_after > 0:
+                if dead_after > 0 and self.contact.may_judge():
                     self._take_over(dead_after)
             if interval > 0 and now >= next_reconcile:
                 next_reconcile = now + interval
@@ -218,6 +228,7 @@ class WorkerContext:
 
     def _heartbeat_once(self) -> None:
         assert self.store is not None
+        began = time.monotonic()
         try:
             alive = self.store.heartbeat(
                 self.worker_id,
@@ -228,8 +239,10 @@ class WorkerContext:
                 write_seconds=self.write_seconds,
             )
         except Exception as exc:
+            self.contact.lost()
             log.warning("heartbeat failed: %s", mask_url(str(exc)))
             return
+        self.contact.reached(began)
         if not alive:
             log.warning(
                 "worker %s had been declared lost (no heartbeat for %.0fs): its claimed items were queued again "
@@ -241,9 +254,12 @@ class WorkerContext:
     def _take_over(self, dead_after: float) -> None:
         if self.celery is None or self.store is None or self.shutting_down.value:
             return
+        began = time.monotonic()
         try:
             take_over(self.store, self.celery, dead_after=dead_after, queues=[self.cfg.key.queue])
+            self.contact.reached(began)
         except Exception as exc:
+            self.contact.lost()
             log.warning("looking for dead workers failed: %s: %s", type(exc).__name__, mask_url(str(exc)))
 
     def _reconcile(self) -> None:
@@ -351,6 +367,7 @@ class WorkerContext:
                     if not is_transient(exc):
                         self._count_failed_delivery(job_id, claim, redelivered)
                         raise
+                    self.contact.lost()
                     if time.monotonic() + delay > deadline:
                         raise StoreError(
                             f"the store was unreachable for {budget:.0f}s: {type(exc).__name__}: "
