@@ -15,6 +15,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -534,4 +535,62 @@ def test_a_store_lock_held_past_dead_after_declares_no_worker_lost(
         for ctx in contexts:
             ctx.stop()
         store.close()
+    ledger.faults += 1
+
+
+# ------------------------------------------------------------------ 10: a full disk under SQLite
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MB tmpfs of the test's own (mounting needs root, as in the test container)."""
+    where = tmp_path / "disk"
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(where)], capture_output=True)
+    assert mounted.returncode == 0, f"cannot mount a tmpfs: {mounted.stderr.decode()}"
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+def test_a_full_disk_under_sqlite_fails_submit_with_exit_3_and_no_input_text(
+    small_disk: Path, tmp_path: Path, model: str, ledger: FaultLedger
+) -> None:
+    from pipeq.store import schema as db
+
+    # Given an SQLite store on a disk with about 1 MB left, and 2 MB of texts to submit
+    url = f"sqlite:///{small_disk / 'pipeq.db'}"
+    db.upgrade(url)
+    ballast = small_disk / "ballast"
+    free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    ballast.write_bytes(b"\0" * (free - 1_000_000))
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"text": f"private-text-{i} " + "x" * 1000}) + "\n" for i in range(2000)))
+    env = {**os.environ, "PIPEQ_BROKER_URL": "memory://", "PIPEQ_DATABASE_URL": url}
+    args = [sys.executable, "-m", "pipeq", "submit", str(texts), "--task", "text-classification", "--model", model]
+
+    # When it is submitted
+    full = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+
+    # Then it fails with the store's exit code and one clear line, none of the texts in it
+    assert full.returncode == 3, full.stderr[-3000:]
+    assert "private-text" not in full.stderr and "private-text" not in full.stdout
+    assert "Traceback" not in full.stderr, full.stderr[-3000:]
+    assert "store is full" in full.stderr, full.stderr
+    # and nothing was half-stored
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("PRAGMA quick_check")).scalar_one() == "ok"
+        assert conn.execute(sa.text("SELECT count(*) FROM jobs")).scalar_one() == 0
+        assert conn.execute(sa.text("SELECT count(*) FROM items")).scalar_one() == 0
+    engine.dispose()
+
+    # When space is freed, the same submit works
+    ballast.unlink()
+    again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    job_id = again.stdout.strip().splitlines()[-1]
+    with Store(url) as store:
+        assert store.job(job_id).total == 2000
     ledger.faults += 1
