@@ -594,3 +594,93 @@ def test_a_full_disk_under_sqlite_fails_submit_with_exit_3_and_no_input_text(
     with Store(url) as store:
         assert store.job(job_id).total == 2000
     ledger.faults += 1
+
+
+# ------------------------------------------------------------------ 11: weights replaced under one model path
+
+
+def _revisions(url: str, job_id: str) -> dict[str, set[str | None]]:
+    """The model revisions that wrote a job's items, by item status."""
+    engine = sa.create_engine(url)
+    sql = sa.text(
+        "SELECT i.status, b.model_revision FROM items i LEFT JOIN batches b ON b.id = i.batch_id WHERE i.job_id = :j"
+    )
+    found: dict[str, set[str | None]] = {}
+    with engine.connect() as conn:
+        for status, revision in conn.execute(sql, {"j": job_id}):
+            found.setdefault(status, set()).add(revision)
+    engine.dispose()
+    return found
+
+
+def test_weights_replaced_under_one_model_path_are_never_mixed_in_one_job(
+    sqlite_url: str,
+    model: str,
+    tmp_path: Path,
+    ledger: FaultLedger,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A local folder has no commit hash: its weights are replaced (overwritten in place, as a training run's
+    checkpoint is) while a worker serves them, and a second worker starts on the new ones. The job that
+    began on the old weights is never finished with the new ones, by either worker."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from pipeq import constants as C
+    from pipeq.worker.app import create_worker_app
+    from pipeq.worker.config import WorkerConfig
+
+    monkeypatch.setattr(C, "STEP_ASIDE_PAUSE", 0.0, raising=False)
+    path = shutil.copytree(model, tmp_path / "model")
+    key = ServeKey("text-classification", str(path))
+    settings = Settings(broker_url="memory://", database_url=sqlite_url, dead_after=0, reconcile_interval=0)
+    store = Store(sqlite_url)
+    started = []
+
+    def start_worker() -> Any:
+        _, ctx = create_worker_app(settings, WorkerConfig(key=key, max_batch_size=4, warmup=False))
+        ctx.start()
+        started.append(ctx)
+        return ctx
+
+    def submit_texts(texts: list[str]) -> str:
+        with Client(settings) as client:
+            return client.submit(texts, task=key.task, model=key.model).id
+
+    def run(ctx: Any, job_id: str, idxs: range) -> dict[str, int]:
+        return dict(ctx.run_chunk(job_id, [[i, v] for i, v in store.pending_inputs(job_id, list(idxs))], None))
+
+    try:
+        # Given a worker on the old weights that ran half of a job
+        old = start_worker()
+        first = submit_texts(TEXTS[:16])
+        assert run(old, first, range(8))["done"] == 8
+        # When the weights are overwritten in place and a second worker starts on the new ones
+        weights = load_file(path / "model.safetensors")
+        save_file({name: t + 0.5 for name, t in weights.items()}, path / "model.safetensors")
+        new = start_worker()
+        assert old.loaded.resolved_revision != new.loaded.resolved_revision
+        # Then the new worker leaves the job's other half to the old one, which is live,
+        assert run(new, first, range(8, 16)).get("handed_back") == 8
+        # and the old one, whose weights changed under it, runs nothing more: with nobody left that has
+        # the job's weights, its items fail with the reason, and the job's error says so
+        assert run(old, first, range(8, 16)).get("failed") == 8
+        assert "changed after this worker loaded them" in (store.job(first).error or "")
+        # A new job runs on the new weights only, whoever gets its messages first
+        second = submit_texts(TEXTS[:8])
+        assert run(old, second, range(8)).get("handed_back") == 8
+        assert run(new, second, range(8))["done"] == 8
+
+        # No job mixes revisions: each one's results come from one worker's weights, named on them
+        assert _revisions(sqlite_url, first) == {"done": {old.loaded.resolved_revision}, "failed": {None}}
+        assert _revisions(sqlite_url, second) == {"done": {new.loaded.resolved_revision}}
+        assert store.job_row(first)["resolved_revision"] == old.loaded.resolved_revision
+        assert store.job_row(second)["resolved_revision"] == new.loaded.resolved_revision
+        assert {w["id"]: w["status"] for w in _all_rows(store)} == {old.worker_id: "stale", new.worker_id: "ready"}
+    finally:
+        for ctx in started:
+            ctx.stop()
+        store.close()
+    ledger.faults += 1

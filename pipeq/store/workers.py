@@ -9,7 +9,7 @@ from sqlalchemy import and_, insert, select, update
 
 from pipeq import constants as C
 from pipeq.primitives import utcnow
-from pipeq.store.base import CALIBRATIONS, WORKERS, StoreBase
+from pipeq.store.base import CALIBRATIONS, JOBS, WORKERS, StoreBase
 from pipeq.store.engine import as_utc
 
 
@@ -73,6 +73,19 @@ class WorkerQueries(StoreBase):
                 if won:
                     taken.append(dict(conn.execute(select(WORKERS).where(WORKERS.c.id == worker_id)).mappings().one()))
         return taken
+
+    def bind_revision(self, job_id: str, revision: str) -> str | None:
+        """The model revision ``job_id`` runs on: ``revision`` if it had none yet (its first claimer's), else its own.
+
+        Conditional, so of two workers binding a new job at once, the second gets the first's revision.
+        """
+        with self.writer.begin() as conn:
+            conn.execute(
+                update(JOBS)
+                .where(JOBS.c.id == job_id, JOBS.c.resolved_revision.is_(None))
+                .values(resolved_revision=revision)
+            )
+            return conn.execute(select(JOBS.c.resolved_revision).where(JOBS.c.id == job_id)).scalar_one_or_none()
 
     def stale_workers(self, queue: str | None = None) -> list[dict[str, Any]]:
         """Workers that never said they stopped but whose heartbeat is old (killed, host lost)."""

@@ -26,7 +26,14 @@ from pipeq.settings import Settings, mask_url
 from pipeq.store import Store, is_transient
 from pipeq.worker.config import WorkerConfig
 from pipeq.worker.contact import StoreContact
-from pipeq.worker.loading import LoadedPipeline, load_pipeline, set_threads, set_tokenizer_threads, warmup_inputs
+from pipeq.worker.loading import (
+    LoadedPipeline,
+    load_pipeline,
+    local_revision,
+    set_threads,
+    set_tokenizer_threads,
+    warmup_inputs,
+)
 from pipeq.worker.measure import throughput
 from pipeq.worker.memory import release_free_memory
 from pipeq.worker.metrics import WorkerMetrics
@@ -68,6 +75,10 @@ class WorkerContext:
         self._behind: WriteBehind | None = None
         #: The fp32 copy of the model that ``--shadow-fraction`` compares outputs with.
         self.shadow: ShadowCheck | None = None
+        #: Why this worker runs nothing more: the weights under its model path changed after it loaded them.
+        self.stale: str | None = None
+        #: Jobs this worker has said it will not run (each said once in its log).
+        self._stepped_aside: set[str] = set()
         #: Whether this worker has reached the store long enough, without a break, to judge others dead.
         self.contact = StoreContact(settings.dead_after, self._beat_every())
 
@@ -424,9 +435,7 @@ class WorkerContext:
         counts = {"done": 0, "failed": 0, "skipped": len(items) - len(todo)}
         if not todo:  # a duplicate delivery: the first one ran it, and moved the job's window on
             return counts
-        refused = self._refused(job, todo)
-        if refused:
-            self._record(job_id, refused, None, counts)
+        if self._not_run_here(job, todo, slice_end, counts):
             return counts
         params = job["params"] or {}
         if job["use_cache"]:
@@ -477,6 +486,78 @@ class WorkerContext:
             slice_end=slice_end,  # whoever finishes the rest moves the job's window on
         )
         log.info("stopping: handed %d unstarted items of job %s back to the queue", len(left), job["id"][:8])
+
+    def _not_run_here(
+        self, job: dict[str, Any], todo: list[tuple[int, Any]], slice_end: bool, counts: dict[str, int]
+    ) -> bool:
+        """Whether this worker fails the chunk (``_refused``) or leaves it alone (another model revision)."""
+        refused = self._refused(job, todo)
+        if refused:
+            self._record(job["id"], refused, None, counts)
+            return True
+        other = self._other_revision(job)
+        if other:
+            self._step_aside(job, todo, other, slice_end, counts)
+        return bool(other)
+
+    def _other_revision(self, job: dict[str, Any]) -> str | None:
+        """Why this worker must not run ``job``: its weights are not the job's (None when they are, or unknown).
+
+        A job runs on one model revision, that of the first worker that claims from it (``Store.bind_revision``).
+        A local folder's revision is looked at again before every chunk (a few ``stat`` calls): weights replaced
+        or overwritten in place (memory-mapped safetensors then serve the new bytes) make this worker stale.
+        """
+        assert self.store is not None and self.loaded is not None
+        mine, model = self.loaded.resolved_revision, self.cfg.key.model
+        if self.stale is None and mine is not None and mine.startswith("local-"):
+            now = local_revision(model)
+            if now != mine:
+                self.stale = (
+                    f"the weights under {model} changed after this worker loaded them ({mine}, now {now}): "
+                    f"it runs nothing more; restart it to serve the new ones"
+                )
+                log.error("worker %s: %s", self.worker_id[:8], self.stale)
+                self.store.update_worker(self.worker_id, status=C.WORKER_STALE)
+        if self.stale is not None:
+            return self.stale
+        if mine is None:
+            return None
+        bound = job["resolved_revision"] or self.store.bind_revision(job["id"], mine)
+        if bound is None or bound == mine:
+            return None
+        return (
+            f"job {job['id'][:8]} runs {model} at revision {bound}, this worker has {mine} (its weights were replaced)"
+        )
+
+    def _step_aside(
+        self, job: dict[str, Any], todo: list[tuple[int, Any]], reason: str, slice_end: bool, counts: dict[str, int]
+    ) -> None:
+        """Leave a chunk of a job on another model revision to a live worker that has the job's; fail it if none has.
+
+        The message goes back to the queue after a pause (``STEP_ASIDE_PAUSE``), so that it does not spin
+        between this worker and the queue while the right one is busy.
+        """
+        assert self.store is not None
+        bound = self.store.job_row(job["id"]) or job
+        able = [
+            w["id"][:8]
+            for w in self.store.live_workers(self.cfg.key.queue)
+            if w["id"] != self.worker_id
+            and w["status"] == "ready"
+            and (bound["resolved_revision"] is None or w["resolved_revision"] == bound["resolved_revision"])
+        ]
+        if able and self.celery is not None:
+            if job["id"] not in self._stepped_aside:
+                self._stepped_aside.add(job["id"])
+                log.warning("%s: leaving its items to worker(s) %s", reason, ", ".join(able))
+            time.sleep(C.STEP_ASIDE_PAUSE)
+            self._hand_back(job, todo, slice_end)
+            counts["handed_back"] = len(todo)
+            return
+        error = f"{reason}; no live worker has the job's revision"
+        log.error("%s: its items fail", error)
+        self.store.set_job_error(job["id"], error)
+        self._record(job["id"], [ItemResult(idx, C.ITEM_FAILED, error=error) for idx, _ in todo], None, counts)
 
     def _refused(self, job: dict[str, Any], todo: list[tuple[int, Any]]) -> list[ItemResult]:
         """Failed results for all of a job this worker must not run (none if it may).
