@@ -491,6 +491,33 @@ def test_bad_input_at_the_door_queues_nothing(
 # ------------------------------------------------------------------ 9: the store's lock held past dead_after
 
 
+def _two_live_workers(database_url: str, model: str) -> tuple[Any, list[Any]]:
+    """Two started workers on one queue, dead after 1.5 s of silence (a heartbeat and a look every 0.5 s)."""
+    from pipeq.worker.app import create_worker_app
+    from pipeq.worker.config import WorkerConfig
+
+    settings = Settings(broker_url="memory://", database_url=database_url, dead_after=1.5, reconcile_interval=0)
+    key = ServeKey("text-classification", model)
+    contexts = []
+    for _ in range(2):
+        _, ctx = create_worker_app(settings, WorkerConfig(key=key, warmup=False))
+        contexts.append(ctx)
+        ctx.start()
+    return key, contexts
+
+
+def _none_lost_then_a_silent_one_is(store: Store, key: ServeKey, contexts: list[Any], log: str) -> None:
+    """Both workers live, none ever declared lost; then one whose heartbeats stop is declared lost by the other."""
+    rows = _all_rows(store)
+    assert [w["status"] for w in rows] == ["ready", "ready"], rows
+    assert "marked lost" not in log
+    assert len(store.live_workers(key.queue)) == 2
+    dead = contexts[1]
+    dead._stop.set()  # its heartbeat thread ends; the process goes on, as a hung one would
+    wait_for("the silent worker to be declared lost", lambda: row_of(store, dead.worker_id)["status"] == "lost")
+    assert row_of(store, contexts[0].worker_id)["status"] == "ready"
+
+
 def test_a_store_lock_held_past_dead_after_declares_no_worker_lost(
     sqlite_url: str, model: str, ledger: FaultLedger, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -499,20 +526,9 @@ def test_a_store_lock_held_past_dead_after_declares_no_worker_lost(
     half second, declare neither the other nor themselves lost."""
     import sqlite3
 
-    from pipeq.worker.app import create_worker_app
-    from pipeq.worker.config import WorkerConfig
-
-    # Given two live workers on one queue, dead after 1.5 s of silence (a heartbeat and a look every 0.5 s)
-    settings = Settings(broker_url="memory://", database_url=sqlite_url, dead_after=1.5, reconcile_interval=0)
-    key = ServeKey("text-classification", model)
-    contexts = []
-    for _ in range(2):
-        _, ctx = create_worker_app(settings, WorkerConfig(key=key, warmup=False))
-        contexts.append(ctx)
     store = Store(sqlite_url)
+    key, contexts = _two_live_workers(sqlite_url, model)
     try:
-        for ctx in contexts:
-            ctx.start()
         time.sleep(2.0)  # both have beaten and looked for dead workers a few times
         # When another writer holds the store's lock for 4 s (more than dead_after)
         lock = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None)
@@ -521,16 +537,40 @@ def test_a_store_lock_held_past_dead_after_declares_no_worker_lost(
         lock.execute("COMMIT")
         lock.close()
         time.sleep(3.0)  # the heartbeats that waited land, and the judges look again
-        # Then no worker was declared lost, and both still count as live
-        rows = _all_rows(store)
-        assert [w["status"] for w in rows] == ["ready", "ready"], rows
-        assert "marked lost" not in caplog.text
-        assert len(store.live_workers(key.queue)) == 2
-        # And a worker that does stop beating is still declared lost by the other, dead_after later
-        dead = contexts[1]
-        dead._stop.set()  # its heartbeat thread ends; the process goes on, as a hung one would
-        wait_for("the silent worker to be declared lost", lambda: row_of(store, dead.worker_id)["status"] == "lost")
-        assert row_of(store, contexts[0].worker_id)["status"] == "ready"
+        # Then no worker was declared lost; one that does stop beating still is
+        _none_lost_then_a_silent_one_is(store, key, contexts, caplog.text)
+    finally:
+        for ctx in contexts:
+            ctx.stop()
+        store.close()
+    ledger.faults += 1
+
+
+def test_a_postgres_outage_past_dead_after_declares_no_worker_lost(
+    pg_url: str, model: str, ledger: FaultLedger, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every worker's heartbeats fail while PostgreSQL refuses connections for longer than ``dead_after``:
+    the first worker back must not declare the others lost, as they are only reconnecting too."""
+    store = Store(pg_url)
+    key, contexts = _two_live_workers(pg_url, model)
+    try:
+        time.sleep(2.0)
+        # When the store refuses every connection for 4 s (more than dead_after)
+        name = pg_url.rsplit("/", 1)[1]
+        admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
+            conn.execute(
+                sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d"), {"d": name}
+            )
+        time.sleep(4.0)
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
+        admin.dispose()
+        store.engine.dispose()
+        time.sleep(3.0)  # the workers reconnect, beat, and look for dead ones again
+        # Then no worker was declared lost; one that does stop beating still is
+        _none_lost_then_a_silent_one_is(store, key, contexts, caplog.text)
     finally:
         for ctx in contexts:
             ctx.stop()
