@@ -244,7 +244,7 @@ class WorkerContext:
             alive = self.store.heartbeat(
                 self.worker_id,
                 current_job=self.current_job,
-                status="ready" if self.runtime is not None else "loading",
+                status=C.WORKER_STALE if self.stale else "ready" if self.runtime is not None else "loading",
                 items_done=self.items_done,
                 busy_seconds=self.busy_seconds,
                 write_seconds=self.write_seconds,
@@ -470,7 +470,8 @@ class WorkerContext:
         return counts
 
     def _hand_back(self, job: dict[str, Any], left: list[tuple[int, Any]], slice_end: bool) -> None:
-        """The worker is stopping: queue the chunk's unstarted items again, with their attempt taken back."""
+        """The worker is stopping (or leaves the job to others): queue the chunk's unstarted items again, with
+        their attempt taken back."""
         assert self.store is not None
         self.store.release(job["id"], [idx for idx, _ in left])
         if self.celery is None:
@@ -485,7 +486,8 @@ class WorkerContext:
             priority=job["priority"],
             slice_end=slice_end,  # whoever finishes the rest moves the job's window on
         )
-        log.info("stopping: handed %d unstarted items of job %s back to the queue", len(left), job["id"][:8])
+        why = "stopping" if self.shutting_down.value else "another model revision"
+        log.info("%s: handed %d unstarted items of job %s back to the queue", why, len(left), job["id"][:8])
 
     def _not_run_here(
         self, job: dict[str, Any], todo: list[tuple[int, Any]], slice_end: bool, counts: dict[str, int]
