@@ -106,6 +106,11 @@ DEFAULT_DEAD_AFTER = 30.0
 #: Heartbeats a worker sends within ``dead_after`` at least, so that one late beat is not a death.
 HEARTBEATS_PER_DEAD_AFTER = 3
 WORKER_LOST = "lost"
+#: A worker's status once the weights under its model path changed after it loaded them: it runs nothing more.
+WORKER_STALE = "stale"
+#: Seconds a worker whose model revision is not a job's waits before it hands that job's message back to the
+#: queue for a worker that has it (so the message does not spin between them).
+STEP_ASIDE_PAUSE = 1.0
 #: Seconds after which a worker without a heartbeat counts as gone.
 HEARTBEAT_STALE_AFTER = 60.0
 #: Seconds between polls of the store while waiting for a job.

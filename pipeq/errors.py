@@ -41,6 +41,10 @@ class StoreError(PipeqError):
     """Raised when the SQL store is missing its schema or cannot be reached."""
 
 
+class StoreFullError(StoreError):
+    """Raised when the store's disk (or its database's size limit) is full: the write was rolled back."""
+
+
 class BrokerError(PipeqError):
     """Raised when a message cannot be published to the broker."""
 

@@ -15,6 +15,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -213,6 +214,10 @@ def test_a_killed_worker_is_taken_over_in_seconds(
     racing = "PIPEQ_DEAD_AFTER" in recovery
     ledger.recovery(f"dead worker taken over ({'racing redelivery' if racing else 'default timeouts'})", recovered)
     assert recovered < 60, f"the job finished {recovered:.0f}s after the kill"
+
+
+def row_of(store: Store, worker_id: str) -> dict[str, Any]:
+    return next(w for w in _all_rows(store) if w["id"] == worker_id)
 
 
 def holds(store: Store, queue: str, worker: WorkerProcess, job_id: str) -> bool:
@@ -481,3 +486,241 @@ def test_bad_input_at_the_door_queues_nothing(
         assert conn.execute(sa.text("SELECT count(*) FROM items")).scalar_one() == 0
     assert redis.Redis.from_url(redis_url).llen(ServeKey("text-classification", model).queue) == 0
     ledger.faults += len(cases)
+
+
+# ------------------------------------------------------------------ 9: the store's lock held past dead_after
+
+
+def _two_live_workers(database_url: str, model: str) -> tuple[Any, list[Any]]:
+    """Two started workers on one queue, dead after 1.5 s of silence (a heartbeat and a look every 0.5 s)."""
+    from pipeq.worker.app import create_worker_app
+    from pipeq.worker.config import WorkerConfig
+
+    settings = Settings(broker_url="memory://", database_url=database_url, dead_after=1.5, reconcile_interval=0)
+    key = ServeKey("text-classification", model)
+    contexts = []
+    for _ in range(2):
+        _, ctx = create_worker_app(settings, WorkerConfig(key=key, warmup=False))
+        contexts.append(ctx)
+        ctx.start()
+    return key, contexts
+
+
+def _none_lost_then_a_silent_one_is(store: Store, key: ServeKey, contexts: list[Any], log: str) -> None:
+    """Both workers live, none ever declared lost; then one whose heartbeats stop is declared lost by the other."""
+    rows = _all_rows(store)
+    assert [w["status"] for w in rows] == ["ready", "ready"], rows
+    assert "marked lost" not in log
+    assert len(store.live_workers(key.queue)) == 2
+    dead = contexts[1]
+    dead._stop.set()  # its heartbeat thread ends; the process goes on, as a hung one would
+    wait_for("the silent worker to be declared lost", lambda: row_of(store, dead.worker_id)["status"] == "lost")
+    assert row_of(store, contexts[0].worker_id)["status"] == "ready"
+
+
+def test_a_store_lock_held_past_dead_after_declares_no_worker_lost(
+    sqlite_url: str, model: str, ledger: FaultLedger, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A long SQLite write (a large submit holds BEGIN IMMEDIATE) keeps every heartbeat waiting longer than
+    ``dead_after``: the store was busy, nobody died. Two live workers, each looking for dead ones every
+    half second, declare neither the other nor themselves lost."""
+    import sqlite3
+
+    store = Store(sqlite_url)
+    key, contexts = _two_live_workers(sqlite_url, model)
+    try:
+        time.sleep(2.0)  # both have beaten and looked for dead workers a few times
+        # When another writer holds the store's lock for 4 s (more than dead_after)
+        lock = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None)
+        lock.execute("BEGIN IMMEDIATE")
+        time.sleep(4.0)
+        lock.execute("COMMIT")
+        lock.close()
+        time.sleep(3.0)  # the heartbeats that waited land, and the judges look again
+        # Then no worker was declared lost; one that does stop beating still is
+        _none_lost_then_a_silent_one_is(store, key, contexts, caplog.text)
+    finally:
+        for ctx in contexts:
+            ctx.stop()
+        store.close()
+    ledger.faults += 1
+
+
+def test_a_postgres_outage_past_dead_after_declares_no_worker_lost(
+    pg_url: str, model: str, ledger: FaultLedger, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every worker's heartbeats fail while PostgreSQL refuses connections for longer than ``dead_after``:
+    the first worker back must not declare the others lost, as they are only reconnecting too."""
+    store = Store(pg_url)
+    key, contexts = _two_live_workers(pg_url, model)
+    try:
+        time.sleep(2.0)
+        # When the store refuses every connection for 4 s (more than dead_after)
+        name = pg_url.rsplit("/", 1)[1]
+        admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
+            conn.execute(
+                sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d"), {"d": name}
+            )
+        time.sleep(4.0)
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
+        admin.dispose()
+        store.engine.dispose()
+        time.sleep(3.0)  # the workers reconnect, beat, and look for dead ones again
+        # Then no worker was declared lost; one that does stop beating still is
+        _none_lost_then_a_silent_one_is(store, key, contexts, caplog.text)
+    finally:
+        for ctx in contexts:
+            ctx.stop()
+        store.close()
+    ledger.faults += 1
+
+
+# ------------------------------------------------------------------ 10: a full disk under SQLite
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MB tmpfs of the test's own (mounting needs root, as in the test container)."""
+    where = tmp_path / "disk"
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(where)], capture_output=True)
+    assert mounted.returncode == 0, f"cannot mount a tmpfs: {mounted.stderr.decode()}"
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+def test_a_full_disk_under_sqlite_fails_submit_with_exit_3_and_no_input_text(
+    small_disk: Path, tmp_path: Path, model: str, ledger: FaultLedger
+) -> None:
+    from pipeq.store import schema as db
+
+    # Given an SQLite store on a disk with about 1 MB left, and 2 MB of texts to submit
+    url = f"sqlite:///{small_disk / 'pipeq.db'}"
+    db.upgrade(url)
+    ballast = small_disk / "ballast"
+    free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    ballast.write_bytes(b"\0" * (free - 1_000_000))
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"text": f"private-text-{i} " + "x" * 1000}) + "\n" for i in range(2000)))
+    env = {**os.environ, "PIPEQ_BROKER_URL": "memory://", "PIPEQ_DATABASE_URL": url}
+    args = [sys.executable, "-m", "pipeq", "submit", str(texts), "--task", "text-classification", "--model", model]
+
+    # When it is submitted
+    full = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+
+    # Then it fails with the store's exit code and one clear line, none of the texts in it
+    assert full.returncode == 3, full.stderr[-3000:]
+    assert "private-text" not in full.stderr and "private-text" not in full.stdout
+    assert "Traceback" not in full.stderr, full.stderr[-3000:]
+    assert "store is full" in full.stderr, full.stderr
+    # and nothing was half-stored
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("PRAGMA quick_check")).scalar_one() == "ok"
+        assert conn.execute(sa.text("SELECT count(*) FROM jobs")).scalar_one() == 0
+        assert conn.execute(sa.text("SELECT count(*) FROM items")).scalar_one() == 0
+    engine.dispose()
+
+    # When space is freed, the same submit works
+    ballast.unlink()
+    again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    job_id = again.stdout.strip().splitlines()[-1]
+    with Store(url) as store:
+        assert store.job(job_id).total == 2000
+    ledger.faults += 1
+
+
+# ------------------------------------------------------------------ 11: weights replaced under one model path
+
+
+def _revisions(url: str, job_id: str) -> dict[str, set[str | None]]:
+    """The model revisions that wrote a job's items, by item status."""
+    engine = sa.create_engine(url)
+    sql = sa.text(
+        "SELECT i.status, b.model_revision FROM items i LEFT JOIN batches b ON b.id = i.batch_id WHERE i.job_id = :j"
+    )
+    found: dict[str, set[str | None]] = {}
+    with engine.connect() as conn:
+        for status, revision in conn.execute(sql, {"j": job_id}):
+            found.setdefault(status, set()).add(revision)
+    engine.dispose()
+    return found
+
+
+def test_weights_replaced_under_one_model_path_are_never_mixed_in_one_job(
+    sqlite_url: str,
+    model: str,
+    tmp_path: Path,
+    ledger: FaultLedger,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A local folder has no commit hash: its weights are replaced (overwritten in place, as a training run's
+    checkpoint is) while a worker serves them, and a second worker starts on the new ones. The job that
+    began on the old weights is never finished with the new ones, by either worker."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from pipeq import constants as C
+    from pipeq.worker.app import create_worker_app
+    from pipeq.worker.config import WorkerConfig
+
+    monkeypatch.setattr(C, "STEP_ASIDE_PAUSE", 0.0, raising=False)
+    path = shutil.copytree(model, tmp_path / "model")
+    key = ServeKey("text-classification", str(path))
+    settings = Settings(broker_url="memory://", database_url=sqlite_url, dead_after=0, reconcile_interval=0)
+    store = Store(sqlite_url)
+    started = []
+
+    def start_worker() -> Any:
+        _, ctx = create_worker_app(settings, WorkerConfig(key=key, max_batch_size=4, warmup=False))
+        ctx.start()
+        started.append(ctx)
+        return ctx
+
+    def submit_texts(texts: list[str]) -> str:
+        with Client(settings) as client:
+            return client.submit(texts, task=key.task, model=key.model).id
+
+    def run(ctx: Any, job_id: str, idxs: range) -> dict[str, int]:
+        return dict(ctx.run_chunk(job_id, [[i, v] for i, v in store.pending_inputs(job_id, list(idxs))], None))
+
+    try:
+        # Given a worker on the old weights that ran half of a job
+        old = start_worker()
+        first = submit_texts(TEXTS[:16])
+        assert run(old, first, range(8))["done"] == 8
+        # When the weights are overwritten in place and a second worker starts on the new ones
+        weights = load_file(path / "model.safetensors")
+        save_file({name: t + 0.5 for name, t in weights.items()}, path / "model.safetensors")
+        new = start_worker()
+        assert old.loaded.resolved_revision != new.loaded.resolved_revision
+        # Then the new worker leaves the job's other half to the old one, which is live,
+        assert run(new, first, range(8, 16)).get("handed_back") == 8
+        # and the old one, whose weights changed under it, runs nothing more: with nobody left that has
+        # the job's weights, its items fail with the reason, and the job's error says so
+        assert run(old, first, range(8, 16)).get("failed") == 8
+        assert "changed after this worker loaded them" in (store.job(first).error or "")
+        # A new job runs on the new weights only, whoever gets its messages first
+        second = submit_texts(TEXTS[:8])
+        assert run(old, second, range(8)).get("handed_back") == 8
+        assert run(new, second, range(8))["done"] == 8
+
+        # No job mixes revisions: each one's results come from one worker's weights, named on them
+        assert _revisions(sqlite_url, first) == {"done": {old.loaded.resolved_revision}, "failed": {None}}
+        assert _revisions(sqlite_url, second) == {"done": {new.loaded.resolved_revision}}
+        assert store.job_row(first)["resolved_revision"] == old.loaded.resolved_revision
+        assert store.job_row(second)["resolved_revision"] == new.loaded.resolved_revision
+        assert {w["id"]: w["status"] for w in _all_rows(store)} == {old.worker_id: "stale", new.worker_id: "ready"}
+    finally:
+        for ctx in started:
+            ctx.stop()
+        store.close()
+    ledger.faults += 1

@@ -20,6 +20,7 @@ from pipeq import Client, Settings
 from pipeq.producer.writers import COLUMNS
 from pipeq.routing import ServeKey
 from pipeq.store import Store
+from pipeq.worker.loading import local_revision
 from test_runtime import assert_close
 
 pytestmark = pytest.mark.integration
@@ -146,7 +147,9 @@ def test_python_api_int8_on_sqlite(
         state = job.wait(timeout=120)
         results = list(job.results())
     assert (state.status, state.done, state.failed) == ("done", len(TEXTS), 0)
-    assert all(len(r["output"]) == 2 and r["timing"]["model_revision"] is None for r in results)
+    # A local folder's revision names its files (both pool children loaded the same ones).
+    assert {r["timing"]["model_revision"] for r in results} == {local_revision(model)}
+    assert all(len(r["output"]) == 2 for r in results)
     live = store.live_workers(ServeKey(TASK, model, "int8").queue)
     assert {w["quantization"] for w in live} == {"torch-dynamic-int8"}
 

@@ -172,3 +172,14 @@ def test_worker_logs_and_rows_never_show_passwords(
             for r in conn.execute(sa.text(f"select * from {t}"))
         )
     assert "topsecret" not in dump
+
+
+def test_a_store_error_never_shows_the_values_bound_to_its_statement(store: Store) -> None:
+    """An error's message (logs, the CLI's one line) names the statement but not the users' texts in it."""
+    with pytest.raises(sa.exc.DBAPIError) as caught, store.writer.begin() as conn:
+        conn.execute(sa.text("INSERT INTO no_such_table (x) VALUES (:x)"), {"x": "private text of a user"})
+    assert "private text" not in str(caught.value)
+    from pipeq.store.engine import store_error
+
+    line = str(store_error(caught.value))
+    assert "private text" not in line and "no_such_table" in line and "\n" not in line

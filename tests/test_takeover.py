@@ -196,3 +196,31 @@ def test_racing_survivors_take_a_dead_worker_over_exactly_once(pg_url: str, publ
     assert sorted(idx for idx, _ in published[0]["items"]) == [0, 1, 2, 3]
     for s in [store, *survivors]:
         s.close()
+
+
+def test_a_worker_judges_others_only_after_dead_after_of_its_own_contact_with_the_store() -> None:
+    from pipeq.worker.contact import StoreContact
+
+    clock = [100.0]
+    contact = StoreContact(dead_after=30, slow_after=10, clock=lambda: clock[0])
+    assert not contact.may_judge(), "no contact yet"
+    contact.reached(clock[0])
+    clock[0] += 29
+    assert not contact.may_judge()
+    clock[0] += 1
+    assert contact.may_judge(), "30 s of unbroken contact"
+    # The store was unreachable (a heartbeat failed): the first beat through starts the count again.
+    contact.lost()
+    clock[0] += 60
+    contact.reached(clock[0])
+    clock[0] += 29
+    assert not contact.may_judge(), "others whose heartbeats failed too get a full dead_after to beat again"
+    clock[0] += 1
+    assert contact.may_judge()
+    # A heartbeat that waited 35 s for the store's lock: every heartbeat waited as long.
+    began = clock[0]
+    clock[0] += 35
+    contact.reached(began)
+    assert not contact.may_judge()
+    clock[0] += 30
+    assert contact.may_judge()

@@ -15,7 +15,10 @@ A dead worker is recovered much sooner, without waiting for its job to stall: ev
 its claim on its own row (a lease, with the claim), and a live worker that finds a worker on its
 queue silent for ``dead_after`` seconds takes it over (``take_over``): it marks it lost, which
 only one survivor can do, and queues its claimed items that are still pending. When Redis later
-restores the dead worker's unacknowledged message, its items are done and are skipped.
+restores the dead worker's unacknowledged message, its items are done and are skipped. A store outage
+or a long-held lock is nobody's death: a worker looks for dead ones only after ``dead_after`` seconds of
+its own unbroken contact with the store (``pipeq.worker.contact``), and heartbeats are timed once the
+store's lock is held, so every live worker has beaten again by then.
 """
 
 from __future__ import annotations

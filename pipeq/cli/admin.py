@@ -40,7 +40,10 @@ def db_upgrade(
     except PipeqError as exc:
         raise fail(exc) from None
     except Exception as exc:  # SQLAlchemy connection errors
-        typer.echo(f"pipeq: error: cannot migrate {mask_url(settings.database_url)}: {mask_url(str(exc))}", err=True)
+        from pipeq.store.engine import store_error
+
+        reason = store_error(exc) or exc  # one line, never a statement's bound values
+        typer.echo(f"pipeq: error: cannot migrate {mask_url(settings.database_url)}: {mask_url(str(reason))}", err=True)
         raise typer.Exit(3) from None
     typer.echo(f"store {mask_url(settings.database_url)} is at revision {revision}", err=True)
 
@@ -55,7 +58,8 @@ def db_downgrade(
     """
     from pipeq.store import schema as db
 
-    db.downgrade(settings_from(database_url=database_url).database_url, revision)
+    with cli_errors():
+        db.downgrade(settings_from(database_url=database_url).database_url, revision)
 
 
 @app.command()

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 app = typer.Typer(
     name="pipeq",
     help="Queue-based batch worker for Hugging Face Transformers pipelines.",
+    epilog="Exit codes: 0 success; 1 a waited-for job had failed or cancelled items; 2 bad usage, input or "
+    "configuration; 3 the store or broker is unreachable, or the store is full (nothing was stored).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
@@ -58,11 +60,22 @@ def fail(exc: PipeqError) -> typer.Exit:
 
 @contextmanager
 def cli_errors() -> Iterator[None]:
-    """Report pipeq's errors on stderr and exit with their code (2 bad input, 3 store or broker)."""
+    """Report pipeq's errors on stderr and exit with their code (2 bad input, 3 store or broker).
+
+    A store's own error (a full disk, a lost connection) is one line too, exit 3: never a traceback, and
+    never the statement's bound values, which hold the users' texts.
+    """
     try:
         yield
     except PipeqError as exc:
         raise fail(exc) from None
+    except Exception as exc:
+        from pipeq.store.engine import store_error
+
+        translated = store_error(exc)
+        if translated is None:
+            raise
+        raise fail(translated) from None
 
 
 @contextmanager

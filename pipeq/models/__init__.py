@@ -86,6 +86,9 @@ class Job(Base):
     cache_hits: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     #: What running a sample through fp32 as well showed (``--shadow-fraction``).
     shadow: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    #: The model revision the job runs on: that of the first worker that claimed from it (a hub commit, or a
+    #: local folder's ``local-`` hash of its files); a worker with another one does not run its items.
+    resolved_revision: Mapped[str | None] = mapped_column(String(255))
 
 
 class JobCount(Base):

@@ -9,6 +9,8 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import DBAPIError, InterfaceError, InvalidatePoolError, OperationalError
 
+from pipeq.errors import StoreError, StoreFullError
+
 #: Execution option marking a connection that writes (SQLite: BEGIN IMMEDIATE).
 WRITE = "pipeq_write"
 #: Seconds a pooled server connection may sit unused before it is pinged at checkout (``_ping_when_idle``).
@@ -24,6 +26,10 @@ SQLITE_PAGE_SIZE = 16384
 #: three indexes of ``items`` at once; with the default cache their pages kept falling out and a page of
 #: items took twice as long to insert (about 16 against 7 us a row).
 SQLITE_CACHE_KIB = 65536
+#: SQLite's result code for a full disk or database (``SQLITE_FULL``; extended codes keep it in the low byte).
+_SQLITE_FULL = 13
+#: PostgreSQL's SQLSTATEs for a full disk, and for running out of memory or a configured limit (class 53).
+_PG_FULL_STATES = frozenset({"53100", "53200", "53400"})
 
 
 def sqlite_page_size(dbapi_conn: Any, _record: Any = None) -> None:
@@ -47,10 +53,34 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
 
 
+def is_store_full(exc: BaseException) -> bool:
+    """Whether a store error means its disk (or its size limit) is full: SQLite's SQLITE_FULL, PostgreSQL's class 53."""
+    orig = getattr(exc, "orig", exc)
+    code = getattr(orig, "sqlite_errorcode", None)
+    if code is not None:
+        return bool(code & 0xFF == _SQLITE_FULL)
+    return getattr(orig, "sqlstate", None) in _PG_FULL_STATES
+
+
+def store_error(exc: BaseException) -> StoreError | None:
+    """A driver's error as one line for the user, never the statement or its bound values; None for other errors."""
+    if not isinstance(exc, DBAPIError):
+        return None
+    orig = exc.orig if exc.orig is not None else exc
+    lines = str(orig).strip().splitlines()
+    reason = f"{type(orig).__module__.split('.')[0]}: {lines[0] if lines else type(orig).__name__}"
+    if is_store_full(exc):
+        return StoreFullError(f"the store is full ({reason}): nothing of this write was stored; free space, then retry")
+    return StoreError(f"store error ({reason})")
+
+
 def make_engine(url: str) -> Engine:
-    """Create an engine tuned for pipeq's write pattern on SQLite or PostgreSQL."""
+    """Create an engine tuned for pipeq's write pattern on SQLite or PostgreSQL.
+
+    ``hide_parameters``: an error's message names the statement, never the values bound to it (users' texts).
+    """
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 60})
+        engine = create_engine(url, connect_args={"timeout": 60}, hide_parameters=True)
 
         @event.listens_for(engine, "connect")
         def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -74,7 +104,7 @@ def make_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(WRITE) else "BEGIN")
 
         return engine
-    engine = create_engine(url)
+    engine = create_engine(url, hide_parameters=True)
     _ping_when_idle(engine)
     if engine.dialect.name == "postgresql":
         event.listen(engine, "connect", _postgres_connect)

@@ -19,7 +19,11 @@ log = logging.getLogger(__name__)
 #: Tables a migrated store has (``check_schema``).
 REQUIRED_TABLES = frozenset({"jobs", "job_counts", "items", "batches", "workers", "calibrations"})
 #: Columns added to a table after it was created, which a migrated store has too: {table: columns}.
-REQUIRED_COLUMNS = {"items": frozenset({"vector"}), "workers": frozenset({"precision_choice"})}
+REQUIRED_COLUMNS = {
+    "items": frozenset({"vector", "order_key"}),
+    "workers": frozenset({"precision_choice"}),
+    "jobs": frozenset({"resolved_revision", "publish_key"}),
+}
 
 
 def migrations_dir() -> Path:

@@ -9,7 +9,7 @@ from sqlalchemy import and_, insert, select, update
 
 from pipeq import constants as C
 from pipeq.primitives import utcnow
-from pipeq.store.base import CALIBRATIONS, WORKERS, StoreBase
+from pipeq.store.base import CALIBRATIONS, JOBS, WORKERS, StoreBase
 from pipeq.store.engine import as_utc
 
 
@@ -19,8 +19,8 @@ class WorkerQueries(StoreBase):
     # -------------------------------------------------------------- workers
 
     def register_worker(self, row: dict[str, Any]) -> None:
-        now = utcnow()
         with self.writer.begin() as conn:
+            now = utcnow()  # once the write lock is held (SQLite: BEGIN IMMEDIATE), not before waiting for it
             conn.execute(insert(WORKERS), [{"started_at": now, "heartbeat_at": now, **row}])
 
     def update_worker(self, worker_id: str, **values: Any) -> None:
@@ -35,10 +35,12 @@ class WorkerQueries(StoreBase):
         Returns False when the worker had been declared lost (its heartbeats stopped for longer than
         ``dead_after``, and a live worker queued its claimed items again); it counts as live again, in
         ``status`` (what it is doing: ``ready``, or ``loading`` while its model loads).
+
+        The time is taken once the write lock is held: a heartbeat that waited for it (SQLite's lock held
+        by a long write) is fresh when it lands, not as old as the wait.
         """
-        now = utcnow()
-        values = {"heartbeat_at": now, "current_job": current_job, **totals}
         with self.writer.begin() as conn:
+            values = {"heartbeat_at": utcnow(), "current_job": current_job, **totals}
             conn.execute(update(WORKERS).where(WORKERS.c.id == worker_id).values(**values))
             revived = conn.execute(
                 update(WORKERS)
@@ -71,6 +73,19 @@ class WorkerQueries(StoreBase):
                 if won:
                     taken.append(dict(conn.execute(select(WORKERS).where(WORKERS.c.id == worker_id)).mappings().one()))
         return taken
+
+    def bind_revision(self, job_id: str, revision: str) -> str | None:
+        """The model revision ``job_id`` runs on: ``revision`` if it had none yet (its first claimer's), else its own.
+
+        Conditional, so of two workers binding a new job at once, the second gets the first's revision.
+        """
+        with self.writer.begin() as conn:
+            conn.execute(
+                update(JOBS)
+                .where(JOBS.c.id == job_id, JOBS.c.resolved_revision.is_(None))
+                .values(resolved_revision=revision)
+            )
+            return conn.execute(select(JOBS.c.resolved_revision).where(JOBS.c.id == job_id)).scalar_one_or_none()
 
     def stale_workers(self, queue: str | None = None) -> list[dict[str, Any]]:
         """Workers that never said they stopped but whose heartbeat is old (killed, host lost)."""

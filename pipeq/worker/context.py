@@ -25,7 +25,15 @@ from pipeq.routing import check_params
 from pipeq.settings import Settings, mask_url
 from pipeq.store import Store, is_transient
 from pipeq.worker.config import WorkerConfig
-from pipeq.worker.loading import LoadedPipeline, load_pipeline, set_threads, set_tokenizer_threads, warmup_inputs
+from pipeq.worker.contact import StoreContact
+from pipeq.worker.loading import (
+    LoadedPipeline,
+    load_pipeline,
+    local_revision,
+    set_threads,
+    set_tokenizer_threads,
+    warmup_inputs,
+)
 from pipeq.worker.measure import throughput
 from pipeq.worker.memory import release_free_memory
 from pipeq.worker.metrics import WorkerMetrics
@@ -67,6 +75,12 @@ class WorkerContext:
         self._behind: WriteBehind | None = None
         #: The fp32 copy of the model that ``--shadow-fraction`` compares outputs with.
         self.shadow: ShadowCheck | None = None
+        #: Why this worker runs nothing more: the weights under its model path changed after it loaded them.
+        self.stale: str | None = None
+        #: Jobs this worker has said it will not run (each said once in its log).
+        self._stepped_aside: set[str] = set()
+        #: Whether this worker has reached the store long enough, without a break, to judge others dead.
+        self.contact = StoreContact(settings.dead_after, self._beat_every())
 
     # ------------------------------------------------------------ lifecycle
 
@@ -194,14 +208,21 @@ class WorkerContext:
                 log.warning("could not mark worker %s stopped", self.worker_id[:8], exc_info=True)
             self.store.close()
 
+    def _beat_every(self) -> float:
+        """Seconds between heartbeats: a few within ``dead_after``, so that one late beat is not a death."""
+        dead_after = self.settings.dead_after
+        return min(C.HEARTBEAT_INTERVAL, dead_after / C.HEARTBEATS_PER_DEAD_AFTER or C.HEARTBEAT_INTERVAL)
+
     def _beat(self) -> None:
         """A heartbeat (with the current job and totals) and a look for dead workers on this queue, a few
         times per ``dead_after``; a reconciler pass every ``reconcile_interval``.
 
-        Its own thread, so a long forward pass (torch releases the GIL) never silences it.
+        Its own thread, so a long forward pass (torch releases the GIL) never silences it. It looks for
+        dead workers only after ``dead_after`` seconds of unbroken contact with the store (``StoreContact``):
+        an outage or a long-held lock delays every worker's heartbeats, and is nobody's death.
         """
         interval, dead_after = self.settings.reconcile_interval, self.settings.dead_after
-        beat_every = min(C.HEARTBEAT_INTERVAL, dead_after / C.HEARTBEATS_PER_DEAD_AFTER or C.HEARTBEAT_INTERVAL)
+        beat_every = self._beat_every()
         next_beat = time.monotonic()
         # A reconcile interval of 0 turns the worker's own reconciler off (it must not make this loop spin).
         next_reconcile = next_beat if interval > 0 else float("inf")
@@ -210,7 +231,7 @@ class WorkerContext:
             if now >= next_beat:
                 next_beat = now + beat_every
                 self._heartbeat_once()
-                if dead_after > 0:
+                if dead_after > 0 and self.contact.may_judge():
                     self._take_over(dead_after)
             if interval > 0 and now >= next_reconcile:
                 next_reconcile = now + interval
@@ -218,18 +239,21 @@ class WorkerContext:
 
     def _heartbeat_once(self) -> None:
         assert self.store is not None
+        began = time.monotonic()
         try:
             alive = self.store.heartbeat(
                 self.worker_id,
                 current_job=self.current_job,
-                status="ready" if self.runtime is not None else "loading",
+                status=C.WORKER_STALE if self.stale else "ready" if self.runtime is not None else "loading",
                 items_done=self.items_done,
                 busy_seconds=self.busy_seconds,
                 write_seconds=self.write_seconds,
             )
         except Exception as exc:
+            self.contact.lost()
             log.warning("heartbeat failed: %s", mask_url(str(exc)))
             return
+        self.contact.reached(began)
         if not alive:
             log.warning(
                 "worker %s had been declared lost (no heartbeat for %.0fs): its claimed items were queued again "
@@ -241,9 +265,12 @@ class WorkerContext:
     def _take_over(self, dead_after: float) -> None:
         if self.celery is None or self.store is None or self.shutting_down.value:
             return
+        began = time.monotonic()
         try:
             take_over(self.store, self.celery, dead_after=dead_after, queues=[self.cfg.key.queue])
+            self.contact.reached(began)
         except Exception as exc:
+            self.contact.lost()
             log.warning("looking for dead workers failed: %s: %s", type(exc).__name__, mask_url(str(exc)))
 
     def _reconcile(self) -> None:
@@ -351,6 +378,7 @@ class WorkerContext:
                     if not is_transient(exc):
                         self._count_failed_delivery(job_id, claim, redelivered)
                         raise
+                    self.contact.lost()
                     if time.monotonic() + delay > deadline:
                         raise StoreError(
                             f"the store was unreachable for {budget:.0f}s: {type(exc).__name__}: "
@@ -407,9 +435,7 @@ class WorkerContext:
         counts = {"done": 0, "failed": 0, "skipped": len(items) - len(todo)}
         if not todo:  # a duplicate delivery: the first one ran it, and moved the job's window on
             return counts
-        refused = self._refused(job, todo)
-        if refused:
-            self._record(job_id, refused, None, counts)
+        if self._not_run_here(job, todo, slice_end, counts):
             return counts
         params = job["params"] or {}
         if job["use_cache"]:
@@ -455,7 +481,8 @@ class WorkerContext:
             return 0
 
     def _hand_back(self, job: dict[str, Any], left: list[tuple[int, Any]], slice_end: bool) -> None:
-        """The worker is stopping: queue the chunk's unstarted items again, with their attempt taken back."""
+        """The worker is stopping (or leaves the job to others): queue the chunk's unstarted items again, with
+        their attempt taken back."""
         assert self.store is not None
         self.store.release(job["id"], [idx for idx, _ in left])
         if self.celery is None:
@@ -470,7 +497,80 @@ class WorkerContext:
             priority=job["priority"],
             slice_end=slice_end,  # whoever finishes the rest moves the job's window on
         )
-        log.info("stopping: handed %d unstarted items of job %s back to the queue", len(left), job["id"][:8])
+        why = "stopping" if self.shutting_down.value else "another model revision"
+        log.info("%s: handed %d unstarted items of job %s back to the queue", why, len(left), job["id"][:8])
+
+    def _not_run_here(
+        self, job: dict[str, Any], todo: list[tuple[int, Any]], slice_end: bool, counts: dict[str, int]
+    ) -> bool:
+        """Whether this worker fails the chunk (``_refused``) or leaves it alone (another model revision)."""
+        refused = self._refused(job, todo)
+        if refused:
+            self._record(job["id"], refused, None, counts)
+            return True
+        other = self._other_revision(job)
+        if other:
+            self._step_aside(job, todo, other, slice_end, counts)
+        return bool(other)
+
+    def _other_revision(self, job: dict[str, Any]) -> str | None:
+        """Why this worker must not run ``job``: its weights are not the job's (None when they are, or unknown).
+
+        A job runs on one model revision, that of the first worker that claims from it (``Store.bind_revision``).
+        A local folder's revision is looked at again before every chunk (a few ``stat`` calls): weights replaced
+        or overwritten in place (memory-mapped safetensors then serve the new bytes) make this worker stale.
+        """
+        assert self.store is not None and self.loaded is not None
+        mine, model = self.loaded.resolved_revision, self.cfg.key.model
+        if self.stale is None and mine is not None and mine.startswith("local-"):
+            now = local_revision(model)
+            if now != mine:
+                self.stale = (
+                    f"the weights under {model} changed after this worker loaded them ({mine}, now {now}): "
+                    f"it runs nothing more; restart it to serve the new ones"
+                )
+                log.error("worker %s: %s", self.worker_id[:8], self.stale)
+                self.store.update_worker(self.worker_id, status=C.WORKER_STALE)
+        if self.stale is not None:
+            return self.stale
+        if mine is None:
+            return None
+        bound = job["resolved_revision"] or self.store.bind_revision(job["id"], mine)
+        if bound is None or bound == mine:
+            return None
+        return (
+            f"job {job['id'][:8]} runs {model} at revision {bound}, this worker has {mine} (its weights were replaced)"
+        )
+
+    def _step_aside(
+        self, job: dict[str, Any], todo: list[tuple[int, Any]], reason: str, slice_end: bool, counts: dict[str, int]
+    ) -> None:
+        """Leave a chunk of a job on another model revision to a live worker that has the job's; fail it if none has.
+
+        The message goes back to the queue after a pause (``STEP_ASIDE_PAUSE``), so that it does not spin
+        between this worker and the queue while the right one is busy.
+        """
+        assert self.store is not None
+        bound = self.store.job_row(job["id"]) or job
+        able = [
+            w["id"][:8]
+            for w in self.store.live_workers(self.cfg.key.queue)
+            if w["id"] != self.worker_id
+            and w["status"] == "ready"
+            and (bound["resolved_revision"] is None or w["resolved_revision"] == bound["resolved_revision"])
+        ]
+        if able and self.celery is not None:
+            if job["id"] not in self._stepped_aside:
+                self._stepped_aside.add(job["id"])
+                log.warning("%s: leaving its items to worker(s) %s", reason, ", ".join(able))
+            time.sleep(C.STEP_ASIDE_PAUSE)
+            self._hand_back(job, todo, slice_end)
+            counts["handed_back"] = len(todo)
+            return
+        error = f"{reason}; no live worker has the job's revision"
+        log.error("%s: its items fail", error)
+        self.store.set_job_error(job["id"], error)
+        self._record(job["id"], [ItemResult(idx, C.ITEM_FAILED, error=error) for idx, _ in todo], None, counts)
 
     def _refused(self, job: dict[str, Any], todo: list[tuple[int, Any]]) -> list[ItemResult]:
         """Failed results for all of a job this worker must not run (none if it may).

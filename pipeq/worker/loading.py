@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import logging
 import os
@@ -84,6 +85,8 @@ def load_pipeline(cfg: WorkerConfig) -> LoadedPipeline:
     warning = precision.load_warning(cfg)
     if warning:
         log.warning("%s", warning)
+    # A local folder's identity from before the load: weights changed while loading are not what it names.
+    local = local_revision(key.model)
     try:
         pipe = make_pipeline(key.task, model=key.model, **kwargs)  # type: ignore[call-overload]
     except OSError as exc:
@@ -93,7 +96,7 @@ def load_pipeline(cfg: WorkerConfig) -> LoadedPipeline:
     # inference_mode is cheaper than the no_grad transformers uses by default.
     pipe.get_inference_context = lambda: torch.inference_mode
     load_seconds = time.perf_counter() - t0
-    revision = resolved_revision(key.model, key.revision) or getattr(pipe.model.config, "_commit_hash", None)
+    revision = local or resolved_revision(key.model, key.revision) or getattr(pipe.model.config, "_commit_hash", None)
     footprint = memory_footprint(pipe.model)
     log.info(
         "loaded %s %s (%s, %s) in %.1fs, footprint %.1f MB",
@@ -105,6 +108,28 @@ def load_pipeline(cfg: WorkerConfig) -> LoadedPipeline:
         footprint / 1e6,
     )
     return LoadedPipeline(pipe, footprint, load_seconds, revision, quantization)
+
+
+def local_revision(model: str) -> str | None:
+    """A local model folder's identity (None for a hub id): ``local-`` and a hash of its files' names, sizes
+    and modification times.
+
+    A folder has no commit hash, and its path stays the same when its weights are replaced: this names
+    what is in it, in a few ``stat`` calls (no file is read). Hidden files and folders are left out.
+    """
+    if not os.path.isdir(model):
+        return None
+    digest = hashlib.sha256()
+    for root, dirs, files in os.walk(model):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(f for f in files if not f.startswith(".")):
+            path = os.path.join(root, name)
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                continue  # removed while walking: the next look sees the folder as it is then
+            digest.update(f"{os.path.relpath(path, model)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return f"local-{digest.hexdigest()[:16]}"
 
 
 def resolved_revision(model: str, revision: str | None) -> str | None:
