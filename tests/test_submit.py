@@ -155,3 +155,42 @@ def test_a_large_submit_never_stalls_a_live_worker_on_the_same_sqlite_file(
     assert progress_during_submit > 0, "the worker wrote no result while the job was stored"
     assert "lost" not in worker.log()
     store.close()
+
+
+def test_jobs_stored_before_the_run_order_keep_their_input_order_and_window(
+    store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlalchemy as sa
+
+    from pipeq.broker import window
+    from pipeq.store import schema as db
+
+    db.downgrade(store_url, "0011")
+    engine = sa.create_engine(store_url)
+    with engine.begin() as conn:  # a job of six items, stored and half published by the code before
+        conn.execute(
+            sa.text(
+                "INSERT INTO jobs (id, task, model, precision, queue, params, status, priority, total, n_done, "
+                "n_failed, n_cancelled, created_at, requeues, publish_cursor, chunk_size, use_cache, cache_hits) "
+                "VALUES ('old', :t, '/m', 'fp32', 'q', '{}', 'queued', 0, 6, 0, 0, 0, :now, 0, 3, 1, false, 0)"
+            ),
+            {"t": TASK, "now": "2026-01-01 00:00:00"},
+        )
+        for i, text in enumerate(["a", "bbbbbb", "cc", "dddd", "e", "ffffffff"]):
+            conn.execute(
+                sa.text(
+                    "INSERT INTO items (job_id, idx, input, status, attempts) VALUES ('old', :i, :x, 'pending', 0)"
+                ),
+                {"i": i, "x": json.dumps(text)},
+            )
+    engine.dispose()
+    db.upgrade(store_url)
+    store = Store(store_url)
+    job = store.job_row("old")
+    assert job is not None and (job["publish_key"], job["publish_cursor"]) == (3, 3)
+    assert [i for page in store.iter_pending("old", stop=job["publish_key"]) for i, _ in page] == [0, 1, 2]
+    sent: list[list[int]] = []
+    monkeypatch.setattr(window, "publish_chunks", lambda _c, _j, _q, items, **kw: sent.append([i for i, _ in items]))
+    assert window.top_up(store, None, job) == 3  # type: ignore[arg-type]
+    assert sent == [[3, 4, 5]]
+    store.close()
