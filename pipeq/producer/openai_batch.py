@@ -24,7 +24,7 @@ from pipeq import constants as C
 from pipeq import embedding
 from pipeq.errors import ConfigurationError, InputError
 from pipeq.primitives import JobProgress
-from pipeq.producer.readers import RawRecords, Record, RecordSpec
+from pipeq.producer.records import RawRecords, Record, RecordSpec
 
 #: The one endpoint pipeq serves from a batch file.
 EMBEDDINGS_URL = "/v1/embeddings"
