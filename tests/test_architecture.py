@@ -22,6 +22,7 @@ ALLOWED: dict[str, set[str]] = {
     "routing": {"constants", "errors", "precisions"},
     "tasks": {"errors"},
     "embedding": {"errors", "vectors"},
+    "recipe": {"embedding", "errors"},
     "vectors": set(),
     "cache": set(),
     "models": {"primitives"},
@@ -30,8 +31,8 @@ ALLOWED: dict[str, set[str]] = {
     "report": {"store", "primitives", "errors", "constants", "agreement"},
     "progress": {"store", "primitives", "constants"},
     "producer": {
-        "broker", "store", "primitives", "routing", "precisions", "tasks", "embedding", "settings", "errors",
-        "constants", "progress", "vectors",
+        "broker", "store", "primitives", "routing", "precisions", "tasks", "embedding", "recipe", "settings",
+        "errors", "constants", "progress", "vectors",
     },
     "worker": {
         "broker", "store", "primitives", "routing", "precisions", "tasks", "embedding", "settings", "errors",

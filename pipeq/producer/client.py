@@ -10,7 +10,7 @@ from dataclasses import replace
 from typing import IO, Any
 
 from pipeq import constants as C
-from pipeq import embedding
+from pipeq import embedding, recipe
 from pipeq.broker.app import make_celery
 from pipeq.broker.probe import check_broker
 from pipeq.broker.window import chunk_size_for, open_job, requeue
@@ -287,6 +287,7 @@ class Client:
         self._warn_if_served_elsewhere(key)
         params = check_params(params, name)
         if name == embedding.TASK:
+            params = recipe.resolve(model, params)  # a sentence-transformers model's pooling, prompt, length
             width = embedding.model_width(model) if params.get("dims") is not None else None
             embedding.check_embedding_params(params, width=width)
         spec = RecordSpec(
