@@ -25,7 +25,6 @@ from pipeq.worker.gate import calibration_texts
 from pipeq.worker.measure import (
     MEASURE_SECONDS,
     PRECISION_SECONDS,
-    SLOWER,
     measure_precisions,
     measure_speeds,
     sweep_budgets,
@@ -73,10 +72,9 @@ def choose_precision(
         log.warning("--precision auto leaves out %s: %s", precision, reason)
     refused = {p: shortfalls(figures, task, cfg.thresholds) for p, figures in result.agreement.items()}
     refused = {p: reasons for p, reasons in refused.items() if reasons}
-    refused.update(_slower_than_reference(result.measured))
-    refused.update(
-        {p: [f"not compared with {REFERENCE} ({why})"] for p, why in result.not_compared.items() if why != SLOWER}
-    )
+    for p, why in _slower_than_reference(result.measured).items():
+        refused[p] = refused.get(p, []) + why
+    refused.update({p: [f"not compared with {REFERENCE} ({why})"] for p, why in result.not_compared.items()})
     eligible = {p: rate for p, rate in result.measured.items() if p not in refused}
     if eligible:
         chosen = max(eligible, key=eligible.__getitem__)

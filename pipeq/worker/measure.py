@@ -178,9 +178,7 @@ def measure_precisions(
             with _runtime(cfg.with_precision(precision), threads) as runtime:  # its stream threads end either way
                 if timed and precision in runs:
                     measured[precision] = _throughput(runtime, cfg.key.task, min_seconds)
-                if gated and _slower(measured, precision):
-                    failed[precision] = SLOWER  # auto never serves it: its calibration run would be time lost
-                elif gated:
+                if gated:
                     try:
                         outputs[precision] = calibration_outputs(runtime, cfg.key.task, texts)
                     except Exception as exc:  # the model's own code on real texts: this precision stays unjudged
@@ -210,15 +208,6 @@ def _compared(
         else:
             figures[precision] = agreement(outputs[REFERENCE], outputs[precision], precision, cfg.thresholds)
     return figures, not_compared
-
-
-#: Why a precision slower than fp32 was not compared with it.
-SLOWER = f"slower than {REFERENCE} here, so not compared"
-
-
-def _slower(measured: dict[str, float], precision: str) -> bool:
-    """Whether ``precision`` measured slower than fp32 (auto never serves it)."""
-    return precision != REFERENCE and REFERENCE in measured and measured.get(precision, 0.0) < measured[REFERENCE]
 
 
 def measure_speeds(cfg: WorkerConfig, precisions: Sequence[str], min_seconds: float) -> dict[str, float]:
