@@ -125,7 +125,7 @@ def check_speed(cfg: WorkerConfig, *, min_seconds: float = PRECISION_SECONDS, ru
     """Warn when a worker's fixed precision runs slower than fp32 on its device (``Precision.emulated``).
 
     Measured only where the device lacks the precision's instructions (bf16 on a CPU without it, int8
-    without VNNI): fp32 and the precision, each on a measuring set of about ``min_seconds`` a pass.
+    without VNNI): fp32 and the precision, each timed for about ``min_seconds`` (``measure.measuring_set``).
     """
     precision = cfg.key.precision
     if precision in (REFERENCE, AUTO_PRECISION) or not traits(cfg.key.task).synthetic_warmup:

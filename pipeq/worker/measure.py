@@ -105,9 +105,8 @@ def measuring_set(runtime: PipelineRuntime, inputs: Sequence[Any], min_seconds: 
 
     A probe of ``PROBE_ITEMS`` inputs gives the pace; the set keeps inputs spread evenly over the
     lengths, so it is shaped like the whole. On a device that runs the precision fast this is every input;
-    on a CPU it is a few dozen (all-MiniLM-L6-v2 fp32 on 2 cores: one pass over all 128 took 8 s), and
-    where the precision is emulated (bf16 on a CPU without it) the warm-up and the timed passes take
-    about ``min_seconds`` together, where the whole set took minutes.
+    on a small CPU a few dozen; and where the precision is emulated (bf16 on a CPU without it) the warm-up
+    and the timed passes take about ``min_seconds`` together, where passes over the whole set took minutes.
     """
     probe = _spread(inputs, PROBE_ITEMS)
     t0 = time.perf_counter()
