@@ -10,6 +10,10 @@ every consumer pooled them itself. With ``pooling`` a worker returns one vector 
 - ``"max"``: the element-wise maximum over tokens.
 
 ``normalize=True`` scales that vector to unit length, so a dot product is a cosine similarity.
+``prompt`` is a text put before every input (an instruction such as ``"query: "``, for models trained
+with one); ``prompt_name`` names one of a sentence-transformers model's prompts, and the producer
+resolves it to ``prompt`` at submit (``pipeq.recipe``), as it fills in the model's own pooling,
+normalization and input length where a job leaves them out.
 
 A pooled vector is stored as binary (``pipeq.vectors``), in the type ``dtype`` names: ``"float32"``
 (the default: exactly the values the model computed) or ``"float16"`` (half the bytes, about three
@@ -32,6 +36,8 @@ from pipeq.vectors import DTYPES
 
 TASK = "feature-extraction"
 POOLINGS = ("mean", "cls", "max")
+#: A text put before each input, and the name of a sentence-transformers model's prompt that gives it.
+PROMPT, PROMPT_NAME = "prompt", "prompt_name"
 #: Keys of a model's config.json that give the width of its hidden states (BERT-like, T5-like, DistilBERT, GPT-2).
 _WIDTH_KEYS = ("hidden_size", "d_model", "dim", "n_embd")
 
@@ -62,11 +68,19 @@ def check_embedding_params(params: dict[str, Any], *, width: int | None = None) 
         raise ConfigurationError(f"dims must be a whole number of dimensions, 1 or more, not {dims!r}")
     if dims is not None and width is not None and dims > width:
         raise ConfigurationError(f"dims={dims} is more than the model's {width} dimensions")
+    for name in (PROMPT, PROMPT_NAME):
+        if params.get(name) is not None and not isinstance(params[name], str):
+            raise ConfigurationError(f"{name} must be a string, not {params[name]!r}")
     for name in ("dtype", "dims"):
         if params.get(name) is not None and pooling is None:
             raise ConfigurationError(
                 f"{name} needs pooling: set pooling to mean, cls or max (vectors per token stay JSON)"
             )
+
+
+def prompted(params: dict[str, Any] | None) -> str:
+    """The text a job puts before each input ('' for none)."""
+    return str((params or {}).get(PROMPT) or "")
 
 
 def model_width(model: str) -> int | None:

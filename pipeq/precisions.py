@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 REFERENCE = "fp32"
 #: int8 implementations (``--int8-backend``): bitsandbytes LLM.int8 (CUDA) or torch dynamic quantization (CPU).
 INT8_BACKENDS = ("bnb", "dynamic")
+#: CPU flags (``/proc/cpuinfo``) of native bf16 arithmetic, and of int8 dot products (VNNI).
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+VNNI_CPU_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 #: Task heads kept in full precision under bitsandbytes: often absent from a checkpoint (newly
 #: initialised), where quantizing them fails with "'Parameter' object has no attribute 'CB'",
 #: and too small for int8 to save anything.
@@ -49,6 +52,18 @@ def _no_warning(cfg: WorkerConfig) -> str | None:
     return None
 
 
+def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU's feature flags as the kernel lists them; empty where they cannot be read (not Linux)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
 @dataclass(frozen=True)
 class Precision:
     """One precision: its name, the dtype its weights load in, and its load and device-check hooks."""
@@ -69,6 +84,10 @@ class Precision:
     unsupported: Callable[[WorkerConfig], str | None] = _runs_anywhere
     #: A warning to log when a worker loads it on a device where it runs but poorly.
     load_warning: Callable[[WorkerConfig], str | None] = _no_warning
+    #: Why the device may run it slower than fp32 (it lacks the instructions for it), None when it has them:
+    #: a worker started at it measures it against fp32 first and warns when it is slower. Asked in the
+    #: worker's parent: it may import torch but never touches CUDA.
+    emulated: Callable[[WorkerConfig], str | None] = _runs_anywhere
 
 
 def int8_backend(device: str, chosen: str | None) -> str:
@@ -116,9 +135,21 @@ def _bf16_unsupported(cfg: WorkerConfig) -> str | None:
 
     if _on_cuda(cfg):
         return None if torch.cuda.is_bf16_supported() else "torch reports no bf16 support on this GPU"
-    if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    return _bf16_emulated(cfg)  # it runs, emulated and slower than fp32: auto leaves it out unmeasured
+
+
+def _bf16_emulated(cfg: WorkerConfig) -> str | None:
+    if _on_cuda(cfg):
         return None
-    return "torch reports no bf16 support on this CPU"
+    import torch
+
+    flags = cpu_flags()
+    if flags and not flags & set(BF16_CPU_FLAGS):
+        return f"this CPU has no native bf16 (neither {' nor '.join(BF16_CPU_FLAGS)}): torch emulates it"
+    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        capability = torch.backends.cpu.get_cpu_capability()
+        return f"torch runs no native bf16 on this CPU (its kernels use {capability}): it emulates it"
+    return None
 
 
 def _int8_load_kwargs(cfg: WorkerConfig) -> dict[str, Any]:
@@ -132,6 +163,13 @@ def _int8_after_load(pipe: Any, cfg: WorkerConfig) -> str:
         return "bitsandbytes-llm-int8"  # quantized while loading
     pipe.model = quantize_dynamic_int8(pipe.model)
     return "torch-dynamic-int8"
+
+
+def _int8_emulated(cfg: WorkerConfig) -> str | None:
+    flags = cpu_flags()
+    if cfg.resolved_int8_backend != "dynamic" or _on_cuda(cfg) or not flags or flags & set(VNNI_CPU_FLAGS):
+        return None
+    return f"this CPU has no VNNI int8 dot products ({', '.join(VNNI_CPU_FLAGS)})"
 
 
 def _int8_unsupported(cfg: WorkerConfig) -> str | None:
@@ -155,7 +193,9 @@ PRECISIONS: dict[str, Precision] = {
         Precision(
             "fp16", "float16", "half precision, for CUDA", unsupported=_fp16_unsupported, load_warning=_fp16_warning
         ),
-        Precision("bf16", "bfloat16", "bfloat16", auto_default=True, unsupported=_bf16_unsupported),
+        Precision(
+            "bf16", "bfloat16", "bfloat16", auto_default=True, unsupported=_bf16_unsupported, emulated=_bf16_emulated
+        ),
         Precision(
             "int8",
             "float32",
@@ -164,6 +204,7 @@ PRECISIONS: dict[str, Precision] = {
             load_kwargs=_int8_load_kwargs,
             after_load=_int8_after_load,
             unsupported=_int8_unsupported,
+            emulated=_int8_emulated,
         ),
     )
 }

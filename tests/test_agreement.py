@@ -4,6 +4,7 @@ and the default worker on real all-MiniLM-L6-v2 weights serving embeddings withi
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -174,14 +175,16 @@ def test_auto_refuses_a_precision_that_fails_the_gate(
     assert choice is not None and cfg.key.precision == choice["chosen"] == "fp32"
     assert set(choice["measured"]) == {"fp32", "noisy"}
     assert choice["agreement"]["noisy"]["min_cosine"] < 0.99
-    assert choice["refused"]["noisy"] == [
-        f"embedding cosine min {choice['agreement']['noisy']['min_cosine']:.3f} < 0.99"
-    ]
+    # (and, as both load float32 weights, maybe for a speed that measured a little below fp32's)
+    assert (
+        choice["refused"]["noisy"][0] == f"embedding cosine min {choice['agreement']['noisy']['min_cosine']:.3f} < 0.99"
+    )
+    assert all("fp32's speed here" in why for why in choice["refused"]["noisy"][1:])
     assert choice["summary"].endswith("serving fp32 1.0x") and choice["calibration_texts"]["source"] == "built-in"
     # With looser thresholds it is eligible again; with no fp32 to fall back on, auto refuses to start
     loose = WorkerConfig(key=key, allowed_precisions=("noisy",), warmup=False, thresholds=Thresholds(min_cosine=0.0))
     assert choose_precision(loose, min_seconds=0).key.precision == "noisy"
-    with pytest.raises(ConfigurationError, match="every allowed precision falls below the agreement thresholds"):
+    with pytest.raises(ConfigurationError, match="no allowed precision is both faster than fp32 and within"):
         choose_precision(WorkerConfig(key=key, allowed_precisions=("noisy",), warmup=False), min_seconds=0)
 
 
@@ -229,7 +232,9 @@ def test_default_worker_on_minilm_serves_embeddings_within_the_threshold_of_fp32
     choice = row["precision_choice"]
     assert row["precision"] == choice["chosen"] and set(choice["measured"]) >= {"fp32", choice["chosen"]}
     assert all(choice["agreement"][p]["min_cosine"] >= 0.99 for p in choice["agreement"] if p not in choice["refused"])
-    assert all("embedding cosine min" in " ".join(why) for why in choice["refused"].values())
+    assert all(
+        re.search(r"embedding cosine min|fp32's speed here", " ".join(why)) for why in choice["refused"].values()
+    )
     env = {**os.environ, "PIPEQ_DATABASE_URL": sqlite_url}
     listed = subprocess.run([sys.executable, "-m", "pipeq", "workers"], env=env, capture_output=True, text=True,
                             timeout=60, check=True).stdout  # fmt: skip

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -17,10 +19,11 @@ import pytest
 from transformers import pipeline
 from typer.testing import CliRunner
 
-from pipeq import Client, Settings
+from pipeq import Client, Settings, precisions
 from pipeq import constants as C
 from pipeq.cli import app as cli_app
 from pipeq.errors import ConfigurationError
+from pipeq.precisions import PRECISIONS
 from pipeq.routing import ServeKey, check_precision
 from pipeq.store import Store
 from pipeq.worker import autotune
@@ -29,7 +32,10 @@ from pipeq.worker.config import WorkerConfig, parse_precisions
 from pipeq.worker.devices import device_name
 from pipeq.worker.measure import (
     MEASURE_ITEMS,
+    PROBE_ITEMS,
+    PrecisionMeasurement,
     budget_candidates,
+    measuring_set,
     synthetic_inputs,
     throughput,
     unsupported_reason,
@@ -320,3 +326,102 @@ def test_worker_cli_auto_and_calibrate_then_reuse(
     assert row2["precision_choice"] is None
     assert "calibrated on cpu" in second.log()
     store.close()
+
+
+# ------------------------------------------------------------------ precisions slower than fp32
+
+
+def test_a_slow_precisions_measurement_is_bounded_in_time(
+    model_dir: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a runtime whose every forward pass takes 0.1 s: one pass over the 128 measuring inputs, 4 a batch,
+    # takes 3.2 s, and the warm-up pass and timed passes over all of them took 6.4 s or more
+    runtime = PipelineRuntime(pipeline(TASK, model=model_dir(TASK)), TASK, max_batch_size=4)
+    forward = runtime._forward
+
+    def slow_forward(*args: Any) -> Any:
+        time.sleep(0.1)
+        return forward(*args)
+
+    monkeypatch.setattr(runtime, "_forward", slow_forward)
+    inputs = synthetic_inputs(runtime.pipe, TASK, max_length=runtime.max_length)
+    assert len(inputs) == MEASURE_ITEMS
+    # When its speed is measured for one second
+    t0 = time.perf_counter()
+    chosen = measuring_set(runtime, inputs, 1.0)
+    rate = throughput(runtime, chosen, min_seconds=1.0)
+    took = time.perf_counter() - t0
+    # Then a spread of the inputs a pass can run in half of that is timed, in about two seconds all told
+    assert PROBE_ITEMS <= len(chosen) < MEASURE_ITEMS / 2 and rate > 0
+    assert took < 5, took
+    lengths = sorted(len(text) for text in inputs)
+    assert min(map(len, chosen)) == lengths[0] and max(map(len, chosen)) >= lengths[len(lengths) * 3 // 4]
+
+
+def test_auto_never_serves_a_precision_slower_than_fp32(model_dir: Callable[[str], str]) -> None:
+    # Given a measurement where int8 ran at half fp32's speed and bf16 faster than it, both agreeing with fp32
+    measured = PrecisionMeasurement(
+        "cpu", {"fp32": 100.0, "int8": 50.0, "bf16": 150.0}, {}, ["fp32", "int8", "bf16"],
+        agreement={},
+    )  # fmt: skip
+    cfg = auto_config(model_dir(TASK), "fp32", "int8", "bf16")
+
+    def measure(fn: Callable[..., Any], *args: Any) -> Any:
+        assert fn.__name__ == "measure_precisions"
+        return measured
+
+    choice = choose_precision(cfg, run=measure).precision_choice
+    assert choice is not None and choice["chosen"] == "bf16"
+    assert choice["refused"] == {"int8": ["0.50x fp32's speed here"]}
+    # And where only slower precisions are allowed besides fp32, fp32 is served
+    slow = PrecisionMeasurement("cpu", {"fp32": 100.0, "int8": 50.0}, {}, ["fp32", "int8"])
+    cfg = choose_precision(auto_config(model_dir(TASK), "fp32", "int8"), run=lambda fn, *args: slow)
+    assert cfg.key.precision == "fp32"
+
+
+def test_a_cpu_without_native_bf16_is_named(model_dir: Callable[[str], str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a CPU whose flags lack avx512_bf16 and amx_bf16 (an AVX2-only AMD EPYC, say) and lack VNNI
+    monkeypatch.setattr(precisions, "cpu_flags", lambda: frozenset({"avx2", "fma", "sse4_2"}))
+    cfg = WorkerConfig(key=ServeKey(TASK, model_dir(TASK)))
+    # Then bf16 is emulated there, auto leaves it out unmeasured, and int8 is measured against fp32
+    why = PRECISIONS["bf16"].emulated(cfg.with_precision("bf16"))
+    assert why is not None and "no native bf16 (neither avx512_bf16 nor amx_bf16)" in why
+    assert unsupported_reason(cfg.with_precision("bf16")) == why
+    assert "VNNI" in str(PRECISIONS["int8"].emulated(cfg.with_precision("int8")))
+    assert PRECISIONS["fp32"].emulated(cfg) is None
+    # And a CPU that has them runs both natively
+    monkeypatch.setattr(precisions, "cpu_flags", lambda: frozenset({"avx512_bf16", "amx_bf16", "avx512_vnni"}))
+    assert PRECISIONS["int8"].emulated(cfg.with_precision("int8")) is None
+    import torch
+
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        assert PRECISIONS["bf16"].emulated(cfg.with_precision("bf16")) is None
+
+
+#: Environment that makes torch run as on a CPU without native bf16: its own kernels at AVX2, oneDNN's too.
+NO_NATIVE_BF16 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+@pytest.mark.integration
+def test_a_worker_at_an_emulated_precision_says_how_slow_it_runs(
+    sqlite_url: str, redis_url: str, minilm_dir: str, start_worker: Any
+) -> None:
+    # Given a worker for all-MiniLM-L6-v2 at bf16 on a CPU where torch emulates bf16
+    worker = start_worker(
+        "--task", "feature-extraction", "--model", minilm_dir, "--precision", "bf16", "--no-warmup",
+        broker_url=redis_url, database_url=sqlite_url, extra_env=NO_NATIVE_BF16,
+    )  # fmt: skip
+    deadline = time.monotonic() + 90
+    while "would serve fp32" not in worker.log() and time.monotonic() < deadline:
+        assert worker.proc.poll() is None, worker.log()[-4000:]
+        time.sleep(0.5)
+    # Then it says so at start: the measured ratio, why, and what auto would serve
+    log = worker.log()
+    line = next(x for x in log.splitlines() if "would serve fp32" in x)
+    match = re.search(
+        r"bf16 runs at (\d\.\d\d)x fp32's speed on cpu: torch runs no native bf16.*measured in (\d+)s", line
+    )
+    assert match, line
+    assert float(match.group(1)) < 1 and "WARNING" in line
+    # And measuring fp32 and bf16 took at most 30 s
+    assert int(match.group(2)) <= 30, line

@@ -241,9 +241,7 @@ def report(
 @app.command()
 def jobs(
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Most jobs listed.")] = 20,
-    status: Annotated[
-        str | None, typer.Option("--status", help="storing, queued, running, done or cancelled.")
-    ] = None,
+    status: Annotated[str | None, typer.Option("--status", help="storing, queued, running, done or cancelled.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     database_url: DatabaseOpt = None,
 ) -> None:

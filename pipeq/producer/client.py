@@ -10,13 +10,21 @@ from dataclasses import replace
 from typing import IO, Any
 
 from pipeq import constants as C
-from pipeq import embedding
+from pipeq import embedding, recipe
 from pipeq.broker.app import make_celery
 from pipeq.broker.probe import check_broker
 from pipeq.broker.window import chunk_size_for, open_job, requeue
 from pipeq.errors import BrokerError, ConfigurationError, DuplicateIdError, InputError, JobNotFoundError
 from pipeq.primitives import JobProgress
-from pipeq.producer.frames import frame_source, is_frame, read_frame, results_frame, results_reader, results_table
+from pipeq.producer.frames import (
+    frame_source,
+    is_frame,
+    read_frame,
+    results_dataset,
+    results_frame,
+    results_reader,
+    results_table,
+)
 from pipeq.producer.lines import Lines
 from pipeq.producer.readers import (
     INPUT_FORMATS,
@@ -144,6 +152,10 @@ class Job:
         """
         return results_frame(self._pages(), embedding_dim=self.embedding_dim())
 
+    def to_dataset(self) -> Any:
+        """The results as a Hugging Face ``datasets.Dataset`` with ``to_arrow``'s columns; needs datasets."""
+        return results_dataset(self._pages(), embedding_dim=self.embedding_dim())
+
     def to_numpy(self) -> Any:
         """A pooled-embedding job's vectors as an (n, dim) float32 array, n the job's item count.
 
@@ -268,7 +280,8 @@ class Client:
 
         ``inputs`` is an iterable of texts or dicts, a path (``-`` for stdin) to a .jsonl, .csv,
         .parquet or .txt file, a pandas DataFrame, a pandas Series of texts (its index gives the
-        ids unless ``id_field=None``), or Arrow data (Table, RecordBatch, RecordBatchReader, Dataset).
+        ids unless ``id_field=None``), Arrow data (Table, RecordBatch, RecordBatchReader, Dataset), or a Hugging
+        Face ``datasets.Dataset`` or ``IterableDataset`` (streamed).
         ``text_field``, ``id_field`` and ``pair_field`` name a record's fields or a frame's columns;
         ``text_column``, ``id_column`` and ``pair_column`` are aliases. Bad input raises InputError
         naming the line (or row) before anything is stored; nothing is queued until every item is committed.
@@ -294,6 +307,7 @@ class Client:
         self._warn_if_served_elsewhere(key)
         params = check_params(params, name)
         if name == embedding.TASK:
+            params = recipe.resolve(model, params)  # a sentence-transformers model's pooling, prompt, length
             width = embedding.model_width(model) if params.get("dims") is not None else None
             embedding.check_embedding_params(params, width=width)
         spec = RecordSpec(

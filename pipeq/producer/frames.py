@@ -1,7 +1,8 @@
-"""pandas and Arrow data in and out: inputs read a batch of rows at a time, results built a page at a time.
+"""pandas, Arrow and Hugging Face datasets in and out: inputs read a batch of rows at a time, results built a
+page at a time.
 
-pandas stays optional: an object is taken for a pandas one only when pandas is already imported,
-and only ``Job.to_pandas`` imports it.
+pandas and datasets stay optional: an object is taken for one of theirs only when its library is already
+imported, and only ``Job.to_pandas`` and ``Job.to_dataset`` import them.
 """
 
 from __future__ import annotations
@@ -34,16 +35,30 @@ def _pandas_type(obj: Any) -> str | None:
     return None
 
 
+def _hf_type(obj: Any) -> str | None:
+    """``"dataset"`` or ``"iterable"`` for a Hugging Face ``Dataset`` or ``IterableDataset``, else None."""
+    hf = sys.modules.get("datasets")
+    if hf is None:
+        return None
+    if isinstance(obj, hf.Dataset):
+        return "dataset"
+    if isinstance(obj, hf.IterableDataset):
+        return "iterable"
+    return None
+
+
 def _is_dataset(obj: Any) -> bool:
     ds = sys.modules.get("pyarrow.dataset")
     return ds is not None and isinstance(obj, ds.Dataset)
 
 
 def is_frame(obj: Any) -> bool:
-    """Whether ``obj`` is a pandas Series/DataFrame or Arrow data (Table, RecordBatch, reader, Dataset, stream)."""
+    """Whether ``obj`` is a pandas Series/DataFrame, Arrow data (Table, RecordBatch, reader, Dataset, stream) or a
+    Hugging Face Dataset or IterableDataset."""
     pa = sys.modules.get("pyarrow")
     return (
         _pandas_type(obj) is not None
+        or _hf_type(obj) is not None
         or _is_dataset(obj)
         or hasattr(obj, "__arrow_c_stream__")
         or (pa is not None and isinstance(obj, pa.Table | pa.RecordBatch | pa.RecordBatchReader))
@@ -101,6 +116,19 @@ def _arrow(obj: Any, spec: RecordSpec, source: str) -> Iterator[Columns]:
             yield names, [part.column(name).to_pylist() for name in names]
 
 
+def _hf_dataset(obj: Any, spec: RecordSpec, source: str) -> Iterator[Columns]:
+    """A Hugging Face Dataset (its rows in its order, a selection or shuffle included) or IterableDataset
+    (streamed), read as Arrow a batch of rows at a time."""
+    names: list[Any] | None = None
+    if obj.column_names is not None:  # None: a stream whose columns are known once it yields
+        names = _columns(spec, list(obj.column_names), source)
+        obj = obj.select_columns(names)
+    for batch in obj.with_format("arrow").iter(batch_size=READ_BATCH_ROWS):
+        if names is None:
+            names = _columns(spec, batch.column_names, source)
+        yield names, [batch.column(name).to_pylist() for name in names]
+
+
 def frame_source(obj: Any) -> str:
     """How errors name a frame: ``<DataFrame>``, ``<Table>``, ..."""
     return f"<{type(obj).__name__}>"
@@ -109,8 +137,10 @@ def frame_source(obj: Any) -> str:
 def read_frame(obj: Any, spec: RecordSpec) -> Iterator[Record]:
     """Yield validated records from a pandas or Arrow object; errors name the row, counted from 1."""
     source = frame_source(obj)
-    kind = _pandas_type(obj)
-    chunks = _series if kind == "series" else _dataframe if kind == "frame" else _arrow
+    kind = _pandas_type(obj) or _hf_type(obj)
+    chunks = {"series": _series, "frame": _dataframe, "dataset": _hf_dataset, "iterable": _hf_dataset}.get(
+        kind or "", _arrow
+    )
     line = 0
     for names, values in chunks(obj, spec, source):
         for cells in zip(*values, strict=True):
@@ -147,3 +177,13 @@ def results_frame(pages: Iterable[Mapping[str, list[Any]]], *, embedding_dim: in
         outputs = [None if text is None else json.loads(text) for text in table.column("output").to_pylist()]
         frame["output"] = pd.Series(outputs, index=frame.index, dtype=object)
     return frame
+
+
+def results_dataset(pages: Iterable[Mapping[str, list[Any]]], *, embedding_dim: int | None = None) -> Any:
+    """A job's result pages as a Hugging Face ``datasets.Dataset`` of ``results_table``'s columns (a pooled
+    embedding as a fixed-size list of float32, ``List(Value("float32"), length=dim)`` in its features)."""
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigurationError("Job.to_dataset() needs datasets: pip install 'pipeq[datasets]'") from None
+    return datasets.Dataset(results_table(pages, embedding_dim=embedding_dim))

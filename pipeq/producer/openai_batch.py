@@ -3,7 +3,8 @@
 
 A request file's lines are the Batch API's request input objects, ``{"custom_id": ..., "method":
 "POST", "url": "/v1/embeddings", "body": {"model": ..., "input": ...}}``. pipeq serves
-``/v1/embeddings`` as a feature-extraction job with pooling: each string of ``body.input`` is one
+``/v1/embeddings`` as a feature-extraction job with pooling (a sentence-transformers model's own, read
+from its folder at submit, unless ``--param`` sets it): each string of ``body.input`` is one
 item whose id is the line's ``custom_id`` (an ``input`` of k strings is k consecutive items sharing
 it). The response file has one line per request, in input order, in the Batch API's output shape
 (``id``, ``custom_id``, ``response: {status_code, request_id, body}``, ``error``), the body being
@@ -21,10 +22,10 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any
 
 from pipeq import constants as C
-from pipeq import embedding
+from pipeq import embedding, recipe
 from pipeq.errors import ConfigurationError, InputError
 from pipeq.primitives import JobProgress
-from pipeq.producer.readers import RawRecords, Record, RecordSpec
+from pipeq.producer.records import RawRecords, Record, RecordSpec
 
 #: The one endpoint pipeq serves from a batch file.
 EMBEDDINGS_URL = "/v1/embeddings"
@@ -93,9 +94,11 @@ def _request(request: Any, spec: RecordSpec, source: str, line: int) -> tuple[st
     if spec.task != embedding.TASK:
         raise fail(f"{EMBEDDINGS_URL} requests need --task {embedding.TASK}, not {spec.task}")
     if spec.params.get("pooling") is None:
+        why = recipe.unfollowed(spec.models[-1]) if spec.models else None
         raise fail(
             f"{EMBEDDINGS_URL} returns one vector per input: submit with --param pooling="
             f"{'|'.join(embedding.POOLINGS)} (and --param normalize=true for unit vectors, as OpenAI's are)"
+            + (f"; the model's sentence-transformers recipe is not followed: {why}" if why else "")
         )
     return custom_id, _embeddings_body(request["body"], spec, fail)
 

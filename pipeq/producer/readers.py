@@ -12,47 +12,20 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import IO, Any
 
 import orjson
 
 from pipeq.errors import InputError
+from pipeq.producer import openai_batch
+from pipeq.producer.records import RawRecords, Record, RecordSpec  # callers import them from here too
 from pipeq.tasks import traits
 
-#: (line or row number, raw record) pairs, as a format's reader yields them.
-RawRecords = Iterator[tuple[int, Any]]
 #: How errors name inputs given as Python objects (``Client.submit([...])``).
 OBJECTS_SOURCE = "<inputs>"
-
-
-@dataclass(frozen=True)
-class Record:
-    """One validated input: where it came from, its own id if any, and the pipeline input."""
-
-    line: int
-    input: Any
-    input_id: str | None
-    size: int
-
-
-@dataclass(frozen=True)
-class RecordSpec:
-    """How to turn a raw record (a dict or a string) into a pipeline input."""
-
-    task: str
-    text_field: str = "text"
-    id_field: str | None = "id"
-    pair_field: str | None = None
-    max_text_chars: int = 100_000
-    skip_empty: bool = False
-    #: The names the job's model goes by (as given, as stored): formats whose records name a model
-    #: (openai-batch) must name one of them.
-    models: tuple[str, ...] = ()
-    #: The job's task parameters, for formats whose records need some (openai-batch embeddings: pooling).
-    params: Mapping[str, Any] = field(default_factory=dict)
 
 
 def _decoded_line(raw: bytes, number: int, source: str) -> str:
@@ -255,13 +228,6 @@ def _sniff(stream: IO[bytes], source: str) -> RawRecords:
     yield from (_jsonl if head.startswith(b"{") else _txt)(buffered, source)
 
 
-def _openai_batch(raw: RawRecords, spec: RecordSpec, source: str) -> Iterator[Record]:
-    """The openai-batch format's records (imported here: that module builds on this one)."""
-    from pipeq.producer.openai_batch import records
-
-    return records(raw, spec, source)
-
-
 @dataclass(frozen=True)
 class InputFormat:
     """An input file format: its ``--input-format`` name, the file suffixes that mean it, and its reader."""
@@ -288,7 +254,7 @@ INPUT_FORMATS: dict[str, InputFormat] = {
         InputFormat("parquet", (".parquet",), _parquet),
         InputFormat("txt", (".txt",), _streamed(_txt)),
         # OpenAI Batch API request files are JSON lines too: only --input-format picks this one.
-        InputFormat("openai-batch", (), _streamed(_jsonl), _openai_batch, checks_ids=True),
+        InputFormat("openai-batch", (), _streamed(_jsonl), openai_batch.records, checks_ids=True),
     )
 }
 #: File suffixes and the format each means.

@@ -15,14 +15,20 @@ from typing import Any
 from pipeq import constants as C
 from pipeq.agreement import describe_agreement, shortfalls
 from pipeq.errors import ConfigurationError
-from pipeq.precisions import REFERENCE
+from pipeq.precisions import PRECISIONS, REFERENCE
 from pipeq.routing import AUTO_PRECISION
 from pipeq.store import Store
 from pipeq.tasks import traits
 from pipeq.worker.config import WorkerConfig
 from pipeq.worker.devices import Runner, device_name, in_subprocess, spawned_process
 from pipeq.worker.gate import calibration_texts
-from pipeq.worker.measure import MEASURE_SECONDS, measure_precisions, sweep_budgets
+from pipeq.worker.measure import (
+    MEASURE_SECONDS,
+    PRECISION_SECONDS,
+    measure_precisions,
+    measure_speeds,
+    sweep_budgets,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +38,11 @@ def tune(store: Store, cfg: WorkerConfig, *, min_seconds: float = MEASURE_SECOND
     auto = cfg.key.precision == AUTO_PRECISION
     # Both measured: in one spawned process, which imports torch and transformers once.
     with spawned_process() if auto and cfg.calibrate else nullcontext(None) as run:
+        compare = min(min_seconds, PRECISION_SECONDS)
         if auto:
-            cfg = choose_precision(cfg, min_seconds=min_seconds, run=run)
+            cfg = choose_precision(cfg, min_seconds=compare, run=run)
+        else:
+            check_speed(cfg, min_seconds=compare, run=run)
         if cfg.calibrate:
             return calibrate(store, cfg, min_seconds=min_seconds, run=run)
     if cfg.max_batch_tokens is None:
@@ -46,7 +55,7 @@ def _rates(speeds: dict[Any, float]) -> str:
 
 
 def choose_precision(
-    cfg: WorkerConfig, *, min_seconds: float = MEASURE_SECONDS, run: Runner | None = None
+    cfg: WorkerConfig, *, min_seconds: float = PRECISION_SECONDS, run: Runner | None = None
 ) -> WorkerConfig:
     """Serve the fastest allowed precision that agrees with fp32 on the calibration texts (``--precision auto``).
 
@@ -63,6 +72,8 @@ def choose_precision(
         log.warning("--precision auto leaves out %s: %s", precision, reason)
     refused = {p: shortfalls(figures, task, cfg.thresholds) for p, figures in result.agreement.items()}
     refused = {p: reasons for p, reasons in refused.items() if reasons}
+    for p, why in _slower_than_reference(result.measured).items():
+        refused[p] = refused.get(p, []) + why
     refused.update({p: [f"not compared with {REFERENCE} ({why})"] for p, why in result.not_compared.items()})
     eligible = {p: rate for p, rate in result.measured.items() if p not in refused}
     if eligible:
@@ -77,8 +88,9 @@ def choose_precision(
         log.warning("--precision auto cannot time task %s; serving %s, the first allowed that passed", task, chosen)
     elif refused and result.measured:
         raise ConfigurationError(
-            f"--precision auto: every allowed precision falls below the agreement thresholds ({_refusals(refused)}); "
-            f"allow {REFERENCE} or lower the thresholds (--min-agreement, --max-score-diff, --min-cosine)"
+            f"--precision auto: no allowed precision is both faster than {REFERENCE} and within the agreement "
+            f"thresholds ({_refusals(refused)}); allow {REFERENCE} or lower the thresholds (--min-agreement, "
+            "--max-score-diff, --min-cosine)"
         )
     else:
         reasons = "; ".join(f"{p}: {why}" for p, why in result.skipped.items())
@@ -99,6 +111,52 @@ def choose_precision(
         "seconds": round(seconds, 1),  # what choosing cost at start: loads and measuring, in a spawned process
     }
     return replace(cfg.with_precision(chosen), precision_choice=choice)
+
+
+def _slower_than_reference(measured: dict[str, float]) -> dict[str, list[str]]:
+    """The measured precisions that ran slower than fp32, each with its speed as a share of fp32's."""
+    base = measured.get(REFERENCE)
+    if not base:
+        return {}
+    return {p: [f"{rate / base:.2f}x {REFERENCE}'s speed here"] for p, rate in measured.items() if rate < base}
+
+
+def check_speed(cfg: WorkerConfig, *, min_seconds: float = PRECISION_SECONDS, run: Runner | None = None) -> None:
+    """Warn when a worker's fixed precision runs slower than fp32 on its device (``Precision.emulated``).
+
+    Measured only where the device lacks the precision's instructions (bf16 on a CPU without it, int8
+    without VNNI): fp32 and the precision, each timed for about ``min_seconds`` (``measure.measuring_set``).
+    """
+    precision = cfg.key.precision
+    if precision in (REFERENCE, AUTO_PRECISION) or not traits(cfg.key.task).synthetic_warmup:
+        return
+    why = PRECISIONS[precision].emulated(cfg)
+    if why is None:
+        return
+    t0 = time.perf_counter()
+    speeds = (run or in_subprocess)(measure_speeds, cfg, [REFERENCE, precision], min_seconds)
+    seconds = time.perf_counter() - t0
+    ratio = speeds[precision] / speeds[REFERENCE]
+    figures = (
+        f"{precision} {speeds[precision]:,.1f}/s, {REFERENCE} {speeds[REFERENCE]:,.1f}/s, measured in {seconds:.0f}s"
+    )
+    if ratio >= 1:
+        log.info(
+            "%s runs at %.2fx %s's speed on %s although %s (%s)", precision, ratio, REFERENCE, cfg.device, why, figures
+        )
+        return
+    log.warning(
+        "%s runs at %.2fx %s's speed on %s: %s (%s); --precision auto would serve %s over it (it never serves a "
+        "precision slower than %s)",
+        precision,
+        ratio,
+        REFERENCE,
+        cfg.device,
+        why,
+        figures,
+        REFERENCE,
+        REFERENCE,
+    )
 
 
 def _refusals(refused: dict[str, list[str]]) -> str:

@@ -10,10 +10,13 @@ freshly spawned process that hands back plain results (``in_subprocess``).
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import multiprocessing
 import os
+import pickle
 import platform
+import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -30,11 +33,43 @@ T = TypeVar("T")
 Runner = Callable[..., Any]
 
 
+def _logging_as(formatter: logging.Formatter | None, levels: dict[str, int], filters: list[Any]) -> None:
+    """A spawned process logs as its parent: the root handler's format on stderr, the loggers' levels
+    and the warnings filters the parent set (a fresh interpreter has none of them)."""
+    if formatter is not None:
+        handler = logging.StreamHandler()
+        handler.setFormatter(formatter)
+        logging.getLogger().handlers[:] = [handler]
+    for name, level in levels.items():
+        logging.getLogger(name or None).setLevel(level)
+    warnings.resetwarnings()
+    for action, message, category, module, lineno in filters:
+        pattern, where = (getattr(x, "pattern", x) or "" for x in (message, module))  # a regex, a string or None
+        warnings.filterwarnings(action, pattern, category, where, lineno, append=True)
+
+
+def _parent_logging() -> tuple[logging.Formatter | None, dict[str, int], list[Any]]:
+    root = logging.getLogger()
+    formatter = root.handlers[0].formatter if root.handlers else None
+    try:
+        pickle.dumps(formatter)
+    except Exception:  # a formatter holding a stream or a lock (a test runner's): its format alone
+        formatter = logging.Formatter(getattr(formatter, "_fmt", None), getattr(formatter, "datefmt", None))
+    levels = {"": root.level}
+    for name, logger in logging.Logger.manager.loggerDict.items():
+        if isinstance(logger, logging.Logger) and logger.level != logging.NOTSET:
+            levels[name] = logger.level
+    return formatter, levels, list(warnings.filters)
+
+
 @contextmanager
 def spawned_process() -> Iterator[Runner]:
     """A freshly spawned process for several calls in a row: it imports torch and transformers once
-    (seconds), where a process per call would import them again for each."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    (seconds), where a process per call would import them again for each. It logs as this process does."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(
+        max_workers=1, mp_context=context, initializer=_logging_as, initargs=_parent_logging()
+    ) as pool:
 
         def run(fn: Callable[..., T], *args: Any) -> T:
             try:

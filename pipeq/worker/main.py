@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from dataclasses import replace
 
@@ -59,6 +60,8 @@ def run_worker(settings: Settings, cfg: WorkerConfig, *, loglevel: str = "INFO",
     if pool == "solo":  # no fork: the single process serves, so it loads the model now
         ctx.start()
     log.info("serving %s on queue %s (%s)", cfg.key.model, cfg.key.queue, settings.masked())
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        log.warning("running as root: Celery advises running a worker as a user of its own (-v shows its warning)")
     argv = ["worker", "--queues", cfg.key.queue, "--concurrency", str(cfg.concurrency), "--pool", pool,
             "--loglevel", loglevel, "--hostname", f"pipeq-{cfg.key.task}-{cfg.key.precision}@{socket.gethostname()}",
             "-O", "fair"]  # fmt: skip

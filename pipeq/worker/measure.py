@@ -32,6 +32,11 @@ log = logging.getLogger(__name__)
 MEASURE_ITEMS = 128
 #: Least seconds of timed passes per measurement (after the warm-up pass); more passes smooth noise.
 MEASURE_SECONDS = 2.0
+#: Least seconds of timed passes when precisions are compared: their speeds differ by tens of percent or
+#: more, where the token budgets of a calibration sweep differ by a few.
+PRECISION_SECONDS = 1.0
+#: Inputs of the probe that sizes a precision's measuring set (``measuring_set``): one batch.
+PROBE_ITEMS = 8
 #: Median and spread (log-normal) of the synthetic inputs' token lengths: short texts with a long tail.
 _MEDIAN_TOKENS, _LENGTH_SIGMA = 32, 0.9
 #: Longest synthetic input, in tokens (further capped by the model's maximum).
@@ -93,6 +98,30 @@ def throughput(
         best = max(best, done / (time.perf_counter() - t0))
         if time.perf_counter() >= deadline:
             return best
+
+
+def measuring_set(runtime: PipelineRuntime, inputs: Sequence[Any], min_seconds: float) -> list[Any]:
+    """``inputs``, or as many of them as one pass runs in about half of ``min_seconds`` where that is fewer.
+
+    A probe of ``PROBE_ITEMS`` inputs gives the pace; the set keeps inputs spread evenly over the
+    lengths, so it is shaped like the whole. On a device that runs the precision fast this is every input;
+    on a small CPU a few dozen; and where the precision is emulated (bf16 on a CPU without it) the warm-up
+    and the timed passes take about ``min_seconds`` together, where passes over the whole set took minutes.
+    """
+    probe = _spread(inputs, PROBE_ITEMS)
+    t0 = time.perf_counter()
+    _run_all(runtime, list(enumerate(probe)))
+    pace = len(probe) / max(time.perf_counter() - t0, 1e-6)
+    n = max(len(probe), int(pace * max(min_seconds, 0.5) / 2))
+    return list(inputs) if n >= len(inputs) else _spread(inputs, n)
+
+
+def _spread(inputs: Sequence[Any], n: int) -> list[Any]:
+    """``n`` of ``inputs`` at even steps through them sorted by length."""
+    ordered = sorted(inputs, key=lambda value: len(str(value)))
+    if n >= len(ordered):
+        return ordered
+    return [ordered[i * len(ordered) // n] for i in range(n)]
 
 
 def _run_all(runtime: PipelineRuntime, items: list[tuple[int, Any]]) -> int:
@@ -159,17 +188,36 @@ def measure_precisions(
                 skipped[precision] = failed[precision]
         runtime = None  # its model unreferenced, whether it ran or failed: freed before the next one loads
         _release(cfg.device)
+    figures, not_compared = _compared(lower if gated else [], outputs, failed, cfg)
+    supported = [p for p in runs if p not in skipped]
+    return PrecisionMeasurement(device_name_here(cfg.device), measured, skipped, supported, figures, not_compared)
+
+
+def _compared(
+    lower: Sequence[str], outputs: dict[str, dict[int, Any]], failed: dict[str, str], cfg: WorkerConfig
+) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """The agreement figures of each lower precision with fp32's outputs, and why any could not be compared."""
     figures: dict[str, dict[str, Any]] = {}
     not_compared: dict[str, str] = {}
-    for precision in lower if gated else []:
+    for precision in lower:
         if REFERENCE not in outputs:
             not_compared[precision] = f"{REFERENCE} reference failed: {failed.get(REFERENCE, '?')}"
         elif precision not in outputs:
             not_compared[precision] = failed.get(precision, "not run")
         else:
             figures[precision] = agreement(outputs[REFERENCE], outputs[precision], precision, cfg.thresholds)
-    supported = [p for p in runs if p not in skipped]
-    return PrecisionMeasurement(device_name_here(cfg.device), measured, skipped, supported, figures, not_compared)
+    return figures, not_compared
+
+
+def measure_speeds(cfg: WorkerConfig, precisions: Sequence[str], min_seconds: float) -> dict[str, float]:
+    """Items/s of ``cfg``'s model at each of ``precisions``, loaded one after another (runs in the child)."""
+    threads = set_threads(cfg.resolved_threads)
+    speeds: dict[str, float] = {}
+    for precision in precisions:
+        with _runtime(cfg.with_precision(precision), threads) as runtime:
+            speeds[precision] = _throughput(runtime, cfg.key.task, min_seconds)
+        _release(cfg.device)
+    return speeds
 
 
 def _runtime(cfg: WorkerConfig, threads: int) -> PipelineRuntime:
@@ -180,7 +228,7 @@ def _throughput(runtime: PipelineRuntime, task: str, min_seconds: float) -> floa
     inputs = synthetic_inputs(runtime.pipe, task, max_length=runtime.max_length)
     if not inputs:
         raise ConfigurationError(f"pipeq cannot make measuring inputs for task {task!r}")
-    return throughput(runtime, inputs, min_seconds=min_seconds)
+    return throughput(runtime, measuring_set(runtime, inputs, min_seconds), min_seconds=min_seconds)
 
 
 def budget_candidates(max_batch_size: int, max_length: int | None) -> list[int]:

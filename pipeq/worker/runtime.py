@@ -35,6 +35,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from pipeq import constants as C
+from pipeq.embedding import PROMPT, PROMPT_NAME, prompted
 from pipeq.embedding import TASK as EMBEDDING_TASK
 from pipeq.errors import ConfigurationError
 from pipeq.primitives import BatchTiming, ItemResult, describe_error, input_size
@@ -218,6 +219,8 @@ class PipelineRuntime:
             extra = {"is_split_into_words": False, "delimiter": None}
         if self.task == EMBEDDING_TASK and params.get("pooling") is not None:
             extra = {"dtype": DEFAULT_DTYPE}  # pooled vectors are stored as binary; a job's own dtype wins
+        if self.task == EMBEDDING_TASK:  # the prompt is put before each input (``stream``), not passed on
+            params = {name: value for name, value in params.items() if name not in (PROMPT, PROMPT_NAME)}
         pre, fwd, post = pipe._sanitize_parameters(**{**extra, **offline_defaults(self.task, params)})
         return (
             {**pipe._preprocess_params, **pre},
@@ -265,7 +268,8 @@ class PipelineRuntime:
         another thread; closing the iterator stops it.
         """
         pre, fwd, post = self.stage_params(params)
-        state = [Item(idx, value) for idx, value in items]
+        prompt = prompted(params) if self.task == EMBEDDING_TASK else ""
+        state = [Item(idx, prompt + value if prompt and isinstance(value, str) else value) for idx, value in items]
         size = max_batch_size or self.max_batch_size
         source = self._prepare(state, pre, size)
         prepared = prefetch(source, self.prepare_ahead + self.streams - 1) if self.prepare_ahead > 0 else source
