@@ -50,6 +50,9 @@ class WorkerContext:
         self._heartbeat: threading.Thread | None = None
         #: Set to 1 by a pool child that could not load the pipeline (shared memory, made before fork).
         self.load_failed: Any = multiprocessing.Value("i", 0)
+        #: Pool children that finished ``start`` (model loaded, start-up measured): the parent takes no
+        #: message before all of them have (see ``pipeq.worker.app``).
+        self.ready_children: Any = multiprocessing.Value("i", 0)
         #: Called by stop(): the app uses it to disconnect its process signals.
         self.on_stop: Callable[[], None] | None = None
         #: Set to 1 by the parent when a warm shutdown begins: children stop after their running batch.
