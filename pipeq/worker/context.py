@@ -16,10 +16,10 @@ from celery import Celery
 
 from pipeq import constants as C
 from pipeq.broker.publish import publish_chunks
-from pipeq.broker.reconcile import reconcile, take_over
+from pipeq.broker.reconcile import reconcile, republish_lost, take_over
 from pipeq.broker.window import top_up
 from pipeq.cache import CacheScope
-from pipeq.errors import ConfigurationError, StoreError
+from pipeq.errors import BrokerError, ConfigurationError, StoreError
 from pipeq.primitives import BatchTiming, ItemResult, Lease, utcnow
 from pipeq.routing import check_params
 from pipeq.settings import Settings, mask_url
@@ -204,17 +204,23 @@ class WorkerContext:
         Its own thread, so a long forward pass (torch releases the GIL) never silences it.
         """
         interval, dead_after = self.settings.reconcile_interval, self.settings.dead_after
+        lost_after = self.settings.lost_after
         beat_every = min(C.HEARTBEAT_INTERVAL, dead_after / C.HEARTBEATS_PER_DEAD_AFTER or C.HEARTBEAT_INTERVAL)
+        look_every = lost_after / C.LOST_CHECKS_PER_LOST_AFTER
         next_beat = time.monotonic()
         # A reconcile interval of 0 turns the worker's own reconciler off (it must not make this loop spin).
         next_reconcile = next_beat if interval > 0 else float("inf")
-        while not self._stop.wait(max(0.0, min(next_beat, next_reconcile) - time.monotonic())):
+        next_look = next_beat + look_every if lost_after > 0 else float("inf")
+        while not self._stop.wait(max(0.0, min(next_beat, next_reconcile, next_look) - time.monotonic())):
             now = time.monotonic()
             if now >= next_beat:
                 next_beat = now + beat_every
                 self._heartbeat_once()
                 if dead_after > 0:
                     self._take_over(dead_after)
+            if now >= next_look:
+                next_look = now + look_every
+                self._republish_lost(lost_after)
             if interval > 0 and now >= next_reconcile:
                 next_reconcile = now + interval
                 self._reconcile()
@@ -248,6 +254,14 @@ class WorkerContext:
             take_over(self.store, self.celery, dead_after=dead_after, queues=[self.cfg.key.queue])
         except Exception as exc:
             log.warning("looking for dead workers failed: %s: %s", type(exc).__name__, mask_url(str(exc)))
+
+    def _republish_lost(self, lost_after: float) -> None:
+        if self.celery is None or self.store is None or self.runtime is None or self.shutting_down.value:
+            return  # a worker still loading holds nothing and serves nothing yet
+        try:
+            republish_lost(self.store, self.celery, lost_after=lost_after, queues=[self.cfg.key.queue])
+        except Exception as exc:
+            log.warning("looking for jobs the broker lost failed: %s: %s", type(exc).__name__, mask_url(str(exc)))
 
     def _reconcile(self) -> None:
         if self.celery is None or self.store is None or self.shutting_down.value:
@@ -435,7 +449,7 @@ class WorkerContext:
         elif left:
             log.info("job %s cancelled or finished elsewhere; stopping its chunk", job_id[:8])
         elif slice_end and self.celery is not None:
-            counts["published"] = top_up(self.store, self.celery, job)
+            counts["published"] = self._next_slice(job)
         log.info(
             "job %s chunk: %d done, %d failed, %d skipped in %.0f ms",
             job_id[:8],
@@ -445,6 +459,17 @@ class WorkerContext:
             (time.time() - started) * 1000,
         )
         return counts
+
+    def _next_slice(self, job: dict[str, Any]) -> int:
+        """Publish the job's next slice (this message ended one); returns the items published."""
+        assert self.store is not None and self.celery is not None
+        try:
+            return top_up(self.store, self.celery, job)
+        except BrokerError as exc:
+            # The chunk's results are committed; the slice is published again once the job's queue is found
+            # empty with nothing of the job held by a live worker (``republish_lost``, within ``lost_after``).
+            log.warning("job %s: could not publish its next slice: %s", job["id"][:8], exc)
+            return 0
 
     def _hand_back(self, job: dict[str, Any], left: list[tuple[int, Any]], slice_end: bool) -> None:
         """The worker is stopping: queue the chunk's unstarted items again, with their attempt taken back."""
