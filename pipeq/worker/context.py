@@ -199,7 +199,8 @@ class WorkerContext:
 
     def _beat(self) -> None:
         """A heartbeat (with the current job and totals) and a look for dead workers on this queue, a few
-        times per ``dead_after``; a reconciler pass every ``reconcile_interval``.
+        times per ``dead_after``; a look for jobs whose messages the broker lost, a few times per
+        ``lost_after``; a reconciler pass every ``reconcile_interval``.
 
         Its own thread, so a long forward pass (torch releases the GIL) never silences it.
         """
