@@ -131,7 +131,7 @@ def republish_lost(
             items = requeue(store, celery, job)
             log.warning(
                 "job %s made no progress for %.0fs with no message on queue %s and none of its items held by a "
-                "live worker (the broker lost them, or a publish failed): published %d of its pending items again",
+                "live worker (the broker lost them, or a publish failed): published %d of its pending items",
                 job["id"],
                 lost_after,
                 queue,
