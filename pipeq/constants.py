@@ -93,6 +93,15 @@ PRIVATE_BROKER_TRIES = 3
 DEFAULT_STALLED_AFTER = 300.0
 #: Seconds between a worker's reconciler passes over its own queue.
 DEFAULT_RECONCILE_INTERVAL = 60.0
+#: Seconds a job with pending items may go without progress while its queue holds no message on the
+#: broker and no live worker has claimed any of them, before its window is published again: the
+#: broker lost its messages (Redis restarted without persistence, flushed) or a publish failed. A
+#: message takes about ``CHUNK_SECONDS`` to run and commits each batch, so this is many messages' time.
+DEFAULT_LOST_AFTER = 15.0
+#: A worker looks for such jobs on its queue this many times per ``lost_after``.
+LOST_CHECKS_PER_LOST_AFTER = 3
+#: Seconds the broker may take to answer how many messages a queue holds (the look must never hang a worker).
+QUEUE_DEPTH_TIMEOUT = 5.0
 #: Seconds a worker retries an unreachable store (with backoff) before handing its message back.
 DEFAULT_STORE_RETRY_BUDGET = 300.0
 #: Longest pause between two tries of an unreachable store.
@@ -139,6 +148,8 @@ MAX_ATTEMPTS = 3
 #: between forward passes (a near-free model ran 3,500 -> 4,550 texts/s on two cores; a MiniLM
 #: forward-bound one within noise, 80.7 vs 82.0).
 WORKER_ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE"}
+#: Seconds between a starting worker's looks at whether its pool children are ready to take messages.
+READY_POLL_INTERVAL = 0.5
 #: Seconds a child process may take to load its model before Celery gives up on it.
 PROCESS_START_TIMEOUT = 900.0
 

@@ -132,6 +132,8 @@ class JobProgress:
     cache_hits: int = 0
     #: What ``--shadow-fraction`` measured (see ``pipeq.worker.shadow``), None without a shadow check.
     shadow: dict[str, Any] | None = None
+    #: False while the job is stored but none of it was ever put on the broker (its publish failed).
+    published: bool = True
 
     @property
     def finished(self) -> int:

@@ -20,6 +20,7 @@ _NUMBERS: dict[str, type[int] | type[float]] = {
     "stalled_after": float,
     "reconcile_interval": float,
     "dead_after": float,
+    "lost_after": float,
     "store_retry_budget": float,
 }
 
@@ -42,6 +43,9 @@ class Settings:
     #: Seconds without a heartbeat after which a worker counts as dead and a live one on its queue
     #: queues its claimed items again (0 turns takeovers off).
     dead_after: float = constants.DEFAULT_DEAD_AFTER
+    #: Seconds without progress after which a job whose queue is empty on the broker, and none of whose
+    #: pending items a live worker holds, has its window published again (0 turns the check off).
+    lost_after: float = constants.DEFAULT_LOST_AFTER
     #: Seconds a worker keeps retrying an unreachable store before it hands its message back.
     store_retry_budget: float = constants.DEFAULT_STORE_RETRY_BUDGET
     #: Extra kombu transport options (``PIPEQ_BROKER_OPTIONS``, a JSON object).

@@ -337,9 +337,19 @@ class FaultLedger:
         self.tests = 0
         #: (what, seconds): how long a job took to finish after a fault, where a test measures it.
         self.recoveries: list[tuple[str, float]] = []
+        #: One line a timed fault (``timed``).
+        self.timings: list[str] = []
 
     def recovery(self, what: str, seconds: float) -> None:
         self.recoveries.append((what, seconds))
+
+    def timed(self, what: str, report: dict[str, Any], next_result: float, done: float, since: str) -> None:
+        """One fault's line for the summary: its job's items and how long it took to go on and to end."""
+        self.timings.append(
+            f"{what}: {len(report['items']):,} items checked, {report['lost']} lost, {report['duplicates']} "
+            f"duplicated, {report['changed']} changed; next result {next_result:.1f}s and job done {done:.1f}s "
+            f"after {since}"
+        )
 
     def check(
         self, database_url: str, job_id: str, *, faults: int, expected: dict[int, Any] | None = None
@@ -404,3 +414,5 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         )
     for what, seconds in led.recoveries:
         terminalreporter.write_line(f"fault injection: {what}: job done {seconds:.1f}s after the kill")
+    for line in led.timings:
+        terminalreporter.write_line(f"fault injection: {line}")

@@ -4,7 +4,8 @@ Workers load it with ``--pipeline-class faultpipe:FaultyClassificationPipeline``
 text make it fail where real inputs do: ``POISON-PRE`` raises in the tokenizer step,
 ``POISON-FWD`` makes the model's forward fail (token ids outside the vocabulary),
 ``POISON-POST`` raises in postprocess, and ``POISON-KILL`` kills the worker process outright.
-``PIPEQ_TEST_FORWARD_DELAY`` (seconds) slows every forward pass so a test can act mid-job.
+``PIPEQ_TEST_FORWARD_DELAY`` (seconds) slows every forward pass so a test can act mid-job, and
+``PIPEQ_TEST_LOAD_DELAY`` (seconds) the pipeline's construction, so a test can act while a worker starts.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ TASK = "faulty-classification"
 
 
 class FaultyClassificationPipeline(TextClassificationPipeline):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        time.sleep(float(os.environ.get("PIPEQ_TEST_LOAD_DELAY", "0")))
+        super().__init__(*args, **kwargs)
+
     def preprocess(self, inputs: Any, **kwargs: Any) -> Any:
         text = inputs if isinstance(inputs, str) else str(inputs)
         if "POISON-PRE" in text:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -107,6 +108,37 @@ def assert_exactly_once(report: dict[str, Any], total: int) -> None:
     assert report["changed"] == 0, "results differ from plain transformers"
     assert len(report["items"]) == total
     assert report["job"]["status"] == "done"
+
+
+def resumption(
+    store: Store, job_id: str, since: float, *, timeout: float = 120, logs: Any = None
+) -> tuple[float, float]:
+    """Seconds from ``since`` (``time.monotonic()``) to the job's next result and to its end."""
+    before, next_result = finished(store, job_id), None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = store.job(job_id)
+        except sa.exc.OperationalError:
+            time.sleep(0.2)
+            continue
+        now = time.monotonic() - since
+        if next_result is None and (state.finished > before or state.is_final):
+            next_result = now
+        if state.is_final:
+            assert next_result is not None
+            return next_result, now
+        time.sleep(0.2)
+    tail = "" if logs is None else "\n".join(w.log()[-3000:] for w in logs)
+    raise AssertionError(
+        f"job {job_id} not done {timeout:.0f}s after the fault ({finished(store, job_id)} finished)\n{tail}"
+    )
+
+
+def items_run(*workers: WorkerProcess) -> int:
+    """Items the workers' chunks ran to a result, by their logs: more than the job's items if any ran twice."""
+    runs = re.findall(r"chunk: (\d+) done, (\d+) failed", "".join(w.log() for w in workers))
+    return sum(int(done) + int(failed) for done, failed in runs)
 
 
 # ------------------------------------------------------------------ 1, 7: killed workers
@@ -218,6 +250,88 @@ def test_a_killed_worker_is_taken_over_in_seconds(
 
 def row_of(store: Store, worker_id: str) -> dict[str, Any]:
     return next(w for w in _all_rows(store) if w["id"] == worker_id)
+
+
+def test_a_worker_killed_while_it_starts_holds_no_message(
+    pg_url: str, redis_url: str, model: str, serve: Any, ledger: FaultLedger
+) -> None:
+    """A worker takes no message before its children are ready: one killed while its model loads (another
+    worker serving the queue) leaves every message to the live one, and the job ends with nothing to
+    queue again (before, the starting worker's parent held a message with no claim for the reconciler)."""
+    store, queue, texts = Store(pg_url), queue_of(model), TEXTS[:160]
+    live = serve(redis_url, pg_url, delay=0.3, env=PRODUCTION_RECOVERY)
+    live.wait_ready(store, queue)
+    starting = serve(redis_url, pg_url, env={**PRODUCTION_RECOVERY, "PIPEQ_TEST_LOAD_DELAY": "60"})
+    wait_for("the second worker to register", lambda: any(w["status"] == "loading" for w in store.live_workers(queue)))
+    wait_for("its consumer to start", lambda: "ready." in starting.log(), logs=[starting])
+    job = submit(redis_url, pg_url, model, texts)
+    time.sleep(2)  # a consumer that took messages would have taken one by now
+    assert not store.job(job).is_final, "the job ended before the fault"
+    os.killpg(starting.proc.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    starting.proc.wait(timeout=10)
+    next_result, done = resumption(store, job, killed, logs=[live, starting])
+    report = ledger.check(pg_url, job, faults=1, expected=expected(model, texts))
+    assert_exactly_once(report, len(texts))
+    assert report["job"]["requeues"] == 0, "the starting worker held a message that had to be queued again"
+    ledger.timed("worker killed during its start-up", report, next_result, done, "the kill")
+    assert done < 60
+
+
+@pytest.mark.parametrize(
+    ("kills", "every"),
+    [(6, 3.0), pytest.param(23, 9.0, marks=[pytest.mark.chaos, pytest.mark.timeout(600)])],
+    ids=["6-kills", "23-kills"],
+)
+def test_chaos_sigkills_a_random_worker_every_few_seconds(
+    kills: int, every: float, pg_url: str, redis_url: str, model: str, serve: Any, ledger: FaultLedger
+) -> None:
+    """Three workers; every few seconds one of them, picked at random (loading or serving), is SIGKILLed and a
+    replacement started, while jobs keep the queue busy (a new one whenever fewer than its size are pending).
+    With production timeouts every job ends within a minute of the last kill: each dead worker's claim is
+    taken over, and no message is held where nothing can find it."""
+    store, queue, texts = Store(pg_url), queue_of(model), TEXTS
+    workers = [serve(redis_url, pg_url, delay=0.2, env=PRODUCTION_RECOVERY) for _ in range(3)]
+    wait_for("three workers", lambda: len(child_pids(store, queue)) == 3, logs=workers)
+    jobs: list[str] = []
+
+    def keep_busy(until: float) -> None:
+        while True:
+            if sum(store.job(j).pending for j in jobs) < len(texts):
+                jobs.append(submit(redis_url, pg_url, model, texts))
+            if time.monotonic() >= until:
+                return
+            time.sleep(0.5)
+
+    pick = random.Random(kills)
+    for _ in range(kills):
+        keep_busy(time.monotonic() + every)
+        victim = pick.choice(workers)
+        os.killpg(victim.proc.pid, signal.SIGKILL)
+        victim.proc.wait(timeout=10)
+        workers[workers.index(victim)] = serve(redis_url, pg_url, delay=0.2, env=PRODUCTION_RECOVERY)
+    last_kill = time.monotonic()
+    before, next_result = sum(finished(store, j) for j in jobs), None
+    while not all(store.job(j).is_final for j in jobs):
+        assert time.monotonic() - last_kill < 180, (
+            f"jobs not done 180 s after the last kill\n{workers[0].log()[-3000:]}"
+        )
+        if next_result is None and sum(finished(store, j) for j in jobs) > before:
+            next_result = time.monotonic() - last_kill
+        time.sleep(0.2)
+    done = time.monotonic() - last_kill
+    reference = expected(model, texts)
+    reports = [ledger.check(pg_url, j, faults=kills if n == 0 else 0, expected=reference) for n, j in enumerate(jobs)]
+    ledger.tests -= len(reports) - 1  # one test, however many jobs it checked
+    for report in reports:
+        assert_exactly_once(report, len(texts))
+    merged = {
+        "items": [item for r in reports for item in r["items"]],
+        **{key: sum(r[key] for r in reports) for key in ("lost", "duplicates", "changed")},
+    }
+    what = f"chaos, {kills} SIGKILLs of a random worker of 3 every {every:.0f}s with replacements ({len(jobs)} jobs)"
+    ledger.timed(what, merged, done if next_result is None else next_result, done, "the last kill")
+    assert done < 60, f"the jobs ended {done:.0f}s after the last kill"
 
 
 def holds(store: Store, queue: str, worker: WorkerProcess, job_id: str) -> bool:
@@ -361,6 +475,62 @@ def test_redis_restart_mid_job(
     assert_exactly_once(report, len(texts))
     if not aof:
         assert report["job"]["requeues"] >= 1, "only the reconciler can recover messages Redis forgot"
+
+
+def test_redis_restarted_without_persistence_is_noticed_in_seconds(
+    pg_url: str, own_redis: Any, model: str, serve: Any, ledger: FaultLedger
+) -> None:
+    """Redis comes back after 3 s with its queue gone: the worker finds its queue empty and nothing of the job
+    claimed, and publishes the job's window again within ``lost_after`` (15 s), not the stalled-job
+    reconciler's five minutes; no item runs twice."""
+    redis_server = own_redis(aof=False)
+    store, queue, texts = Store(pg_url), queue_of(model), TEXTS[:400]  # past the first window: it moves
+    worker = serve(redis_server.url, pg_url, delay=0.15, env=PRODUCTION_RECOVERY)
+    worker.wait_ready(store, queue)
+    job = submit(redis_server.url, pg_url, model, texts)
+    wait_for("a first batch", lambda: finished(store, job) >= 8, logs=[worker])
+    redis_server.kill()
+    time.sleep(3)
+    redis_server.start()  # empty: no queue, no unacknowledged messages
+    back = time.monotonic()
+    next_result, done = resumption(store, job, back, logs=[worker])
+    report = ledger.check(pg_url, job, faults=1, expected=expected(model, texts))
+    assert_exactly_once(report, len(texts))
+    assert report["job"]["requeues"] >= 1 and "none of its items held by a live worker" in worker.log()
+    assert items_run(worker) == len(texts), "an item ran twice"
+    ledger.timed("Redis restarted without persistence (down 3 s)", report, next_result, done, "Redis's return")
+    assert next_result < 60, f"the job went on {next_result:.0f}s after Redis came back"
+
+
+def test_redis_with_aof_down_longer_than_the_reconnects(
+    pg_url: str, own_redis: Any, model: str, serve: Any, ledger: FaultLedger
+) -> None:
+    """Redis with AOF away for 20 s while a worker runs the message that ends a slice of the job: the
+    worker's consumer retries (2, 4, 6 ... s apart) and comes back to the kept queue, and the next slice,
+    which the worker could not publish (its producer retries for about a second), is published again
+    once the queue runs dry with the job unfinished and nothing of it held."""
+    redis_server = own_redis(aof=True)
+    store, queue, texts = Store(pg_url), queue_of(model), TEXTS[:300]  # a fifth slice, beyond the first window
+    worker = serve(redis_server.url, pg_url, delay=0.5, env=PRODUCTION_RECOVERY)
+    worker.wait_ready(store, queue)
+    job = submit(redis_server.url, pg_url, model, texts)
+
+    def running_a_slice_end() -> bool:
+        lease = child_of(store, queue, worker)["lease"] or {}
+        return bool(lease.get("slice_end")) and bool(store.pending_inputs(job, lease["idxs"]))
+
+    wait_for("the worker to run the message that ends the first slice", running_a_slice_end, logs=[worker])
+    redis_server.kill()
+    time.sleep(20)
+    redis_server.start()
+    back = time.monotonic()
+    next_result, done = resumption(store, job, back, logs=[worker])
+    report = ledger.check(pg_url, job, faults=1, expected=expected(model, texts))
+    assert_exactly_once(report, len(texts))
+    assert "could not publish its next slice" in worker.log(), worker.log()[-3000:]
+    ledger.timed("Redis with AOF down 20 s", report, next_result, done, "Redis's return")
+    assert next_result < 60, f"the job went on {next_result:.0f}s after Redis came back"
+    assert done < 90, f"the job ended {done:.0f}s after Redis came back"
 
 
 # ------------------------------------------------------------------ 4: store outage

@@ -21,11 +21,12 @@ from typer.testing import CliRunner
 from conftest import FaultLedger
 from pipeq import Client, Settings
 from pipeq import constants as C
-from pipeq.broker.reconcile import reconcile
+from pipeq.broker.publish import publish_chunks
+from pipeq.broker.reconcile import reconcile, republish_lost
 from pipeq.cli import app as cli_app
 from pipeq.errors import BrokerError
 from pipeq.models import Job, JobCount
-from pipeq.primitives import ItemResult, utcnow
+from pipeq.primitives import ItemResult, Lease, utcnow
 from pipeq.routing import ServeKey
 from pipeq.store import NewItem, Store, new_job_row
 from pipeq.worker.config import WorkerConfig
@@ -157,6 +158,63 @@ def test_status_and_workers_show_liveness(store: Store, store_url: str) -> None:
     assert [w["host"] for w in status["workers"]["stale"]] == ["gone"]
     out = run_cli(["workers"], settings)
     assert "42 items, running job job1" in out.output and "1 stale workers" in out.output and "gone:9" in out.output
+
+
+# ------------------------------------------------- jobs whose messages the broker lost
+
+
+def test_a_job_with_nothing_on_the_broker_is_published_again_after_lost_after(store: Store, celery: Celery) -> None:
+    # Given: a published job whose messages are gone (Redis restarted without persistence), idle for 20 s
+    live_worker(store)
+    add_job(store, "gone", 10, idle_for=20)
+    # Then: the stalled-job reconciler waits its five minutes, while the look for lost jobs publishes it now
+    assert reconcile(store, celery, stalled_after=300) == []
+    (requeued,) = republish_lost(store, celery, lost_after=15)
+    assert (requeued.job_id, requeued.items, requeued.lost, requeued.unpublished) == ("gone", 10, True, False)
+    assert sorted(i for m in drain(celery, KEY.queue) for i, _ in m["items"]) == list(range(10))
+    # And a second look right away sends nothing twice
+    assert republish_lost(store, celery, lost_after=15) == []
+    assert store.job_row("gone")["requeues"] == 1  # type: ignore[index]
+
+
+def test_a_job_is_not_lost_while_its_queue_holds_messages_or_a_live_worker_holds_its_items(
+    store: Store, celery: Celery
+) -> None:
+    live_worker(store)
+    worker_id = f"w-{KEY.queue[-6:]}"
+    add_job(store, "held", 6, idle_for=20)
+    # A live worker running a long batch of it: its claim is on its row, its items pending.
+    store.claim("held", [0, 1], lease=Lease(worker_id))
+    age(store, "held", 20)
+    assert republish_lost(store, celery, lost_after=15) == []
+    # Too recent: a job moved 5 s ago is not lost.
+    record = {"worker_id": worker_id, "model_revision": None, "precision": "fp32", "device": "cpu"}
+    store.record_batch("held", [ItemResult(i, C.ITEM_DONE, output=1) for i in (0, 1)], None, **record)
+    age(store, "held", 5)
+    assert republish_lost(store, celery, lost_after=15) == []
+    # Idle long enough, its claim done, but a message waits on its queue (perhaps its own): left alone.
+    age(store, "held", 20)
+    publish_chunks(celery, "other", KEY.queue, [(0, "x")], chunk_size=1)
+    assert republish_lost(store, celery, lost_after=15) == []
+    assert [m["job_id"] for m in drain(celery, KEY.queue)] == ["other"]
+    # Once the queue is empty, the rest of it goes back: only its pending items.
+    (requeued,) = republish_lost(store, celery, lost_after=15)
+    assert requeued.items == 4
+    assert sorted(i for m in drain(celery, KEY.queue) for i, _ in m["items"]) == [2, 3, 4, 5]
+
+
+def test_cli_reconcile_finds_a_job_the_broker_lost(store: Store, store_url: str, celery: Celery) -> None:
+    settings = Settings(broker_url="memory://", database_url=store_url)
+    live_worker(store)
+    add_job(store, "gone", 7, idle_for=20)
+    out = run_cli(["reconcile"], settings, env={"PIPEQ_LOST_AFTER": "30"})
+    assert (out.exit_code, out.stdout, out.stderr) == (0, "", "no dead workers and no stalled jobs\n")
+    out = run_cli(["reconcile", "--lost-after", "10"], settings)
+    assert (out.exit_code, out.stdout) == (
+        0,
+        "re-queued 7 pending items of job gone (no message of it on the broker)\n",
+    )
+    assert len(drain(celery, KEY.queue)) == 2
 
 
 # ------------------------------------------------- jobs stored but never published
@@ -306,7 +364,7 @@ def test_cli_reconcile_output_and_exit_codes(store: Store, store_url: str, celer
     out = run_cli(["reconcile"], settings)
     assert out.exit_code == 0, out.output
     assert out.stdout.splitlines() == [
-        "re-queued 5 pending items of job lost",
+        "re-queued 5 pending items of job lost (no message of it on the broker)",
         "published 3 pending items of job orphan (stored but never queued)",
     ]
     assert sorted((m["job_id"], i) for m in drain(celery, KEY.queue) for i, _ in m["items"]) == [

@@ -289,3 +289,24 @@ def test_cli_jobs(store: Store, store_url: str) -> None:
     text = cli("jobs", "--database-url", store_url)
     assert text.exit_code == 0 and text.stdout.splitlines()[1].startswith(finished)
     assert cli("jobs", "--status", "bogus", "--database-url", store_url).exit_code == 2
+
+
+def test_cli_jobs_shows_a_job_stored_but_not_queued(store: Store, store_url: str) -> None:
+    # Given: a job whose publish failed at submit (the producer recorded why on the job)
+    job_id = make_job(store, "job-unqueued", 50)
+    error = f"job {job_id} is stored but not queued: could not queue job {job_id} on redis://r:6379/0: OOM"
+    store.set_job_error(job_id, error)
+    # Then: `pipeq jobs` says it is not on the broker, why, and how it gets there
+    lines = cli("jobs", "--database-url", store_url).stdout.splitlines()
+    assert lines[0].startswith(f"{job_id}  ") and "  unqueued  " in lines[0] and " 0/0/50 " in lines[0]
+    assert lines[1:] == [
+        f"  error: {error}",
+        "  hint: a live worker on its queue publishes it once the queue is empty (PIPEQ_LOST_AFTER); "
+        f"`pipeq resume {job_id}` does now",
+    ]
+    (listed,) = json.loads(cli("jobs", "--json", "--database-url", store_url).stdout)
+    assert (listed["status"], listed["published"]) == ("queued", False)
+    # Once published, it is listed as queued like any other
+    store.mark_published(job_id)
+    (line,) = cli("jobs", "--database-url", store_url).stdout.splitlines()
+    assert "  queued  " in line

@@ -19,6 +19,15 @@ restores the dead worker's unacknowledged message, its items are done and are sk
 or a long-held lock is nobody's death: a worker looks for dead ones only after ``dead_after`` seconds of
 its own unbroken contact with the store (``pipeq.worker.contact``), and heartbeats are timed once the
 store's lock is held, so every live worker has beaten again by then.
+
+A broker that lost its messages is noticed within ``lost_after`` seconds, not ``stalled_after``
+(``republish_lost``): a job with pending items that made no progress for that long, while its queue
+holds no message on the broker and no live worker holds any of its pending items, has nothing left
+that could move it, so its window is published again. Workers look for such jobs on their own queue a
+few times per ``lost_after``; ``pipeq reconcile`` does it once for every queue with a live worker.
+Messages of dead workers left unacknowledged in Redis do not count (Redis gives them back only after
+its visibility timeout, an hour): those with a claim are a takeover's, and one taken before any claim
+(its worker died in between) is found here.
 """
 
 from __future__ import annotations
@@ -29,11 +38,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery
+from kombu.exceptions import ChannelError
 
 from pipeq import constants as C
 from pipeq.broker.publish import longest_first, publish_chunks
 from pipeq.broker.window import requeue, top_up
+from pipeq.errors import BrokerError
 from pipeq.primitives import utcnow
+from pipeq.settings import mask_url
 from pipeq.store import Store, as_utc
 
 log = logging.getLogger(__name__)
@@ -48,6 +60,8 @@ class Requeued:
     items: int
     #: True when the job had never been published (its producer stopped between commit and publish).
     unpublished: bool = False
+    #: True when its queue held no message on the broker and no live worker held its items (``republish_lost``).
+    lost: bool = False
 
 
 def reconcile(
@@ -87,6 +101,70 @@ def reconcile(
             )
         done.append(Requeued(job["id"], job["queue"], items, unpublished))
     return done
+
+
+def republish_lost(
+    store: Store,
+    celery: Celery,
+    *,
+    lost_after: float,
+    queues: Sequence[str] | None = None,
+    live_only: bool = True,
+) -> list[Requeued]:
+    """Publish again the window of every job whose messages are gone: pending items, no progress for
+    ``lost_after`` seconds, its queue empty on the broker and none of its pending items claimed by a
+    live worker (see the module's docstring). Raises BrokerError when the broker cannot be read.
+
+    Nothing runs twice: the store's claims skip finished items, and a message that comes back later
+    (Redis restoring an unacknowledged one) finds its items done.
+    """
+    if queues is None and live_only:
+        queues = sorted({w["queue"] for w in store.live_workers()})
+    stalled = store.stalled_jobs(lost_after, queues)
+    done: list[Requeued] = []
+    for queue in sorted({job["queue"] for job in stalled}):
+        held = store.held_jobs(queue)
+        jobs = [job for job in stalled if job["queue"] == queue and job["id"] not in held]
+        if not jobs or queued_messages(celery, queue):
+            continue  # a message waiting on the queue may be the job's: it moves once a worker takes it
+        for job in jobs:
+            if not store.take_requeue(job["id"], lost_after):
+                continue  # another worker got there first, or the job moved meanwhile
+            unpublished = job["published_at"] is None
+            items = requeue(store, celery, job)
+            log.warning(
+                "job %s made no progress for %.0fs with no message on queue %s and none of its items held by a "
+                "live worker (the broker lost them, or a publish failed): published %d of its pending items",
+                job["id"],
+                lost_after,
+                queue,
+                items,
+            )
+            done.append(Requeued(job["id"], queue, items, unpublished, lost=True))
+    return done
+
+
+def queued_messages(celery: Celery, queue: str) -> int:
+    """Messages waiting on ``queue`` at the broker: on Redis, the lengths of its list and of its priority
+    lists; messages delivered and not yet acknowledged are not counted. Raises BrokerError when the broker
+    does not answer within ``QUEUE_DEPTH_TIMEOUT`` (one try: a worker's heartbeat thread asks)."""
+    timeouts = {"socket_timeout": C.QUEUE_DEPTH_TIMEOUT, "socket_connect_timeout": C.QUEUE_DEPTH_TIMEOUT}
+    try:
+        with celery.connection_for_read(transport_options=timeouts) as conn:
+            conn.connect()
+            channel: Any = conn.channel()
+            missing: tuple[type[BaseException], ...] = (ChannelError, *conn.channel_errors)
+            try:
+                return int(channel.queue_declare(queue=queue, passive=True).message_count)
+            except missing:
+                return 0  # no such queue: Redis deletes a list once it is empty
+            finally:
+                channel.close()
+    except Exception as exc:  # kombu raises many connection error types
+        broker = mask_url(str(celery.conf.broker_url))
+        raise BrokerError(
+            f"could not read queue {queue} on {broker}: {type(exc).__name__}: {mask_url(str(exc))}"
+        ) from None
 
 
 @dataclass(frozen=True)

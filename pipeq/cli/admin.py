@@ -67,6 +67,10 @@ def reconcile(
     stalled_after: Annotated[
         float | None, typer.Option(help="Seconds without progress on an idle queue [env: PIPEQ_STALLED_AFTER].")
     ] = None,
+    lost_after: Annotated[
+        float | None,
+        typer.Option(help="Seconds without progress with nothing of the job on the broker [env: PIPEQ_LOST_AFTER]."),
+    ] = None,
     all_queues: Annotated[bool, typer.Option("--all", help="Also queues no live worker serves.")] = False,
     broker_url: BrokerOpt = None,
     database_url: DatabaseOpt = None,
@@ -75,20 +79,26 @@ def reconcile(
 
     A worker without a heartbeat for PIPEQ_DEAD_AFTER seconds is marked lost and the items it had
     claimed and not finished are queued again (live workers do this for their queue every few seconds).
-    Jobs that made no progress (e.g. Redis lost its data) or were stored but never queued (the producer
-    died, or the broker refused them) are queued too; workers do this for their own queue every
-    PIPEQ_RECONCILE_INTERVAL seconds. This runs one pass of both now.
+    A job idle for PIPEQ_LOST_AFTER seconds whose queue is empty on the broker and none of whose items
+    a live worker holds (Redis restarted without persistence, a failed publish) has its pending items
+    queued again (workers look for these a few times per PIPEQ_LOST_AFTER). Jobs that made no progress
+    for PIPEQ_STALLED_AFTER seconds on an idle queue, or were stored but never queued (the producer
+    died, or the broker refused them), are queued too; workers do this for their own queue every
+    PIPEQ_RECONCILE_INTERVAL seconds. This runs one pass of all three now.
     Example: pipeq reconcile --stalled-after 60
     """
     from pipeq.broker.app import make_celery
+    from pipeq.broker.reconcile import Requeued, republish_lost, take_over
     from pipeq.broker.reconcile import reconcile as reconcile_once
-    from pipeq.broker.reconcile import take_over
 
     with cli_errors():
-        settings = settings_from(broker_url, database_url, stalled_after=stalled_after)
+        settings = settings_from(broker_url, database_url, stalled_after=stalled_after, lost_after=lost_after)
     with open_store(settings.database_url) as store, make_celery(settings) as celery:
         lost = take_over(store, celery, dead_after=settings.dead_after) if settings.dead_after > 0 else []
-        done = reconcile_once(store, celery, stalled_after=settings.stalled_after, live_only=not all_queues)
+        done: list[Requeued] = []
+        if settings.lost_after > 0:  # broker errors exit 3, through open_store
+            done = republish_lost(store, celery, lost_after=settings.lost_after, live_only=not all_queues)
+        done += reconcile_once(store, celery, stalled_after=settings.stalled_after, live_only=not all_queues)
     for t in lost:
         typer.echo(
             f"worker {t.worker_id[:8]} (pid {t.pid} on {t.host}) silent for {t.silent_seconds:.0f}s: marked lost, "
@@ -97,6 +107,8 @@ def reconcile(
     for r in done:
         if r.unpublished:
             typer.echo(f"published {r.items:,} pending items of job {r.job_id} (stored but never queued)")
+        elif r.lost:
+            typer.echo(f"re-queued {r.items:,} pending items of job {r.job_id} (no message of it on the broker)")
         else:
             typer.echo(f"re-queued {r.items:,} pending items of job {r.job_id}")
     if not done and not lost:

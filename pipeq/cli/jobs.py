@@ -255,7 +255,7 @@ def jobs(
     with open_store(database_url) as store:
         rows = store.recent_jobs(limit, status)
     if as_json:
-        keys = ("id", "status", "task", "model", "precision", "total", "done", "failed", "cancelled")
+        keys = ("id", "status", "task", "model", "precision", "total", "done", "failed", "cancelled", "published")
         listed = [
             {**{k: getattr(j, k) for k in keys}, "created_at": j.created_at.isoformat(), "rate": round(j.rate, 3)}
             for j in rows
@@ -263,10 +263,17 @@ def jobs(
         typer.echo(json.dumps(listed))
         return
     for j in rows:
+        unqueued = not j.published and not j.is_final and j.error is not None  # its publish failed
         typer.echo(
-            f"{j.id}  {j.created_at:%Y-%m-%d %H:%M:%S}  {j.status:<9} {j.task} {j.precision}  "
-            f"{j.done:,}/{j.failed:,}/{j.total:,}  {j.rate:,.1f}/s  {j.model}"
+            f"{j.id}  {j.created_at:%Y-%m-%d %H:%M:%S}  {'unqueued' if unqueued else j.status:<9} {j.task} "
+            f"{j.precision}  {j.done:,}/{j.failed:,}/{j.total:,}  {j.rate:,.1f}/s  {j.model}"
         )
+        if unqueued:
+            typer.echo(f"  error: {j.error}")
+            typer.echo(
+                f"  hint: a live worker on its queue publishes it once the queue is empty (PIPEQ_LOST_AFTER); "
+                f"`pipeq resume {j.id}` does now"
+            )
     if not rows:
         typer.echo("no jobs", err=True)
     if any(j.status == C.JOB_STORING for j in rows):

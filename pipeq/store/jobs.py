@@ -122,6 +122,7 @@ def _job_progress(row: Any) -> JobProgress:
         params=row["params"] or {},
         cache_hits=row["cache_hits"],
         shadow=row["shadow"],
+        published=row["published_at"] is not None,
     )
 
 

@@ -9,7 +9,7 @@ from sqlalchemy import and_, insert, select, update
 
 from pipeq import constants as C
 from pipeq.primitives import utcnow
-from pipeq.store.base import CALIBRATIONS, JOBS, WORKERS, StoreBase
+from pipeq.store.base import CALIBRATIONS, ITEMS, JOBS, WORKERS, StoreBase
 from pipeq.store.engine import as_utc
 
 
@@ -104,6 +104,27 @@ class WorkerQueries(StoreBase):
             q = q.where(WORKERS.c.queue == queue)
         with self.engine.connect() as conn:
             return [dict(r) for r in conn.execute(q).mappings()]
+
+    def held_jobs(self, queue: str) -> set[str]:
+        """Jobs of which a live worker on ``queue`` holds claimed items that are still pending.
+
+        Such a job is being run (or will be taken over with its claim if that worker dies): its messages
+        are not lost, whatever the broker holds. A worker's lease stays on its row after its message is
+        done, so only a lease with pending items counts.
+        """
+        held: set[str] = set()
+        for worker in self.live_workers(queue):
+            lease = worker.get("lease") or {}
+            job_id, idxs = lease.get("job"), lease.get("idxs") or []
+            if not job_id or not idxs or job_id in held:
+                continue
+            q = select(ITEMS.c.idx).where(
+                ITEMS.c.job_id == job_id, ITEMS.c.idx.in_([int(i) for i in idxs]), ITEMS.c.status == C.ITEM_PENDING
+            )
+            with self.engine.connect() as conn:
+                if conn.execute(q.limit(1)).first() is not None:
+                    held.add(job_id)
+        return held
 
     def served_custom_tasks(self) -> frozenset[str]:
         """Task names that live workers serve (custom pipeline tasks are only known through them)."""

@@ -7,7 +7,8 @@ import os
 import signal
 from typing import Any
 
-from celery import Celery
+from celery import Celery, bootsteps
+from celery.concurrency.prefork import TaskPool
 from celery.exceptions import Reject
 from celery.signals import worker_process_init, worker_process_shutdown, worker_shutting_down
 
@@ -27,8 +28,12 @@ def create_worker_app(settings: Settings, cfg: WorkerConfig) -> tuple[Celery, Wo
     app.conf.update(
         task_default_queue=cfg.key.queue,
         worker_proc_alive_timeout=C.PROCESS_START_TIMEOUT,
+        # A broker that is away for long is waited for, however long: Celery's default gives up after 100
+        # tries (about 47 minutes) and leaves a worker that consumes nothing. Tries come every 2 to 30 s.
+        broker_connection_max_retries=None,
     )
     ctx = WorkerContext(settings, cfg)
+    app.steps["consumer"].add(_consume_when_ready(ctx, cfg.key.queue))
     ctx.celery = app
     marked = marks_redeliveries(settings.broker_url)
 
@@ -57,6 +62,8 @@ def create_worker_app(settings: Settings, cfg: WorkerConfig) -> tuple[Celery, Wo
             os._exit(1)
         try:
             ctx.start()
+            with ctx.ready_children.get_lock():
+                ctx.ready_children.value += 1
         except Exception:
             log.critical("worker could not load its pipeline; shutting the worker down", exc_info=True)
             ctx.load_failed.value = 1  # shared with the parent, which then exits non-zero
@@ -83,3 +90,49 @@ def create_worker_app(settings: Settings, cfg: WorkerConfig) -> tuple[Celery, Wo
 
     ctx.on_stop = _detach
     return app, ctx
+
+
+def _consume_when_ready(ctx: WorkerContext, queue: str) -> type[bootsteps.StartStopStep]:
+    """A consumer step: a prefork worker takes messages from ``queue`` only once every pool child is ready.
+
+    Celery starts consuming while the children load their model; the parent would hold the messages it
+    took meanwhile, with no claim written anywhere, so a worker killed during its start-up left them in
+    Redis's unacknowledged set until the visibility timeout (an hour). Here the parent takes none until
+    each child has registered, loaded its model and measured its speed (``WorkerContext.start``); from
+    then on each message it holds is one a child runs and claims at once (``-O fair``, one per child).
+    """
+
+    class ConsumeWhenReady(bootsteps.StartStopStep):
+        requires = ("celery.worker.consumer.tasks:Tasks",)
+
+        def __init__(self, c: Any, **kwargs: Any) -> None:
+            super().__init__(c, **kwargs)
+            self.timer: Any = None
+
+        def _ready(self, c: Any) -> bool:
+            if not isinstance(c.pool, TaskPool):  # solo: the model loads in this process, before consuming
+                return True
+            return bool(ctx.ready_children.value >= c.pool.num_processes)
+
+        def start(self, c: Any) -> None:
+            if self._ready(c):
+                return
+            c.task_consumer.cancel_by_queue(queue)
+            log.info("taking no message from %s until the pool's children are ready", queue)
+            self.timer = c.timer.call_repeatedly(C.READY_POLL_INTERVAL, self._open, (c,))
+
+        def _open(self, c: Any) -> None:
+            if not self._ready(c) or c.task_consumer is None:
+                return
+            if not c.task_consumer.consuming_from(queue):
+                c.task_consumer.add_queue(c.app.amqp.queues[queue])
+                c.task_consumer.consume()
+                log.info("all %d pool children ready: taking messages from %s", c.pool.num_processes, queue)
+            self.stop(c)
+
+        def stop(self, c: Any) -> None:
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+
+    return ConsumeWhenReady

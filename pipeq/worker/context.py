@@ -16,7 +16,7 @@ from celery import Celery
 
 from pipeq import constants as C
 from pipeq.broker.publish import publish_chunks
-from pipeq.broker.reconcile import reconcile, take_over
+from pipeq.broker.reconcile import reconcile, republish_lost, take_over
 from pipeq.broker.window import top_up
 from pipeq.cache import CacheScope
 from pipeq.errors import BrokerError, ConfigurationError, StoreError
@@ -58,6 +58,9 @@ class WorkerContext:
         self._heartbeat: threading.Thread | None = None
         #: Set to 1 by a pool child that could not load the pipeline (shared memory, made before fork).
         self.load_failed: Any = multiprocessing.Value("i", 0)
+        #: Pool children that finished ``start`` (model loaded, start-up measured): the parent takes no
+        #: message before all of them have (see ``pipeq.worker.app``).
+        self.ready_children: Any = multiprocessing.Value("i", 0)
         #: Called by stop(): the app uses it to disconnect its process signals.
         self.on_stop: Callable[[], None] | None = None
         #: Set to 1 by the parent when a warm shutdown begins: children stop after their running batch.
@@ -215,7 +218,8 @@ class WorkerContext:
 
     def _beat(self) -> None:
         """A heartbeat (with the current job and totals) and a look for dead workers on this queue, a few
-        times per ``dead_after``; a reconciler pass every ``reconcile_interval``.
+        times per ``dead_after``; a look for jobs whose messages the broker lost, a few times per
+        ``lost_after``; a reconciler pass every ``reconcile_interval``.
 
         Its own thread, so a long forward pass (torch releases the GIL) never silences it. It looks for
         dead workers only after ``dead_after`` seconds of unbroken contact with the store (``StoreContact``):
@@ -223,16 +227,22 @@ class WorkerContext:
         """
         interval, dead_after = self.settings.reconcile_interval, self.settings.dead_after
         beat_every = self._beat_every()
+        lost_after = self.settings.lost_after
+        look_every = lost_after / C.LOST_CHECKS_PER_LOST_AFTER
         next_beat = time.monotonic()
         # A reconcile interval of 0 turns the worker's own reconciler off (it must not make this loop spin).
         next_reconcile = next_beat if interval > 0 else float("inf")
-        while not self._stop.wait(max(0.0, min(next_beat, next_reconcile) - time.monotonic())):
+        next_look = next_beat + look_every if lost_after > 0 else float("inf")
+        while not self._stop.wait(max(0.0, min(next_beat, next_reconcile, next_look) - time.monotonic())):
             now = time.monotonic()
             if now >= next_beat:
                 next_beat = now + beat_every
                 self._heartbeat_once()
                 if dead_after > 0 and self.contact.may_judge():
                     self._take_over(dead_after)
+            if now >= next_look:
+                next_look = now + look_every
+                self._republish_lost(lost_after)
             if interval > 0 and now >= next_reconcile:
                 next_reconcile = now + interval
                 self._reconcile()
@@ -272,6 +282,14 @@ class WorkerContext:
         except Exception as exc:
             self.contact.lost()
             log.warning("looking for dead workers failed: %s: %s", type(exc).__name__, mask_url(str(exc)))
+
+    def _republish_lost(self, lost_after: float) -> None:
+        if self.celery is None or self.store is None or self.runtime is None or self.shutting_down.value:
+            return  # a worker still loading holds nothing and serves nothing yet
+        try:
+            republish_lost(self.store, self.celery, lost_after=lost_after, queues=[self.cfg.key.queue])
+        except Exception as exc:
+            log.warning("looking for jobs the broker lost failed: %s: %s", type(exc).__name__, mask_url(str(exc)))
 
     def _reconcile(self) -> None:
         if self.celery is None or self.store is None or self.shutting_down.value:
@@ -458,7 +476,7 @@ class WorkerContext:
         elif left:
             log.info("job %s cancelled or finished elsewhere; stopping its chunk", job_id[:8])
         elif slice_end and self.celery is not None:
-            counts["published"] = self._top_up(job)
+            counts["published"] = self._next_slice(job)
         log.info(
             "job %s chunk: %d done, %d failed, %d skipped in %.0f ms",
             job_id[:8],
@@ -469,15 +487,15 @@ class WorkerContext:
         )
         return counts
 
-    def _top_up(self, job: dict[str, Any]) -> int:
-        """Publish the job's next slice; a broker that refuses it leaves the slice to the next requeue."""
+    def _next_slice(self, job: dict[str, Any]) -> int:
+        """Publish the job's next slice (this message ended one); returns the items published."""
         assert self.store is not None and self.celery is not None
         try:
             return top_up(self.store, self.celery, job)
         except BrokerError as exc:
-            log.warning(
-                "job %s: its next slice waits for the broker (%s); the reconciler publishes it", job["id"][:8], exc
-            )
+            # The chunk's results are committed; the slice is published again once the job's queue is found
+            # empty with nothing of the job held by a live worker (``republish_lost``, within ``lost_after``).
+            log.warning("job %s: could not publish its next slice: %s", job["id"][:8], exc)
             return 0
 
     def _hand_back(self, job: dict[str, Any], left: list[tuple[int, Any]], slice_end: bool) -> None:
