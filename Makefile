@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch that lies on this machine; on a CUDA host the same pin takes PyPI's CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test test-fast test-gpu gpu-bundle lint format typecheck check docs bench bench-quick bench-hostpath clean
+.PHONY: install demo test test-fast test-gpu test-chaos gpu-bundle lint format typecheck check docs bench bench-quick bench-hostpath clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ test-fast:
 
 test-gpu:
 	$(PY) -m pytest -m gpu
+
+# Minutes of repeated faults (a chaos loop of SIGKILLs), kept out of `make test`; CI runs it after the suite.
+test-chaos:
+	$(PY) -m pytest -m chaos
 
 # What benchmarks/gpu_session.sh needs on a GPU machine with no network: .whl/ and .gpu/ (git-ignored).
 gpu-bundle:
