@@ -280,7 +280,10 @@ def test_a_worker_killed_while_it_starts_holds_no_message(
 
 @pytest.mark.parametrize(
     ("kills", "every"),
-    [(6, 3.0), pytest.param(23, 9.0, marks=[pytest.mark.chaos, pytest.mark.timeout(600)])],
+    [
+        pytest.param(6, 3.0, marks=[pytest.mark.chaos]),
+        pytest.param(23, 9.0, marks=[pytest.mark.chaos, pytest.mark.timeout(600)]),
+    ],
     ids=["6-kills", "23-kills"],
 )
 def test_chaos_sigkills_a_random_worker_every_few_seconds(
