@@ -124,6 +124,9 @@ STEP_ASIDE_PAUSE = 1.0
 HEARTBEAT_STALE_AFTER = 60.0
 #: Seconds between polls of the store while waiting for a job.
 WAIT_POLL_INTERVAL = 0.5
+#: Shortest wait between two reads when a job is about to finish (a waiting client then reads a little more
+#: often, so ``pipeq submit --wait`` returns within this of the job's last result, not within a full poll).
+WAIT_POLL_MIN = 0.05
 
 #: Item states.
 ITEM_PENDING = "pending"

@@ -41,7 +41,16 @@ def follow(
             return state
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"job {job_id} not finished after {timeout}s: {state.finished}/{state.total}")
-        time.sleep(poll)
+        time.sleep(next_poll(state, poll))
+
+
+def next_poll(state: JobProgress, poll: float) -> float:
+    """Seconds until the next read: ``poll``, or half the job's time left at its rate once that is shorter
+    (at least ``WAIT_POLL_MIN``), so the job's end is seen soon after its last result."""
+    eta = state.eta_seconds
+    if eta is None:
+        return poll
+    return max(min(C.WAIT_POLL_MIN, poll), min(poll, eta / 2))
 
 
 def watch(
