@@ -267,16 +267,27 @@ class Worker:
 
 
 def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, int, str]:
-    """Run ``cmd``; its wall seconds, its peak RSS in bytes, and its stdout. Exits on failure."""
+    """Run ``cmd``; its wall seconds, its peak RSS in bytes (sampled every 20 ms: the kernel's own peak of a
+    child counts the memory of the process that forked it), and its stdout. Exits on failure."""
+    import psutil
+
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - t0
-    out = proc.stdout.read().decode() if proc.stdout else ""
-    err = proc.stderr.read().decode() if proc.stderr else ""
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{shlex.join(cmd)} failed:\n{err[-3000:]}")
-    return seconds, usage.ru_maxrss * 1024, out
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err)
+        watched, peak = psutil.Process(proc.pid), 0
+        while proc.poll() is None:
+            try:
+                peak = max(peak, watched.memory_info().rss)
+            except psutil.Error:
+                pass
+            time.sleep(0.02)
+        seconds = time.perf_counter() - t0
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(), err.read().decode()
+    if proc.returncode != 0:
+        raise SystemExit(f"{shlex.join(cmd)} failed:\n{stderr[-3000:]}")
+    return seconds, peak, stdout
 
 
 def newest_job(url: str) -> dict[str, Any]:
@@ -510,7 +521,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--rounds", type=int, default=2, help="Whole jobs per model and store, each between two loops.")
     p.add_argument("--layouts", type=lambda s: s.split(","), default=None,
-                   help="Worker layouts, STREAMSxTHREADS each (e.g. 1x2,2x1); default: the worker's choice.")  # fmt: skip
+                   help="Worker layouts, STREAMSxTHREADS each (1x2,2x1); default: the worker's own.")  # fmt: skip
     p.add_argument("--million", action="store_true", help="The large-job steps instead of the comparison.")
     p.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[100_000, 1_000_000])
     p.add_argument("--results", help="Replace the wholejob block of this file (RESULTS.md) with the output.")
