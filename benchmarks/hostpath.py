@@ -294,7 +294,7 @@ class PipeqRun:
     wall_seconds: float
     submit_seconds: float
     #: Items / (first claim to last commit): the steady state, without the submit.
-    steady_rate: float = 0.0
+    steady_rate: float
     #: Seconds each stage was busy (they overlap: prepare, forward and writer threads), and the model's idle time.
     stages: dict[str, float]
     sql_write_seconds: float | None
