@@ -28,6 +28,7 @@ import sqlalchemy as sa
 import faultpipe
 from conftest import PG_ADMIN_URL, FaultLedger, WorkerProcess
 from pipeq import Client, Settings
+from pipeq.errors import BrokerError
 from pipeq.routing import ServeKey
 from pipeq.store import Store
 
@@ -505,6 +506,35 @@ def test_redis_restarted_without_persistence_is_noticed_in_seconds(
     assert next_result < 60, f"the job went on {next_result:.0f}s after Redis came back"
 
 
+def test_redis_at_maxmemory_refuses_a_submit_and_the_job_runs_once_it_has_room(
+    pg_url: str, own_redis: Any, model: str, serve: Any, ledger: FaultLedger
+) -> None:
+    """Redis full (``maxmemory``, ``noeviction``) when a job is submitted: the submit fails loudly with the job
+    stored but not queued, and once Redis has room again a live worker publishes it within ``lost_after``
+    (15 s) with no command from the user; every item runs once."""
+    import redis
+
+    redis_server = own_redis(aof=False)
+    admin = redis.Redis.from_url(redis_server.url)
+    store, queue, texts = Store(pg_url), queue_of(model), TEXTS[:200]
+    worker = serve(redis_server.url, pg_url, delay=0.05, env=PRODUCTION_RECOVERY)
+    worker.wait_ready(store, queue)
+    admin.config_set("maxmemory-policy", "noeviction")
+    admin.config_set("maxmemory", "1")  # below what it holds: every write that needs memory is refused
+    with pytest.raises(BrokerError, match="stored but not queued"):
+        submit(redis_server.url, pg_url, model, texts)
+    (job,) = [j.id for j in store.recent_jobs(1)]
+    assert store.job(job).pending == len(texts) and "maxmemory" in (store.job(job).error or "")
+    admin.config_set("maxmemory", "0")
+    room = time.monotonic()
+    next_result, done = resumption(store, job, room, logs=[worker])
+    report = ledger.check(pg_url, job, faults=1, expected=expected(model, texts))
+    assert_exactly_once(report, len(texts))
+    assert items_run(worker) == len(texts), "an item ran twice"
+    ledger.timed("Redis at maxmemory during a submit", report, next_result, done, "Redis's room")
+    assert next_result < 60, f"the job went on {next_result:.0f}s after Redis had room"
+
+
 def test_redis_with_aof_down_longer_than_the_reconnects(
     pg_url: str, own_redis: Any, model: str, serve: Any, ledger: FaultLedger
 ) -> None:
@@ -539,26 +569,37 @@ def test_redis_with_aof_down_longer_than_the_reconnects(
 # ------------------------------------------------------------------ 4: store outage
 
 
-def test_postgres_cut_off_mid_job(pg_url: str, redis_url: str, model: str, serve: Any, ledger: FaultLedger) -> None:
-    store, queue, texts = Store(pg_url), queue_of(model), TEXTS[:120]
-    worker = serve(redis_url, pg_url, delay=0.15)
-    worker.wait_ready(store, queue)
+@pytest.mark.parametrize("down", [6, pytest.param(60, marks=[pytest.mark.chaos])], ids=["6s", "60s"])
+def test_postgres_cut_off_mid_job(
+    down: int, pg_url: str, redis_url: str, model: str, serve: Any, ledger: FaultLedger
+) -> None:
+    """PostgreSQL refuses every connection for ``down`` seconds while two workers run a job (the minute-long
+    outage outlasts ``PIPEQ_DEAD_AFTER``): they retry without acknowledging, neither declares the other lost,
+    and the job goes on once the store is back."""
+    store, queue, texts = Store(pg_url), queue_of(model), TEXTS[:160]
+    workers = [serve(redis_url, pg_url, delay=0.15, env=PRODUCTION_RECOVERY) for _ in range(2)]
+    for worker in workers:
+        worker.wait_ready(store, queue)
     job = submit(redis_url, pg_url, model, texts)
-    wait_for("a first batch", lambda: finished(store, job) >= 8, logs=[worker])
+    wait_for("a first batch", lambda: finished(store, job) >= 8, logs=workers)
     name = pg_url.rsplit("/", 1)[1]
     admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(sa.text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
         conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d"), {"d": name})
     store.engine.dispose()
-    time.sleep(6)  # every connection refused meanwhile: the worker retries with backoff
+    time.sleep(down)  # every connection refused meanwhile: the workers retry with backoff
     with admin.connect() as conn:
         conn.execute(sa.text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
     admin.dispose()
-    wait_for("the job to finish", lambda: store.job(job).is_final, timeout=180, logs=[worker])
-    assert "store unreachable" in worker.log()
+    back = time.monotonic()
+    next_result, done = resumption(store, job, back, timeout=180, logs=workers)
+    assert any("store unreachable" in w.log() for w in workers)
+    assert not any("marked lost" in w.log() for w in workers), "a store outage declared a worker lost"
     report = ledger.check(pg_url, job, faults=1, expected=expected(model, texts))
     assert_exactly_once(report, len(texts))
+    ledger.timed(f"PostgreSQL refusing connections for {down} s", report, next_result, done, "PostgreSQL's return")
+    assert next_result < 60, f"the job went on {next_result:.0f}s after PostgreSQL came back"
 
 
 # ------------------------------------------------------------------ 5: poison items
