@@ -64,8 +64,6 @@ MAX_PRIORITY = 9
 INSERT_BATCH_ROWS = 5_000
 #: Characters of text at most in one such page (a page of long texts is cut sooner).
 INSERT_BATCH_CHARS = 8_000_000
-#: Seconds without a stored page after which a job still "storing" counts as an interrupted submit.
-STORING_STALE_AFTER = 60.0
 #: A job of at least this many items has the store's statistics refreshed once it is stored (PostgreSQL
 #: ``ANALYZE items``): the planner must know a job is large to look its items up by key (``Store.create_job``).
 ANALYZE_AFTER_ITEMS = 10_000

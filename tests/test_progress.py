@@ -113,3 +113,19 @@ def test_status_watch_in_another_process_ends_with_the_job(
     assert re.search(r"done: 6 done, 2 failed, 0 cancelled, 0 pending of 8 \| [\d.]+ items/s", stdout), stdout
     assert exited_after < 10  # a poll of the store (0.5 s) and the process's exit
     store.close()
+
+
+def test_a_waiting_client_reads_sooner_as_the_job_nears_its_end() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from pipeq.progress import next_poll
+
+    def job(done: int, running_for: float | None) -> JobProgress:
+        now = datetime.now(UTC)
+        started = None if running_for is None else now - timedelta(seconds=running_for)
+        return JobProgress("j", TASK, "m", "fp32", "running", 1_000, done, 0, 0, now, started, None)
+
+    assert next_poll(job(0, None), 0.5) == 0.5, "no rate yet: the usual poll"
+    assert next_poll(job(100, 10.0), 0.5) == 0.5, "90 s left at 10 items/s: the usual poll"
+    assert next_poll(job(960, 10.0), 0.5) == pytest.approx(40 / 96 / 2, rel=0.05), "0.42 s left: half of it"
+    assert next_poll(job(999, 100.0), 0.5) == 0.05, "never below WAIT_POLL_MIN"
