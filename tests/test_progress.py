@@ -128,4 +128,4 @@ def test_a_waiting_client_reads_sooner_as_the_job_nears_its_end() -> None:
     assert next_poll(job(0, None), 0.5) == 0.5, "no rate yet: the usual poll"
     assert next_poll(job(100, 10.0), 0.5) == 0.5, "90 s left at 10 items/s: the usual poll"
     assert next_poll(job(960, 10.0), 0.5) == pytest.approx(40 / 96 / 2, rel=0.05), "0.42 s left: half of it"
-    assert next_poll(job(999, 100.0), 0.5) == 0.05, "never below WAIT_POLL_MIN"
+    assert next_poll(job(999, 1.0), 0.5) == 0.05, "never below WAIT_POLL_MIN"
