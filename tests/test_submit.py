@@ -19,7 +19,7 @@ import redis
 from conftest import WorkerProcess, count_rows
 from pipeq import Client, Settings
 from pipeq import constants as C
-from pipeq.errors import ConfigurationError, DuplicateIdError
+from pipeq.errors import ConfigurationError, DuplicateIdError, JobNotFoundError
 from pipeq.routing import ServeKey
 from pipeq.store import NewItem, Store, new_job_row
 
@@ -73,6 +73,17 @@ def test_a_job_is_storing_until_its_last_page_and_only_then_runnable(store: Stor
     store.cancel_job("big")
     assert store.delete_finished_job("big") == 6
     assert store.job_row("big") is None and count_rows(store.url, "items") == 0
+
+
+def test_a_job_deleted_while_it_is_stored_leaves_no_items_behind(store: Store) -> None:
+    def pages() -> Any:
+        yield [NewItem(i, None, f"t{i}", 2) for i in range(3)]
+        assert store.delete_finished_job("gone") == 3  # `pipeq delete` on a job still "storing"
+        yield [NewItem(i, None, f"t{i}", 2) for i in range(3, 6)]  # the producer stores one more page
+
+    with pytest.raises(JobNotFoundError, match="deleted while it was stored"):
+        store.create_job(new_job_row("gone", ServeKey(TASK, "/m")), pages())
+    assert store.job_row("gone") is None and count_rows(store.url, "items") == 0
 
 
 @pytest.mark.integration

@@ -185,15 +185,17 @@ class JobQueries(StoreBase):
             log.warning("could not delete the partly stored job %s: delete it with `pipeq delete %s`", job_id, job_id)
 
     def delete_job(self, job_id: str) -> int:
-        """Delete a job with its items, results, counts and batches; returns its item count (0 if none)."""
+        """Delete a job with its items, results, counts and batches; returns its item count (0 if none).
+
+        Its items go even when its row is already gone: a producer still storing a job that was deleted
+        meanwhile inserts a page or more before it finds out (``items.job_id`` has no foreign key to stop it).
+        """
         with self.writer.begin() as conn:
             total = conn.execute(select(JOBS.c.total).where(JOBS.c.id == job_id)).scalar_one_or_none()
-            if total is None:
-                return 0
-            for table in (ITEMS, JOB_COUNTS, BATCHES):
-                conn.execute(table.delete().where(table.c.job_id == job_id))
-            conn.execute(JOBS.delete().where(JOBS.c.id == job_id))
-        return int(total)
+            for table in (ITEMS, JOB_COUNTS, BATCHES, JOBS):
+                key = JOBS.c.id if table is JOBS else table.c.job_id
+                conn.execute(table.delete().where(key == job_id))
+        return int(total or 0)
 
     def delete_finished_job(self, job_id: str) -> int:
         """Delete a job that no worker may still run (done, cancelled, or left "storing"); returns its item count.
