@@ -2,6 +2,7 @@
 threads as a pipeq worker runs it (pipeq/logs.py), so the in-process loops tokenize under the same rule."""
 
 import os
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -47,3 +48,17 @@ def write_block(path: "os.PathLike[str] | str", report: str, begin: str, end: st
     else:
         text = f"{text.rstrip()}\n\n{block}\n" if text.strip() else block + "\n"
     file.write_text(text, encoding="utf-8")
+
+
+def stop_group(proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    """SIGTERM a process started in a group of its own (a warm shutdown that reaches its pool children too) and
+    wait; SIGKILL the group only if it has not ended after ``timeout`` seconds."""
+    import signal
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

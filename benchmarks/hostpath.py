@@ -50,7 +50,6 @@ import os
 import platform
 import secrets
 import shlex
-import signal
 import subprocess
 import sys
 import tempfile
@@ -251,13 +250,7 @@ class Worker:
 
     def stop(self) -> None:
         """SIGTERM (a warm shutdown) and wait; SIGKILL only if it has not ended after two minutes."""
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        benchenv.stop_group(self.proc)
 
 
 # ------------------------------------------------------------ pipeq run

@@ -41,7 +41,6 @@ import os
 import platform
 import resource
 import shlex
-import signal
 import statistics
 import subprocess
 import sys
@@ -257,13 +256,7 @@ class Worker:
         self.peak_rss = max(self.peak_rss, rss)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        benchenv.stop_group(self.proc)
 
 
 def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, int, str]:
