@@ -111,6 +111,14 @@ def assert_exactly_once(report: dict[str, Any], total: int) -> None:
     assert report["job"]["status"] == "done"
 
 
+def checked_once(ledger: FaultLedger, url: str, job_id: str, model: str, texts: list[str]) -> dict[str, Any]:
+    """The job's items counted after one fault (``FaultLedger.check``), each done exactly once with plain
+    transformers' output; returns the report."""
+    report = ledger.check(url, job_id, faults=1, expected=expected(model, texts))
+    assert_exactly_once(report, len(texts))
+    return report
+
+
 def resumption(
     store: Store, job_id: str, since: float, *, timeout: float = 120, logs: Any = None
 ) -> tuple[float, float]:
@@ -189,8 +197,7 @@ def test_two_workers_and_a_replacement(
     assert finished(store, job) < len(texts), "the worker was killed after the job ended"
     c = serve(redis_url, pg_url)
     wait_for("the job to finish", lambda: store.job(job).is_final, logs=[a, b, c])
-    report = ledger.check(pg_url, job, faults=1, expected=expected(model, texts))
-    assert_exactly_once(report, len(texts))
+    checked_once(ledger, pg_url, job, model, texts)
 
 
 #: Production recovery settings: only a takeover can recover a dead worker's message within minutes.
@@ -242,8 +249,7 @@ def test_a_killed_worker_is_taken_over_in_seconds(
     recovered = time.monotonic() - killed
     row = next(w for w in _all_rows(store) if w["id"] == victim["id"])
     assert row["status"] == "lost", "the survivor declared the dead worker lost"
-    report = ledger.check(pg_url, job, faults=1, expected=expected(model, texts))
-    assert_exactly_once(report, len(texts))
+    checked_once(ledger, pg_url, job, model, texts)
     racing = "PIPEQ_DEAD_AFTER" in recovery
     ledger.recovery(f"dead worker taken over ({'racing redelivery' if racing else 'default timeouts'})", recovered)
     assert recovered < 60, f"the job finished {recovered:.0f}s after the kill"
@@ -272,8 +278,7 @@ def test_a_worker_killed_while_it_starts_holds_no_message(
     killed = time.monotonic()
     starting.proc.wait(timeout=10)
     next_result, done = resumption(store, job, killed, logs=[live, starting])
-    report = ledger.check(pg_url, job, faults=1, expected=expected(model, texts))
-    assert_exactly_once(report, len(texts))
+    report = checked_once(ledger, pg_url, job, model, texts)
     assert report["job"]["requeues"] == 0, "the starting worker held a message that had to be queued again"
     ledger.timed("worker killed during its start-up", report, next_result, done, "the kill")
     assert done < 60
@@ -368,8 +373,7 @@ def test_a_worker_in_a_long_forward_pass_is_not_taken_over(
     wait_for("the job to finish", lambda: store.job(job).is_final, timeout=150, logs=[slow, watcher])
     assert "marked lost" not in watcher.log(), watcher.log()[-3000:]
     assert all(w["status"] != "lost" for w in _all_rows(store))
-    report = ledger.check(pg_url, job, faults=1, expected=expected(model, texts))
-    assert_exactly_once(report, len(texts))
+    report = checked_once(ledger, pg_url, job, model, texts)
     assert {r["attempts"] for r in report["items"]} == {1}, "nothing ran twice"
 
 
@@ -400,8 +404,7 @@ def test_sigterm_commits_the_running_batch_and_hands_back_the_rest(
     assert attempts.get("pending") == 0, "unstarted items were handed back without an attempt counted"
     replacement = serve(redis_url, pg_url)
     wait_for("the job to finish", lambda: store.job(job).is_final, logs=[worker, replacement])
-    report = ledger.check(pg_url, job, faults=1, expected=expected(model, texts))
-    assert_exactly_once(report, len(texts))
+    report = checked_once(ledger, pg_url, job, model, texts)
     assert {r["attempts"] for r in report["items"]} == {1}, "no item ran twice"
 
 
@@ -475,8 +478,7 @@ def test_redis_restart_mid_job(
     time.sleep(1)
     redis_server.start()
     wait_for("the job to finish", lambda: store.job(job).is_final, timeout=180, logs=[worker])
-    report = ledger.check(pg_url, job, faults=1, expected=expected(model, texts))
-    assert_exactly_once(report, len(texts))
+    report = checked_once(ledger, pg_url, job, model, texts)
     if not aof:
         assert report["job"]["requeues"] >= 1, "only the reconciler can recover messages Redis forgot"
 
@@ -498,8 +500,7 @@ def test_redis_restarted_without_persistence_is_noticed_in_seconds(
     redis_server.start()  # empty: no queue, no unacknowledged messages
     back = time.monotonic()
     next_result, done = resumption(store, job, back, logs=[worker])
-    report = ledger.check(pg_url, job, faults=1, expected=expected(model, texts))
-    assert_exactly_once(report, len(texts))
+    report = checked_once(ledger, pg_url, job, model, texts)
     assert report["job"]["requeues"] >= 1 and "none of its items held by a live worker" in worker.log()
     assert items_run(worker) == len(texts), "an item ran twice"
     ledger.timed("Redis restarted without persistence (down 3 s)", report, next_result, done, "Redis's return")
@@ -528,8 +529,7 @@ def test_redis_at_maxmemory_refuses_a_submit_and_the_job_runs_once_it_has_room(
     admin.config_set("maxmemory", "0")
     room = time.monotonic()
     next_result, done = resumption(store, job, room, logs=[worker])
-    report = ledger.check(pg_url, job, faults=1, expected=expected(model, texts))
-    assert_exactly_once(report, len(texts))
+    report = checked_once(ledger, pg_url, job, model, texts)
     assert items_run(worker) == len(texts), "an item ran twice"
     ledger.timed("Redis at maxmemory during a submit", report, next_result, done, "Redis's room")
     assert next_result < 60, f"the job went on {next_result:.0f}s after Redis had room"
@@ -558,8 +558,7 @@ def test_redis_with_aof_down_longer_than_the_reconnects(
     redis_server.start()
     back = time.monotonic()
     next_result, done = resumption(store, job, back, logs=[worker])
-    report = ledger.check(pg_url, job, faults=1, expected=expected(model, texts))
-    assert_exactly_once(report, len(texts))
+    report = checked_once(ledger, pg_url, job, model, texts)
     assert "could not publish its next slice" in worker.log(), worker.log()[-3000:]
     ledger.timed("Redis with AOF down 20 s", report, next_result, done, "Redis's return")
     assert next_result < 60, f"the job went on {next_result:.0f}s after Redis came back"
@@ -596,8 +595,7 @@ def test_postgres_cut_off_mid_job(
     next_result, done = resumption(store, job, back, timeout=180, logs=workers)
     assert any("store unreachable" in w.log() for w in workers)
     assert not any("marked lost" in w.log() for w in workers), "a store outage declared a worker lost"
-    report = ledger.check(pg_url, job, faults=1, expected=expected(model, texts))
-    assert_exactly_once(report, len(texts))
+    report = checked_once(ledger, pg_url, job, model, texts)
     ledger.timed(f"PostgreSQL refusing connections for {down} s", report, next_result, done, "PostgreSQL's return")
     assert next_result < 60, f"the job went on {next_result:.0f}s after PostgreSQL came back"
 
@@ -648,8 +646,7 @@ def test_forced_duplicate_delivery_changes_nothing(
     assert store.job_row(job)["chunk_size"] == len(texts), "the job is a single message"
     wait_for("the job to finish", lambda: store.job(job).is_final, logs=[a, b])
     time.sleep(3)  # let any late copy arrive and be skipped
-    report = ledger.check(pg_url, job, faults=1, expected=expected(model, texts))
-    assert_exactly_once(report, len(texts))
+    checked_once(ledger, pg_url, job, model, texts)
     logs = a.log() + b.log()
     deliveries = re.findall(r"chunk: (\d+) done, (\d+) failed, (\d+) skipped", logs)
     assert len(deliveries) >= 2, f"the chunk was delivered once: {deliveries}"
