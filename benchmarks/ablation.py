@@ -47,7 +47,7 @@ from run import build_models, machine  # noqa: E402
 
 from pipeq import constants as C  # noqa: E402
 from pipeq.broker.publish import longest_first  # noqa: E402
-from pipeq.worker.runtime import PipelineRuntime  # noqa: E402
+from pipeq.worker.engines.batched.runtime import PipelineRuntime  # noqa: E402
 
 TASK = "text-classification"
 BUDGET, ROWS = 4096, 32

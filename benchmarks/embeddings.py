@@ -25,8 +25,8 @@ from pipeq import Client, Settings
 from pipeq.demo import EMBEDDING_PARAMS, minilm_path
 from pipeq.routing import ServeKey
 from pipeq.worker.config import WorkerConfig
+from pipeq.worker.engines.batched.runtime import PipelineRuntime
 from pipeq.worker.loading import load_pipeline
-from pipeq.worker.runtime import PipelineRuntime
 
 TASK = "feature-extraction"
 FORMS = {"per-token": {}, "pooled": EMBEDDING_PARAMS}

@@ -48,9 +48,9 @@ from hostpath import forward_busy  # noqa: E402
 from pipeq import Client, Settings  # noqa: E402
 from pipeq.routing import ServeKey  # noqa: E402
 from pipeq.worker.config import WorkerConfig  # noqa: E402
+from pipeq.worker.engines.batched.runtime import PipelineRuntime  # noqa: E402
+from pipeq.worker.engines.batched.stages import Item, Prepared  # noqa: E402
 from pipeq.worker.loading import set_tokenizer_threads  # noqa: E402
-from pipeq.worker.runtime import PipelineRuntime  # noqa: E402
-from pipeq.worker.stages import Item, Prepared  # noqa: E402
 
 TASK = bench.TASK
 #: Broker of the first worker; the next ones take the databases below it.

@@ -37,8 +37,8 @@ from pipeq.demo import EMBEDDING_PARAMS, minilm_path  # noqa: E402
 from pipeq.precisions import quantize_dynamic_int8  # noqa: E402
 from pipeq.routing import ServeKey  # noqa: E402
 from pipeq.worker.config import WorkerConfig  # noqa: E402
+from pipeq.worker.engines.batched.runtime import PipelineRuntime  # noqa: E402
 from pipeq.worker.loading import load_pipeline  # noqa: E402
-from pipeq.worker.runtime import PipelineRuntime  # noqa: E402
 
 TASK = "feature-extraction"
 

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import corpus  # noqa: E402
 from run import build_models, machine  # noqa: E402
 
-from pipeq.worker.runtime import PipelineRuntime  # noqa: E402
+from pipeq.worker.engines.batched.runtime import PipelineRuntime  # noqa: E402
 
 
 def dynamic_int8(engine: str) -> Callable[[Any], Any]:

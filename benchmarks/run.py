@@ -55,8 +55,8 @@ from pipeq.store import schema as db  # noqa: E402
 from pipeq.worker.children import choose_children  # noqa: E402
 from pipeq.worker.config import WorkerConfig  # noqa: E402
 from pipeq.worker.devices import worker_cores  # noqa: E402
+from pipeq.worker.engines.batched.runtime import PipelineRuntime  # noqa: E402
 from pipeq.worker.loading import load_pipeline  # noqa: E402
-from pipeq.worker.runtime import PipelineRuntime  # noqa: E402
 
 TASK = "text-classification"
 REDIS = os.environ.get("PIPEQ_BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")

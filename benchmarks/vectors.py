@@ -55,8 +55,8 @@ from pipeq.store import Store, new_job_row  # noqa: E402
 from pipeq.store import schema as db  # noqa: E402
 from pipeq.vectors import Vector  # noqa: E402
 from pipeq.worker.config import WorkerConfig  # noqa: E402
+from pipeq.worker.engines.batched.runtime import PipelineRuntime  # noqa: E402
 from pipeq.worker.loading import load_pipeline  # noqa: E402
-from pipeq.worker.runtime import PipelineRuntime  # noqa: E402
 
 TASK = "feature-extraction"
 #: How each form is stored: (storage type for Vector.encode, or None for JSON; the job's params).

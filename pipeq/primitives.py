@@ -69,6 +69,11 @@ class ItemResult:
     n_tokens: int | None = None
     #: True when the output was read from the result cache instead of computed.
     cached: bool | None = None
+    #: Generation only: milliseconds from the item entering the engine to its first new token,
+    #: then from that token to its last, and the tokens it generated (``n_tokens`` counts its prompt).
+    first_token_ms: float | None = None
+    decode_ms: float | None = None
+    output_tokens: int | None = None
 
 
 @dataclass

@@ -27,9 +27,9 @@ from pipeq.store import Store
 from pipeq.worker import autotune
 from pipeq.worker.autotune import choose_precision, summarize
 from pipeq.worker.config import WorkerConfig
+from pipeq.worker.engines.batched.runtime import PipelineRuntime
 from pipeq.worker.gate import calibration_inputs, calibration_texts
 from pipeq.worker.loading import load_pipeline
-from pipeq.worker.runtime import PipelineRuntime
 
 EMBED = "feature-extraction"
 

@@ -25,6 +25,7 @@ ALLOWED: dict[str, set[str]] = {
     "recipe": {"embedding", "errors"},
     "vectors": set(),
     "ordering": set(),
+    "generation": {"errors"},
     "cache": set(),
     "models": {"primitives"},
     "store": {"models", "primitives", "cache", "routing", "settings", "errors", "constants", "vectors", "ordering"},
@@ -33,11 +34,11 @@ ALLOWED: dict[str, set[str]] = {
     "progress": {"store", "primitives", "constants"},
     "producer": {
         "broker", "store", "primitives", "routing", "precisions", "tasks", "embedding", "recipe", "settings",
-        "errors", "constants", "progress", "vectors",
+        "errors", "constants", "progress", "vectors", "generation",
     },
     "worker": {
         "broker", "store", "primitives", "routing", "precisions", "tasks", "embedding", "settings", "errors",
-        "constants", "cache", "vectors", "agreement",
+        "constants", "cache", "vectors", "agreement", "generation",
     },
     "demo": {"producer", "broker", "routing", "settings", "errors", "constants", "store"},
     "cli": {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from pipeq.worker.batching import MIN_FILL_ROWS, Unit, cut_batches
+from pipeq.worker.engines.batched.batching import MIN_FILL_ROWS, Unit, cut_batches
 
 
 def units(lengths: list[int], keys: tuple[str, ...] = ("input_ids",)) -> list[Unit]:

@@ -253,7 +253,7 @@ def test_warm_up_covers_batch_shapes_and_counts_as_load_time(
 
     from pipeq import Settings
     from pipeq.worker.config import WorkerConfig
-    from pipeq.worker.runtime import PipelineRuntime
+    from pipeq.worker.engines.batched.runtime import PipelineRuntime
 
     seen: list[int] = []
     real_run = PipelineRuntime.run

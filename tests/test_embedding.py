@@ -15,8 +15,8 @@ from pipeq.errors import ConfigurationError
 from pipeq.routing import ServeKey
 from pipeq.worker.config import WorkerConfig
 from pipeq.worker.embedding import EmbeddingPipeline
+from pipeq.worker.engines.batched.runtime import PipelineRuntime
 from pipeq.worker.loading import load_pipeline
-from pipeq.worker.runtime import PipelineRuntime
 
 TASK = "feature-extraction"
 #: Uneven lengths, so every micro-batch pads most of its rows.

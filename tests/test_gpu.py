@@ -19,8 +19,8 @@ from pipeq.routing import ServeKey
 from pipeq.store import Store
 from pipeq.store import schema as db
 from pipeq.worker.config import WorkerConfig
+from pipeq.worker.engines.batched.runtime import PipelineRuntime
 from pipeq.worker.loading import LoadedPipeline, load_pipeline
-from pipeq.worker.runtime import PipelineRuntime
 from test_runtime import assert_close
 
 pytestmark = pytest.mark.gpu

@@ -30,6 +30,7 @@ from pipeq.worker import autotune
 from pipeq.worker.autotune import calibrate, choose_precision, describe, reuse_calibration, tune
 from pipeq.worker.config import WorkerConfig, parse_precisions
 from pipeq.worker.devices import device_name
+from pipeq.worker.engines.batched.runtime import PipelineRuntime
 from pipeq.worker.measure import (
     MEASURE_ITEMS,
     PROBE_ITEMS,
@@ -40,7 +41,6 @@ from pipeq.worker.measure import (
     throughput,
     unsupported_reason,
 )
-from pipeq.worker.runtime import PipelineRuntime
 
 TASK = "text-classification"
 

@@ -11,8 +11,8 @@ from transformers import AutoModel, AutoModelForSequenceClassification, AutoToke
 
 from pipeq.routing import ServeKey
 from pipeq.worker.config import WorkerConfig
+from pipeq.worker.engines.batched.runtime import PipelineRuntime
 from pipeq.worker.loading import load_pipeline
-from pipeq.worker.runtime import PipelineRuntime
 
 PAIRS = [
     ("A man is playing a guitar.", "Someone is playing an instrument.", "The stock market fell sharply today."),

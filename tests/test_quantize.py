@@ -14,8 +14,8 @@ from pipeq.errors import ConfigurationError
 from pipeq.precisions import DEFAULT_ALLOWED_PRECISIONS, PRECISIONS
 from pipeq.routing import ServeKey
 from pipeq.worker.config import WorkerConfig
+from pipeq.worker.engines.batched.runtime import PipelineRuntime
 from pipeq.worker.loading import LoadedPipeline, load_pipeline
-from pipeq.worker.runtime import PipelineRuntime
 
 TASK = "text-classification"
 TEXTS = ["hello world", "I hate this so much!", "我非常讨厌这个！", "a somewhat longer sentence about the weather"]

@@ -20,8 +20,8 @@ from pipeq.errors import ConfigurationError, InputError
 from pipeq.recipe import read_recipe, resolve
 from pipeq.routing import ServeKey
 from pipeq.worker.config import WorkerConfig
+from pipeq.worker.engines.batched.runtime import PipelineRuntime
 from pipeq.worker.loading import load_pipeline
-from pipeq.worker.runtime import PipelineRuntime
 
 TASK = "feature-extraction"
 TEXTS = [

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from transformers import pipeline
 
-from pipeq.worker.runtime import STREAM_BACKLOG, PipelineRuntime, offline_defaults
+from pipeq.worker.engines.batched.runtime import STREAM_BACKLOG, PipelineRuntime, offline_defaults
 from pipeq.worker.serialize import to_jsonable
 
 MIXED = [

@@ -21,8 +21,8 @@ from pipeq.errors import ConfigurationError
 from pipeq.routing import ServeKey
 from pipeq.worker.config import WorkerConfig
 from pipeq.worker.embedding import EmbeddingPipeline
+from pipeq.worker.engines.batched.tokenizing import BatchTokenizer, Encoded
 from pipeq.worker.loading import set_tokenizer_threads
-from pipeq.worker.tokenizing import BatchTokenizer, Encoded
 
 LONG = "The weather in Paris is lovely in spring, and John Smith went there with Mary. " * 12  # > 128 tokens
 TEXTS: list[Any] = [

@@ -28,8 +28,8 @@ from pipeq.store import schema as db
 from pipeq.vectors import HEADER_BYTES, Vector, stack
 from pipeq.worker.config import WorkerConfig
 from pipeq.worker.context import WorkerContext
+from pipeq.worker.engines.batched.runtime import PipelineRuntime
 from pipeq.worker.loading import load_pipeline
-from pipeq.worker.runtime import PipelineRuntime
 
 TASK = "feature-extraction"
 TEXTS = [" ".join(["word"] * (1 + (i * 5) % 17)) + f" text {i}" for i in range(10)]

@@ -26,6 +26,9 @@ from pipeq.settings import Settings, mask_url
 from pipeq.store import Store, is_transient
 from pipeq.worker.config import WorkerConfig
 from pipeq.worker.contact import StoreContact
+from pipeq.worker.engines import build_engine
+from pipeq.worker.engines.base import Engine
+from pipeq.worker.engines.batched.runtime import PipelineRuntime
 from pipeq.worker.loading import (
     LoadedPipeline,
     load_pipeline,
@@ -37,7 +40,6 @@ from pipeq.worker.loading import (
 from pipeq.worker.measure import throughput
 from pipeq.worker.memory import release_free_memory
 from pipeq.worker.metrics import WorkerMetrics
-from pipeq.worker.runtime import PipelineRuntime
 from pipeq.worker.shadow import ShadowCheck
 from pipeq.worker.writer import Recorder, WriteBehind
 
@@ -53,7 +55,7 @@ class WorkerContext:
         self.worker_id = uuid.uuid4().hex
         self.store: Store | None = None
         self.loaded: LoadedPipeline | None = None
-        self.runtime: PipelineRuntime | None = None
+        self.runtime: Engine | None = None
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
         #: Set to 1 by a pool child that could not load the pipeline (shared memory, made before fork).
@@ -120,7 +122,7 @@ class WorkerContext:
         threads = set_threads(cfg.resolved_threads)
         tokenizer_threads = set_tokenizer_threads(cfg.resolved_tokenizer_threads)
         self.loaded = load_pipeline(cfg)
-        self.runtime = PipelineRuntime.for_worker(self.loaded.pipe, cfg, threads)
+        self.runtime = build_engine(self.loaded.pipe, cfg, threads)
         streams = self.runtime.streams
         if cfg.shadow_share:
             # On a CPU the fp32 copy runs on as many torch threads as one forward stream (one where a single
@@ -320,6 +322,8 @@ class WorkerContext:
         When the pass is cheap it runs a second time, on warm shapes, for the speed.
         """
         assert self.runtime is not None
+        if not isinstance(self.runtime, PipelineRuntime):
+            return 0.0, None, False  # the sequence engine warms itself up as it is built
         items = list(enumerate(self._warmup_inputs()))
         t0 = time.perf_counter()
         try:
@@ -347,7 +351,7 @@ class WorkerContext:
         """
         import torch
 
-        assert self.runtime is not None
+        assert isinstance(self.runtime, PipelineRuntime)
         inputs = self._warmup_inputs()
         best = {threads: speed, threads - 1: 0.0}
         for n in (threads - 1, threads, threads - 1):

@@ -16,7 +16,7 @@ from typing import Any
 from pipeq import constants as C
 from pipeq.agreement import Thresholds, compare, merge, task_agreement
 from pipeq.errors import ConfigurationError
-from pipeq.worker.runtime import PipelineRuntime
+from pipeq.worker.engines.batched.runtime import PipelineRuntime
 
 log = logging.getLogger(__name__)
 

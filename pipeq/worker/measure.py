@@ -22,9 +22,9 @@ from pipeq.precisions import PRECISIONS, REFERENCE
 from pipeq.tasks import traits
 from pipeq.worker.config import WorkerConfig
 from pipeq.worker.devices import device_name_here
+from pipeq.worker.engines.batched.runtime import PipelineRuntime
 from pipeq.worker.gate import agreement, calibration_outputs
 from pipeq.worker.loading import load_pipeline, set_threads, synthetic_text
-from pipeq.worker.runtime import PipelineRuntime
 
 log = logging.getLogger(__name__)
 

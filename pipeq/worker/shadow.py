@@ -32,8 +32,8 @@ from pipeq.precisions import REFERENCE
 from pipeq.primitives import ItemResult
 from pipeq.store import Store
 from pipeq.worker.config import WorkerConfig
+from pipeq.worker.engines.batched.runtime import PipelineRuntime, set_torch_threads
 from pipeq.worker.loading import load_pipeline
-from pipeq.worker.runtime import PipelineRuntime, set_torch_threads
 
 log = logging.getLogger(__name__)
 

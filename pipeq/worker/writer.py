@@ -25,7 +25,7 @@ from pipeq import constants as C
 from pipeq.cache import CacheScope
 from pipeq.primitives import BatchTiming, ItemResult, WriteOutcome
 from pipeq.store import Store, is_transient
-from pipeq.worker.stages import Step
+from pipeq.worker.engines.base import Step
 
 if TYPE_CHECKING:
     from pipeq.worker.metrics import WorkerMetrics

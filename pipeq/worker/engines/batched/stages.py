@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pipeq import constants as C
 from pipeq.primitives import BatchTiming, ItemResult, describe_error
-from pipeq.worker.batching import Unit, padded_tokens
+from pipeq.worker.engines.batched.batching import Unit, padded_tokens
 
 if TYPE_CHECKING:
-    from pipeq.worker.runtime import PipelineRuntime
+    from pipeq.worker.engines.batched.runtime import PipelineRuntime
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +46,6 @@ class Item:
 
 def failed_result(it: Item) -> ItemResult:
     return ItemResult(it.idx, C.ITEM_FAILED, error=it.error, truncated=it.truncated, n_tokens=it.n_tokens or None)
-
-
-class Step:
-    """A micro-batch whose forward pass has run (or inputs that need none): ``finish`` gives its results."""
-
-    def __init__(self, idxs: list[int], finish: Callable[[], tuple[list[ItemResult], BatchTiming | None]]) -> None:
-        #: The items whose result this step gives (known before it is finished).
-        self.idxs = idxs
-        self.finish = finish
 
 
 @dataclass

@@ -56,7 +56,7 @@ from transformers.pipelines.text_classification import TextClassificationPipelin
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
-from pipeq.worker.batching import token_length
+from pipeq.worker.engines.batched.batching import token_length
 
 log = logging.getLogger(__name__)
 

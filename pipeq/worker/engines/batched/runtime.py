@@ -41,21 +41,21 @@ from pipeq.errors import ConfigurationError
 from pipeq.primitives import BatchTiming, ItemResult, describe_error, input_size
 from pipeq.tasks import traits
 from pipeq.vectors import DEFAULT_DTYPE, Vector
-from pipeq.worker.batching import Unit, cut_batches, padded_tokens, token_length
-from pipeq.worker.postprocessing import BatchPostprocessor
-from pipeq.worker.serialize import to_jsonable
-from pipeq.worker.stages import (
+from pipeq.worker.engines.base import Step
+from pipeq.worker.engines.batched.batching import Unit, cut_batches, padded_tokens, token_length
+from pipeq.worker.engines.batched.postprocessing import BatchPostprocessor
+from pipeq.worker.engines.batched.stages import (
     BatchFinish,
     Item,
     Prepared,
     Ready,
     Segment,
-    Step,
     Timing,
     failed_result,
     prefetch,
 )
-from pipeq.worker.tokenizing import BatchTokenizer, Encoded
+from pipeq.worker.engines.batched.tokenizing import BatchTokenizer, Encoded
+from pipeq.worker.serialize import to_jsonable
 
 if TYPE_CHECKING:
     from pipeq.worker.config import WorkerConfig

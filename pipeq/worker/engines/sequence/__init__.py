@@ -1,0 +1,1 @@
+"""A scheduler of sequences for causal language models: the engine of generation tasks."""
