@@ -22,6 +22,13 @@ TINY = {
 }
 
 
+#: A chat template in the usual shape (role headers, an end marker, the assistant's header to generate after).
+CHAT_TEMPLATE = (
+    "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} [end] {% endfor %}"
+    "{% if add_generation_prompt %}[assistant] {% endif %}"
+)
+
+
 def minilm_dir() -> str:
     from pipeq.demo import minilm_path
 
@@ -92,6 +99,24 @@ def build(kind: str, path: Path, *, seed: int = 0) -> str:
             pad_token_id=tok.pad_token_id,
         )
         model = GPT2LMHeadModel(config)
+    elif kind == "causal-lm":  # Llama-shaped, with a chat template: the sequence engine's model
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        tok.model_max_length = 256
+        tok.chat_template = CHAT_TEMPLATE
+        config = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            bos_token_id=tok.cls_token_id,
+            eos_token_id=tok.sep_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+        model = LlamaForCausalLM(config)
     elif kind == "table-question-answering":
         config = TapasConfig(
             vocab_size=vocab,

@@ -1,0 +1,355 @@
+"""Continuous batching of sequences on a causal language model: each request decodes in a row of its own
+and leaves the batch the step it ends; waiting requests take the freed rows.
+
+The batch is one left-padded tensor per layer in transformers' ``DynamicCache``, as ``model.generate``
+keeps it. A step is one forward pass of every running row's last token. Rows that end are dropped
+from the cache (``batch_select_indices``) and the columns of padding every remaining row has on its
+left are cut off, so a finished sequence costs nothing from its last step on. New requests are
+prefilled together (one left-padded forward pass) and their cache is joined to the running one,
+padded on the left to the same length; each row's position ids come from its own mask, so a row's
+logits are what it would get alone.
+
+What is in flight is bounded by ``max_rows`` and by ``kv_tokens``: the rows times the longest row a
+request may reach (its prompt plus its ``max_tokens``), which is what the padded cache holds.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from pipeq.generation import FINISH_LENGTH, FINISH_STOP, SamplingParams
+
+
+@dataclass
+class Request:
+    """One item to generate: its prompt's token ids and how to sample."""
+
+    key: int
+    prompt: list[int]
+    params: SamplingParams
+    #: Most tokens it may generate here (its ``max_tokens``, cut to what the model's context leaves).
+    budget: int
+    #: When it entered the engine (``time.perf_counter()``).
+    entered: float = 0.0
+
+
+@dataclass
+class Finished:
+    """A request that ended: its new tokens, why it ended, and when."""
+
+    request: Request
+    tokens: list[int]
+    finish_reason: str
+    #: Milliseconds from entering the engine to its first new token, and from there to its last.
+    first_token_ms: float
+    decode_ms: float
+    #: Where a stop string cut the text (characters of the decoded tokens), None where none did.
+    stop_at: int | None = None
+
+
+@dataclass
+class _Row:
+    request: Request
+    generator: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+    first_token_at: float = 0.0
+    #: Characters of the decoded tail a stop string is looked for in (0 where it has none).
+    stop_window: int = 0
+
+
+def _kv_layers(cache: Any) -> list[Any] | None:
+    """The cache's layers when each is a plain dynamic layer of tensors this scheduler can join and cut."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        return None
+    return list(layers)
+
+
+class UnsupportedCache(Exception):
+    """The model's cache is not one this scheduler can join and cut (sliding windows, recurrent states)."""
+
+
+class Scheduler:
+    """Runs requests to their end on ``model``, a few rows at a time, yielding each as it ends."""
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        eos_token_ids: Sequence[int],
+        pad_token_id: int,
+        max_rows: int,
+        kv_tokens: int,
+        decode: Callable[[list[int]], str],
+        prefill_tokens: int = 4096,
+    ) -> None:
+        self.model = model
+        self.eos = set(eos_token_ids)
+        self.pad = pad_token_id
+        self.max_rows = max(1, max_rows)
+        self.kv_tokens = kv_tokens
+        self.prefill_tokens = prefill_tokens
+        self.decode = decode
+        #: Free rows that make a prefill worth its pass while others decode.
+        self.min_admit = max(1, self.max_rows // 8)
+        #: Whether the model's forward takes ``logits_to_keep`` (the prefill needs the last position only).
+        accepts = inspect.signature(model.forward).parameters
+        self._keep_last = "logits_to_keep" in accepts
+        #: The forward's name for the KV cache (transformers 5 renames ``past_key_values`` to ``cache``).
+        self._cache_arg = "cache" if "cache" in accepts else "past_key_values"
+        self.device = next(iter(model.parameters())).device
+        #: Decode steps and the rows they ran (rows / steps is the mean batch).
+        self.steps = 0
+        self.row_steps = 0
+
+    # ---------------------------------------------------------------- public
+
+    def run(self, requests: Sequence[Request]) -> Iterator[list[Finished]]:
+        """Yield the requests that end at each step, until every one has.
+
+        Longest budgets are admitted first, so the last rows to run are short ones. A request the
+        scheduler cannot fit alone still runs alone (``kv_tokens`` bounds batching, not an item).
+        """
+        waiting = sorted(requests, key=lambda r: (-r.budget, -len(r.prompt), r.key))
+        rows: list[_Row] = []
+        cache: Any = None
+        mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            while waiting or rows:
+                admitted = self._admit(waiting, rows)
+                if admitted:
+                    new_rows, new_cache, new_mask, logits = self._prefill(admitted)
+                    eos = self._sample(new_rows, logits)
+                    cache, mask = self._join(cache, mask, new_cache, new_mask)
+                    offset = len(rows)
+                    rows.extend(new_rows)
+                    ended = self._ended(rows, [offset + i for i in eos], start=offset)
+                    if ended:
+                        cache, mask = self._drop(rows, cache, mask, ended)
+                        yield [e for _, e in ended]
+                if not rows:
+                    continue
+                logits, mask = self._step(rows, cache, mask)
+                ended = self._ended(rows, self._sample(rows, logits))
+                if ended:
+                    cache, mask = self._drop(rows, cache, mask, ended)
+                    yield [e for _, e in ended]
+
+    # ------------------------------------------------------------- admitting
+
+    def _row_tokens(self, r: Request) -> int:
+        return len(r.prompt) + r.budget
+
+    def _admit(self, waiting: list[Request], rows: list[_Row]) -> list[Request]:
+        """Requests to prefill now: while rows are free, the KV budget holds and the prefill budget lasts."""
+        free = self.max_rows - len(rows)
+        if not waiting or free <= 0 or (rows and free < min(self.min_admit, len(waiting))):
+            return []  # a prefill pass for one or two rows at a time costs a step each: admit in groups
+        longest = max((self._row_tokens(row.request) for row in rows), default=0)
+        taken: list[Request] = []
+        prefill = 0
+        while waiting and len(rows) + len(taken) < self.max_rows:
+            r = waiting[0]
+            span = max(longest, self._row_tokens(r))
+            n = len(rows) + len(taken) + 1
+            if (rows or taken) and (n * span > self.kv_tokens or prefill + len(r.prompt) > self.prefill_tokens):
+                break
+            taken.append(waiting.pop(0))
+            longest = span
+            prefill += len(r.prompt)
+        return taken
+
+    def _prefill(self, requests: list[Request]) -> tuple[list[_Row], Any, torch.Tensor, torch.Tensor]:
+        from transformers import DynamicCache
+
+        width = max(len(r.prompt) for r in requests)
+        ids = torch.full((len(requests), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(requests), width), dtype=torch.long)
+        for i, r in enumerate(requests):
+            ids[i, width - len(r.prompt) :] = torch.tensor(r.prompt, dtype=torch.long)
+            mask[i, width - len(r.prompt) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=self._positions(mask),
+            use_cache=True,
+            **{self._cache_arg: cache},
+            **({"logits_to_keep": 1} if self._keep_last else {}),
+        )
+        if _kv_layers(cache) is None:
+            raise UnsupportedCache(f"{type(self.model).__name__}'s cache has layers this scheduler cannot join")
+        rows = [_Row(r, _generator(r.params, self.device), stop_window=_stop_window(r.params)) for r in requests]
+        return rows, cache, mask, out.logits[:, -1, :]
+
+    @staticmethod
+    def _positions(mask: torch.Tensor) -> torch.Tensor:
+        """Each row's position ids from its own mask (left padding counts nothing), as ``generate`` makes them."""
+        positions = mask.long().cumsum(-1) - 1
+        return positions.masked_fill(mask == 0, 1)
+
+    # -------------------------------------------------------------- stepping
+
+    def _step(self, rows: list[_Row], cache: Any, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward pass of every row's last token: the next logits, and the mask that now covers it."""
+        last = torch.tensor([row.tokens[-1] for row in rows], dtype=torch.long, device=self.device)
+        step_mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=mask.device)], dim=1)
+        positions = (step_mask.sum(-1, keepdim=True) - 1).long()
+        out = self.model(
+            input_ids=last[:, None],
+            attention_mask=step_mask,
+            position_ids=positions,
+            use_cache=True,
+            **{self._cache_arg: cache},
+        )
+        self.steps += 1
+        self.row_steps += len(rows)
+        return out.logits[:, -1, :], step_mask
+
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
+        """Append each row's next token; the positions of the rows that drew an end-of-sequence token."""
+        now = time.perf_counter()
+        greedy = logits.argmax(-1).tolist()
+        eos: list[int] = []
+        for i, row in enumerate(rows):
+            params = row.request.params
+            token = greedy[i] if params.greedy else _draw(logits[i], params, row.generator)
+            if not row.tokens:
+                row.first_token_at = now
+            if token in self.eos:
+                eos.append(i)
+            else:
+                row.tokens.append(token)
+        return eos
+
+    def _ended(self, rows: list[_Row], eos: list[int], start: int = 0) -> list[tuple[int, Finished]]:
+        """The rows from ``start`` on that end this step (positions in ``rows``) and how."""
+        now = time.perf_counter()
+        ended: list[tuple[int, Finished]] = []
+        eos_set = set(eos)
+        for i in range(start, len(rows)):
+            row = rows[i]
+            reason: str | None = None
+            stop_at = None
+            if i in eos_set:
+                reason = FINISH_STOP
+            elif row.stop_window and row.tokens:
+                stop_at = self._stop_at(row)
+                if stop_at is not None:
+                    reason = FINISH_STOP
+            if reason is None and len(row.tokens) >= row.request.budget:
+                reason = FINISH_LENGTH
+            if reason is None:
+                continue
+            first = row.first_token_at or now
+            ended.append(
+                (
+                    i,
+                    Finished(
+                        row.request,
+                        row.tokens,
+                        reason,
+                        first_token_ms=(first - row.request.entered) * 1000,
+                        decode_ms=(now - first) * 1000,
+                        stop_at=stop_at,
+                    ),
+                )
+            )
+        return ended
+
+    def _stop_at(self, row: _Row) -> int | None:
+        """Where the first stop string begins in the decoded new tokens, once the latest token completed one."""
+        tail = self.decode(row.tokens[-row.stop_window :])
+        if not any(s in tail for s in row.request.params.stop):
+            return None
+        text = self.decode(row.tokens)
+        found = [text.find(s) for s in row.request.params.stop if s in text]
+        return min(found) if found else None
+
+    # ---------------------------------------------------------- the KV cache
+
+    def _join(self, cache: Any, mask: torch.Tensor, new_cache: Any, new_mask: torch.Tensor) -> tuple[Any, torch.Tensor]:
+        """The running cache and the newly prefilled one as one batch, the shorter padded on the left."""
+        if cache is None or mask.shape[0] == 0:
+            return new_cache, new_mask
+        from transformers import DynamicCache
+
+        width = max(mask.shape[1], new_mask.shape[1])
+        pairs = []
+        old_layers, new_layers = _kv_layers(cache), _kv_layers(new_cache)
+        assert old_layers is not None and new_layers is not None
+        for old, new in zip(old_layers, new_layers, strict=True):
+            keys = torch.cat([_pad_left(old.keys, width), _pad_left(new.keys, width)], dim=0)
+            values = torch.cat([_pad_left(old.values, width), _pad_left(new.values, width)], dim=0)
+            pairs.append((keys, values))
+        joined = DynamicCache(ddp_cache_data=pairs, config=self.model.config)
+        mask = torch.cat([_pad_left(mask, width, dim=1), _pad_left(new_mask, width, dim=1)], dim=0)
+        return joined, mask
+
+    def _drop(
+        self, rows: list[_Row], cache: Any, mask: torch.Tensor, ended: list[tuple[int, Finished]]
+    ) -> tuple[Any, torch.Tensor]:
+        """Drop the ended rows from the batch, then the padding columns every remaining row has."""
+        gone = {i for i, _ in ended}
+        keep = [i for i in range(len(rows)) if i not in gone]
+        rows[:] = [rows[i] for i in keep]
+        if not keep:
+            return None, mask[:0, :0]
+        index = torch.tensor(keep, dtype=torch.long, device=mask.device)
+        mask = mask.index_select(0, index)
+        cache.batch_select_indices(index)
+        lead = int((mask.cumsum(1) == 0).sum(1).min())  # padding columns on every row's left
+        if lead:
+            mask = mask[:, lead:]
+            layers = _kv_layers(cache)
+            assert layers is not None
+            for layer in layers:
+                layer.keys = layer.keys[:, :, lead:, :]
+                layer.values = layer.values[:, :, lead:, :]
+        return cache, mask
+
+
+def _pad_left(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
+    short = width - t.shape[dim]
+    if short <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = short
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def _generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+    if params.greedy:
+        return None
+    generator = torch.Generator(device=device)
+    if params.seed is not None:
+        generator.manual_seed(params.seed)
+    else:
+        generator.seed()
+    return generator
+
+
+def _stop_window(params: SamplingParams) -> int:
+    """Tokens of decoded tail that hold any of the stop strings (a token is at least one character)."""
+    return max((len(s) for s in params.stop), default=-1) + 1
+
+
+def _draw(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """One token sampled at ``temperature`` from the smallest set of tokens whose probability reaches ``top_p``."""
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        cumulative = sorted_probs.cumsum(-1)
+        cut = cumulative - sorted_probs >= params.top_p  # tokens after the mass is reached
+        sorted_probs = sorted_probs.masked_fill(cut, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator).item())
