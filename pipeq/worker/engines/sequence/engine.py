@@ -54,11 +54,14 @@ def context_length(model: Any, tokenizer: Any) -> int | None:
 def kv_bytes_per_token(model: Any) -> int:
     """Bytes the KV cache holds per token of one sequence (keys and values, every layer)."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    layers = int(getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 1))
-    heads = int(getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1))
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
-    hidden = int(getattr(config, "hidden_size", None) or getattr(config, "n_embd", 64))
-    head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
+    def field(*names: str, default: int) -> int:
+        found = [getattr(config, name, None) for name in names]
+        return next((int(v) for v in found if isinstance(v, int) and v > 0), default)
+
+    layers = field("num_hidden_layers", "n_layer", default=1)
+    heads = field("num_attention_heads", "n_head", default=1)
+    kv_heads = field("num_key_value_heads", default=heads)
+    head_dim = field("head_dim", default=field("hidden_size", "n_embd", default=64) // heads)
     dtype = next(iter(model.parameters())).dtype
     return int(2 * layers * kv_heads * head_dim * dtype.itemsize)
 
