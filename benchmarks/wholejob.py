@@ -215,9 +215,11 @@ def store_url(name: str, work: Path) -> Iterator[str]:
 class Worker:
     """One ``pipeq worker`` process on a store (its own process group), its output in a log file."""
 
-    def __init__(self, model: str, precision: str, url: str, layout: str | None, log: Path) -> None:
+    def __init__(
+        self, model: str, precision: str, url: str, layout: str | None, log: Path, *, task: str = TASK
+    ) -> None:
         self.model, self.url, self.log = model, url, log
-        args = ["--task", TASK, "--model", model, "--precision", precision, "--concurrency", "1"]
+        args = ["--task", task, "--model", model, "--precision", precision, "--concurrency", "1"]
         if layout:
             streams, threads = layout.split("x")
             args += ["--streams", streams, "--threads", str(int(streams) * int(threads))]

@@ -64,15 +64,19 @@ def publish_range(store: Store, celery: Celery, job: dict[str, Any], start: int,
 
 def chunk_size_for(store: Store, queue: str, total: int, limit: int | None) -> int:
     """Items per message: ``limit``, or (None) about ``CHUNK_SECONDS`` of the queue's live workers' measured
-    speed; smaller so that a small job spreads over those workers."""
+    speed; smaller so that a small job spreads over those workers, but not below what a live worker asks for
+    (``min_chunk_items`` in its settings: a sequence engine keeps its rows full only with enough items in hand)."""
     live = store.live_workers(queue)
+    floor = C.MIN_CHUNK_SIZE
     if limit is None:
         speed = worker_speed(live)
         limit = C.DEFAULT_CHUNK_SIZE
         if speed is not None:
             limit = max(C.DEFAULT_CHUNK_SIZE, min(C.MAX_CHUNK_SIZE, round(speed * C.CHUNK_SECONDS)))
+        floor = max([floor, *(int((w.get("settings") or {}).get("min_chunk_items") or 0) for w in live)])
+        limit = max(limit, floor)
     spread = -(-total // (max(1, len(live)) * C.CHUNKS_PER_WORKER))
-    return max(1, min(limit, max(C.MIN_CHUNK_SIZE, spread)))
+    return max(1, min(limit, max(floor, spread)))
 
 
 def worker_speed(workers: list[dict[str, Any]]) -> float | None:

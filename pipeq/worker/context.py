@@ -26,7 +26,7 @@ from pipeq.settings import Settings, mask_url
 from pipeq.store import Store, is_transient
 from pipeq.worker.config import WorkerConfig
 from pipeq.worker.contact import StoreContact
-from pipeq.worker.engines import build_engine
+from pipeq.worker.engines import build_engine, engine_name
 from pipeq.worker.engines.base import Engine
 from pipeq.worker.engines.batched.runtime import PipelineRuntime
 from pipeq.worker.loading import (
@@ -149,6 +149,9 @@ class WorkerContext:
             warm_seconds += time.perf_counter() - began
         record["torch_threads"] = threads
         record["forward_streams"] = streams
+        record["engine"] = engine_name(key.task)
+        if self.runtime.min_chunk_items:
+            record["min_chunk_items"] = self.runtime.min_chunk_items
         record["tokenizer_threads"] = tokenizer_threads
         if speed:
             # What producers size this worker's messages by until it has run real chunks (see broker.window).

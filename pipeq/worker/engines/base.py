@@ -33,6 +33,9 @@ class Engine(Protocol):
     stream_threads: int | None
     #: The longest input in tokens the model takes (None: no limit).
     max_length: int | None
+    #: Fewest items a message should bring it (0: no floor): a sequence engine's rows stay full only when
+    #: a message holds several times as many items as it runs at once.
+    min_chunk_items: int
 
     def stream(
         self, items: Sequence[tuple[int, Any]], params: dict[str, Any], *, queue_wait_ms: float = 0.0

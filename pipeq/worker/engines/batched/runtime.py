@@ -137,6 +137,8 @@ def _free_accelerator_memory() -> None:
 class PipelineRuntime:
     """One loaded pipeline, and how pipeq feeds it micro-batches."""
 
+    min_chunk_items = 0
+
     def __init__(
         self,
         pipe: Any,

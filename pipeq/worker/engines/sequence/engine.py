@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 #: real work and more rows only queue behind one another; on an accelerator the step is nearly free.
 CPU_ROWS = 32
 ACCELERATOR_ROWS = 256
+#: Items a message brings per row the engine runs: while one message's last rows finish, nothing refills them.
+ROWS_PER_MESSAGE = 4
 #: Share of an accelerator's free memory (after the model loaded) the KV cache may take.
 KV_MEMORY_SHARE = 0.8
 #: Bytes of KV cache a CPU worker allows itself.
@@ -84,6 +86,7 @@ class SequenceEngine:
     stream_threads: int | None = None
 
     def __init__(self, pipe: Any, *, max_rows: int, kv_tokens: int) -> None:
+        self.min_chunk_items = max_rows * ROWS_PER_MESSAGE
         self.pipe = pipe
         self.model = pipe.model
         self.tokenizer = pipe.tokenizer
