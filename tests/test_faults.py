@@ -935,3 +935,45 @@ def test_weights_replaced_under_one_model_path_are_never_mixed_in_one_job(
             ctx.stop()
         store.close()
     ledger.faults += 1
+
+
+# ------------------------------------------------------------------ generation
+
+
+def test_a_worker_killed_mid_generation_loses_and_repeats_nothing(
+    pg_url: str, redis_url: str, model_dir: Callable[[str], str], start_worker: Any, tmp_path: Path, ledger: FaultLedger
+) -> None:
+    """SIGKILL a worker while its sequence engine has rows decoding: a new worker runs what was not committed,
+    every item is done once, and each output is what the engine gives the prompt in process."""
+    import shutil
+
+    from transformers import pipeline
+
+    from pipeq.worker.engines.sequence.engine import SequenceEngine
+
+    task = "text-generation"
+    model = str(shutil.copytree(model_dir("causal-lm"), tmp_path / "lm"))
+    store, queue = Store(pg_url), ServeKey(task, model).queue
+    prompts = [f"item {i}: " + "words to go on from " * (i % 7) for i in range(24)]
+    params = {"max_tokens": 60}
+
+    def serve() -> WorkerProcess:
+        return start_worker(
+            "--task", task, "--model", model, "--max-batch-size", "2", "--concurrency", "1", "--no-warmup",
+            broker_url=redis_url, database_url=pg_url, extra_env=FAST_RECOVERY,
+        )  # fmt: skip
+
+    first = serve()
+    first.wait_ready(store, queue)
+    with Client(Settings(broker_url=redis_url, database_url=pg_url)) as client:
+        job = client.submit(prompts, task=task, model=model, params=params).id
+    wait_for("a first item", lambda: finished(store, job) >= 2, logs=[first])
+    os.killpg(first.proc.pid, signal.SIGKILL)
+    first.proc.wait(timeout=10)
+    assert 0 < finished(store, job) < len(prompts), "the worker died mid-job"
+    second = serve()
+    wait_for("the job to finish", lambda: store.job(job).is_final, timeout=180, logs=[first, second])
+    engine = SequenceEngine(pipeline(task, model=model), max_rows=8, kv_tokens=100_000)
+    want = {r.idx: r.output for results, _ in engine.run(list(enumerate(prompts)), params) for r in results}
+    report = ledger.check(pg_url, job, faults=1, expected=want)
+    assert_exactly_once(report, len(prompts))
