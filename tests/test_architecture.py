@@ -30,7 +30,7 @@ ALLOWED: dict[str, set[str]] = {
     "models": {"primitives"},
     "store": {"models", "primitives", "cache", "routing", "settings", "errors", "constants", "vectors", "ordering"},
     "broker": {"store", "primitives", "settings", "errors", "constants"},
-    "report": {"store", "primitives", "errors", "constants", "agreement"},
+    "report": {"store", "primitives", "errors", "constants", "agreement", "generation"},
     "progress": {"store", "primitives", "constants"},
     "producer": {
         "broker", "store", "primitives", "routing", "precisions", "tasks", "embedding", "recipe", "settings",

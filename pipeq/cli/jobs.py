@@ -187,7 +187,10 @@ def status(
 def results(
     job_id: Annotated[str, typer.Argument(help="Job id.")],
     fmt: Annotated[
-        str, typer.Option("--format", "-f", help="jsonl, csv, parquet or openai-batch (a finished embeddings job).")
+        str,
+        typer.Option(
+            "--format", "-f", help="jsonl, csv, parquet or openai-batch (a finished embeddings or text-generation job)."
+        ),
     ] = "jsonl",
     output: Annotated[str | None, typer.Option("--output", "-o", help="File (default: stdout).")] = None,
     database_url: DatabaseOpt = None,

@@ -149,6 +149,12 @@ class Item(Base):
     batch_id: Mapped[int | None] = mapped_column(BigId)
     #: True when the output came from the result cache instead of the model.
     cached: Mapped[bool | None] = mapped_column(Boolean)
+    #: A generated item's timing (``pipeq.generation``; NULL for every other item): milliseconds from it entering
+    #: the engine to its first new token, then from that token to its last, and the tokens it generated
+    #: (``n_tokens`` counts its prompt).
+    first_token_ms: Mapped[float | None] = mapped_column(Float)
+    decode_ms: Mapped[float | None] = mapped_column(Float)
+    output_tokens: Mapped[int | None] = mapped_column(Integer)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 

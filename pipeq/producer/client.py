@@ -15,6 +15,7 @@ from pipeq.broker.app import make_celery
 from pipeq.broker.probe import check_broker
 from pipeq.broker.window import chunk_size_for, open_job, requeue
 from pipeq.errors import BrokerError, ConfigurationError, DuplicateIdError, InputError, JobNotFoundError
+from pipeq.generation import TASK as GENERATION_TASK
 from pipeq.primitives import JobProgress
 from pipeq.producer.frames import (
     frame_source,
@@ -36,7 +37,7 @@ from pipeq.producer.readers import (
     read_objects,
     read_path,
 )
-from pipeq.producer.writers import BATCH_ROWS, parquet_path, write_parquet, write_results
+from pipeq.producer.writers import BATCH_ROWS, GENERATION_COLUMNS, parquet_path, write_parquet, write_results
 from pipeq.routing import PRECISIONS, ServeKey, check_model, check_params, check_precision
 from pipeq.settings import Settings
 from pipeq.store import NewItem, Store, new_job_row
@@ -74,12 +75,14 @@ class Job:
             return watch(self.store, self.id, timeout=timeout, poll=poll)
         return follow(self.store, self.id, timeout=timeout, poll=poll, on_update=on_update)
 
-    def results(self) -> Iterator[dict[str, Any]]:
+    def results(self, *, inputs: bool = False) -> Iterator[dict[str, Any]]:
         """One row per input item, in input order: index, id, status, output, error, truncated, timing.
 
         A pooled embedding's output is its list of floats (stored as binary; ``to_numpy`` reads them as an array).
+        A generation job's ``timing`` holds its items' ``output_tokens``, ``first_token_ms`` and ``decode_ms`` too.
+        ``inputs=True`` adds each item's ``input`` as the store keeps it.
         """
-        for row in self._rows():
+        for row in self._rows(inputs=inputs):
             if isinstance(row["output"], Vector):
                 row["output"] = row["output"].tolist()
             yield row
@@ -88,10 +91,26 @@ class Job:
         """The job's results as the store reads them: a page of columns at a time (``Store.iter_result_pages``)."""
         return self.store.iter_result_pages(self.id, page=BATCH_ROWS)
 
-    def _rows(self) -> Iterator[dict[str, Any]]:
+    def _rows(self, *, inputs: bool = False) -> Iterator[dict[str, Any]]:
         """``results()`` rows with pooled embeddings left as the ``Vector``s the store holds."""
-        for row in self.store.iter_results(self.id):
-            yield {
+        generation = self._generates()
+        for row in self.store.iter_results(self.id, inputs=inputs):
+            timing = {
+                "batch_id": row["batch_id"],
+                "batch_size": row["batch_size"],
+                "n_tokens": row["n_tokens"],
+                "queue_wait_ms": row["queue_wait_ms"],
+                "preprocess_ms": row["preprocess_ms"],
+                "forward_ms": row["forward_ms"],
+                "postprocess_ms": row["postprocess_ms"],
+                "batch_total_ms": row["total_ms"],
+                "attempts": row["attempts"],
+                "model_revision": row["model_revision"],
+                "worker_id": row["worker_id"],
+            }
+            if generation:
+                timing.update({name: row[name] for name in GENERATION_COLUMNS})
+            result = {
                 "index": row["idx"],
                 "id": row["input_id"],
                 "status": row["status"],
@@ -99,20 +118,26 @@ class Job:
                 "error": row["error"],
                 "truncated": row["truncated"],
                 "cached": bool(row["cached"]),
-                "timing": {
-                    "batch_id": row["batch_id"],
-                    "batch_size": row["batch_size"],
-                    "n_tokens": row["n_tokens"],
-                    "queue_wait_ms": row["queue_wait_ms"],
-                    "preprocess_ms": row["preprocess_ms"],
-                    "forward_ms": row["forward_ms"],
-                    "postprocess_ms": row["postprocess_ms"],
-                    "batch_total_ms": row["total_ms"],
-                    "attempts": row["attempts"],
-                    "model_revision": row["model_revision"],
-                    "worker_id": row["worker_id"],
-                },
+                "timing": timing,
             }
+            if inputs:
+                result["input"] = row["input"]
+            yield result
+
+    def _row(self) -> dict[str, Any]:
+        row = self.store.job_row(self.id)
+        if row is None:
+            raise JobNotFoundError(f"no job {self.id!r} in the store")
+        return row
+
+    def _generates(self) -> bool:
+        """Whether the job generates text (its results then have ``GENERATION_COLUMNS``)."""
+        return bool(self._row()["task"] == GENERATION_TASK)
+
+    def _layout(self) -> dict[str, Any]:
+        """The shape of the job's flat results, as the writers take it: ``embedding_dim`` and ``generation``."""
+        row = self._row()
+        return {"embedding_dim": self._embedding_dim(row), "generation": row["task"] == GENERATION_TASK}
 
     def embedding_dim(self) -> int | None:
         """Values per vector of a pooled-embedding job; None for any other job.
@@ -120,9 +145,9 @@ class Job:
         Its ``dims`` parameter, else the size of its first stored vector, else its model's width
         (config.json), else 0 (nothing stored yet and a model whose config does not say).
         """
-        row = self.store.job_row(self.id)
-        if row is None:
-            raise JobNotFoundError(f"no job {self.id!r} in the store")
+        return self._embedding_dim(self._row())
+
+    def _embedding_dim(self, row: dict[str, Any]) -> int | None:
         params = row["params"] or {}
         if not embedding.is_pooled(row["task"], params):
             return None
@@ -137,24 +162,25 @@ class Job:
         """The results as a pyarrow Table in input order, a record batch a page.
 
         ``output`` is JSON text; a pooled-embedding job has an ``embedding`` column of
-        ``fixed_size_list<float32>[dim]`` in its place (null where an item has no vector).
+        ``fixed_size_list<float32>[dim]`` in its place (null where an item has no vector); a generation job
+        has ``output_tokens``, ``first_token_ms`` and ``decode_ms`` after ``n_tokens``.
         """
-        return results_table(self._pages(), embedding_dim=self.embedding_dim())
+        return results_table(self._pages(), **self._layout())
 
     def to_arrow_reader(self) -> Any:
         """The results as ``to_arrow`` has them, as a pyarrow RecordBatchReader: one page is read at a time."""
-        return results_reader(self._pages(), embedding_dim=self.embedding_dim())
+        return results_reader(self._pages(), **self._layout())
 
     def to_pandas(self) -> Any:
         """The results as a pandas DataFrame in input order, ``output`` decoded; needs pandas.
 
         A pooled-embedding job has an ``embedding`` column instead (a float32 array per row, None where none).
         """
-        return results_frame(self._pages(), embedding_dim=self.embedding_dim())
+        return results_frame(self._pages(), **self._layout())
 
     def to_dataset(self) -> Any:
         """The results as a Hugging Face ``datasets.Dataset`` with ``to_arrow``'s columns; needs datasets."""
-        return results_dataset(self._pages(), embedding_dim=self.embedding_dim())
+        return results_dataset(self._pages(), **self._layout())
 
     def to_numpy(self) -> Any:
         """A pooled-embedding job's vectors as an (n, dim) float32 array, n the job's item count.
@@ -188,7 +214,10 @@ class Job:
         if fmt == "parquet":
             return write_parquet(self.to_arrow_reader(), parquet_path(path))
         job = self.status() if fmt == "openai-batch" else None
-        return write_results(self.results(), fmt, out=out, path=path, job=job)
+        generation = self._generates()
+        # A generated item's OpenAI response is a chat completion or a text completion, as its stored input says.
+        rows = self.results(inputs=generation and job is not None)
+        return write_results(rows, fmt, out=out, path=path, job=job, generation=generation)
 
     def cancel(self) -> int:
         """Cancel the job's remaining items; returns how many were cancelled."""

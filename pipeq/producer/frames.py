@@ -150,28 +150,36 @@ def read_frame(obj: Any, spec: RecordSpec) -> Iterator[Record]:
                 yield record
 
 
-def results_reader(pages: Iterable[Mapping[str, list[Any]]], *, embedding_dim: int | None = None) -> Any:
+def results_reader(
+    pages: Iterable[Mapping[str, list[Any]]], *, embedding_dim: int | None = None, generation: bool = False
+) -> Any:
     """A job's result pages (``Store.iter_result_pages``) as a pyarrow RecordBatchReader of flat columns:
-    one record batch a page, built when it is read."""
+    one record batch a page, built when it is read (``generation``: a generation job's, with its three
+    columns more)."""
     import pyarrow as pa
 
-    schema = arrow_schema(embedding_dim)
-    return pa.RecordBatchReader.from_batches(schema, page_batches(pages, embedding_dim=embedding_dim))
+    schema = arrow_schema(embedding_dim, generation=generation)
+    batches = page_batches(pages, embedding_dim=embedding_dim, generation=generation)
+    return pa.RecordBatchReader.from_batches(schema, batches)
 
 
-def results_table(pages: Iterable[Mapping[str, list[Any]]], *, embedding_dim: int | None = None) -> Any:
+def results_table(
+    pages: Iterable[Mapping[str, list[Any]]], *, embedding_dim: int | None = None, generation: bool = False
+) -> Any:
     """A job's result pages as a pyarrow Table of flat columns, one record batch a page."""
-    return results_reader(pages, embedding_dim=embedding_dim).read_all()
+    return results_reader(pages, embedding_dim=embedding_dim, generation=generation).read_all()
 
 
-def results_frame(pages: Iterable[Mapping[str, list[Any]]], *, embedding_dim: int | None = None) -> Any:
+def results_frame(
+    pages: Iterable[Mapping[str, list[Any]]], *, embedding_dim: int | None = None, generation: bool = False
+) -> Any:
     """A job's result pages as a pandas DataFrame of flat columns, ``output`` decoded to Python objects
     (a pooled-embedding job's ``embedding`` column holds a float32 array per row, None where there is none)."""
     try:
         import pandas as pd
     except ImportError:
         raise ConfigurationError("Job.to_pandas() needs pandas: pip install pandas") from None
-    table = results_table(pages, embedding_dim=embedding_dim)
+    table = results_table(pages, embedding_dim=embedding_dim, generation=generation)
     frame = table.to_pandas()
     if embedding_dim is None:
         outputs = [None if text is None else json.loads(text) for text in table.column("output").to_pylist()]
@@ -179,11 +187,13 @@ def results_frame(pages: Iterable[Mapping[str, list[Any]]], *, embedding_dim: in
     return frame
 
 
-def results_dataset(pages: Iterable[Mapping[str, list[Any]]], *, embedding_dim: int | None = None) -> Any:
+def results_dataset(
+    pages: Iterable[Mapping[str, list[Any]]], *, embedding_dim: int | None = None, generation: bool = False
+) -> Any:
     """A job's result pages as a Hugging Face ``datasets.Dataset`` of ``results_table``'s columns (a pooled
     embedding as a fixed-size list of float32, ``List(Value("float32"), length=dim)`` in its features)."""
     try:
         import datasets
     except ImportError:
         raise ConfigurationError("Job.to_dataset() needs datasets: pip install 'pipeq[datasets]'") from None
-    return datasets.Dataset(results_table(pages, embedding_dim=embedding_dim))
+    return datasets.Dataset(results_table(pages, embedding_dim=embedding_dim, generation=generation))

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any
 
 from pipeq import constants as C
-from pipeq import embedding, recipe
+from pipeq import embedding, generation, recipe
 from pipeq.errors import ConfigurationError, InputError
 from pipeq.primitives import JobProgress
 from pipeq.producer.records import RawRecords, Record, RecordSpec
@@ -164,15 +164,30 @@ def _texts(value: Any, spec: RecordSpec, fail: Callable[[str], InputError]) -> l
 
 # ------------------------------------------------------------------------ writing
 
+#: The response body's ``object`` of a generated item: a chat completion (``/v1/chat/completions``) for an item
+#: stored with ``messages``, a text completion (``/v1/completions``) for one stored with a ``prompt``
+#: (``pipeq.generation.stored_input``). Each item says which, so a job submitted from any input format answers
+#: in the form its requests were made in.
+CHAT_OBJECT = "chat.completion"
+COMPLETION_OBJECT = "text_completion"
+#: The ``id`` prefix of each body, as the API's own ids have.
+_ID_PREFIXES = {CHAT_OBJECT: "chatcmpl", COMPLETION_OBJECT: "cmpl"}
+
 
 def writer_for(job: JobProgress | None) -> Callable[[Iterable[dict[str, Any]], IO[str]], int]:
-    """A writer of ``job``'s result rows as response lines, once the job is known to fit the format."""
+    """A writer of ``job``'s result rows as response lines, once the job is known to fit the format.
+
+    A generation job's rows must hold their items' inputs (``Job.results(inputs=True)``): each is answered
+    as a chat completion or a text completion, as its input holds ``messages`` or a ``prompt``.
+    """
     if job is None:
         raise ConfigurationError("openai-batch results are written for a job: pass its JobProgress")
-    if job.task != embedding.TASK or job.params.get("pooling") is None:
+    generates = job.task == generation.TASK
+    if not generates and (job.task != embedding.TASK or job.params.get("pooling") is None):
         raise ConfigurationError(
             f"job {job.id} is a {job.task} job{'' if job.task != embedding.TASK else ' without pooling'}: "
-            f"--format openai-batch writes {EMBEDDINGS_URL} responses, for {embedding.TASK} jobs with pooling"
+            f"--format openai-batch writes {EMBEDDINGS_URL} responses, for {embedding.TASK} jobs with pooling, "
+            f"and chat completion or completion responses, for {generation.TASK} jobs"
         )
     if not job.is_final:
         raise ConfigurationError(
@@ -182,6 +197,10 @@ def writer_for(job: JobProgress | None) -> Callable[[Iterable[dict[str, Any]], I
 
     def write(rows: Iterable[dict[str, Any]], out: IO[str]) -> int:
         n = 0
+        if generates:
+            for n, row in enumerate(rows, start=1):
+                out.write(json.dumps(generation_line(job, n - 1, row), ensure_ascii=False) + "\n")
+            return n
         for n, group in enumerate(_requests(rows), start=1):
             out.write(json.dumps(response_line(job, n - 1, group), ensure_ascii=False) + "\n")
         return n
@@ -201,23 +220,38 @@ def _requests(rows: Iterable[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
         yield group
 
 
-def response_line(job: JobProgress, ordinal: int, group: list[dict[str, Any]]) -> dict[str, Any]:
-    """The output line of the ``ordinal``-th request of ``job``, whose items' result rows are ``group``."""
-    first = group[0]
-    line: dict[str, Any] = {
+def _line(job: JobProgress, ordinal: int, first: dict[str, Any]) -> dict[str, Any]:
+    """The output line of the ``ordinal``-th request of ``job`` (whose first item's result row is ``first``),
+    with neither its response nor its error yet."""
+    return {
         "id": f"batch_req_{job.id}_{ordinal}",
         "custom_id": first["id"] if first["id"] is not None else str(first["index"]),
         "response": None,
         "error": None,
     }
+
+
+def _error(group: list[dict[str, Any]]) -> dict[str, str] | None:
+    """The API's error object of a request whose items did not all finish: its first such item's; None when all did."""
     unfinished = [(i, row) for i, row in enumerate(group) if row["status"] != C.ITEM_DONE]
-    if unfinished:
-        i, row = unfinished[0]
-        which = f"input {i}: " if len(group) > 1 else ""
-        if row["status"] == C.ITEM_FAILED:
-            line["error"] = {"code": FAILED_CODE, "message": f"{which}{row['error']}"}
-        else:
-            line["error"] = {"code": CANCELLED_CODE, "message": f"{which}cancelled before it ran (pipeq cancel)"}
+    if not unfinished:
+        return None
+    i, row = unfinished[0]
+    which = f"input {i}: " if len(group) > 1 else ""
+    if row["status"] == C.ITEM_FAILED:
+        return {"code": FAILED_CODE, "message": f"{which}{row['error']}"}
+    return {"code": CANCELLED_CODE, "message": f"{which}cancelled before it ran (pipeq cancel)"}
+
+
+def _response(job: JobProgress, ordinal: int, body: dict[str, Any]) -> dict[str, Any]:
+    return {"status_code": 200, "request_id": f"req_{job.id}_{ordinal}", "body": body}
+
+
+def response_line(job: JobProgress, ordinal: int, group: list[dict[str, Any]]) -> dict[str, Any]:
+    """The output line of the ``ordinal``-th request of ``job``, whose items' result rows are ``group``."""
+    line = _line(job, ordinal, group[0])
+    line["error"] = _error(group)
+    if line["error"] is not None:
         return line
     data = []
     for i, row in enumerate(group):
@@ -229,5 +263,39 @@ def response_line(job: JobProgress, ordinal: int, group: list[dict[str, Any]]) -
     tokens = sum(row["timing"]["n_tokens"] or 0 for row in group)
     usage = {"prompt_tokens": tokens, "total_tokens": tokens}
     body = {"object": "list", "data": data, "model": job.model, "usage": usage}
-    line["response"] = {"status_code": 200, "request_id": f"req_{job.id}_{ordinal}", "body": body}
+    line["response"] = _response(job, ordinal, body)
+    return line
+
+
+def generation_line(job: JobProgress, ordinal: int, row: dict[str, Any]) -> dict[str, Any]:
+    """The output line of a generation job's ``ordinal``-th item (its result row with its ``input``): a chat
+    completion body for an item stored with ``messages``, a text completion body for one with a ``prompt``."""
+    line = _line(job, ordinal, row)
+    line["error"] = _error([row])
+    if line["error"] is not None:
+        return line
+    if "input" not in row:
+        raise ConfigurationError(
+            "a generation job's OpenAI batch output needs each item's stored input (Job.results(inputs=True))"
+        )
+    out = row["output"]
+    if not isinstance(out, dict) or not {"generated_text", "finish_reason"} <= out.keys():
+        raise ConfigurationError(f"item {row['index']} of job {job.id} holds no generated text")
+    text, finish_reason = out["generated_text"], out["finish_reason"]
+    chat = isinstance(row["input"], dict) and "messages" in row["input"]
+    kind = CHAT_OBJECT if chat else COMPLETION_OBJECT
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None}
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None}
+    prompt, completion = int(out.get("prompt_tokens") or 0), int(out.get("completion_tokens") or 0)
+    body = {
+        "id": f"{_ID_PREFIXES[kind]}-{job.id}-{ordinal}",
+        "object": kind,
+        "created": int((job.finished_at or job.created_at).timestamp()),
+        "model": job.model,
+        "choices": [{**choice, "finish_reason": finish_reason}],
+        "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
+    }
+    line["response"] = _response(job, ordinal, body)
     return line

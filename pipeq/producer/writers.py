@@ -2,14 +2,16 @@
 
 A pooled-embedding job's Parquet and Arrow rows hold an ``embedding`` column of
 ``fixed_size_list<float32>[dim]`` in place of ``output``, read from the stored bytes of a page at a
-time (``pipeq.vectors.stack``): no value is parsed or handled one by one in Python.
+time (``pipeq.vectors.stack``): no value is parsed or handled one by one in Python. A generation job's
+rows have three more columns (``GENERATION_COLUMNS``), which no other job's rows carry.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from functools import partial
 from typing import IO, Any
 
 from pipeq.errors import ConfigurationError
@@ -33,22 +35,37 @@ TIMING_COLUMNS = (
     "model_revision",
     "worker_id",
 )
+#: A generated item's figures (``pipeq.generation``): the tokens it generated, the milliseconds to its first
+#: one and from that one to its last. In a generation job's ``timing`` and flat rows only, after ``n_tokens``
+#: (its prompt's tokens).
+GENERATION_COLUMNS = ("output_tokens", "first_token_ms", "decode_ms")
+#: A result row's own columns, before its ``timing`` spread out.
+_ROW_COLUMNS = ("index", "id", "status", "output", "error", "truncated", "cached")
 #: Flat columns of a CSV, Parquet or Arrow row; ``output`` is JSON text there (its shape differs by task).
-COLUMNS = ("index", "id", "status", "output", "error", "truncated", "cached", *TIMING_COLUMNS)
+COLUMNS = (*_ROW_COLUMNS, *TIMING_COLUMNS)
 #: The column of a pooled-embedding job's Arrow and Parquet rows that holds its vectors, in place of ``output``.
 EMBEDDING = "embedding"
 #: Rows per Arrow record batch (one Parquet write, one page of a data frame).
 BATCH_ROWS = 10_000
 
 
-def column_names(embedding_dim: int | None = None) -> tuple[str, ...]:
-    """The flat columns: ``COLUMNS``, with ``embedding`` in place of ``output`` for a pooled-embedding job."""
-    if embedding_dim is None:
-        return COLUMNS
-    return tuple(EMBEDDING if name == "output" else name for name in COLUMNS)
+def timing_columns(*, generation: bool = False) -> tuple[str, ...]:
+    """A result row's ``timing`` keys: ``TIMING_COLUMNS``, with ``GENERATION_COLUMNS`` after ``n_tokens`` for a
+    generation job."""
+    if not generation:
+        return TIMING_COLUMNS
+    at = TIMING_COLUMNS.index("n_tokens") + 1
+    return (*TIMING_COLUMNS[:at], *GENERATION_COLUMNS, *TIMING_COLUMNS[at:])
 
 
-def flat_row(row: dict[str, Any]) -> dict[str, Any]:
+def column_names(embedding_dim: int | None = None, *, generation: bool = False) -> tuple[str, ...]:
+    """The flat columns: ``COLUMNS``, with ``embedding`` in place of ``output`` for a pooled-embedding job and
+    ``GENERATION_COLUMNS`` after ``n_tokens`` for a generation job."""
+    row = _ROW_COLUMNS if embedding_dim is None else tuple(EMBEDDING if n == "output" else n for n in _ROW_COLUMNS)
+    return (*row, *timing_columns(generation=generation))
+
+
+def flat_row(row: dict[str, Any], *, generation: bool = False) -> dict[str, Any]:
     """A ``Job.results()`` row as flat columns: output as JSON text, timing spread out."""
     timing = row["timing"]
     output = row["output"]
@@ -57,16 +74,19 @@ def flat_row(row: dict[str, Any]) -> dict[str, Any]:
     return {
         **{k: row[k] for k in ("index", "id", "status", "error", "truncated", "cached")},
         "output": None if output is None else json.dumps(output, ensure_ascii=False),
-        **{k: timing[k] for k in TIMING_COLUMNS},
+        **{k: timing[k] for k in timing_columns(generation=generation)},
     }
 
 
-def arrow_schema(embedding_dim: int | None = None) -> Any:
+def arrow_schema(embedding_dim: int | None = None, *, generation: bool = False) -> Any:
     """The Arrow schema of flat result rows (``column_names``); ``embedding`` is ``fixed_size_list<float32>[dim]``."""
     import pyarrow as pa
 
-    ints = ("index", "batch_id", "batch_size", "n_tokens", "attempts")
-    floats = ("queue_wait_ms", "preprocess_ms", "forward_ms", "postprocess_ms", "batch_total_ms")
+    ints = ("index", "batch_id", "batch_size", "n_tokens", "output_tokens", "attempts")
+    floats = (
+        "queue_wait_ms", "preprocess_ms", "forward_ms", "postprocess_ms", "batch_total_ms", "first_token_ms",
+        "decode_ms",
+    )  # fmt: skip
     types = {
         **dict.fromkeys(ints, pa.int64()),
         **dict.fromkeys(floats, pa.float64()),
@@ -75,7 +95,8 @@ def arrow_schema(embedding_dim: int | None = None) -> Any:
     }
     if embedding_dim is not None:
         types[EMBEDDING] = pa.list_(pa.float32(), embedding_dim)
-    return pa.schema([(name, types.get(name, pa.string())) for name in column_names(embedding_dim)])
+    names = column_names(embedding_dim, generation=generation)
+    return pa.schema([(name, types.get(name, pa.string())) for name in names])
 
 
 def embedding_array(outputs: list[Any], dim: int) -> Any:
@@ -98,12 +119,14 @@ def _json_text(output: Any) -> str | None:
     return None if output is None else json.dumps(output, ensure_ascii=False)
 
 
-def page_batches(pages: Iterable[Mapping[str, list[Any]]], *, embedding_dim: int | None = None) -> Iterator[Any]:
+def page_batches(
+    pages: Iterable[Mapping[str, list[Any]]], *, embedding_dim: int | None = None, generation: bool = False
+) -> Iterator[Any]:
     """Pages of a job's results as the store reads them ({column: values}) as Arrow record batches, a column at a
     time: the same columns and values as ``arrow_batches`` over ``Job.results()`` rows, with no dict per row."""
     import pyarrow as pa
 
-    schema = arrow_schema(embedding_dim)
+    schema = arrow_schema(embedding_dim, generation=generation)
     for page in pages:
         arrays = []
         for field in schema:
@@ -119,12 +142,12 @@ def page_batches(pages: Iterable[Mapping[str, list[Any]]], *, embedding_dim: int
         yield pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
-def _record_batch(rows: list[dict[str, Any]], schema: Any, embedding_dim: int | None) -> Any:
+def _record_batch(rows: list[dict[str, Any]], schema: Any, embedding_dim: int | None, generation: bool) -> Any:
     import pyarrow as pa
 
     if embedding_dim is None:
-        return pa.RecordBatch.from_pylist([flat_row(row) for row in rows], schema=schema)
-    flat = [flat_row({**row, "output": None}) for row in rows]
+        return pa.RecordBatch.from_pylist([flat_row(row, generation=generation) for row in rows], schema=schema)
+    flat = [flat_row({**row, "output": None}, generation=generation) for row in rows]
     embedding = embedding_array([row["output"] for row in rows], embedding_dim)
     arrays = [
         embedding if field.name == EMBEDDING else pa.array([r[field.name] for r in flat], type=field.type)
@@ -134,21 +157,26 @@ def _record_batch(rows: list[dict[str, Any]], schema: Any, embedding_dim: int | 
 
 
 def arrow_batches(
-    rows: Iterable[dict[str, Any]], size: int = BATCH_ROWS, *, embedding_dim: int | None = None
+    rows: Iterable[dict[str, Any]],
+    size: int = BATCH_ROWS,
+    *,
+    embedding_dim: int | None = None,
+    generation: bool = False,
 ) -> Iterator[Any]:
     """Flat result rows as Arrow record batches of at most ``size`` rows; only one batch is held at a time.
 
-    With ``embedding_dim``, the rows' outputs are pooled embeddings, written as the ``embedding`` column.
+    With ``embedding_dim``, the rows' outputs are pooled embeddings, written as the ``embedding`` column;
+    with ``generation``, the rows are a generation job's, with its ``GENERATION_COLUMNS``.
     """
-    schema = arrow_schema(embedding_dim)
+    schema = arrow_schema(embedding_dim, generation=generation)
     batch: list[dict[str, Any]] = []
     for row in rows:
         batch.append(row)
         if len(batch) >= size:
-            yield _record_batch(batch, schema, embedding_dim)
+            yield _record_batch(batch, schema, embedding_dim, generation)
             batch = []
     if batch:
-        yield _record_batch(batch, schema, embedding_dim)
+        yield _record_batch(batch, schema, embedding_dim, generation)
 
 
 def write_jsonl(rows: Iterable[dict[str, Any]], out: IO[str]) -> int:
@@ -159,12 +187,12 @@ def write_jsonl(rows: Iterable[dict[str, Any]], out: IO[str]) -> int:
     return n
 
 
-def write_csv(rows: Iterable[dict[str, Any]], out: IO[str]) -> int:
-    writer = csv.DictWriter(out, fieldnames=COLUMNS)
+def write_csv(rows: Iterable[dict[str, Any]], out: IO[str], *, generation: bool = False) -> int:
+    writer = csv.DictWriter(out, fieldnames=column_names(generation=generation))
     writer.writeheader()
     n = 0
     for row in rows:
-        writer.writerow(flat_row(row))
+        writer.writerow(flat_row(row, generation=generation))
         n += 1
     return n
 
@@ -199,23 +227,28 @@ def write_results(
     path: str | None = None,
     job: JobProgress | None = None,
     embedding_dim: int | None = None,
+    generation: bool = False,
 ) -> int:
     """Write rows in ``fmt`` to ``path`` (or ``out`` for text formats); returns the rows (lines) written.
 
-    ``openai-batch`` needs the ``job``: one line per request, and only for a finished embeddings job.
-    ``embedding_dim``: the rows hold a pooled-embedding job's vectors, which Parquet gets as its
-    ``embedding`` column (the text formats write them as lists of floats either way).
+    ``openai-batch`` needs the ``job``: one line per request, and only for a finished embeddings job with
+    pooling or generation job. ``embedding_dim``: the rows hold a pooled-embedding job's vectors, which
+    Parquet gets as its ``embedding`` column (the text formats write them as lists of floats either way).
+    ``generation``: the rows are a generation job's, whose CSV and Parquet have its ``GENERATION_COLUMNS``.
     """
     if fmt not in RESULT_FORMATS:
         raise ConfigurationError(f"unknown result format {fmt!r}; choose {', '.join(RESULT_FORMATS)}")
     if fmt == "parquet":
         import pyarrow as pa
 
-        batches = arrow_batches(rows, embedding_dim=embedding_dim)
-        return write_parquet(
-            pa.RecordBatchReader.from_batches(arrow_schema(embedding_dim), batches), parquet_path(path)
-        )
-    writer = {"jsonl": write_jsonl, "csv": write_csv}.get(fmt) or openai_batch.writer_for(job)
+        batches = arrow_batches(rows, embedding_dim=embedding_dim, generation=generation)
+        schema = arrow_schema(embedding_dim, generation=generation)
+        return write_parquet(pa.RecordBatchReader.from_batches(schema, batches), parquet_path(path))
+    writers: dict[str, Callable[[Iterable[dict[str, Any]], IO[str]], int]] = {
+        "jsonl": write_jsonl,
+        "csv": partial(write_csv, generation=generation),
+    }
+    writer = writers.get(fmt) or openai_batch.writer_for(job)
     if path is not None:
         with open(path, "w", encoding="utf-8", newline="") as fh:
             return writer(rows, fh)

@@ -2,7 +2,8 @@
 
 Everything is read-only SQL: counts and sums are aggregated by the database; only the batches' timing
 columns are streamed (a few numbers a batch) to take percentiles and time buckets. Items are never
-loaded one by one, so a million-item job reports in the time its batches take to read.
+loaded one by one, so a million-item job reports in the time its batches take to read; a generation job
+also streams three numbers per generated item, for the percentiles of its time to first token and decode time.
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ from typing import Any
 
 import numpy as np
 
+from pipeq.generation import TASK as GENERATION_TASK
 from pipeq.primitives import PHASES, WORK_PHASES, JobProgress, parse_error, utcnow
 from pipeq.store import Store
 
 #: Percentiles reported for each phase.
 PERCENTILES = (50, 95, 99)
+#: Percentiles of a generation job's time to first token and decode time per token.
+GENERATION_PERCENTILES = (50, 90)
 #: Most time buckets in the throughput timeline.
 MAX_BUCKETS = 60
 #: Shortest time bucket in seconds for a job long enough to fill ``MIN_BUCKETS`` of them.
@@ -150,6 +154,26 @@ class WorkerShare:
     precision_choice: str | None = None
     #: Mean milliseconds per batch of each work phase.
     phase_mean_ms: dict[str, float] = field(default_factory=dict)
+    #: A generation job's only: the tokens its items generated, and those over its busy time.
+    output_tokens: int | None = None
+    output_tokens_per_second: float | None = None
+
+
+@dataclass
+class GenerationStats:
+    """A generation job's tokens: the output tokens its items generated over the job's wall time, and the
+    percentiles of its items' time to first token and decode time per output token (milliseconds; None
+    where no item has one)."""
+
+    items: int
+    output_tokens: int
+    output_tokens_per_second: float | None
+    first_token_p50_ms: float | None
+    first_token_p90_ms: float | None
+    #: An item's ``decode_ms`` over its ``output_tokens - 1`` (the gaps between its tokens after the first;
+    #: an item of one token has none).
+    decode_per_token_p50_ms: float | None
+    decode_per_token_p90_ms: float | None
 
 
 @dataclass
@@ -165,6 +189,8 @@ class JobReport:
     failures: list[FailureReason]
     workers: list[WorkerShare]
     generated_at: datetime
+    #: Only for a generation job.
+    generation: GenerationStats | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The report as plain JSON types (datetimes as ISO 8601 strings)."""
@@ -211,6 +237,7 @@ def build_report(store: Store, job_id: str) -> JobReport:
     """Read a job's report from the store; raises JobNotFoundError for an unknown job."""
     job = JobSummary.of(store.job(job_id))
     workers = _worker_shares(store, job_id)
+    generation = _generation(store, job, workers) if job.task == GENERATION_TASK else None
     rows_histogram = store.batch_rows_histogram(job_id)
     revisions = store.batch_revisions(job_id)
     failures = _failures(store, job_id)
@@ -225,6 +252,7 @@ def build_report(store: Store, job_id: str) -> JobReport:
         failures=failures,
         workers=workers,
         generated_at=utcnow(),
+        generation=generation,
     )
 
 
@@ -258,6 +286,41 @@ def _worker_shares(store: Store, job_id: str) -> list[WorkerShare]:
         )
     shares.sort(key=lambda s: (-s.items, s.worker_id))
     return shares
+
+
+def _generation(store: Store, job: JobSummary, workers: list[WorkerShare]) -> GenerationStats:
+    """A generation job's token figures; sets each worker's output tokens and tokens per busy second."""
+    by_worker = store.output_tokens_by_worker(job.id)
+    tokens_of = {worker_id or UNKNOWN_WORKER: tokens for worker_id, _, tokens in by_worker}
+    for w in workers:
+        w.output_tokens = tokens_of.get(w.worker_id, 0)
+        w.output_tokens_per_second = _ratio(w.output_tokens, w.busy_seconds)
+    first_token, per_token = array("d"), array("d")
+    for first_ms, decode_ms, tokens in store.iter_generation_timing(job.id):
+        if first_ms is not None:
+            first_token.append(first_ms)
+        if decode_ms is not None and tokens > 1:
+            per_token.append(decode_ms / (tokens - 1))
+    output_tokens = sum(tokens for _, _, tokens in by_worker)
+    ttft = _percentiles(first_token)
+    tpot = _percentiles(per_token)
+    return GenerationStats(
+        items=sum(n for _, n, _ in by_worker),
+        output_tokens=output_tokens,
+        output_tokens_per_second=_ratio(output_tokens, job.wall_seconds),
+        first_token_p50_ms=ttft[0],
+        first_token_p90_ms=ttft[1],
+        decode_per_token_p50_ms=tpot[0],
+        decode_per_token_p90_ms=tpot[1],
+    )
+
+
+def _percentiles(values: array[float]) -> list[float | None]:
+    """``GENERATION_PERCENTILES`` of ``values``; None each when there are none."""
+    if not values:
+        return [None] * len(GENERATION_PERCENTILES)
+    found = np.percentile(np.frombuffer(values, dtype=np.float64), GENERATION_PERCENTILES)
+    return [float(p) for p in found]
 
 
 def _ratio(num: float | None, den: float | None) -> float | None:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from pipeq.errors import ConfigurationError
 from pipeq.primitives import WORK_PHASES
 from pipeq.report.build import JobReport, WorkerShare
-from pipeq.report.text import shadow_line, shadow_warning
+from pipeq.report.text import generation_line, shadow_line, shadow_warning
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -234,6 +234,7 @@ def _page(report: JobReport, charts: dict[str, str]) -> str:
             ["created / started / finished", f"{_when(j.created_at)} / {_when(j.started_at)} / {_when(j.finished_at)}"],
             ["wall time", f"{_num(j.wall_seconds)} s"],
             ["throughput", f"{_num(j.items_per_second)} items/s"],
+            *([["generation", generation_line(report.generation)]] if report.generation else []),
             ["revision", ", ".join(m.revisions) or "-"],
             ["device", ", ".join(m.devices) or "-"],
             ["quantization", ", ".join(m.quantization) or "-"],
@@ -263,6 +264,7 @@ def _page(report: JobReport, charts: dict[str, str]) -> str:
 
 def _timing_sections(report: JobReport, charts: dict[str, str]) -> list[str]:
     b = report.batches
+    generation = report.generation is not None
     phases = _table(
         ["phase", "mean ms", "p50 ms", "p95 ms", "p99 ms", "max ms", "share of total"],
         [
@@ -293,6 +295,7 @@ def _timing_sections(report: JobReport, charts: dict[str, str]) -> list[str]:
             "padding eff.",
             "footprint",
             "load s",
+            *(["output tok/s"] if generation else []),
         ],
         [
             [
@@ -308,10 +311,11 @@ def _timing_sections(report: JobReport, charts: dict[str, str]) -> list[str]:
                 _pct(w.padding_efficiency),
                 "-" if w.footprint_bytes is None else f"{w.footprint_bytes / 1e6:,.1f} MB",
                 _num(w.load_seconds),
+                *([_num(w.output_tokens_per_second)] if generation else []),
             ]
             for w in report.workers
         ],
-        [False, False, False, False, False, True, True, True, True, True, True, True],
+        [False, False, False, False, False, True, True, True, True, True, True, True, *([True] if generation else [])],
     )
     return [
         "<h2>Throughput</h2>",

@@ -6,7 +6,7 @@ from datetime import timedelta
 from typing import Any
 
 from pipeq.agreement import mean_cosine, shortfalls
-from pipeq.report.build import JobReport, WorkerShare
+from pipeq.report.build import GenerationStats, JobReport, WorkerShare
 
 
 def _mb(n: int | None) -> str:
@@ -17,11 +17,29 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def _worker_line(w: WorkerShare) -> str:
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:,.2f} ms"
+
+
+def _rate(x: float | None) -> str:
+    return "-" if x is None else f"{x:,.1f}"
+
+
+def _worker_line(w: WorkerShare, generation: bool) -> str:
     where = f"{w.host or '?'}:{w.pid or '?'}"
     return (
         f"{w.worker_id[:8]:<10}{where:<24}{w.device or '-':<8}{w.items:>10,}{_pct(w.share):>8}"
         f"{w.batches:>9,}{w.busy_seconds:>9.1f}{_pct(w.padding_efficiency):>9}{_mb(w.footprint_bytes):>12}"
+        + (f"{_rate(w.output_tokens_per_second):>12}" if generation else "")
+    )
+
+
+def generation_line(g: GenerationStats) -> str:
+    """A generation job's tokens in a sentence: output tokens per second, time to first token, decode per token."""
+    return (
+        f"{g.output_tokens:,} output tokens from {g.items:,} items, {_rate(g.output_tokens_per_second)} tokens/s; "
+        f"time to first token p50 {_ms(g.first_token_p50_ms)}, p90 {_ms(g.first_token_p90_ms)}; "
+        f"decode per token p50 {_ms(g.decode_per_token_p50_ms)}, p90 {_ms(g.decode_per_token_p90_ms)}"
     )
 
 
@@ -37,6 +55,8 @@ def format_text(report: JobReport) -> str:
         f"model: revision {', '.join(m.revisions) or '-'}; device {', '.join(m.devices) or '-'}; "
         f"quantization {', '.join(m.quantization) or '-'}; footprint {_mb(m.footprint_bytes)}",
     ]
+    if report.generation is not None:
+        lines.append(f"generation: {generation_line(report.generation)}")
     if j.cache_hits:
         lines.append(f"result cache: {j.cache_hits:,} of the {j.done:,} done items reused, not computed")
     lines += [f"precision: {summary}" for summary in m.precision_choices]
@@ -63,9 +83,9 @@ def format_text(report: JobReport) -> str:
         lines += [
             "",
             f"{'worker':<10}{'host:pid':<24}{'device':<8}{'items':>10}{'share':>8}{'batches':>9}{'busy s':>9}"
-            f"{'padding':>9}{'footprint':>12}",
+            f"{'padding':>9}{'footprint':>12}" + (f"{'out tok/s':>12}" if report.generation is not None else ""),
         ]
-        lines += [_worker_line(w) for w in report.workers]
+        lines += [_worker_line(w, report.generation is not None) for w in report.workers]
     if report.failures:
         lines += ["", "failures:"]
         lines += [f"{f.count:>8,}  {f.reason}  (e.g. item {f.example_idx}: {f.example_error})" for f in report.failures]

@@ -106,6 +106,9 @@ _RESULT_PAGE = (
         ITEMS.c.truncated,
         ITEMS.c.n_tokens,
         ITEMS.c.cached,
+        ITEMS.c.first_token_ms,
+        ITEMS.c.decode_ms,
+        ITEMS.c.output_tokens,
         ITEMS.c.attempts,
         ITEMS.c.finished_at,
         ITEMS.c.batch_id,
@@ -123,7 +126,12 @@ _RESULT_PAGE = (
     .order_by(ITEMS.c.idx)
     .limit(bindparam("b_limit"))
 )
-_RESULT_PAGE_NAMES = tuple(c.name for c in _RESULT_PAGE.selected_columns)
+#: ``_RESULT_PAGE`` with each item's stored input too (``iter_result_pages(inputs=True)``).
+_RESULT_PAGE_INPUTS = _RESULT_PAGE.add_columns(ITEMS.c.input)
+_RESULT_PAGE_NAMES = {
+    inputs: tuple(c.name for c in page.selected_columns)
+    for inputs, page in ((False, _RESULT_PAGE), (True, _RESULT_PAGE_INPUTS))
+}
 #: A micro-batch's results on PostgreSQL, in one statement: its items still pending updated from its rows
 #: (``u``), its timing row inserted if any was (``b``, its id drawn first so the items can point at it), the
 #: writer's counts added (``k``) and the job's row settled (``s``: started, or done with its last items).
@@ -134,15 +142,19 @@ _RESULT_PAGE_NAMES = tuple(c.name for c in _RESULT_PAGE.selected_columns)
 #: int array's text (``_pg_int_array``), so the writer's client CPU is not spent on a Python list per column
 #: that the driver would dump element by element (benchmarks/fleet.py measures the writes). A JSON ``output``
 #: is taken verbatim (``->`` on ``json`` keeps the text ``json.dumps`` wrote, as the column's own encoding
-#: does), a JSON null as SQL NULL; a vector travels as base64.
+#: does), a JSON null as SQL NULL; a vector travels as base64. A generated item's timing comes last (its
+#: row's 9th to 11th values); a shorter row, such as a pooled embedding's, leaves them NULL (``->>`` past the
+#: end of an array is NULL).
 _PG_WRITE = (
     "WITH {batch_id_cte}"
     "r AS (SELECT (v->>0)::int AS idx, (v->>1)::varchar AS status, "
     "CASE WHEN json_typeof(v->2) <> 'null' THEN v->2 END AS output, decode(v->>3, 'base64') AS vector, "
-    "v->>4 AS error, (v->>5)::bool AS truncated, (v->>6)::int AS n_tokens, (v->>7)::bool AS cached "
+    "v->>4 AS error, (v->>5)::bool AS truncated, (v->>6)::int AS n_tokens, (v->>7)::bool AS cached, "
+    "(v->>8)::float8 AS first_token_ms, (v->>9)::float8 AS decode_ms, (v->>10)::int AS output_tokens "
     "FROM json_array_elements(%(r_rows)s::json) AS v), "
     "u AS (UPDATE items AS i SET status = r.status, output = r.output, vector = r.vector, error = r.error, "
-    "truncated = r.truncated, n_tokens = r.n_tokens, cached = r.cached, batch_id = {batch_id}, "
+    "truncated = r.truncated, n_tokens = r.n_tokens, cached = r.cached, first_token_ms = r.first_token_ms, "
+    "decode_ms = r.decode_ms, output_tokens = r.output_tokens, batch_id = {batch_id}, "
     f"finished_at = %(b_now)s, attempts = {_COUNT_ATTEMPT.format(attempts='i.attempts')} "
     "FROM r "
     # ``idx = ANY`` as well as the join: the planner then reads the batch's rows by primary key, not the whole job.
@@ -501,6 +513,9 @@ class ItemQueries(StoreBase):
                     truncated(r.truncated),
                     r.n_tokens,
                     cached(r.cached),
+                    r.first_token_ms,
+                    r.decode_ms,
+                    r.output_tokens,
                     batch_id,
                     at,
                     job_id,
@@ -516,26 +531,30 @@ class ItemQueries(StoreBase):
         counts = {"k_done": moved.done, "k_failed": moved.failed, "k_cancelled": moved.cancelled}
         conn.execute(_upsert_counts(conn.dialect.name), {**params, **counts})
 
-    def iter_results(self, job_id: str, *, page: int = 2000) -> Iterator[dict[str, Any]]:
+    def iter_results(self, job_id: str, *, page: int = 2000, inputs: bool = False) -> Iterator[dict[str, Any]]:
         """Yield a job's items in input order with their batch timing, a page at a time.
 
-        ``output`` is the stored JSON value, or a ``Vector`` where the item holds a pooled embedding.
+        ``output`` is the stored JSON value, or a ``Vector`` where the item holds a pooled embedding; with
+        ``inputs``, ``input`` is the item's stored input.
         """
-        for columns in self.iter_result_pages(job_id, page=page):
+        for columns in self.iter_result_pages(job_id, page=page, inputs=inputs):
             names = list(columns)
             for values in zip(*columns.values(), strict=True):
                 yield dict(zip(names, values, strict=True))
 
-    def iter_result_pages(self, job_id: str, *, page: int = 2000) -> Iterator[dict[str, list[Any]]]:
+    def iter_result_pages(
+        self, job_id: str, *, page: int = 2000, inputs: bool = False
+    ) -> Iterator[dict[str, list[Any]]]:
         """A job's items in input order with their batch timing, as columns of at most ``page`` rows:
         {column: values} (the names of ``iter_results``), so a page becomes Arrow arrays without a dict per row."""
+        statement, names = (_RESULT_PAGE_INPUTS if inputs else _RESULT_PAGE), _RESULT_PAGE_NAMES[inputs]
         last = -1
         while True:
             with self.engine.connect() as conn:
-                rows = conn.execute(_RESULT_PAGE, {"b_job": job_id, "b_last": last, "b_limit": page}).all()
+                rows = conn.execute(statement, {"b_job": job_id, "b_last": last, "b_limit": page}).all()
             if not rows:
                 return
-            columns = dict(zip(_RESULT_PAGE_NAMES, map(list, zip(*rows, strict=True)), strict=True))
+            columns = dict(zip(names, map(list, zip(*rows, strict=True)), strict=True))
             vectors = columns.pop("vector")
             columns["output"] = list(map(read_output, columns["output"], vectors))
             yield columns
@@ -608,7 +627,10 @@ def _pg_int_array(values: Sequence[int]) -> str:
     return "{" + ",".join(map(str, values)) + "}"
 
 
-_RESULT_COLUMNS = ("status", "output", "vector", "error", "truncated", "n_tokens", "cached", "batch_id", "finished_at")
+_RESULT_COLUMNS = (
+    "status", "output", "vector", "error", "truncated", "n_tokens", "cached",
+    "first_token_ms", "decode_ms", "output_tokens", "batch_id", "finished_at",
+)  # fmt: skip
 
 
 @cache
@@ -632,15 +654,17 @@ def _same(value: Any) -> Any:
 
 def _pg_rows(results: Sequence[ItemResult]) -> str:
     """A batch's results as ``_PG_WRITE`` reads them: a JSON array of [idx, status, output, vector (base64),
-    error, truncated, n_tokens, cached], one per result, a pooled embedding's output in the vector's place."""
+    error, truncated, n_tokens, cached, first_token_ms, decode_ms, output_tokens], one per result, a pooled
+    embedding's output in the vector's place (and no generation timing: its row ends after ``cached``)."""
     return json.dumps(
         [
             (r.idx, r.status, None, _base64(r.output.blob), r.error, r.truncated, r.n_tokens, r.cached)
             if isinstance(r.output, Vector)
-            else (r.idx, r.status, r.output, None, r.error, r.truncated, r.n_tokens, r.cached)
+            else (r.idx, r.status, r.output, None, r.error, r.truncated, r.n_tokens, r.cached,
+                  r.first_token_ms, r.decode_ms, r.output_tokens)
             for r in results
         ]
-    )
+    )  # fmt: skip
 
 
 def _base64(blob: bytes) -> str:

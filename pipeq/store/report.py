@@ -101,3 +101,28 @@ class ReportQueries(StoreBase):
             for row in rows:
                 worker_id, size, finished_at, *phases = row
                 yield (worker_id, size, as_utc(finished_at), *phases)
+
+    def output_tokens_by_worker(self, job_id: str) -> list[tuple[str | None, int, int]]:
+        """Per worker: (worker_id, generated items, their output tokens) of a generation job, by the ``batches``
+        row that wrote each item (worker None: an item written without one, or by a worker whose row is gone)."""
+        worker = BATCHES.c.worker_id
+        q = (
+            select(worker, func.count(), func.sum(ITEMS.c.output_tokens))
+            .select_from(ITEMS.outerjoin(BATCHES, ITEMS.c.batch_id == BATCHES.c.id))
+            .where(ITEMS.c.job_id == job_id, ITEMS.c.output_tokens.is_not(None))
+            .group_by(worker)
+        )
+        with self.engine.connect() as conn:
+            return [(w, int(n), int(tokens or 0)) for w, n, tokens in conn.execute(q)]
+
+    def iter_generation_timing(self, job_id: str) -> Iterator[tuple[float | None, float | None, int]]:
+        """(first_token_ms, decode_ms, output_tokens) of each item a generation job generated."""
+        i = ITEMS.c
+        with self.engine.connect() as conn:
+            rows = conn.execution_options(yield_per=STREAM_ROWS).execute(
+                select(i.first_token_ms, i.decode_ms, i.output_tokens).where(
+                    i.job_id == job_id, i.output_tokens.is_not(None)
+                )
+            )
+            for first, decode, tokens in rows:
+                yield first, decode, int(tokens)

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 REQUIRED_TABLES = frozenset({"jobs", "job_counts", "items", "batches", "workers", "calibrations"})
 #: Columns added to a table after it was created, which a migrated store has too: {table: columns}.
 REQUIRED_COLUMNS = {
-    "items": frozenset({"vector", "order_key"}),
+    "items": frozenset({"vector", "order_key", "first_token_ms", "decode_ms", "output_tokens"}),
     "workers": frozenset({"precision_choice"}),
     "jobs": frozenset({"resolved_revision", "publish_key"}),
 }
