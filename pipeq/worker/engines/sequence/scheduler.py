@@ -3,7 +3,7 @@ and leaves the batch the step it ends; waiting requests take the freed rows.
 
 The batch is one left-padded tensor per layer in transformers' ``DynamicCache``, as ``model.generate``
 keeps it. A step is one forward pass of every running row's last token. Rows that end are dropped
-from the cache (``batch_select_indices``) and the columns of padding every remaining row has on its
+from the cache and the columns of padding every remaining row has on its
 left are cut off, so a finished sequence costs nothing from its last step on. New requests are
 prefilled together (one left-padded forward pass) and their cache is joined to the running one,
 padded on the left to the same length; each row's position ids come from its own mask, so a row's
@@ -306,15 +306,14 @@ class Scheduler:
             return None, mask[:0, :0]
         index = torch.tensor(keep, dtype=torch.long, device=mask.device)
         mask = mask.index_select(0, index)
-        cache.batch_select_indices(index)
         lead = int((mask.cumsum(1) == 0).sum(1).min())  # padding columns on every row's left
-        if lead:
-            mask = mask[:, lead:]
-            layers = _kv_layers(cache)
-            assert layers is not None
-            for layer in layers:
-                layer.keys = layer.keys[:, :, lead:, :]
-                layer.values = layer.values[:, :, lead:, :]
+        mask = mask[:, lead:]
+        layers = _kv_layers(cache)
+        assert layers is not None
+        for layer in layers:  # each on its own device where the model is split across devices
+            rows_here = index.to(layer.keys.device)
+            layer.keys = layer.keys.index_select(0, rows_here)[:, :, lead:, :]
+            layer.values = layer.values.index_select(0, rows_here)[:, :, lead:, :]
         return cache, mask
 
 
