@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from typer.testing import CliRunner
+from test_openai_batch import run_cli
 
 from pipeq import Client, Settings
 from pipeq import constants as C
-from pipeq.cli import app as cli_app
 from pipeq.errors import ConfigurationError, InputError
 from pipeq.producer import prompts
 from pipeq.producer.readers import Record, RecordSpec, read_objects, read_path
@@ -206,13 +205,11 @@ def test_cli_params_are_the_jobs_defaults_and_records_keep_their_own(
     path = write_jsonl(
         tmp_path / "gen.jsonl", [{"id": "a", "text": "Hello", "max_tokens": 5}, {"id": "b", "text": "Hi"}]
     )
-    env = {"PIPEQ_BROKER_URL": settings.broker_url, "PIPEQ_DATABASE_URL": settings.database_url}
     # When: submitted with job-wide defaults
-    result = CliRunner().invoke(
-        cli_app,
+    result = run_cli(
         ["submit", path, "--task", TASK, "--model", model_dir(CHAT), "--param", "max_tokens=64",
          "--param", "temperature=0.7", "--param", 'stop=["###"]'],
-        env=env,
+        settings,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     # Then: the job holds the defaults, each item its own parameters only
@@ -221,8 +218,8 @@ def test_cli_params_are_the_jobs_defaults_and_records_keep_their_own(
     assert job.params == {"max_tokens": 64, "temperature": 0.7, "stop": ["###"]}
     assert stored(store, job.id) == [("a", {"prompt": "Hello", "params": {"max_tokens": 5}}), ("b", {"prompt": "Hi"})]
     # And: an old pipeline parameter is refused with exit code 2 and a hint, nothing stored
-    result = CliRunner().invoke(
-        cli_app, ["submit", path, "--task", TASK, "--model", model_dir(CHAT), "--param", "max_new_tokens=5"], env=env
+    result = run_cli(
+        ["submit", path, "--task", TASK, "--model", model_dir(CHAT), "--param", "max_new_tokens=5"], settings
     )
     assert result.exit_code == 2 and "use max_tokens" in result.output
     assert len(store.recent_jobs()) == 1

@@ -360,15 +360,15 @@ class Client:
             params=params,
         )
         records, source, where = _read(inputs, spec, input_format, stdin)
-        if name == generation.TASK:
-            checker = prompts.load_checker(model, revision)
-            if checker is not None:
-                records = prompts.checked(records, checker, params, source=where, fail_long=fail_long_prompts)
         if not C.MIN_PRIORITY <= priority <= C.MAX_PRIORITY:
             raise ConfigurationError(
                 f"priority must be {C.MIN_PRIORITY} to {C.MAX_PRIORITY} (higher first), not {priority}"
             )
         check_broker(self.settings)  # in seconds, before anything is stored
+        if name == generation.TASK:
+            checker = prompts.load_checker(model, revision)
+            if checker is not None:
+                records = prompts.checked(records, checker, params, source=where, fail_long=fail_long_prompts)
         job_id = uuid.uuid4().hex
         lines = Lines()
         # Inputs stream from the reader into the store in batches; nothing holds the whole job in memory.

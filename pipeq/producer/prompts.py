@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
 
@@ -36,8 +36,8 @@ _NO_LIMIT = 10**12
 class PromptChecker:
     """A model's tokenizer and the tokens its context holds (None when neither its config nor its tokenizer says)."""
 
-    tokenizer: Any
-    context: int | None
+    tokenizer: Any = field(repr=False)
+    context: int | None = None
 
     @property
     def has_chat_template(self) -> bool:
@@ -97,7 +97,12 @@ class PromptChecker:
         return list(self.tokenizer.apply_chat_template(conversations, add_generation_prompt=True, tokenize=False))
 
 
-def _context(model: str, tokenizer: Any, local_only: bool, revision: str | None) -> int | None:
+def _first_line(exc: BaseException) -> str:
+    """An exception's message up to its first line break (transformers' loading errors run to several)."""
+    return str(exc).strip().split("\n", 1)[0]
+
+
+def _context(model: str, tokenizer: Any, revision: str | None) -> int | None:
     """Tokens the model takes, prompt and completion together: the smaller of its config's
     ``max_position_embeddings`` and its tokenizer's ``model_max_length``, of those that are set."""
     from transformers import AutoConfig
@@ -107,10 +112,12 @@ def _context(model: str, tokenizer: Any, local_only: bool, revision: str | None)
     if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < _NO_LIMIT:
         limits.append(tokenizer_limit)
     try:
-        config = AutoConfig.from_pretrained(model, revision=revision, local_files_only=local_only)
+        config = AutoConfig.from_pretrained(model, revision=revision, local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - a config transformers cannot read: the tokenizer's limit alone
         log.info(
-            "the config of %s was not read at submit (%s): prompts are checked by its tokenizer's limit", model, exc
+            "the config of %s was not read at submit (%s): prompts are checked by its tokenizer's limit",
+            model,
+            _first_line(exc),
         )
     else:
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -133,14 +140,14 @@ def load_checker(model: str, revision: str | None = None) -> PromptChecker | Non
         tokenizer = AutoTokenizer.from_pretrained(model, revision=hub_revision, local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure means the same: the worker checks instead
         log.info(
-            "the tokenizer of %s could not be loaded at submit (%s: %s): prompts are not checked against its "
-            "context now, the worker checks each item",
+            "the tokenizer of %s could not be loaded at submit (%s: %s): prompts are not checked against its chat "
+            "template and context now, the worker checks each item",
             model,
             type(exc).__name__,
-            exc,
+            _first_line(exc),
         )
         return None
-    return PromptChecker(tokenizer, _context(model, tokenizer, True, hub_revision))
+    return PromptChecker(tokenizer, _context(model, tokenizer, hub_revision))
 
 
 def _pages(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
