@@ -64,6 +64,9 @@ MAX_PRIORITY = 9
 INSERT_BATCH_ROWS = 5_000
 #: Characters of text at most in one such page (a page of long texts is cut sooner).
 INSERT_BATCH_CHARS = 8_000_000
+#: Records of a text-generation job whose prompts are tokenized in one call at submit (to check them
+#: against the model's context): one call a page keeps the check fast, a page at a time keeps memory flat.
+PROMPT_CHECK_RECORDS = 1_000
 #: A job of at least this many items has the store's statistics refreshed once it is stored (PostgreSQL
 #: ``ANALYZE items``): the planner must know a job is large to look its items up by key (``Store.create_job``).
 ANALYZE_AFTER_ITEMS = 10_000

@@ -92,6 +92,18 @@ PARAM_CHECKS = {
     "stop": _stop,
 }
 PARAM_KEYS = tuple(PARAM_CHECKS)
+#: Parameters of transformers' text-generation pipeline (and of the OpenAI API) that a job or record
+#: may write by habit, and what to write instead.
+REPLACED_PARAMS = {
+    "max_new_tokens": "use max_tokens",
+    "max_completion_tokens": "use max_tokens",
+    "max_length": "use max_tokens (new tokens, the prompt not counted)",
+    "do_sample": "use temperature (0 is greedy, above 0 samples)",
+    "return_full_text": "the output is the generated text only, never the prompt",
+    "num_return_sequences": "one output per item: repeat the item with another seed",
+    "stop_strings": "use stop",
+    "stop_sequence": "use stop",
+}
 
 
 def check_params(params: Mapping[str, Any], *, source: str | None = None, line: int | None = None) -> dict[str, Any]:
@@ -101,8 +113,11 @@ def check_params(params: Mapping[str, Any], *, source: str | None = None, line: 
     for key, value in params.items():
         check = PARAM_CHECKS.get(key)
         if check is None:
+            hint = f": {REPLACED_PARAMS[key]}" if key in REPLACED_PARAMS else ""
             raise InputError(
-                f"unknown generation parameter {key!r}; choose from {', '.join(PARAM_KEYS)}", source=source, line=line
+                f"unknown generation parameter {key!r}{hint}; choose from {', '.join(PARAM_KEYS)}",
+                source=source,
+                line=line,
             )
         try:
             normalized = check(value)

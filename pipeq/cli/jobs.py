@@ -41,8 +41,11 @@ def _parse_params(pairs: list[str]) -> dict[str, Any]:
 @app.command()
 def submit(
     input: Annotated[str, typer.Argument(help=f"{INPUT_SUFFIXES} file, or - for stdin.")],
-    task: Annotated[str, typer.Option("--task", help="Task, e.g. sentiment-analysis.")],
     model: Annotated[str, typer.Option("--model", help="Model served by a worker (same string).")],
+    task: Annotated[
+        str | None,
+        typer.Option("--task", help="Task, e.g. sentiment-analysis (an openai-batch file's url names its own)."),
+    ] = None,
     precision: Annotated[
         str | None,
         typer.Option(
@@ -74,6 +77,14 @@ def submit(
             "--allow-duplicate-ids", help="Accept two records with the same id (refused by default: both lines named)."
         ),
     ] = False,
+    fail_long_prompts: Annotated[
+        bool,
+        typer.Option(
+            "--fail-long-prompts",
+            help="text-generation: store a prompt too long for the model's context (with its max_tokens) and "
+            "fail its item alone, instead of refusing the input.",
+        ),
+    ] = False,
     wait: Annotated[bool, typer.Option("--wait", help="Show progress until done; exit 1 if any item failed.")] = False,
     broker_url: BrokerOpt = None,
     database_url: DatabaseOpt = None,
@@ -81,6 +92,8 @@ def submit(
     """Store a job and queue it; prints the job id on the last line of stdout.
 
     Example: pipeq submit reviews.jsonl --task sentiment-analysis --model ./my-model --wait
+
+    A text-generation job's --param max_tokens=N, temperature=T, top_p=P, seed=S, stop=... are its records' defaults.
     """
     from pipeq.producer.client import Client
 
@@ -101,6 +114,7 @@ def submit(
             input_format=input_format,
             cache=cache,
             allow_duplicate_ids=allow_duplicate_ids,
+            fail_long_prompts=fail_long_prompts,
         )
         total = job.status().total
         typer.echo(f"queued {total:,} items as job {job.id}", err=True)

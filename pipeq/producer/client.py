@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -10,13 +11,14 @@ from dataclasses import replace
 from typing import IO, Any
 
 from pipeq import constants as C
-from pipeq import embedding, recipe
+from pipeq import embedding, generation, recipe
 from pipeq.broker.app import make_celery
 from pipeq.broker.probe import check_broker
 from pipeq.broker.window import chunk_size_for, open_job, requeue
 from pipeq.errors import BrokerError, ConfigurationError, DuplicateIdError, InputError, JobNotFoundError
 from pipeq.generation import TASK as GENERATION_TASK
 from pipeq.primitives import JobProgress
+from pipeq.producer import openai_batch, prompts
 from pipeq.producer.frames import (
     frame_source,
     is_frame,
@@ -250,6 +252,26 @@ def _format_checks_ids(inputs: Any, input_format: str | None) -> bool:
     return fmt is not None and fmt.checks_ids
 
 
+def _file_task(inputs: Any, input_format: str | None) -> str:
+    """The task an OpenAI Batch request file's job runs, from its first request's url; ConfigurationError for
+    any other input (a job names its task)."""
+    if not isinstance(inputs, str) or input_format != "openai-batch":
+        raise ConfigurationError("name the job's task (only an openai-batch request file says its own, by its url)")
+    if inputs == "-":
+        raise ConfigurationError(
+            "name the job's task: an openai-batch file read from standard input is read once, after the job is made"
+        )
+    if not os.path.isfile(inputs):
+        raise InputError(f"no such file: {inputs}")
+    lines = INPUT_FORMATS[input_format].read(Source(inputs))
+    try:
+        for line, request in lines:
+            return openai_batch.request_task(request, inputs, line)
+    finally:
+        lines.close()  # type: ignore[attr-defined]  # the reader's generator: closes the file
+    raise InputError("the input holds no items", source=inputs)
+
+
 def _alias(name: str, value: Any, default: Any, alias: str, alias_value: Any) -> Any:
     """``value`` of argument ``name``, or that of its alias ``alias`` when given; both given must agree."""
     if alias_value is None:
@@ -287,7 +309,7 @@ class Client:
         self,
         inputs: Iterable[Any] | str,
         *,
-        task: str,
+        task: str | None = None,
         model: str,
         precision: str | None = None,
         revision: str | None = None,
@@ -304,6 +326,7 @@ class Client:
         pair_column: str | None = None,
         cache: bool = False,
         allow_duplicate_ids: bool = False,
+        fail_long_prompts: bool = False,
     ) -> Job:
         """Store a job and all its items, then queue it in chunks.
 
@@ -324,11 +347,27 @@ class Client:
         Two items with the same id are refused (an InputError naming both lines, nothing stored), as
         results are joined back by id; ``allow_duplicate_ids=True`` stores them. Items without an id
         are never duplicates. A Redis broker that does not answer raises BrokerUnreachableError first.
+
+        ``task`` may be left out for an OpenAI Batch request file (``input_format="openai-batch"``): its
+        url says it (``/v1/embeddings``: feature-extraction; ``/v1/chat/completions`` and
+        ``/v1/completions``: text-generation).
+
+        A text-generation job's ``params`` are its items' default sampling parameters (``max_tokens``,
+        ``temperature``, ``top_p``, ``seed``, ``stop``). When the model's tokenizer loads without a
+        download, each prompt is checked at submit: chat messages need a chat template, and a prompt's
+        tokens plus its ``max_tokens`` must fit the model's context, else InputError naming the line;
+        ``fail_long_prompts=True`` stores such items instead, and each fails alone with the reason.
         """
         text_field = _alias("text_field", text_field, "text", "text_column", text_column)
         id_field = _alias("id_field", id_field, "id", "id_column", id_column)
         pair_field = _alias("pair_field", pair_field, None, "pair_column", pair_column)
+        if task is None:
+            task = _file_task(inputs, input_format)
         name = check_task(task, custom_tasks=self.store.served_custom_tasks())
+        if name != generation.TASK and fail_long_prompts:
+            raise ConfigurationError(f"fail_long_prompts (--fail-long-prompts) is for {generation.TASK} jobs")
+        if name == generation.TASK and pair_field:
+            raise ConfigurationError(f"{generation.TASK} takes one prompt a record: pair_field does not apply")
         given_model, model = model.strip(), check_model(model)
         if precision is None:
             precision = self._served_precision(name, model, revision)
@@ -355,6 +394,10 @@ class Client:
                 f"priority must be {C.MIN_PRIORITY} to {C.MAX_PRIORITY} (higher first), not {priority}"
             )
         check_broker(self.settings)  # in seconds, before anything is stored
+        if name == generation.TASK:
+            checker = prompts.load_checker(model, revision)
+            if checker is not None:
+                records = prompts.checked(records, checker, params, source=where, fail_long=fail_long_prompts)
         job_id = uuid.uuid4().hex
         lines = Lines()
         # Inputs stream from the reader into the store in batches; nothing holds the whole job in memory.

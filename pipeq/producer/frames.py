@@ -12,8 +12,9 @@ import sys
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+from pipeq import generation
 from pipeq.errors import ConfigurationError, InputError
-from pipeq.producer.readers import Record, RecordSpec, make_record
+from pipeq.producer.readers import MESSAGES_FIELD, Record, RecordSpec, make_record
 from pipeq.producer.writers import arrow_schema, page_batches
 from pipeq.tasks import traits
 
@@ -65,8 +66,25 @@ def is_frame(obj: Any) -> bool:
     )
 
 
+def _generation_columns(spec: RecordSpec, present: list[Any], source: str) -> list[Any]:
+    """A text-generation frame's columns: its prompt or messages column (or both, a row holding one), the
+    sampling parameter columns it has, and its id column."""
+    inputs = [name for name in (spec.text_field, MESSAGES_FIELD) if name in present]
+    if not inputs:
+        shown = ", ".join(map(str, present)) or "none"
+        raise InputError(
+            f"missing column {spec.text_field!r} (prompts) or {MESSAGES_FIELD!r} (chat messages) "
+            f"(columns present: {shown})",
+            source=source,
+        )
+    own = [name for name in (*generation.PARAM_KEYS, spec.id_field) if name and name in present]
+    return inputs + own
+
+
 def _columns(spec: RecordSpec, present: list[Any], source: str) -> list[Any]:
     """The columns a record needs (missing ones fail now) and the id column when there is one."""
+    if spec.task == generation.TASK:
+        return _generation_columns(spec, present, source)
     table_input = traits(spec.task).table_input
     needed = ["table", "query"] if table_input else [spec.text_field]
     if spec.pair_field and not table_input:

@@ -2,23 +2,32 @@
 (``pipeq results --format openai-batch``).
 
 A request file's lines are the Batch API's request input objects, ``{"custom_id": ..., "method":
-"POST", "url": "/v1/embeddings", "body": {"model": ..., "input": ...}}``. pipeq serves
-``/v1/embeddings`` as a feature-extraction job with pooling (a sentence-transformers model's own, read
-from its folder at submit, unless ``--param`` sets it): each string of ``body.input`` is one
-item whose id is the line's ``custom_id`` (an ``input`` of k strings is k consecutive items sharing
-it). The response file has one line per request, in input order, in the Batch API's output shape
+"POST", "url": ..., "body": {...}}``, all with the same ``url``, which says the job's task:
+
+- ``/v1/embeddings``: a feature-extraction job with pooling (a sentence-transformers model's own, read
+  from its folder at submit, unless ``--param`` sets it); each string of ``body.input`` is one item
+  whose id is the line's ``custom_id`` (an ``input`` of k strings is k consecutive items sharing it).
+- ``/v1/chat/completions``: a text-generation job; each request is one item, its ``messages`` with its
+  sampling parameters (``max_tokens`` or ``max_completion_tokens``, ``temperature``, ``top_p``,
+  ``seed``, ``stop``; ``n`` 1 only). Fields pipeq cannot honour (tools, response formats, log
+  probabilities, streaming, penalties) are refused naming the line; ``user``, ``metadata`` and OpenAI's
+  own service fields are ignored (``_IGNORED_FIELDS``).
+- ``/v1/completions``: a text-generation job; ``prompt`` is a string (one item) or a list of k strings
+  (k consecutive items sharing the ``custom_id``, as for embeddings), with the same parameters.
+
+A request's ``body.model`` must name the job's model, and its ``custom_id`` is unique in the file.
+
+The response file has one line per request, in input order, in the Batch API's output shape
 (``id``, ``custom_id``, ``response: {status_code, request_id, body}``, ``error``), the body being
 what ``/v1/embeddings`` returns: ``{"object": "list", "data": [{"object": "embedding", "index": i,
 "embedding": [...]}], "model": ..., "usage": {...}}``.
-
-``/v1/chat/completions`` and ``/v1/completions`` are refused: their responses need what pipeq
-cannot give faithfully (see ``_NOT_SERVED``).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import IO, Any
 
 from pipeq import constants as C
@@ -27,55 +36,112 @@ from pipeq.errors import ConfigurationError, InputError
 from pipeq.primitives import JobProgress
 from pipeq.producer.records import RawRecords, Record, RecordSpec
 
-#: The one endpoint pipeq serves from a batch file.
+#: The endpoints pipeq serves from a batch file.
 EMBEDDINGS_URL = "/v1/embeddings"
-#: Endpoints of the Batch API that pipeq refuses, and why.
-_NOT_SERVED = {
-    url: (
-        f"{url} is not served: transformers' text-generation pipeline returns the generated text only, "
-        "not the finish_reason and completion token count its response carries, and a pipeq job runs every "
-        "item with the same generation parameters, where each request sets its own max_tokens and temperature"
-    )
-    for url in ("/v1/chat/completions", "/v1/completions")
-}
+CHAT_URL = "/v1/chat/completions"
+COMPLETIONS_URL = "/v1/completions"
 #: The fields of a request line (the Batch API's request input object).
 _REQUEST_FIELDS = ("custom_id", "method", "url", "body")
 #: The fields of an embeddings request body (the API refuses others).
 _EMBEDDING_FIELDS = ("input", "model", "encoding_format", "dimensions", "user")
+#: The fields of a chat or completions body pipeq reads (``model`` and the input are required).
+_CHAT_FIELDS = ("model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "n")
+_COMPLETIONS_FIELDS = ("model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "n")
+#: Body fields that change nothing about the text generated, read and ignored: who sent the request
+#: (``user``, ``safety_identifier``), tags (``metadata``), and OpenAI's own storage, tier and caching.
+_IGNORED_FIELDS = ("user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key")
+#: Body fields pipeq cannot honour, each with why; such a field is accepted only when null or at the
+#: value that asks for nothing (``_NEUTRAL``).
+_TOOLS = "tool and function calls are not served"
+_UNSUPPORTED = {
+    "tools": _TOOLS,
+    "tool_choice": _TOOLS,
+    "parallel_tool_calls": _TOOLS,
+    "functions": _TOOLS,
+    "function_call": _TOOLS,
+    "response_format": "structured outputs (JSON mode, JSON schema) are not served",
+    "logprobs": "log probabilities are not returned",
+    "top_logprobs": "log probabilities are not returned",
+    "logit_bias": "logit_bias is not served",
+    "stream": "a batch's responses are not streamed",
+    "stream_options": "a batch's responses are not streamed",
+    "presence_penalty": "penalties are not served (0 only)",
+    "frequency_penalty": "penalties are not served (0 only)",
+    "modalities": "text is the only output",
+    "audio": "text is the only output",
+    "prediction": "predicted outputs are not served",
+    "reasoning_effort": "reasoning options are not served",
+    "web_search_options": "web search is not served",
+    "echo": "the output is the completion only (echo false)",
+    "suffix": "insertion after a suffix is not served",
+    "best_of": "one completion is generated per prompt (best_of 1)",
+}
+#: The value of a ``_UNSUPPORTED`` field that asks for nothing.
+_NEUTRAL: dict[str, Any] = {
+    "stream": False,
+    "logprobs": False,
+    "presence_penalty": 0,
+    "frequency_penalty": 0,
+    "echo": False,
+    "best_of": 1,
+    "parallel_tool_calls": True,
+}
 #: ``error.code`` of a request whose item failed, and of one cancelled before it ran.
 FAILED_CODE = "item_failed"
 CANCELLED_CODE = "batch_cancelled"
+
+#: Raises an InputError naming the request's line.
+Fail = Callable[[str], InputError]
 
 
 # ------------------------------------------------------------------------ reading
 
 
 def records(raw: RawRecords, spec: RecordSpec, source: str) -> Iterator[Record]:
-    """Validated items of a request file's parsed lines: one per string of each request's ``input``.
+    """Validated items of a request file's parsed lines: one per embeddings input string, chat request or
+    completions prompt.
 
     Every problem raises InputError naming the line; ``custom_id`` must be unique, as the Batch API
-    requires, and a repeat names both lines.
+    requires, and a repeat names both lines; every request has the first one's url.
     """
     seen: dict[str, int] = {}
+    first: tuple[str, int] | None = None
     for line, request in raw:
-        custom_id, texts = _request(request, spec, source, line)
+
+        def fail(message: str, line: int = line) -> InputError:
+            return InputError(message, source=source, line=line)
+
+        custom_id, url = _header(request, fail)
+        if first is None:
+            first = (url, line)
+        elif url != first[0]:
+            raise fail(
+                f"url {url!r} differs from line {first[1]}'s {first[0]!r}: a batch file is one job, of one task, "
+                "so all its requests go to one endpoint (split the file)"
+            )
         if custom_id in seen:
-            raise InputError(
-                f"custom_id {custom_id!r} repeats line {seen[custom_id]}'s (custom_ids must be unique in a batch)",
-                source=source,
-                line=line,
+            raise fail(
+                f"custom_id {custom_id!r} repeats line {seen[custom_id]}'s (custom_ids must be unique in a batch)"
             )
         seen[custom_id] = line
-        for text in texts:
-            yield Record(line, text, custom_id, len(text))
+        endpoint = _ENDPOINTS[url]
+        if spec.task != endpoint.task:
+            raise fail(f"{url} requests need --task {endpoint.task}, not {spec.task}")
+        for value, size in endpoint.items(request["body"], spec, fail):
+            yield Record(line, value, custom_id, size)
 
 
-def _request(request: Any, spec: RecordSpec, source: str, line: int) -> tuple[str, list[str]]:
-    """The ``custom_id`` and input texts of one request line, or InputError naming what is wrong."""
+def request_task(request: Any, source: str, line: int) -> str:
+    """The task of the job a request file makes, from one of its requests (its first): its url says it."""
 
     def fail(message: str) -> InputError:
         return InputError(message, source=source, line=line)
 
+    return _ENDPOINTS[_header(request, fail)[1]].task
+
+
+def _header(request: Any, fail: Fail) -> tuple[str, str]:
+    """The ``custom_id`` and ``url`` of one request line, checked, or InputError naming what is wrong."""
     if not isinstance(request, dict):
         raise fail(f"a request must be a JSON object, got {type(request).__name__}")
     _check_fields(request, _REQUEST_FIELDS, "a request", fail)
@@ -87,12 +153,21 @@ def _request(request: Any, spec: RecordSpec, source: str, line: int) -> tuple[st
     if request["method"] != "POST":
         raise fail(f'method must be "POST" (the only method of the Batch API), not {request["method"]!r}')
     url = request["url"]
-    if url in _NOT_SERVED:
-        raise fail(_NOT_SERVED[url])
-    if url != EMBEDDINGS_URL:
-        raise fail(f"url {url!r} is not an endpoint pipeq serves; it serves {EMBEDDINGS_URL}")
-    if spec.task != embedding.TASK:
-        raise fail(f"{EMBEDDINGS_URL} requests need --task {embedding.TASK}, not {spec.task}")
+    if url not in _ENDPOINTS:
+        raise fail(f"url {url!r} is not an endpoint pipeq serves; it serves {', '.join(_ENDPOINTS)}")
+    if not isinstance(request["body"], dict):
+        raise fail(f"body must be a JSON object, got {type(request['body']).__name__}")
+    return custom_id, url
+
+
+def _check_model(body: dict[str, Any], spec: RecordSpec, fail: Fail) -> None:
+    model = body["model"]
+    if model not in spec.models:
+        raise fail(f"body.model {model!r} is not the job's model {spec.models[0]!r} (--model)")
+
+
+def _embeddings_items(body: dict[str, Any], spec: RecordSpec, fail: Fail) -> list[tuple[Any, int]]:
+    """The input texts of an embeddings request's body, checked as the endpoint checks it."""
     if spec.params.get("pooling") is None:
         why = recipe.unfollowed(spec.models[-1]) if spec.models else None
         raise fail(
@@ -100,17 +175,8 @@ def _request(request: Any, spec: RecordSpec, source: str, line: int) -> tuple[st
             f"{'|'.join(embedding.POOLINGS)} (and --param normalize=true for unit vectors, as OpenAI's are)"
             + (f"; the model's sentence-transformers recipe is not followed: {why}" if why else "")
         )
-    return custom_id, _embeddings_body(request["body"], spec, fail)
-
-
-def _embeddings_body(body: Any, spec: RecordSpec, fail: Callable[[str], InputError]) -> list[str]:
-    """The input texts of an embeddings request's body, checked as the endpoint checks it."""
-    if not isinstance(body, dict):
-        raise fail(f"body must be a JSON object, got {type(body).__name__}")
     _check_fields(body, _EMBEDDING_FIELDS, "an embeddings body", fail, required=("input", "model"))
-    model = body["model"]
-    if model not in spec.models:
-        raise fail(f"body.model {model!r} is not the job's model {spec.models[0]!r} (--model)")
+    _check_model(body, spec, fail)
     encoding = body.get("encoding_format")
     if encoding == "base64":
         raise fail(
@@ -123,18 +189,94 @@ def _embeddings_body(body: Any, spec: RecordSpec, fail: Callable[[str], InputErr
         raise fail("dimensions is not supported: pipeq returns the model's own vectors, at their full width")
     if not isinstance(body.get("user", ""), str):
         raise fail("body.user must be a string")
-    return _texts(body["input"], spec, fail)
+    return [(text, len(text)) for text in _texts(body["input"], "body.input", spec, fail)]
+
+
+def _generation_params(body: dict[str, Any], fields: tuple[str, ...], what: str, fail: Fail) -> dict[str, Any]:
+    """The sampling parameters of a chat or completions body, after its fields are checked: each is one
+    pipeq reads, one it ignores, or one it cannot honour given null or the value that asks for nothing."""
+    for name, value in body.items():
+        if name in fields or name in _IGNORED_FIELDS:
+            continue
+        if name in _UNSUPPORTED:
+            neutral = _NEUTRAL.get(name, None)
+            if value is None or (value == neutral and isinstance(value, bool) == isinstance(neutral, bool)):
+                continue
+            raise fail(f"body.{name} is not supported: {_UNSUPPORTED[name]}")
+        raise fail(
+            f"{what} has no field {name!r} pipeq reads (it reads {', '.join(fields)}; it ignores "
+            f"{', '.join(_IGNORED_FIELDS)})"
+        )
+    n = body.get("n")
+    if n is not None and (isinstance(n, bool) or n != 1):
+        raise fail(f"body.n must be 1, got {n!r}: one completion per request (repeat it with another custom_id)")
+    given = {name: body[name] for name in ("max_tokens", "max_completion_tokens") if body.get(name) is not None}
+    if len(given) == 2 and given["max_tokens"] != given["max_completion_tokens"]:
+        raise fail("body sets max_tokens and max_completion_tokens apart: give one")
+    params = {name: body[name] for name in ("temperature", "top_p", "seed", "stop") if body.get(name) is not None}
+    if given:
+        params["max_tokens"] = next(iter(given.values()))
+    try:
+        return generation.check_params(params)
+    except InputError as exc:
+        raise fail(f"body.{exc}") from None
+
+
+def _chat_items(body: dict[str, Any], spec: RecordSpec, fail: Fail) -> list[tuple[Any, int]]:
+    """The one item of a chat completions request: its messages and sampling parameters."""
+    params = _generation_params(body, _CHAT_FIELDS, "a chat completions body", fail)
+    _check_fields(body, _CHAT_FIELDS, "a chat completions body", fail, required=("model", "messages"), known=False)
+    _check_model(body, spec, fail)
+    try:
+        messages = generation.check_messages(body["messages"])
+    except InputError as exc:
+        raise fail(f"body.messages: {exc}") from None
+    size = sum(len(m["content"]) for m in messages)
+    if size > spec.max_text_chars:
+        raise fail(
+            f"body.messages are {size:,} characters, over the limit of {spec.max_text_chars:,} (--max-text-chars)"
+        )
+    return [(generation.stored_input(messages=messages, params=params), size)]
+
+
+def _completions_items(body: dict[str, Any], spec: RecordSpec, fail: Fail) -> list[tuple[Any, int]]:
+    """The items of a completions request: one per prompt string, each with the request's sampling parameters."""
+    params = _generation_params(body, _COMPLETIONS_FIELDS, "a completions body", fail)
+    _check_fields(body, _COMPLETIONS_FIELDS, "a completions body", fail, required=("model", "prompt"), known=False)
+    _check_model(body, spec, fail)
+    prompts = _texts(body["prompt"], "body.prompt", spec, fail)
+    return [(generation.stored_input(prompt=prompt, params=params), len(prompt)) for prompt in prompts]
+
+
+@dataclass(frozen=True)
+class _Endpoint:
+    """An endpoint pipeq serves from a batch file: the task of its job, and its request body's items."""
+
+    task: str
+    #: (stored input, size) of each item of a request's body, or InputError through ``fail``.
+    items: Callable[[dict[str, Any], RecordSpec, Fail], list[tuple[Any, int]]]
+
+
+#: Every endpoint a batch file may name, by url; a new endpoint is one entry.
+_ENDPOINTS = {
+    EMBEDDINGS_URL: _Endpoint(embedding.TASK, _embeddings_items),
+    CHAT_URL: _Endpoint(generation.TASK, _chat_items),
+    COMPLETIONS_URL: _Endpoint(generation.TASK, _completions_items),
+}
 
 
 def _check_fields(
     obj: dict[str, Any],
     fields: tuple[str, ...],
     what: str,
-    fail: Callable[[str], InputError],
+    fail: Fail,
     *,
     required: tuple[str, ...] | None = None,
+    known: bool = True,
 ) -> None:
-    unknown = sorted(set(obj) - set(fields))
+    """Refuse fields of ``obj`` outside ``fields`` (unless ``known`` is False: checked already), and missing ones
+    (``required``, else all of ``fields``)."""
+    unknown = sorted(set(obj) - set(fields)) if known else []
     if unknown:
         raise fail(f"{what} has no field {', '.join(map(repr, unknown))} (its fields: {', '.join(fields)})")
     missing = [name for name in (fields if required is None else required) if name not in obj]
@@ -142,22 +284,22 @@ def _check_fields(
         raise fail(f"{what} needs {', '.join(map(repr, missing))}")
 
 
-def _texts(value: Any, spec: RecordSpec, fail: Callable[[str], InputError]) -> list[str]:
-    """``body.input`` as a list of texts: a string, or a non-empty list of strings."""
+def _texts(value: Any, where: str, spec: RecordSpec, fail: Fail) -> list[str]:
+    """``body.input`` (or ``body.prompt``) as a list of texts: a string, or a non-empty list of strings."""
     texts = [value] if isinstance(value, str) else value
     if not isinstance(texts, list) or not texts:
-        raise fail(f"body.input must be a string or a non-empty list of strings, got {json.dumps(value)[:60]}")
+        raise fail(f"{where} must be a string or a non-empty list of strings, got {json.dumps(value)[:60]}")
     for i, text in enumerate(texts):
-        where = "body.input" if isinstance(value, str) else f"body.input[{i}]"
+        at = where if isinstance(value, str) else f"{where}[{i}]"
         if isinstance(text, int | list) and not isinstance(text, bool):
-            raise fail(f"{where} holds token ids: pipeq embeds text (the model's own tokenizer reads it); give strings")
+            raise fail(f"{at} holds token ids: pipeq reads text (the model's own tokenizer reads it); give strings")
         if not isinstance(text, str):
-            raise fail(f"{where} must be a string, got {type(text).__name__}")
+            raise fail(f"{at} must be a string, got {type(text).__name__}")
         if not text:
-            raise fail(f"{where} is an empty string (the embeddings API refuses those too)")
+            raise fail(f"{at} is an empty string (the API refuses those too)")
         if len(text) > spec.max_text_chars:
             raise fail(
-                f"{where} is {len(text):,} characters, over the limit of {spec.max_text_chars:,} (--max-text-chars)"
+                f"{at} is {len(text):,} characters, over the limit of {spec.max_text_chars:,} (--max-text-chars)"
             )
     return texts
 

@@ -2,6 +2,12 @@
 
 Every problem is raised as an InputError naming the source and line (or row), before
 anything is stored or queued.
+
+A text-generation record holds a prompt (``text``, or the field ``--text-field`` names) or chat
+``messages`` (a list of ``{"role", "content"}``; in a CSV cell, that list as JSON), never both, and
+optionally its own sampling parameters as fields ``max_tokens``, ``temperature``, ``top_p``, ``seed``
+and ``stop`` (``pipeq.generation.PARAM_KEYS``); its other fields are not read. A plain text (a line of a
+.txt file, a string) is a prompt.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import IO, Any
 
 import orjson
 
+from pipeq import generation
 from pipeq.errors import InputError
 from pipeq.producer import openai_batch
 from pipeq.producer.records import RawRecords, Record, RecordSpec  # callers import them from here too
@@ -26,6 +33,8 @@ from pipeq.tasks import traits
 
 #: How errors name inputs given as Python objects (``Client.submit([...])``).
 OBJECTS_SOURCE = "<inputs>"
+#: The field of a text-generation record that holds chat messages (instead of a prompt).
+MESSAGES_FIELD = "messages"
 
 
 def _decoded_line(raw: bytes, number: int, source: str) -> str:
@@ -86,8 +95,78 @@ def _field(record: dict[str, Any], name: str, source: str, line: int) -> Any:
     return record[name]
 
 
+def _missing(value: Any) -> bool:
+    """Whether a cell holds no value: absent, null, a pandas NaN, or an empty CSV cell."""
+    return value is None or value == "" or (isinstance(value, float) and math.isnan(value))
+
+
+def _param_value(name: str, value: Any) -> Any:
+    """A record's sampling parameter as ``generation.check_params`` takes it: a number written as text
+    (a CSV cell) is read as that number, and a whole float (a pandas column with gaps) as an integer."""
+    if name == "stop":
+        return value
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return value
+    if name in ("max_tokens", "seed") and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _generation_record(raw: Any, spec: RecordSpec, source: str, line: int) -> Record | None:
+    """A text-generation record: a prompt or chat messages, and the record's own sampling parameters."""
+    if isinstance(raw, str):
+        text = _check_text(raw, "text", spec, source, line)
+        return None if text is None else Record(line, generation.stored_input(prompt=text), None, len(text))
+    if not isinstance(raw, dict):
+        raise InputError(f"a record must be an object or a string, got {type(raw).__name__}", source=source, line=line)
+    input_id = _input_id(raw, spec, source, line)
+    has_prompt = not _missing(raw.get(spec.text_field))
+    has_messages = not _missing(raw.get(MESSAGES_FIELD))
+    if has_prompt and has_messages:
+        raise InputError(
+            f"a record holds a prompt ({spec.text_field!r}) or chat {MESSAGES_FIELD!r}, not both",
+            source=source,
+            line=line,
+        )
+    if not has_prompt and not has_messages and spec.text_field not in raw:
+        present = ", ".join(sorted(map(str, raw))) or "none"
+        raise InputError(
+            f"a {generation.TASK} record needs a prompt in {spec.text_field!r} (--text-field) or chat "
+            f"{MESSAGES_FIELD!r} (fields present: {present})",
+            source=source,
+            line=line,
+        )
+    own = {k: _param_value(k, raw[k]) for k in generation.PARAM_KEYS if k in raw and not _missing(raw[k])}
+    params = generation.check_params(own, source=source, line=line)
+    if not has_messages:
+        text = _check_text(raw[spec.text_field], f"field {spec.text_field!r}", spec, source, line)
+        if text is None:
+            return None
+        return Record(line, generation.stored_input(prompt=text, params=params), input_id, len(text))
+    value = raw[MESSAGES_FIELD]
+    if isinstance(value, str) and value.lstrip().startswith("["):  # a CSV cell: the list as JSON
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise InputError(f"'messages' holds malformed JSON ({exc})", source=source, line=line) from None
+    messages = generation.check_messages(value, source=source, line=line)
+    size = sum(len(m["content"]) for m in messages)
+    if size > spec.max_text_chars:
+        raise InputError(
+            f"the messages are {size:,} characters, over the limit of {spec.max_text_chars:,} (--max-text-chars)",
+            source=source,
+            line=line,
+        )
+    return Record(line, generation.stored_input(messages=messages, params=params), input_id, size)
+
+
 def make_record(raw: Any, spec: RecordSpec, source: str, line: int) -> Record | None:
     """Validate one raw record; None when it is an empty text that ``skip_empty`` drops."""
+    if spec.task == generation.TASK:
+        return _generation_record(raw, spec, source, line)
     if isinstance(raw, str):
         if traits(spec.task).table_input:
             raise InputError(f"{spec.task} needs records with 'table' and 'query'", source=source, line=line)
