@@ -28,6 +28,7 @@ from pipeq.cli import app as cli_app
 from pipeq.errors import ConfigurationError, InputError
 from pipeq.producer.readers import RecordSpec, read_path
 from pipeq.producer.writers import write_results
+from pipeq.routing import ServeKey
 from pipeq.store import Store
 from pipeq.worker.embedding import EmbeddingPipeline
 
@@ -482,3 +483,46 @@ def test_documented_openai_batch_example(
     shown = doc.read_text().split(f"### {DOC_SECTION}", 1)[1].split("```json\n", 1)[1].split("\n", 1)[0]
     usage = json.loads(shown.replace(", ...", ""))["response"]["body"]["usage"]
     assert lines[1]["response"]["body"]["usage"] == usage
+
+
+@pytest.mark.integration
+def test_a_chat_batch_file_of_10000_requests_round_trips(
+    tmp_path: Path, redis_url: str, model_dir: Callable[[str], str], start_worker: Any
+) -> None:
+    """``pipeq submit --input-format openai-batch`` of 10,000 chat requests, a worker, and ``pipeq results
+    --format openai-batch``: one response line a request, in order, each the chat completion its request asked for."""
+    model = str(shutil.copytree(model_dir("causal-lm-endless"), tmp_path / "lm"))
+    url = f"sqlite:///{tmp_path / 'pipeq.db'}"
+    env = {**os.environ, "PIPEQ_BROKER_URL": redis_url, "PIPEQ_DATABASE_URL": url}
+    subprocess.run([sys.executable, "-m", "pipeq", "-q", "db", "upgrade"], env=env, check=True)
+    requests = tmp_path / "batch.jsonl"
+    with requests.open("w", encoding="utf-8") as fh:
+        for i in range(10_000):
+            body = {"model": model, "messages": [{"role": "user", "content": f"say {i}"}], "max_tokens": 1 + i % 3}
+            line = {"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}
+            fh.write(json.dumps(line) + "\n")
+    worker = start_worker(
+        "--task", "text-generation", "--model", model, "--concurrency", "1", "--no-warmup",
+        broker_url=redis_url, database_url=url,
+    )  # fmt: skip
+    worker.wait_ready(Store(url), ServeKey("text-generation", model).queue)
+    pipeq = [sys.executable, "-m", "pipeq", "-q"]
+    submitted = subprocess.run(
+        [*pipeq, "submit", str(requests), "--input-format", "openai-batch", "--model", model, "--wait"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr[-3000:] + worker.log()[-3000:]
+    job_id = submitted.stdout.strip().splitlines()[-1]
+    out = tmp_path / "out.jsonl"
+    subprocess.run([*pipeq, "results", job_id, "--format", "openai-batch", "-o", str(out)], env=env, check=True)
+    lines = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
+    assert [x["custom_id"] for x in lines] == [f"req-{i}" for i in range(10_000)]
+    for i, line in enumerate(lines):
+        assert line["error"] is None and line["response"]["status_code"] == 200
+        body = line["response"]["body"]
+        assert body["object"] == "chat.completion"
+        (choice,) = body["choices"]
+        assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
+        assert choice["finish_reason"] == "length"
+        assert body["usage"]["completion_tokens"] == 1 + i % 3
+        assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]

@@ -76,7 +76,9 @@ def test_greedy_outputs_equal_generate_on_each_prompt_alone(causal_lm: str, endi
     # 3 rows for 7 prompts: rows are freed and taken again mid-run
     engine = _engine(causal_lm if ends == "max_tokens" else ending_lm)
     budgets = [5 + 9 * i for i in range(len(PROMPTS))]
-    items = [(i, {"prompt": p, "params": {"max_tokens": n}}) for i, (p, n) in enumerate(zip(PROMPTS, budgets))]
+    items = [
+        (i, {"prompt": p, "params": {"max_tokens": n}}) for i, (p, n) in enumerate(zip(PROMPTS, budgets, strict=True))
+    ]
     out = _run(engine, items)
     for i, prompt in enumerate(PROMPTS):
         ids = engine.tokenizer(prompt)["input_ids"]
