@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from pipeq import constants as C
+from pipeq.errors import ConfigurationError
 from pipeq.primitives import ItemResult
 from pipeq.routing import ServeKey
 from pipeq.worker.config import WorkerConfig
@@ -203,3 +204,18 @@ def causal_lm(model_dir: Callable[[str], str]) -> str:
 def ending_lm(model_dir: Callable[[str], str]) -> str:
     """The same shape, ending on ``[SEP]``: its tied embeddings draw it at once after prompts that end in it."""
     return model_dir("causal-lm")
+
+
+def test_a_model_whose_cache_cannot_be_joined_is_refused_at_start(causal_lm: str, tmp_path: Any) -> None:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(causal_lm)
+    config.layer_types = [
+        "sliding_attention",
+        "full_attention",
+    ]  # a sliding-window layer: its cache is cut to the window
+    config.sliding_window = 8
+    model = AutoModelForCausalLM.from_config(config).eval()
+    tok = AutoTokenizer.from_pretrained(causal_lm)
+    with pytest.raises(ConfigurationError, match="cannot join and cut"):
+        SequenceEngine(pipeline(TASK, model=model, tokenizer=tok), max_rows=2, kv_tokens=1000)

@@ -56,6 +56,7 @@ def context_length(model: Any, tokenizer: Any) -> int | None:
 def kv_bytes_per_token(model: Any) -> int:
     """Bytes the KV cache holds per token of one sequence (keys and values, every layer)."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
     def field(*names: str, default: int) -> int:
         found = [getattr(config, name, None) for name in names]
         return next((int(v) for v in found if isinstance(v, int) and v > 0), default)
@@ -108,6 +109,7 @@ class SequenceEngine:
             kv_tokens=kv_tokens,
             decode=self._decode,
         )
+        self.scheduler.check_cache()
 
     @classmethod
     def for_worker(cls, pipe: Any, cfg: WorkerConfig, threads: int) -> SequenceEngine:

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from pipeq.errors import ConfigurationError
 from pipeq.generation import FINISH_LENGTH, FINISH_STOP, SamplingParams
 
 
@@ -71,10 +72,6 @@ def _kv_layers(cache: Any) -> list[Any] | None:
     if not layers or any(type(layer) is not DynamicLayer for layer in layers):
         return None
     return list(layers)
-
-
-class UnsupportedCache(Exception):
-    """The model's cache is not one this scheduler can join and cut (sliding windows, recurrent states)."""
 
 
 class Scheduler:
@@ -143,6 +140,22 @@ class Scheduler:
                     cache, mask = self._drop(rows, cache, mask, ended)
                     yield [e for _, e in ended]
 
+    def check_cache(self) -> None:
+        """Prefill one token: ConfigurationError unless the model's cache is one this scheduler can join and cut
+        (plain dynamic layers; not sliding windows or recurrent states)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        ids = torch.tensor([[self.pad]], dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **{self._cache_arg: cache})
+        if _kv_layers(cache) is None:
+            kinds = sorted({type(layer).__name__ for layer in getattr(cache, "layers", [])})
+            raise ConfigurationError(
+                f"{type(self.model).__name__}'s KV cache has layers the sequence engine cannot join and cut "
+                f"({', '.join(kinds) or 'none'}); it serves models whose cache is plain DynamicLayer"
+            )
+
     # ------------------------------------------------------------- admitting
 
     def _row_tokens(self, r: Request) -> int:
@@ -186,8 +199,6 @@ class Scheduler:
             **{self._cache_arg: cache},
             **({"logits_to_keep": 1} if self._keep_last else {}),
         )
-        if _kv_layers(cache) is None:
-            raise UnsupportedCache(f"{type(self.model).__name__}'s cache has layers this scheduler cannot join")
         rows = [_Row(r, _generator(r.params, self.device), stop_window=_stop_window(r.params)) for r in requests]
         return rows, cache, mask, out.logits[:, -1, :]
 
