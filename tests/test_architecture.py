@@ -158,3 +158,23 @@ def test_the_map_can_fail() -> None:
     # Given a module of the store that imported the worker, the arrow check would name it.
     assert "worker" not in ALLOWED["store"] and "producer" not in ALLOWED["worker"]
     assert all("cli" not in deps for part, deps in ALLOWED.items() if part != "__main__")
+
+
+#: What the worker's engines may import inside pipeq: no store, no broker, nor the worker parts that use them.
+ENGINE_ALLOWED = {"pipeq.worker.engines", "pipeq.worker.serialize", "pipeq.worker.config"}
+
+
+@pytest.mark.parametrize(
+    ("module", "path"),
+    [(m, p) for m, p in _modules() if m.startswith("pipeq.worker.engines")],
+    ids=lambda v: str(v) if isinstance(v, str) else "",
+)
+def test_the_engines_know_no_store_and_no_broker(module: str, path: Path) -> None:
+    """An engine takes (idx, input) pairs and yields steps: it is tested without a database or a broker."""
+    wrong = sorted(
+        m
+        for m in _imports(path, top_level_only=False)
+        if _part(m) in {"store", "broker", "producer", "models"}
+        or (_part(m) == "worker" and not any(m == a or m.startswith(a + ".") for a in ENGINE_ALLOWED))
+    )
+    assert not wrong, f"{module} imports {wrong}"
