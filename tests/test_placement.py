@@ -117,6 +117,15 @@ def test_placement_options_that_contradict_are_refused() -> None:
         WorkerConfig(key=key, offload_folder="/tmp/x")
     with pytest.raises(ConfigurationError, match="--concurrency 2 would load a copy per pool child"):
         WorkerConfig(key=key, device_map="auto", concurrency=2)
+    with pytest.raises(ConfigurationError, match="--streams 2 runs forward passes at once on one model"):
+        WorkerConfig(key=key, device_map="auto", streams=2)
+
+
+def test_a_model_over_several_devices_runs_one_forward_pass_at_a_time() -> None:
+    # Two passes at once over a CPU and disk map gave wrong outputs: accelerate's hooks swap weights per pass.
+    key = ServeKey(TASK, "m", "fp32")
+    assert WorkerConfig(key=key, device_map="auto", placement={"cpu": 1}).resolved_streams(4) == 4
+    assert WorkerConfig(key=key, device_map="auto", placement={"cpu": 1, "disk": 4}).resolved_streams(4) == 1
 
 
 def test_a_device_mapped_worker_has_no_shadow_check_unless_asked() -> None:
@@ -232,7 +241,8 @@ def test_the_worker_row_and_the_engine_know_how_the_model_was_placed(
 ) -> None:
     # Given a worker whose device map spreads its model over the CPU and the disk
     limits = SPLITTING
-    cfg = WorkerConfig(key=ServeKey(TASK, layered, "fp32"), device_map="auto", max_memory=limits, warmup=False)
+    key = ServeKey(TASK, layered, "fp32")
+    cfg = WorkerConfig(key=key, device_map="auto", max_memory=limits, threads=2, warmup=False)
     assert cfg.placement is None and not cfg.multi_device
     context = WorkerContext(Settings(broker_url="memory://", database_url=sqlite_url), cfg)
     context.start()
@@ -244,7 +254,13 @@ def test_the_worker_row_and_the_engine_know_how_the_model_was_placed(
         (row,) = store.live_workers(cfg.key.queue)
         settings = row["settings"]
         assert settings["device_map"] == "auto" and settings["max_memory"] == limits
+        # And one forward pass at a time, where two threads would run two streams on a model whole on the CPU
+        assert context.runtime.streams == settings["forward_streams"] == 1  # type: ignore[union-attr]
         assert list(settings["placement"]) == ["cpu", "disk"]
+        # And `pipeq workers` shows it beside the device
+        listed = CliRunner().invoke(cli_app, ["workers", "--database-url", sqlite_url])
+        placed = settings["placement"]
+        assert f" cpu (cpu {placed['cpu']}, disk {placed['disk']} modules) " in listed.stdout, listed.output
         # And it serves a chunk
         counts = context.run_chunk("job", submit(store, cfg.key, TEXTS), None)
         assert counts["done"] == len(TEXTS)

@@ -108,6 +108,11 @@ class WorkerConfig:
                 f"--device-map spreads one copy of the model over the devices; --concurrency {self.concurrency} "
                 "would load a copy per pool child: leave --concurrency out (or 1)"
             )
+        elif self.streams is not None and self.streams > 1:
+            raise ConfigurationError(
+                f"--streams {self.streams} runs forward passes at once on one model, but a model --device-map "
+                "spreads has its weights moved between devices around each pass: leave --streams out (or 1)"
+            )
 
     def _check_shadow_options(self) -> None:
         if self.shadow_fraction is not None and not 0.0 <= self.shadow_fraction <= 1.0:
@@ -149,14 +154,18 @@ class WorkerConfig:
             )
 
     def resolved_streams(self, threads: int) -> int:
-        """Forward streams for a child with ``threads`` torch threads: as set, else on the CPU one per
-        thread (at most ``MAX_CPU_STREAMS``), on an accelerator one.
+        """Forward streams for a child with ``threads`` torch threads: one for a model over several devices,
+        else as set, else on the CPU one per thread (at most ``MAX_CPU_STREAMS``), on an accelerator one.
 
         On a CPU, torch splits each operator evenly over its threads and waits for the last, so any
         other thread of the worker (tokenizing, writing) that takes a core for a moment stalls the
         whole forward pass; streams of one thread each lose only their own moment, and a stream's
         tokenizing or writing fills the cores the others leave. One loaded model serves them all.
         """
+        if self.multi_device:
+            # accelerate's hooks move an offloaded module's weights in before its forward and out after:
+            # a second pass at once would find them gone (wrong outputs, or an error).
+            return 1
         if self.streams is not None:
             return min(self.streams, threads)
         if self.device != "cpu":
