@@ -121,6 +121,16 @@ def test_placement_options_that_contradict_are_refused() -> None:
         WorkerConfig(key=key, device_map="auto", streams=2)
 
 
+def test_measuring_a_model_over_several_devices_runs_one_pass_at_a_time(layered: str) -> None:
+    # What --precision auto and --calibrate run in their measuring process: with two threads, two streams
+    # over the CPU and disk map would fail inputs (or change them).
+    from pipeq.worker.measure import _runtime
+
+    cfg = WorkerConfig(key=ServeKey(TASK, layered, "fp32"), device_map="auto", max_memory=SPLITTING, threads=2)
+    with _runtime(cfg, 2) as runtime:
+        assert runtime.streams == 1
+
+
 def test_a_model_over_several_devices_runs_one_forward_pass_at_a_time() -> None:
     # Two passes at once over a CPU and disk map gave wrong outputs: accelerate's hooks swap weights per pass.
     key = ServeKey(TASK, "m", "fp32")
