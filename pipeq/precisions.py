@@ -11,10 +11,14 @@ bitsandbytes until a worker calls a hook.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from pipeq.errors import ConfigurationError
 
 if TYPE_CHECKING:
     from pipeq.worker.config import WorkerConfig
@@ -76,7 +80,8 @@ class Precision:
     description: str
     #: Whether ``--precision auto`` tries it when ``--allow-precision`` is not given.
     auto_default: bool = False
-    #: Keyword arguments for ``transformers.pipeline`` besides the dtype; a ``device_map`` replaces ``device``.
+    #: Keyword arguments for ``transformers.pipeline`` (a ``dtype`` here replaces ``dtype`` for the device);
+    #: a ``device_map`` replaces ``device``, and a worker's ``--device-map`` replaces that.
     load_kwargs: Callable[[WorkerConfig], dict[str, Any]] = _no_load_kwargs
     #: Runs on the loaded pipeline (it may replace ``pipe.model``); returns the quantization label the store records.
     after_load: Callable[[Any, WorkerConfig], str] = _unquantized
@@ -97,11 +102,33 @@ def int8_backend(device: str, chosen: str | None) -> str:
     return "bnb" if device.startswith("cuda") else "dynamic"
 
 
-def bnb_config() -> Any:
-    """BitsAndBytesConfig for LLM.int8 with the task heads left unquantized."""
+def bnb_config(*, cpu_offload: bool = False) -> Any:
+    """BitsAndBytesConfig for LLM.int8 with the task heads left unquantized.
+
+    ``cpu_offload``: a device map may put modules on the CPU or the disk, where they stay unquantized
+    (transformers refuses such a map otherwise).
+    """
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(BNB_SKIP_MODULES))
+    return BitsAndBytesConfig(
+        load_in_8bit=True,
+        llm_int8_skip_modules=list(BNB_SKIP_MODULES),
+        llm_int8_enable_fp32_cpu_offload=cpu_offload,
+    )
+
+
+def bnb_4bit_config(compute_dtype: Any, *, cpu_offload: bool = False) -> Any:
+    """BitsAndBytesConfig for 4-bit NormalFloat weights computed in ``compute_dtype``, task heads left
+    unquantized; ``cpu_offload`` as for ``bnb_config``."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=compute_dtype,
+        llm_int8_skip_modules=list(BNB_SKIP_MODULES),  # bitsandbytes' skip list for 4-bit as well
+        llm_int8_enable_fp32_cpu_offload=cpu_offload,
+    )
 
 
 def quantize_dynamic_int8(model: Any) -> Any:
@@ -155,12 +182,19 @@ def _bf16_emulated(cfg: WorkerConfig) -> str | None:
 def _int8_load_kwargs(cfg: WorkerConfig) -> dict[str, Any]:
     if cfg.resolved_int8_backend != "bnb":
         return {}  # dynamic quantization: fp32 weights, quantized after loading
-    return {"model_kwargs": {"quantization_config": bnb_config()}, "device_map": {"": cfg.device}}
+    quantized = {"quantization_config": bnb_config(cpu_offload=cfg.device_map is not None)}
+    return {"model_kwargs": quantized, "device_map": {"": cfg.device}}
 
 
 def _int8_after_load(pipe: Any, cfg: WorkerConfig) -> str:
     if cfg.resolved_int8_backend == "bnb":
         return "bitsandbytes-llm-int8"  # quantized while loading
+    places = sorted({str(place) for place in (getattr(pipe.model, "hf_device_map", None) or {}).values()})
+    if len(places) > 1:
+        raise ConfigurationError(
+            f"torch dynamic int8 quantizes a model held whole in the CPU's memory; the device map placed this one "
+            f"over {' and '.join(places)}: give cpu more --max-memory, or serve int8 with --int8-backend bnb"
+        )
     pipe.model = quantize_dynamic_int8(pipe.model)
     return "torch-dynamic-int8"
 
@@ -184,6 +218,55 @@ def _int8_unsupported(cfg: WorkerConfig) -> str | None:
     return None
 
 
+def _nf4_compute_dtype(cfg: WorkerConfig) -> str:
+    """bf16 where the device runs it natively, else fp16 on CUDA and fp32 on the CPU (torch attribute names)."""
+    if _bf16_unsupported(cfg) is None:
+        return "bfloat16"
+    return "float16" if _on_cuda(cfg) else "float32"
+
+
+def _nf4_load_kwargs(cfg: WorkerConfig) -> dict[str, Any]:
+    import torch
+
+    dtype = getattr(torch, _nf4_compute_dtype(cfg))
+    # A bitsandbytes model cannot be moved after loading: it loads onto its device through a one-device map.
+    quantized = {"quantization_config": bnb_4bit_config(dtype, cpu_offload=cfg.device_map is not None)}
+    return {"dtype": dtype, "model_kwargs": quantized, "device_map": {"": cfg.device}}
+
+
+def _nf4_after_load(pipe: Any, cfg: WorkerConfig) -> str:
+    return "bitsandbytes-nf4"  # quantized while loading
+
+
+def _nf4_unsupported(cfg: WorkerConfig) -> str | None:
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "bitsandbytes 4-bit needs the bitsandbytes package (pip install 'pipeq[bnb]')"
+    return bnb_4bit_failure("cuda" if _on_cuda(cfg) else "cpu")
+
+
+@functools.cache
+def bnb_4bit_failure(device: str) -> str | None:
+    """Why the installed bitsandbytes cannot run a 4-bit layer on ``device`` (``cpu`` or ``cuda``), None when
+    it can: one small NF4 Linear is quantized and run there, once a process."""
+    try:
+        import bitsandbytes as bnb
+        import torch
+
+        layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4").to(device)
+        with torch.inference_mode():
+            layer(torch.ones(1, 64, device=device))
+    except Exception as exc:  # whatever the build lacks (no kernels for this device, an old version)
+        version = getattr(sys.modules.get("bitsandbytes"), "__version__", "?")
+        return f"bitsandbytes {version} cannot run 4-bit layers on {device}: {type(exc).__name__}: {exc}"
+    return None
+
+
+def _nf4_warning(cfg: WorkerConfig) -> str | None:
+    if _on_cuda(cfg):
+        return None
+    return "bitsandbytes 4-bit on the CPU is for fitting a model in memory; bf16 and int8 are the fast CPU precisions"
+
+
 #: Every precision pipeq serves, by name, in the order help texts list them and a job without a precision
 #: prefers among those live workers serve.
 PRECISIONS: dict[str, Precision] = {
@@ -205,6 +288,16 @@ PRECISIONS: dict[str, Precision] = {
             after_load=_int8_after_load,
             unsupported=_int8_unsupported,
             emulated=_int8_emulated,
+        ),
+        # Lossy: --precision auto tries it only where --allow-precision names it.
+        Precision(
+            "nf4",
+            "bfloat16",
+            "4-bit NormalFloat weights by bitsandbytes (lossy; computed in bf16 where the device has it)",
+            load_kwargs=_nf4_load_kwargs,
+            after_load=_nf4_after_load,
+            unsupported=_nf4_unsupported,
+            load_warning=_nf4_warning,
         ),
     )
 }

@@ -1,4 +1,5 @@
-"""The CUDA paths: fp32, fp16, bf16 and bitsandbytes LLM.int8 on a GPU, in process and through a real worker.
+"""The CUDA paths: fp32, fp16, bf16, bitsandbytes LLM.int8 and NF4 on a GPU, and a device map over the GPU and
+the CPU, in process and through a real worker.
 
 Marked ``gpu`` and deselected by default (CI and this project's machines have no GPU); run them where
 a GPU is: ``pytest -m gpu``. Without CUDA they fail rather than skip, so a GPU run can't pass empty.
@@ -14,6 +15,7 @@ import pytest
 import torch
 from transformers import pipeline
 
+import tinymodels
 from pipeq import Client, Settings
 from pipeq.routing import ServeKey
 from pipeq.store import Store
@@ -160,3 +162,55 @@ def test_a_cuda_worker_runs_several_children_of_a_small_model_by_default(
     assert (state.status, state.done, state.failed) == ("done", len(TEXTS) * 4, 0)
     assert len({r["timing"]["worker_id"] for r in results}) > 1  # the children shared the job
     store.close()
+
+
+def test_nf4_on_cuda(tmp_path: Path) -> None:
+    import bitsandbytes as bnb
+
+    model = tinymodels.build(TASK, tmp_path / "m", hidden_size=64, intermediate_size=128)
+    fp32, nf4 = load(model, "fp32"), load(model, "nf4")
+    assert nf4.quantization == "bitsandbytes-nf4" and nf4.placed == {DEVICE: 1}
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in nf4.pipe.model.modules())
+    assert nf4.footprint_bytes < fp32.footprint_bytes
+    for a, b in zip(run(fp32, params={"top_k": None}), run(nf4, params={"top_k": None}), strict=True):
+        sa, sb = scores(a), scores(b)
+        assert max(abs(sa[k] - sb[k]) for k in sa) < 0.05
+
+
+#: The first half of a four-layer classifier on the GPU, the rest on the CPU.
+SPLIT = {
+    "bert.embeddings": DEVICE,
+    "bert.encoder.layer.0": DEVICE,
+    "bert.encoder.layer.1": DEVICE,
+    "bert.encoder.layer.2": "cpu",
+    "bert.encoder.layer.3": "cpu",
+    "bert.pooler": "cpu",
+    "dropout": "cpu",
+    "classifier": "cpu",
+}
+
+
+@pytest.mark.parametrize(("precision", "tol"), [("fp32", 1e-3), ("int8", 0.05), ("nf4", 0.05)])
+def test_a_device_map_over_the_gpu_and_the_cpu(precision: str, tol: float, tmp_path: Path) -> None:
+    # Given a model whose map puts its first half on the GPU and the rest on the CPU (bitsandbytes quantizes
+    # the GPU's half; the CPU's stays at fp32)
+    model = tinymodels.build(TASK, tmp_path / "m", hidden_size=64, intermediate_size=1024, num_hidden_layers=4)
+    cfg = WorkerConfig(key=ServeKey(TASK, model, precision), device=DEVICE, device_map=SPLIT)
+    mapped = load_pipeline(cfg)
+    # Then it is placed as asked, its inputs go to the GPU, and it answers as the model whole on the GPU does
+    assert mapped.placed == {DEVICE: 3, "cpu": 5}
+    assert mapped.pipe.device == torch.device(DEVICE)
+    whole = load(model, precision)
+    for a, b in zip(run(whole, params={"top_k": None}), run(mapped, params={"top_k": None}), strict=True):
+        sa, sb = scores(a), scores(b)
+        assert max(abs(sa[k] - sb[k]) for k in sa) < tol
+
+
+def test_device_map_auto_fills_the_gpu_first_within_its_limit(tmp_path: Path) -> None:
+    model = tinymodels.build(TASK, tmp_path / "m", hidden_size=64, intermediate_size=4096, num_hidden_layers=4)
+    limits = {DEVICE: 12 * 2**20, "cpu": 2**30}
+    mapped = load_pipeline(
+        WorkerConfig(key=ServeKey(TASK, model, "fp32"), device=DEVICE, device_map="auto", max_memory=limits)
+    )
+    assert next(iter(mapped.placed)) == DEVICE and "cpu" in mapped.placed, mapped.placed
+    run(mapped, params={"top_k": None})

@@ -82,14 +82,15 @@ def test_int8_backend_defaults_follow_the_device() -> None:
 
 
 def test_the_precision_registry_names_the_precisions() -> None:
-    assert routing.PRECISIONS == tuple(PRECISIONS) == ("fp32", "fp16", "bf16", "int8")
+    assert routing.PRECISIONS == tuple(PRECISIONS) == ("fp32", "fp16", "bf16", "int8", "nf4")
     assert DEFAULT_ALLOWED_PRECISIONS == ("fp32", "bf16", "int8")
     assert {p.name: getattr(torch, p.dtype) for p in PRECISIONS.values()} == {
         "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32,
+        "nf4": torch.bfloat16,
     }  # fmt: skip
     cpu = WorkerConfig(key=ServeKey(TASK, "m", "fp16"))
     assert PRECISIONS["fp16"].load_warning(cpu) is not None
     assert PRECISIONS["fp16"].load_warning(replace(cpu, device="cuda:0")) is None
     assert PRECISIONS["int8"].load_kwargs(cpu) == {}  # dynamic quantization: after loading
-    with pytest.raises(ConfigurationError, match="unknown precision 'fp8'; choose one of fp32, fp16, bf16, int8"):
+    with pytest.raises(ConfigurationError, match="unknown precision 'fp8'; choose one of fp32, fp16, bf16, int8, nf4"):
         routing.check_precision("fp8")

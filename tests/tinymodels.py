@@ -81,8 +81,13 @@ def causal_lm_dir(path: Path, *, chat_template: bool = True, seed: int = 0, endl
     return str(path)
 
 
-def build(kind: str, path: Path, *, seed: int = 0) -> str:
-    """Save a tiny model of ``kind`` with its tokenizer under ``path``; returns the directory."""
+def build(kind: str, path: Path, *, seed: int = 0, **sizes: int) -> str:
+    """Save a tiny model of ``kind`` with its tokenizer under ``path``; returns the directory.
+
+    ``sizes`` replace entries of ``TINY`` for the BERT kinds (e.g. ``hidden_size=64`` for bitsandbytes'
+    4-bit CPU kernels, which take rows of at least 64 values).
+    """
+    tiny = {**TINY, **sizes}
     from transformers import (
         BertConfig,
         BertForMaskedLM,
@@ -107,7 +112,7 @@ def build(kind: str, path: Path, *, seed: int = 0) -> str:
     if kind == "text-classification":
         config = BertConfig(
             vocab_size=vocab,
-            **TINY,
+            **tiny,
             num_labels=3,
             id2label={0: "alpha", 1: "beta", 2: "gamma"},
             label2id={"alpha": 0, "beta": 1, "gamma": 2},
@@ -116,19 +121,19 @@ def build(kind: str, path: Path, *, seed: int = 0) -> str:
     elif kind == "zero-shot-classification":
         labels = {0: "entailment", 1: "neutral", 2: "contradiction"}
         config = BertConfig(
-            vocab_size=vocab, **TINY, num_labels=3, id2label=labels, label2id={v: k for k, v in labels.items()}
+            vocab_size=vocab, **tiny, num_labels=3, id2label=labels, label2id={v: k for k, v in labels.items()}
         )
         model = BertForSequenceClassification(config)
     elif kind == "token-classification":
         labels = {0: "O", 1: "B-PER", 2: "I-PER", 3: "B-LOC", 4: "I-LOC"}
         config = BertConfig(
-            vocab_size=vocab, **TINY, num_labels=5, id2label=labels, label2id={v: k for k, v in labels.items()}
+            vocab_size=vocab, **tiny, num_labels=5, id2label=labels, label2id={v: k for k, v in labels.items()}
         )
         model = BertForTokenClassification(config)
     elif kind == "fill-mask":
-        model = BertForMaskedLM(BertConfig(vocab_size=vocab, **TINY))
+        model = BertForMaskedLM(BertConfig(vocab_size=vocab, **tiny))
     elif kind == "feature-extraction":
-        model = BertModel(BertConfig(vocab_size=vocab, **TINY))
+        model = BertModel(BertConfig(vocab_size=vocab, **tiny))
     elif kind == "text-generation":
         config = GPT2Config(
             vocab_size=vocab,
@@ -144,7 +149,7 @@ def build(kind: str, path: Path, *, seed: int = 0) -> str:
     elif kind == "table-question-answering":
         config = TapasConfig(
             vocab_size=vocab,
-            **{**TINY, "max_position_embeddings": 512},
+            **{**tiny, "max_position_embeddings": 512},
             num_aggregation_labels=4,
             use_answer_as_supervision=True,
         )

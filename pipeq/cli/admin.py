@@ -130,6 +130,7 @@ def workers(
     Example: pipeq workers --json
     """
     from pipeq.worker.autotune import describe
+    from pipeq.worker.placement import describe as describe_placement
 
     with open_store(database_url) as store:
         rows = store.live_workers()
@@ -140,9 +141,11 @@ def workers(
     for w in rows:
         mb = (w["footprint_bytes"] or 0) / 1e6
         how_precision, how_budget = describe({**(w["settings"] or {}), "precision_choice": w["precision_choice"]})
+        placed = (w["settings"] or {}).get("placement") or {}
+        where = f"{w['device']} ({describe_placement(placed)})" if len(placed) > 1 else w["device"]
         typer.echo(
             f"{w['id'][:8]} {w['host']}:{w['pid']} {w['status']} {w['task']} precision {w['precision']}{how_precision} "
-            f"{w['device']} {mb:.1f} MB load {w['load_seconds'] or 0:.1f}s{how_budget} {w['model']} "
+            f"{where} {mb:.1f} MB load {w['load_seconds'] or 0:.1f}s{how_budget} {w['model']} "
             f"| {w['items_done']:,} items, {'running job ' + w['current_job'] if w['current_job'] else 'idle'}"
             f"{_sql_share(w)}"
         )

@@ -48,6 +48,34 @@ def worker(
     ] = None,
     revision: Annotated[str | None, typer.Option("--revision", help="Model revision (hub).")] = None,
     device: Annotated[str | None, typer.Option("--device", help="cpu or cuda:N [default: cuda:0 if any].")] = None,
+    device_map: Annotated[
+        str | None,
+        typer.Option(
+            "--device-map",
+            metavar="STRATEGY|FILE",
+            help="Spread a model too large for one device over the GPUs, the CPU and the disk: auto, balanced, "
+            "balanced_low_0 or sequential (accelerate places the modules), or a JSON file of module names to "
+            "devices. It fits the model; its layers run one device after another.",
+        ),
+    ] = None,
+    max_memory: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--max-memory",
+            metavar="DEVICE=SIZE",
+            help="Most memory --device-map may use on a device, repeatable: 0=20GiB (or cuda:0=20GiB), cpu=64GiB "
+            "[default: what each device has free].",
+        ),
+    ] = None,
+    offload_folder: Annotated[
+        str | None,
+        typer.Option(
+            "--offload-folder",
+            metavar="DIR",
+            help="Where --device-map writes weights it puts on the disk when they are not read from a "
+            "safetensors checkpoint in place.",
+        ),
+    ] = None,
     concurrency: Annotated[
         int | None,
         typer.Option(
@@ -155,6 +183,7 @@ def worker(
     from pipeq.worker.config import WorkerConfig, parse_precisions
     from pipeq.worker.devices import cuda_device_count, worker_cores
     from pipeq.worker.main import run_worker, validate
+    from pipeq.worker.placement import parse_device_map, parse_max_memory
 
     with cli_errors():
         # Every flag, the task and the model are checked before torch or transformers is imported (seconds):
@@ -165,6 +194,11 @@ def worker(
             raise ConfigurationError("--allow-precision only applies to --precision auto")
         if calibration_texts is not None and not auto:
             raise ConfigurationError("--calibration-texts only applies to --precision auto")
+        if device_map is not None and device is not None:
+            raise ConfigurationError(
+                f"--device-map places the model over the devices itself, so --device {device} contradicts it: "
+                "leave --device out (--max-memory limits what each device takes)"
+            )
         key = ServeKey(
             task=normalize_task(task),
             model=normalize_model(model),
@@ -191,6 +225,9 @@ def worker(
             shadow_fraction=shadow_fraction,
             shadow_max_items=shadow_max_items,
             calibration_texts=calibration_texts,
+            device_map=None if device_map is None else parse_device_map(device_map),
+            max_memory=parse_max_memory(max_memory) if max_memory else None,
+            offload_folder=offload_folder,
             thresholds=Thresholds(
                 min_agreement=min_agreement,
                 label_margin=label_margin,
@@ -202,8 +239,10 @@ def worker(
         validate(cfg)  # the task (transformers' task list, cached on disk after the first run) and the model
         if device is None and cuda_device_count():
             cfg = replace(cfg, device="cuda:0")
-        cfg = replace(cfg, cores=worker_cores(cfg.device))
-        if concurrency is None and pool != "solo":  # a solo pool is one process whatever --concurrency says
+        # A device map may span every GPU: it sizes itself by all the cores, not one GPU's share.
+        cfg = replace(cfg, cores=None if cfg.device_map is not None else worker_cores(cfg.device))
+        # A solo pool is one process whatever --concurrency says; a device map is one copy of the model.
+        if concurrency is None and pool != "solo" and cfg.device_map is None:
             choice = choose_children(cfg)
             if cfg.device != "cpu":
                 log.info(

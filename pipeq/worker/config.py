@@ -11,6 +11,7 @@ from pipeq.agreement import Thresholds
 from pipeq.errors import ConfigurationError
 from pipeq.precisions import DEFAULT_ALLOWED_PRECISIONS, INT8_BACKENDS, REFERENCE, int8_backend
 from pipeq.routing import AUTO_PRECISION, ServeKey, check_precision
+from pipeq.worker.placement import DeviceMap
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,19 @@ class WorkerConfig:
     shadow_fraction: float | None = None
     #: Most items of one job the shadow check compares, over every worker (``--shadow-max-items``); 0: no cap.
     shadow_max_items: int = C.SHADOW_MAX_ITEMS
+    #: Spread the model over devices (``--device-map``): accelerate's strategy by name, or module names to
+    #: ``cuda:N``, ``cpu`` or ``disk``; None: the whole model on ``device``. With a map, ``device`` is the kind
+    #: of device it uses (``cuda:0`` where CUDA is seen, else ``cpu``).
+    device_map: DeviceMap | None = None
+    #: Most bytes the device map may put on each device, by ``cuda:N`` or ``cpu`` (``--max-memory``); None:
+    #: accelerate's default (what each device has free).
+    max_memory: dict[str, int] | None = None
+    #: Where weights the map puts on the disk are written when they cannot be read from the checkpoint in
+    #: place (``--offload-folder``; safetensors checkpoints need none): a folder per process under it.
+    offload_folder: str | None = None
+    #: How the loaded model was placed: its device map's entries (modules) per device, ``{"cpu": 1}`` for a
+    #: model whole on one device; None until the pipeline is loaded.
+    placement: dict[str, int] | None = None
 
     def __post_init__(self) -> None:
         if self.int8_backend is not None and self.int8_backend not in INT8_BACKENDS:
@@ -81,6 +95,24 @@ class WorkerConfig:
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ConfigurationError(f"unknown device {self.device!r}; use cpu or cuda[:N]")
         self._check_shadow_options()
+        self._check_placement_options()
+
+    def _check_placement_options(self) -> None:
+        if self.device_map is None:
+            if self.max_memory:
+                raise ConfigurationError("--max-memory only applies with --device-map")
+            if self.offload_folder:
+                raise ConfigurationError("--offload-folder only applies with --device-map")
+        elif self.concurrency > 1:
+            raise ConfigurationError(
+                f"--device-map spreads one copy of the model over the devices; --concurrency {self.concurrency} "
+                "would load a copy per pool child: leave --concurrency out (or 1)"
+            )
+        elif self.streams is not None and self.streams > 1:
+            raise ConfigurationError(
+                f"--streams {self.streams} runs forward passes at once on one model, but a model --device-map "
+                "spreads has its weights moved between devices around each pass: leave --streams out (or 1)"
+            )
 
     def _check_shadow_options(self) -> None:
         if self.shadow_fraction is not None and not 0.0 <= self.shadow_fraction <= 1.0:
@@ -98,10 +130,19 @@ class WorkerConfig:
         return replace(self, key=replace(self.key, precision=precision))
 
     @property
+    def multi_device(self) -> bool:
+        """Whether the loaded model is split over more than one device (the disk counts as one): its layers
+        run one device after another, and an engine that assumes one device must not."""
+        return self.placement is not None and len(self.placement) > 1
+
+    @property
     def shadow_share(self) -> float:
-        """The share of done items the shadow check runs at fp32: the one given, else the default for the precision."""
+        """The share of done items the shadow check runs at fp32: the one given, else the default for the
+        precision (none with a device map: an fp32 copy of a model that needs several devices does not fit)."""
         if self.shadow_fraction is not None:
             return self.shadow_fraction
+        if self.device_map is not None:
+            return 0.0
         return 0.0 if self.key.precision in (REFERENCE, AUTO_PRECISION) else C.DEFAULT_SHADOW_FRACTION
 
     def check_shadow(self) -> None:
@@ -113,14 +154,18 @@ class WorkerConfig:
             )
 
     def resolved_streams(self, threads: int) -> int:
-        """Forward streams for a child with ``threads`` torch threads: as set, else on the CPU one per
-        thread (at most ``MAX_CPU_STREAMS``), on an accelerator one.
+        """Forward streams for a child with ``threads`` torch threads: one for a model over several devices,
+        else as set, else on the CPU one per thread (at most ``MAX_CPU_STREAMS``), on an accelerator one.
 
         On a CPU, torch splits each operator evenly over its threads and waits for the last, so any
         other thread of the worker (tokenizing, writing) that takes a core for a moment stalls the
         whole forward pass; streams of one thread each lose only their own moment, and a stream's
         tokenizing or writing fills the cores the others leave. One loaded model serves them all.
         """
+        if self.multi_device:
+            # accelerate's hooks move an offloaded module's weights in before its forward and out after:
+            # a second pass at once would find them gone (wrong outputs, or an error).
+            return 1
         if self.streams is not None:
             return min(self.streams, threads)
         if self.device != "cpu":

@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from celery import Celery
@@ -122,6 +123,8 @@ class WorkerContext:
         threads = set_threads(cfg.resolved_threads)
         tokenizer_threads = set_tokenizer_threads(cfg.resolved_tokenizer_threads)
         self.loaded = load_pipeline(cfg)
+        # The engine and the worker row learn how the model was placed (``cfg.multi_device``).
+        cfg = self.cfg = replace(cfg, placement=self.loaded.placed)
         self.runtime = build_engine(self.loaded.pipe, cfg, threads)
         streams = self.runtime.streams
         if cfg.shadow_share:

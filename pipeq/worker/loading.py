@@ -15,6 +15,7 @@ from pipeq.embedding import TASK as EMBEDDING_TASK
 from pipeq.errors import ConfigurationError, ModelNotFoundError
 from pipeq.precisions import PRECISIONS
 from pipeq.tasks import traits
+from pipeq.worker import placement
 from pipeq.worker.config import WorkerConfig
 from pipeq.worker.quantize import memory_footprint
 
@@ -33,6 +34,8 @@ class LoadedPipeline:
     load_seconds: float
     resolved_revision: str | None
     quantization: str
+    #: Modules per device (``placement.placement``): ``{"cpu": 1}`` for a model whole on the CPU.
+    placed: dict[str, int]
 
 
 def import_object(ref: str) -> Any:
@@ -76,6 +79,9 @@ def load_pipeline(cfg: WorkerConfig) -> LoadedPipeline:
         # texts make new shapes all the time. Flash / memory-efficient SDPA need no per-shape plan.
         torch.backends.cuda.enable_cudnn_sdp(False)
     kwargs.update(precision.load_kwargs(cfg))
+    if cfg.device_map is not None:  # accelerate places the modules; it replaces a precision's one-device map
+        kwargs["device_map"], extra = placement.load_kwargs(cfg.device_map, cfg.max_memory, cfg.offload_folder)
+        kwargs["model_kwargs"] = {**kwargs.get("model_kwargs", {}), **extra}
     if "device_map" not in kwargs:
         kwargs["device"] = cfg.device
     if key.task == EMBEDDING_TASK and not cfg.pipeline_class:
@@ -91,6 +97,14 @@ def load_pipeline(cfg: WorkerConfig) -> LoadedPipeline:
         pipe = make_pipeline(key.task, model=key.model, **kwargs)  # type: ignore[call-overload]
     except OSError as exc:
         raise ModelNotFoundError(f"cannot load model {key.model!r}: {exc}") from None
+    except RuntimeError as exc:
+        # The pipeline runs its inputs on the map's first device; the disk is no device to run on.
+        if cfg.device_map is None or not str(exc).endswith("device string: disk"):
+            raise
+        raise ConfigurationError(
+            "the device map put the model's first modules on the disk, where nothing runs: give the first "
+            "device more --max-memory"
+        ) from None
     quantization = precision.after_load(pipe, cfg)
     pipe.model.eval()
     # inference_mode is cheaper than the no_grad transformers uses by default.
@@ -98,16 +112,20 @@ def load_pipeline(cfg: WorkerConfig) -> LoadedPipeline:
     load_seconds = time.perf_counter() - t0
     revision = local or resolved_revision(key.model, key.revision) or getattr(pipe.model.config, "_commit_hash", None)
     footprint = memory_footprint(pipe.model)
+    placed = placement.placement(pipe.model)
     log.info(
-        "loaded %s %s (%s, %s) in %.1fs, footprint %.1f MB",
+        "loaded %s %s (%s, %s) in %.1fs, footprint %.1f MB%s",
         key.task,
         key.model,
         key.precision,
         quantization,
         load_seconds,
         footprint / 1e6,
+        "" if cfg.device_map is None else f", placed {placement.describe(placed)}",
     )
-    return LoadedPipeline(pipe, footprint, load_seconds, revision, quantization)
+    if len(placed) > 1:
+        log.info("the model spans %d devices: its layers run one device after another, not at once", len(placed))
+    return LoadedPipeline(pipe, footprint, load_seconds, revision, quantization, placed)
 
 
 def local_revision(model: str) -> str | None:

@@ -15,13 +15,14 @@ from pipeq.store import Store
 from pipeq.tasks import check_task
 from pipeq.worker.config import WorkerConfig
 from pipeq.worker.devices import device_name
+from pipeq.worker.placement import named_cuda_devices
 
 log = logging.getLogger(__name__)
 
 
 def validate(cfg: WorkerConfig) -> None:
-    """Fail fast in the parent, before any child loads the model: the task, the model, the shadow check and a
-    named CUDA device.
+    """Fail fast in the parent, before any child loads the model: the task, the model, the shadow check and the
+    CUDA devices named (``--device``, ``--device-map``'s file, ``--max-memory``).
 
     Cheap for a built-in task: transformers is imported only after it passes (a custom pipeline class
     is imported here, to register its task; a named CUDA device imports torch, to ask whether it is seen).
@@ -34,8 +35,9 @@ def validate(cfg: WorkerConfig) -> None:
     check_task(cfg.key.task, custom_tasks=custom)
     check_model(cfg.key.model)
     cfg.check_shadow()
-    if cfg.device.startswith("cuda"):
-        device_name(cfg.device)  # asked in a spawned process (the pool forks from this one); raises if unseen
+    for device in dict.fromkeys([cfg.device, *named_cuda_devices(cfg.device_map, cfg.max_memory)]):
+        if device.startswith("cuda"):
+            device_name(device)  # asked in a spawned process (the pool forks from this one); raises if unseen
 
 
 def run_worker(settings: Settings, cfg: WorkerConfig, *, loglevel: str = "INFO", pool: str = "prefork") -> None:

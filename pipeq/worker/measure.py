@@ -13,7 +13,7 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pipeq import constants as C
@@ -221,7 +221,9 @@ def measure_speeds(cfg: WorkerConfig, precisions: Sequence[str], min_seconds: fl
 
 
 def _runtime(cfg: WorkerConfig, threads: int) -> PipelineRuntime:
-    return PipelineRuntime.for_worker(load_pipeline(cfg).pipe, cfg, threads)
+    loaded = load_pipeline(cfg)
+    # Streams as the worker will have them: one for a model over several devices.
+    return PipelineRuntime.for_worker(loaded.pipe, replace(cfg, placement=loaded.placed), threads)
 
 
 def _throughput(runtime: PipelineRuntime, task: str, min_seconds: float) -> float:

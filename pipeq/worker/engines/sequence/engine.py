@@ -117,6 +117,8 @@ class SequenceEngine:
         max_rows = cfg.max_batch_size or (CPU_ROWS if on_cpu else ACCELERATOR_ROWS)
         kv_tokens = kv_token_budget(pipe.model, cfg.device)
         log.info("sequence engine: up to %d rows, %d tokens of KV cache", max_rows, kv_tokens)
+        if cfg.multi_device:  # accelerate's hooks move each step between the devices, one after another
+            log.info("sequence engine: the model spans %s; each step runs its layers device by device", cfg.placement)
         return cls(pipe, max_rows=max_rows, kv_tokens=kv_tokens)
 
     # ------------------------------------------------------------ the seam
