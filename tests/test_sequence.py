@@ -3,6 +3,7 @@ item ends on its own (stop strings, end of sequence, its own max_tokens); bad it
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +19,7 @@ from pipeq.worker.config import WorkerConfig
 from pipeq.worker.engines import build_engine, engine_name
 from pipeq.worker.engines.sequence.engine import SequenceEngine
 from pipeq.worker.loading import load_pipeline
+from pipeq.worker.placement import parse_device_map
 
 TASK = "text-generation"
 PROMPTS = [
@@ -219,3 +221,24 @@ def test_a_model_whose_cache_cannot_be_joined_is_refused_at_start(causal_lm: str
     tok = AutoTokenizer.from_pretrained(causal_lm)
     with pytest.raises(ConfigurationError, match="cannot join and cut"):
         SequenceEngine(pipeline(TASK, model=model, tokenizer=tok), max_rows=2, kv_tokens=1000)
+
+
+def test_a_model_split_across_devices_generates_what_it_does_whole(causal_lm: str, tmp_path: Any) -> None:
+    """accelerate places the layers (here the CPU and the disk, as it would GPUs): each step runs them one device
+    after another, and the outputs are the whole model's."""
+    items = [(i, {"prompt": p, "params": {"max_tokens": 6 + i}}) for i, p in enumerate(PROMPTS[:4])]
+    whole = WorkerConfig(key=ServeKey(TASK, causal_lm), warmup=False)
+    places = {"model.embed_tokens": "cpu", "model.layers": "cpu", "model.norm": "cpu", "lm_head": "disk"}
+    (tmp_path / "map.json").write_text(json.dumps({**places, "model.rotary_emb": "cpu"}))
+    split = WorkerConfig(
+        key=ServeKey(TASK, causal_lm),
+        device_map=parse_device_map(str(tmp_path / "map.json")),
+        offload_folder=str(tmp_path / "offload"),
+    )
+    loaded = load_pipeline(split)
+    assert loaded.placed is not None and "disk" in loaded.placed
+    outputs = []
+    for cfg, pipe in ((whole, load_pipeline(whole).pipe), (split, loaded.pipe)):
+        engine = build_engine(pipe, cfg, 1)
+        outputs.append({i: r.output for i, r in _run(engine, items).items()})  # type: ignore[arg-type]
+    assert outputs[0] == outputs[1]
