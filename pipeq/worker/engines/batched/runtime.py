@@ -95,7 +95,7 @@ def offline_defaults(task: str, params: dict[str, Any]) -> dict[str, Any]:
 
 def _keys(inputs: Any) -> tuple[str, ...]:
     if isinstance(inputs, Encoded):
-        return tuple(sorted(inputs.preprocessed.keys() if inputs.preprocessed is not None else inputs.tokens))
+        return inputs.keys
     return tuple(sorted(inputs.keys()))
 
 
@@ -439,14 +439,21 @@ class PipelineRuntime:
         share = (time.perf_counter() - t0) * 1000 / max(1, len(positions))
         units: list[Unit] = []
         failed: list[int] = []
+        flagged = traits(self.task).truncation_flag
         for pos, enc in zip(positions, encoded, strict=True):
             it = state[pos]
             it.preprocess_ms = share
             if isinstance(enc, Exception):
                 it.error = describe_error("preprocess", enc)
                 failed.append(pos)
-            else:
-                self._units(it, pos, [enc], [enc.n_tokens], pre, units, truncated=enc.truncated)
+                continue
+            n = enc.n_tokens
+            it.n_tokens, it.n_units = n, 1
+            # As ``_units``: the encoding's own flag where the task keeps one, else counted (or None).
+            it.truncated = (
+                enc.truncated if flagged and enc.truncated is not None else self._was_truncated(it.input, [n], pre)
+            )
+            units.append(Unit(pos, 0, enc, n, enc.keys))
         return units, failed
 
     def _units(
