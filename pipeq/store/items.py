@@ -11,6 +11,7 @@ from datetime import datetime
 from functools import cache
 from typing import Any
 
+import orjson
 from sqlalchemy import Dialect, and_, bindparam, case, func, insert, literal_column, or_, select, update
 from sqlalchemy.dialects.postgresql import psycopg as pg_psycopg
 
@@ -130,11 +131,11 @@ _RESULT_PAGE_NAMES = tuple(c.name for c in _RESULT_PAGE.selected_columns)
 #: Returns the indexes it wrote. The job's counts in ``s`` are read from the statement's snapshot, which
 #: does not hold what ``k`` adds, so ``s`` adds this batch's count itself.
 #:
-#: The rows travel as one JSON array of arrays (``_pg_rows``: one ``json.dumps``, in C) and ``r_idx`` as an
+#: The rows travel as one JSON array of arrays (``_pg_rows``: one ``orjson.dumps``, in C) and ``r_idx`` as an
 #: int array's text (``_pg_int_array``), so the writer's client CPU is not spent on a Python list per column
 #: that the driver would dump element by element (benchmarks/fleet.py measures the writes). A JSON ``output``
-#: is taken verbatim (``->`` on ``json`` keeps the text ``json.dumps`` wrote, as the column's own encoding
-#: does), a JSON null as SQL NULL; a vector travels as base64.
+#: is taken verbatim (``->`` on ``json`` keeps the text orjson wrote), a JSON null as SQL NULL; a vector
+#: travels as base64.
 _PG_WRITE = (
     "WITH {batch_id_cte}"
     "r AS (SELECT (v->>0)::int AS idx, (v->>1)::varchar AS status, "
@@ -623,7 +624,26 @@ def _result_update(dialect: Dialect) -> tuple[str, tuple[Callable[[Any], Any], .
         process = ITEMS.c[column].type.dialect_impl(dialect).bind_processor(dialect)
         return process if process is not None else _same
 
-    return sql, tuple(processor(c) for c in ("output", "truncated", "cached", "finished_at"))
+    output = processor("output")
+
+    def output_json(value: Any) -> Any:
+        """The column type's JSON text of an output, written by orjson (the type's own serializer where it cannot)."""
+        if value is not None:
+            text = _json_text(value)
+            if text is not None:
+                return text
+        return output(value)
+
+    return sql, (output_json, *(processor(c) for c in ("truncated", "cached", "finished_at")))
+
+
+def _json_text(value: Any) -> str | None:
+    """``value`` as JSON text by orjson (compact, UTF-8 as it is); None where orjson refuses it (a lone
+    surrogate, an integer beyond 64 bits, a type it does not know), for the standard library to write."""
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:
+        return None
 
 
 def _same(value: Any) -> Any:
@@ -633,14 +653,14 @@ def _same(value: Any) -> Any:
 def _pg_rows(results: Sequence[ItemResult]) -> str:
     """A batch's results as ``_PG_WRITE`` reads them: a JSON array of [idx, status, output, vector (base64),
     error, truncated, n_tokens, cached], one per result, a pooled embedding's output in the vector's place."""
-    return json.dumps(
-        [
-            (r.idx, r.status, None, _base64(r.output.blob), r.error, r.truncated, r.n_tokens, r.cached)
-            if isinstance(r.output, Vector)
-            else (r.idx, r.status, r.output, None, r.error, r.truncated, r.n_tokens, r.cached)
-            for r in results
-        ]
-    )
+    rows = [
+        (r.idx, r.status, None, _base64(r.output.blob), r.error, r.truncated, r.n_tokens, r.cached)
+        if isinstance(r.output, Vector)
+        else (r.idx, r.status, r.output, None, r.error, r.truncated, r.n_tokens, r.cached)
+        for r in results
+    ]
+    text = _json_text(rows)
+    return json.dumps(rows) if text is None else text
 
 
 def _base64(blob: bytes) -> str:

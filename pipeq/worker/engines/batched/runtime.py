@@ -570,17 +570,16 @@ class PipelineRuntime:
         if self._batch_postprocessor is None or not segment.batched or self.is_chunk:
             return None
         try:
-            return self._batch_postprocessor.postprocess_batch(segment.outputs, len(segment.units), post)
+            lengths = [unit.n_tokens for unit in segment.units]
+            return self._batch_postprocessor.postprocess_batch(segment.outputs, lengths, post)
         except Exception as exc:
             log.debug("batch postprocess failed (%s: %s); postprocessing inputs one by one", type(exc).__name__, exc)
             return None
 
     def finish_item(self, it: Item, post: dict[str, Any]) -> ItemResult:
         """An item whose forward rows are all done: its postprocessed result, or its failure."""
-        if it.error is None and it.has_final:
-            return ItemResult(
-                it.idx, C.ITEM_DONE, output=_stored(it.final), truncated=it.truncated, n_tokens=it.n_tokens
-            )
+        if it.error is None and it.has_final:  # a batch postprocessor's output is in its stored form already
+            return ItemResult(it.idx, C.ITEM_DONE, output=it.final, truncated=it.truncated, n_tokens=it.n_tokens)
         if it.error is None:
             try:
                 if self.is_chunk:
