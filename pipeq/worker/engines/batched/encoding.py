@@ -70,10 +70,8 @@ class TokenBlock:
     #: Where each input's values start in ``values``, and how many it has (its tokens).
     starts: np.ndarray
     lengths: np.ndarray
-
-    @property
-    def sorted_keys(self) -> tuple[str, ...]:
-        return tuple(sorted(self.keys))
+    #: ``keys`` sorted (what tells the runtime which inputs may share a batch).
+    sorted_keys: tuple[str, ...]
 
     def row(self, key: str, row: int) -> np.ndarray:
         """Input ``row``'s values of ``key`` (a copy)."""
@@ -90,7 +88,7 @@ def _block(
     starts = np.zeros(len(lengths), dtype=np.int64)
     if len(lengths) > 1:
         np.cumsum(lengths[:-1], out=starts[1:])
-    return TokenBlock(keys, values, constant, starts, lengths)
+    return TokenBlock(keys, values, constant, starts, lengths, tuple(sorted(keys)))
 
 
 def block_from_lists(data: Mapping[str, Sequence[Sequence[int]]]) -> TokenBlock:

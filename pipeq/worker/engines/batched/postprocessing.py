@@ -27,6 +27,7 @@ falls back to the per-input path, which gives each input its own result or error
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -183,19 +184,22 @@ class FeatureExtractionBatch(BatchPostprocessor):
                 window = columns < lengths[:, None]
             if mask.shape != (len(lengths), width) or not bool(mask.cpu().numpy()[window].all()):
                 raise ValueError("a mask with holes: pooled per input")
+        if pooling not in ("mean", "cls", "max"):
+            raise ValueError(f"unknown pooling {pooling!r}")
         vectors = torch.empty((len(lengths), hidden.shape[2]), dtype=torch.float32, device=hidden.device)
-        for n in np.unique(lengths).tolist():
-            rows = torch.from_numpy(np.flatnonzero(lengths == n)).to(hidden.device)
-            # (rows, n, width), reduced over its tokens: the reduction ``pool`` runs on one row's (n, width).
-            tokens = (hidden[rows, width - n :] if self.padding_side == "left" else hidden[rows, :n]).float()
+        # Runs of rows of one length (a batch is sorted by length, so a run per length): each run is a
+        # (rows, n, width) view, reduced over its tokens, the reduction ``pool`` runs on one row's (n, width).
+        bounds = [0, *(np.flatnonzero(np.diff(lengths)) + 1).tolist(), len(lengths)]
+        for start, stop in itertools.pairwise(bounds):
+            n = int(lengths[start])
+            tokens = hidden[start:stop, width - n :] if self.padding_side == "left" else hidden[start:stop, :n]
+            tokens = tokens.float()
             if pooling == "mean":
-                vectors[rows] = tokens.mean(dim=1)
+                vectors[start:stop] = tokens.mean(dim=1)
             elif pooling == "cls":
-                vectors[rows] = tokens[:, 0]
-            elif pooling == "max":
-                vectors[rows] = tokens.max(dim=1).values
+                vectors[start:stop] = tokens[:, 0]
             else:
-                raise ValueError(f"unknown pooling {pooling!r}")
+                vectors[start:stop] = tokens.max(dim=1).values
         if dims is not None:
             if dims > vectors.shape[-1]:
                 raise ValueError(f"dims={dims} is more than the model's {vectors.shape[-1]} dimensions")
