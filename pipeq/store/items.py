@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import base64
+import binascii
 import json
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -681,7 +681,7 @@ def _pg_rows(results: Sequence[ItemResult]) -> str:
 
 
 def _base64(blob: bytes) -> str:
-    return base64.b64encode(blob).decode("ascii")
+    return binascii.b2a_base64(blob, newline=False).decode("ascii")
 
 
 def read_output(output: Any, vector: bytes | None) -> Any:

@@ -138,6 +138,17 @@ def single_type_ids_are_zero(post_processor: Mapping[str, Any] | None) -> bool:
     return False
 
 
+def _zero_single_types(processor: Any) -> bool:
+    """``single_type_ids_are_zero`` of a Rust post-processor (its JSON as pickling writes it); False where unread."""
+    if processor is None:
+        return True
+    try:
+        return single_type_ids_are_zero(json.loads(processor.__getstate__()))
+    except Exception:  # a post-processor that does not say what it is: type ids are read
+        log.debug("post-processor %r not read; token type ids are read from each encoding", processor)
+        return False
+
+
 @dataclass(frozen=True, slots=True)
 class CallSettings:
     """What one transformers tokenizer call with given keywords asks of the Rust tokenizer, and what it returns."""
@@ -207,11 +218,10 @@ class RustEncoder:
         if self._rust is None:
             from tokenizers import Tokenizer
 
-            text = self.tokenizer.backend_tokenizer.to_str()
-            rust = Tokenizer.from_str(text)
+            rust = Tokenizer.from_str(self.tokenizer.backend_tokenizer.to_str())
             rust.no_padding()
             rust.no_truncation()
-            self._zero_single_types = single_type_ids_are_zero(json.loads(text).get("post_processor"))
+            self._zero_single_types = _zero_single_types(rust.post_processor)
             self._rust = rust
         return self._rust
 

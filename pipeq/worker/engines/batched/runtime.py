@@ -387,7 +387,7 @@ class PipelineRuntime:
         """Slice by slice: inputs that failed or need no forward, then collated batches."""
         # Slices of similar length (shortest first: the model starts on a quick batch). A producer's
         # chunk is sorted already; a redelivered or in-process one may not be.
-        order = sorted(range(len(state)), key=lambda p: input_size(state[p].input))
+        order = sorted(range(len(state)), key=[input_size(it.input) for it in state].__getitem__)
         start, step = 0, max(1, size)  # the first slice is one batch: the model starts as soon as it can
         while start < len(order):
             positions = order[start : start + step]

@@ -126,7 +126,7 @@ def _safe_tokenizer_kwarg(name: str, value: Any) -> bool:
     return False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Encoded:
     """One tokenized input: its row of a tokenizer call's ``TokenBlock``, or the pipeline's own output for it."""
 
