@@ -333,6 +333,25 @@ def test_type_ids_are_read_where_the_template_gives_single_texts_another(
     check_collate(bt, pipe, encs, TEXTS + PAIRS, pre)
 
 
+class _Words:
+    """A pre-tokenizer written in Python: the Rust tokenizer cannot be serialized (nor copied) with it."""
+
+    def pre_tokenize(self, pretok: Any) -> None:
+        pretok.split(lambda _i, s: s.split(" ", "removed"))
+
+
+def test_a_tokenizer_that_cannot_be_copied_is_called_through_transformers(model_dir: Callable[[str], str]) -> None:
+    from tokenizers.pre_tokenizers import PreTokenizer
+
+    pipe = pipeline("text-classification", model=model_dir("text-classification"))
+    pipe.tokenizer.backend_tokenizer.pre_tokenizer = PreTokenizer.custom(_Words())
+    bt = batch_tokenizer(pipe, "text-classification", "rust")
+    values = ["hello world", "two words here", {"text": "a pair", "text_pair": "of texts"}]
+    encs = check_encode(bt, pipe, values, pre_params(pipe, {"truncation": True}))
+    assert all(e.preprocessed is None for e in encs), "still one batched call"
+    assert bt.rust is None
+
+
 @pytest.mark.parametrize(
     ("post_processor", "zero"),
     [

@@ -214,6 +214,20 @@ class RustEncoder:
         #: Configuring and encoding go together: one thread at a time.
         self._lock = threading.Lock()
 
+    def ready(self) -> bool:
+        """Copy the Rust tokenizer if not done yet; False where it cannot be copied (a custom Python component)."""
+        if self._rust is not None:
+            return True
+        try:
+            with self._lock:
+                self._copy()
+        except Exception as exc:
+            log.info(
+                "the Rust tokenizer cannot be copied (%s: %s); transformers' call tokenizes", type(exc).__name__, exc
+            )
+            return False
+        return True
+
     def _copy(self) -> Any:
         if self._rust is None:
             from tokenizers import Tokenizer

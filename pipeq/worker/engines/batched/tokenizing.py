@@ -318,6 +318,8 @@ class BatchTokenizer:
         """One tokenizer call over the group: its tokens, and per member whether truncation cut any."""
         texts = [text for _pos, text, _pair in group]
         pairs = None if group[0][2] is None else [pair or "" for _pos, _text, pair in group]  # a group is all pairs
+        if self.rust is not None and not self.rust.ready():
+            self.rust = None  # from now on transformers' call, which takes what the copy could not
         if self.rust is not None and settings is not None:
             block, truncated = self.rust.encode(texts, pairs, settings)
             return block, truncated.tolist()
