@@ -547,6 +547,15 @@ def test_plain_feature_extraction_is_postprocessed_a_batch_at_a_time_too(model_d
     assert [got[i].output for i in range(len(MIXED))] == [want[i].output for i in range(len(MIXED))]
 
 
+def test_feature_extraction_served_under_a_task_that_keeps_padding_is_postprocessed_input_by_input(
+    model_dir: Callable[[str], str],
+) -> None:
+    """A custom task name has no per-token trait: the runtime does not unpad, so neither may its postprocess."""
+    pipe = pipeline("feature-extraction", model=model_dir("feature-extraction"))
+    assert PipelineRuntime(pipe, "feature-extraction")._batch_postprocessor is not None
+    assert PipelineRuntime(pipe, "my-own-features")._batch_postprocessor is None
+
+
 class _Spoiled:
     """Wraps a pipeline so the forward output of its rows with ``marker`` holds NaN (logits) or a hole in the mask."""
 

@@ -50,6 +50,8 @@ class BatchPostprocessor:
 
     #: The (postprocess, _forward) functions of the pipelines this postprocessor stands in for.
     methods: ClassVar[tuple[tuple[Any, Any], ...]] = ()
+    #: Whether it gives each row's per-token outputs unpadded (the runtime must unpad them per input too).
+    unpads: ClassVar[bool] = False
 
     def __init__(self, pipe: Any) -> None:
         self.pipe = pipe
@@ -57,11 +59,15 @@ class BatchPostprocessor:
         self.padding_side: str = getattr(pipe.tokenizer, "padding_side", "right") if pipe.tokenizer else "right"
 
     @classmethod
-    def for_pipeline(cls, pipe: Any) -> BatchPostprocessor | None:
-        """The batch postprocessor for ``pipe``'s own postprocess and forward; None where there is none."""
+    def for_pipeline(cls, pipe: Any, *, unpadded: bool = True) -> BatchPostprocessor | None:
+        """The batch postprocessor for ``pipe``'s own postprocess and forward; None where there is none.
+
+        ``unpadded``: whether the runtime unpads a per-token output before its per-input postprocess
+        (the task's ``per_token_output`` trait); where it does not, no postprocessor that unpads is used.
+        """
         own = (_method(pipe, "postprocess"), _method(pipe, "_forward"))
         for kind in (TextClassificationBatch, FeatureExtractionBatch):
-            if own in kind.methods:
+            if own in kind.methods and (unpadded or not kind.unpads):
                 return kind(pipe)
         return None
 
@@ -142,6 +148,7 @@ class FeatureExtractionBatch(BatchPostprocessor):
         (FeatureExtractionPipeline.postprocess, FeatureExtractionPipeline._forward),
         (EmbeddingPipeline.postprocess, EmbeddingPipeline._forward),
     )
+    unpads = True
 
     def postprocess_batch(self, outputs: Any, lengths: Sequence[int], post: Mapping[str, Any]) -> list[Any]:
         if post.get("return_tensors"):

@@ -176,7 +176,7 @@ class PipelineRuntime:
         #: One tokenizer call per slice of inputs, where the pipeline's preprocess is one tokenizer call.
         self._batch_tokenizer = BatchTokenizer.for_pipeline(pipe, task)
         #: One postprocess per batch, where the pipeline's postprocess is a per-row formula.
-        self._batch_postprocessor = BatchPostprocessor.for_pipeline(pipe)
+        self._batch_postprocessor = BatchPostprocessor.for_pipeline(pipe, unpadded=traits(task).per_token_output)
         device = getattr(pipe, "device", None)
         #: Where prepared batches are copied ahead of the forward pass (CUDA only; None keeps them where they are).
         self._device = device if getattr(device, "type", None) == "cuda" else None
