@@ -61,6 +61,37 @@ class Vector:
             raise ValueError(f"the vector does not fit {dtype} (largest magnitude {largest:g}); store it as float32")
         return cls(_header(code) + stored.tobytes())
 
+    @classmethod
+    def encode_rows(cls, values: Any, dtype: str = DEFAULT_DTYPE) -> list[Vector]:
+        """A vector per row of a 2-D array, each what ``encode`` makes of that row; the whole array is
+        converted and copied to bytes once.
+
+        Raises ValueError where a row does not fit the type (the first such row's message of ``encode``).
+        """
+        code = DTYPES[dtype]
+        array = np.asarray(values, dtype=np.float32)
+        if array.ndim != 2:
+            raise ValueError(f"encode_rows takes a 2-D array, not {array.ndim}-D")
+        with np.errstate(over="ignore"):
+            stored = np.ascontiguousarray(array.astype(code))
+        if not np.isfinite(stored).all():
+            overflow = ~np.isfinite(stored).all(axis=1) & np.isfinite(array).all(axis=1)
+            if overflow.any():
+                cls.encode(array[int(np.flatnonzero(overflow)[0])], dtype)  # raises, with that row's message
+        rows, size = stored.shape[0], stored.shape[1] * stored.dtype.itemsize
+        blobs = np.empty((rows, HEADER_BYTES + size), dtype=np.uint8)
+        blobs[:, :HEADER_BYTES] = np.frombuffer(_header(code), dtype=np.uint8)
+        blobs[:, HEADER_BYTES:] = stored.view(np.uint8).reshape(rows, size)
+        joined, width = blobs.tobytes(), HEADER_BYTES + size
+        return [cls._trusted(joined[i * width : (i + 1) * width]) for i in range(rows)]
+
+    @classmethod
+    def _trusted(cls, blob: bytes) -> Vector:
+        """A vector of a blob this module just built (its header and size are right by construction)."""
+        vector = object.__new__(cls)
+        object.__setattr__(vector, "blob", blob)
+        return vector
+
     @property
     def dtype(self) -> np.dtype[Any]:
         """The stored values' numpy type."""

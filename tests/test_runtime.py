@@ -454,7 +454,9 @@ def test_batch_postprocess_gives_what_per_input_postprocess_gives(
     alone = PipelineRuntime(pipe, "text-classification", max_batch_size=8)
     alone._batch_postprocessor = None  # per input: PipelineIterator's unbatching, then pipe.postprocess
     inputs = MIXED * 3
+    batches = postprocessed_batches(batched)
     got, want = run_all(batched, inputs, params), run_all(alone, inputs, params)
+    assert batches and all(b is not None for b in batches), "every batch was postprocessed at once"
     assert [got[i].output for i in range(len(inputs))] == [want[i].output for i in range(len(inputs))]
     reference = pipe(inputs, truncation=True, **params)  # and plain pipeline(...) agrees (one text at a time)
     for i, ref in enumerate(reference):
@@ -472,3 +474,127 @@ def test_batch_postprocess_is_used_only_for_transformers_own_classes(model_dir: 
     rt = PipelineRuntime(pipe, "text-classification")
     assert rt._batch_postprocessor is None
     assert {r.output["custom"] for r in run_all(rt, MIXED, {}).values()} == {True}
+
+
+def postprocessed_batches(rt: PipelineRuntime) -> list[Any]:
+    """What ``rt.postprocess_batch`` returns for each batched forward output from now on (None: the batch went
+    input by input; a batch of one row runs unbatched, and is left out)."""
+    seen: list[Any] = []
+    real = rt.postprocess_batch
+
+    def spy(segment: Any, post: dict[str, Any]) -> Any:
+        out = real(segment, post)
+        if segment.batched:
+            seen.append(out)
+        return out
+
+    rt.postprocess_batch = spy  # type: ignore[method-assign]
+    return seen
+
+
+def _feature_runtimes(pipe: Any, padding_side: str) -> tuple[PipelineRuntime, PipelineRuntime]:
+    """A runtime that postprocesses whole batches, and one that postprocesses input by input (same batches)."""
+    pipe.tokenizer.padding_side = padding_side
+    batched = PipelineRuntime(pipe, "feature-extraction", max_batch_size=8)
+    assert batched._batch_postprocessor is not None, "feature extraction is postprocessed a batch at a time"
+    alone = PipelineRuntime(pipe, "feature-extraction", max_batch_size=8)
+    alone._batch_postprocessor = None  # per input: PipelineIterator's unbatching, unpadding, then pipe.postprocess
+    return batched, alone
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+@pytest.mark.parametrize(
+    "params",
+    [
+        {},
+        {"pooling": "mean"},
+        {"pooling": "mean", "normalize": True},
+        {"pooling": "cls", "normalize": True, "dims": 8},
+        {"pooling": "max", "dims": 5},
+        {"pooling": "mean", "normalize": True, "dtype": "float16"},
+        {"pooling": "max", "dtype": "float16"},
+    ],
+)
+def test_batch_postprocess_of_embeddings_gives_what_per_input_postprocess_gives(
+    model_dir: Callable[[str], str], params: dict[str, Any], padding_side: str
+) -> None:
+    """Vectors per token and pooled vectors (bytes) bit for bit, for every pooling, normalize, dims and dtype."""
+    from pipeq.vectors import Vector
+    from pipeq.worker.embedding import EmbeddingPipeline
+
+    pipe = pipeline("feature-extraction", model=model_dir("feature-extraction"), pipeline_class=EmbeddingPipeline)
+    batched, alone = _feature_runtimes(pipe, padding_side)
+    inputs = MIXED * 3 + ["x " * n for n in range(1, 12)]  # every length more than once, and many lengths
+    batches = postprocessed_batches(batched)
+    got, want = run_all(batched, inputs, params), run_all(alone, inputs, params)
+    assert len(batches) > 1 and all(b is not None for b in batches), "every batch was postprocessed at once"
+    for i in range(len(inputs)):
+        assert got[i].status == want[i].status == "done"
+        assert got[i].output == want[i].output, i
+        if params.get("pooling"):
+            assert isinstance(got[i].output, Vector) and got[i].output.blob == want[i].output.blob
+    if not params and padding_side == "right":  # and a vector per token is transformers' own (right-padded: BERT)
+        reference = pipeline("feature-extraction", model=model_dir("feature-extraction"))
+        assert_close(got[0].output, to_jsonable(reference(inputs[0], truncation=True)))
+
+
+def test_plain_feature_extraction_is_postprocessed_a_batch_at_a_time_too(model_dir: Callable[[str], str]) -> None:
+    pipe = pipeline("feature-extraction", model=model_dir("feature-extraction"))
+    batched, alone = _feature_runtimes(pipe, "right")
+    batches = postprocessed_batches(batched)
+    got, want = run_all(batched, MIXED, {}), run_all(alone, MIXED, {})
+    assert batches and all(b is not None for b in batches)
+    assert [got[i].output for i in range(len(MIXED))] == [want[i].output for i in range(len(MIXED))]
+
+
+def test_feature_extraction_served_under_a_task_that_keeps_padding_is_postprocessed_input_by_input(
+    model_dir: Callable[[str], str],
+) -> None:
+    """A custom task name has no per-token trait: the runtime does not unpad, so neither may its postprocess."""
+    pipe = pipeline("feature-extraction", model=model_dir("feature-extraction"))
+    assert PipelineRuntime(pipe, "feature-extraction")._batch_postprocessor is not None
+    assert PipelineRuntime(pipe, "my-own-features")._batch_postprocessor is None
+
+
+class _Spoiled:
+    """Wraps a pipeline so the forward output of its rows with ``marker`` holds NaN (logits) or a hole in the mask."""
+
+    def __init__(self, pipe: Any, what: str) -> None:
+        self._pipe, self._what = pipe, what
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pipe, name)
+
+    def forward(self, inputs: Any, **kw: Any) -> Any:
+        out = self._pipe.forward(inputs, **kw)
+        if self._what == "nan":
+            out["logits"][0, 0] = float("nan")
+        else:
+            out["attention_mask"][0, 0] = 0  # the first row's first token is not pooled over, per input
+        return out
+
+
+@pytest.mark.parametrize("what", ["nan", "hole"])
+def test_batches_that_batch_postprocessing_cannot_reproduce_go_input_by_input(
+    model_dir: Callable[[str], str], what: str
+) -> None:
+    """A NaN score (stored as null) or a mask with a hole: the batch goes through the per-input path."""
+    from pipeq.worker.embedding import EmbeddingPipeline
+
+    if what == "nan":
+        task, params = "text-classification", {"top_k": None}
+        pipe = pipeline(task, model=model_dir(task))
+    else:
+        task, params = "feature-extraction", {"pooling": "mean"}
+        pipe = pipeline(task, model=model_dir(task), pipeline_class=EmbeddingPipeline)
+    spoiled = _Spoiled(pipe, what)
+    batched = PipelineRuntime(spoiled, task, max_batch_size=8)
+    assert batched._batch_postprocessor is not None
+    segments = postprocessed_batches(batched)
+    alone = PipelineRuntime(spoiled, task, max_batch_size=8)
+    alone._batch_postprocessor = None
+    got, want = run_all(batched, MIXED, params), run_all(alone, MIXED, params)
+    assert segments and segments[0] is None, "the first batch is refused by batch postprocessing"
+    assert [got[i].output for i in range(len(MIXED))] == [want[i].output for i in range(len(MIXED))]
+    if what == "nan":
+        assert any(s["score"] is None for r in got.values() for s in r.output)

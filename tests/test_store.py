@@ -252,6 +252,30 @@ def test_results_round_trip_through_the_batch_write(store: Store) -> None:
     assert store.job(job).status == C.JOB_DONE
 
 
+def _output_texts(store: Store, job: str) -> list[str]:
+    """Each item's output as the text the store holds, in input order."""
+    cast = "output::text" if store.engine.dialect.name == "postgresql" else "output"
+    with store.engine.connect() as conn:
+        sql = f"SELECT {cast} FROM items WHERE job_id = '{job}' ORDER BY idx"
+        return [row[0] for row in conn.exec_driver_sql(sql)]
+
+
+def test_outputs_are_written_as_orjson_text_and_the_standard_library_writes_what_orjson_cannot(
+    store: Store,
+) -> None:
+    import orjson
+
+    # Given a batch that orjson writes, and one holding an integer beyond 64 bits, which it refuses
+    plain: list[Any] = [{"label": "é 我", "score": 0.1 + 0.2}, [[1e-07, -0.0]]]
+    big: list[Any] = [{"label": "big", "score": 2**70}]
+    job = make_job(store, len(plain) + len(big))
+    record(store, job, [ItemResult(i, C.ITEM_DONE, output=out) for i, out in enumerate(plain)])
+    record(store, job, [ItemResult(len(plain) + i, C.ITEM_DONE, output=out) for i, out in enumerate(big)])
+    # Then both read back as written, the first as orjson's own text
+    assert [r["output"] for r in store.iter_results(job)] == plain + big
+    assert _output_texts(store, job)[: len(plain)] == [orjson.dumps(out).decode() for out in plain]
+
+
 def _page_size(path: Any) -> int:
     import sqlite3
 

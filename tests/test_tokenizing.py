@@ -21,6 +21,7 @@ from pipeq.errors import ConfigurationError
 from pipeq.routing import ServeKey
 from pipeq.worker.config import WorkerConfig
 from pipeq.worker.embedding import EmbeddingPipeline
+from pipeq.worker.engines.batched.encoding import single_type_ids_are_zero
 from pipeq.worker.engines.batched.tokenizing import BatchTokenizer, Encoded
 from pipeq.worker.loading import set_tokenizer_threads
 
@@ -38,6 +39,11 @@ TEXTS: list[Any] = [
     LONG,
     "[SEP] [CLS] special tokens written in the text",
     "\ud800 a lone surrogate",  # the Rust tokenizer rejects it: so does a batched call with it in
+    "日本語のテキストと한국어 텍스트, mixed with English",
+    "😀😃🤗 emoji only 👩‍👩‍👧 with a joiner sequence",
+    "🤗" * 200,  # one token each: truncated at the cap
+    "x " * 126,  # exactly at the cap of 128 with [CLS] and [SEP]
+    "x " * 127,  # one over
 ]
 BAD: list[Any] = [None, 42, 3.5, b"bytes"]
 PAIRS: list[Any] = [
@@ -82,6 +88,8 @@ CASES: dict[str, tuple[list[Any], list[dict[str, Any]]]] = {
             {"truncation": "only_second", "max_length": 9},
             {"truncation": True, "add_special_tokens": False},
             {"truncation": True, "return_special_tokens_mask": True, "return_token_type_ids": False},
+            {"truncation": True, "split_special_tokens": True, "return_attention_mask": False},
+            {"truncation": False},
         ],
     ),
     "feature-extraction": (
@@ -183,17 +191,28 @@ def check_collate(
             assert_same_tensors(got, want)
 
 
+def batch_tokenizer(pipe: Any, task: str, call: str) -> BatchTokenizer:
+    """The pipeline's BatchTokenizer, making its calls through the Rust tokenizer or through transformers'."""
+    bt = BatchTokenizer.for_pipeline(pipe, task)
+    assert bt is not None
+    assert bt.rust is not None, "a plain fast tokenizer takes the Rust tokenizer's own call"
+    if call == "transformers":
+        bt.rust = None
+    return bt
+
+
+@pytest.mark.parametrize("call", ["rust", "transformers"])
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 @pytest.mark.parametrize(("task", "case"), CASE_IDS)
 def test_encode_and_collate_equal_per_input_preprocess(
-    pipes: Callable[[str], Any], monkeypatch: pytest.MonkeyPatch, task: str, case: int, padding_side: str
+    pipes: Callable[[str], Any], monkeypatch: pytest.MonkeyPatch, task: str, case: int, padding_side: str, call: str
 ) -> None:
     pipe = pipes(task)
     monkeypatch.setattr(pipe.tokenizer, "padding_side", padding_side)
     inputs, param_sets = CASES[task]
     pre = pre_params(pipe, param_sets[case])
-    bt = BatchTokenizer.for_pipeline(pipe, task)
-    assert bt is not None and bt.accepts(pre), pre
+    bt = batch_tokenizer(pipe, task, call)
+    assert bt.accepts(pre), pre
     assert bt.padding_side == padding_side
     encs = check_encode(bt, pipe, inputs, pre)
     assert sum(isinstance(e, Encoded) for e in encs) >= 3
@@ -220,35 +239,149 @@ def test_fill_mask_errors_are_the_pipelines_own(pipes: Callable[[str], Any]) -> 
 
 @pytest.fixture
 def tokenizer_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
-    """Every call of the BERT tokenizer: (text, text_pair) as passed."""
+    """Every tokenizer call of a BatchTokenizer: (texts, pairs) as passed."""
     calls: list[Any] = []
-    original = BertTokenizer.__call__
+    original = BatchTokenizer._call
 
-    def counting(self: Any, *args: Any, **kwargs: Any) -> Any:
-        calls.append((args[0] if args else kwargs.get("text"), kwargs.get("text_pair")))
-        return original(self, *args, **kwargs)
+    def counting(self: Any, group: Any, *args: Any) -> Any:
+        pairs = None if group[0][2] is None else [pair for _pos, _text, pair in group]
+        calls.append(([text for _pos, text, _pair in group], pairs))
+        return original(self, group, *args)
 
-    monkeypatch.setattr(BertTokenizer, "__call__", counting)
+    monkeypatch.setattr(BatchTokenizer, "_call", counting)
     yield calls
 
 
-def test_one_call_for_texts_and_one_for_pairs(pipes: Callable[[str], Any], tokenizer_calls: list[Any]) -> None:
+@pytest.mark.parametrize("call", ["rust", "transformers"])
+def test_one_call_for_texts_and_one_for_pairs(
+    pipes: Callable[[str], Any], tokenizer_calls: list[Any], call: str
+) -> None:
     pipe = pipes("text-classification")
-    bt = BatchTokenizer(pipe, "text-classification")  # for_pipeline would see the patched __call__
+    bt = batch_tokenizer(pipe, "text-classification", call)
     values = ["a", "b c", {"text": "d", "text_pair": "e"}, [["f", "g"]], {"text": "h"}, "i"]
     encs = bt.encode(values, {"truncation": True})
     assert all(isinstance(e, Encoded) for e in encs)
     assert tokenizer_calls == [(["a", "b c", "h", "i"], None), (["d", "f"], ["e", "g"])]
 
 
-def test_a_failing_input_is_isolated_by_splitting(pipes: Callable[[str], Any], tokenizer_calls: list[Any]) -> None:
+@pytest.mark.parametrize("call", ["rust", "transformers"])
+def test_a_failing_input_is_isolated_by_splitting(
+    pipes: Callable[[str], Any], tokenizer_calls: list[Any], call: str
+) -> None:
     pipe = pipes("feature-extraction")
-    bt = BatchTokenizer(pipe, "feature-extraction")
+    bt = batch_tokenizer(pipe, "feature-extraction", call)
     values = [f"text number {i}" for i in range(16)]
     values[11] = "\ud800"
     encs = bt.encode(values, {"truncation": True})
     assert [i for i, e in enumerate(encs) if isinstance(e, Exception)] == [11]
     assert len(tokenizer_calls) < 16, "split in halves, not retried input by input"
+
+
+def test_the_rust_call_leaves_the_pipelines_tokenizer_as_it_was(
+    pipes: Callable[[str], Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Rust call runs on a copy: the pipeline's own tokenizer is neither called nor re-configured."""
+    pipe = pipes("text-classification")
+    bt = batch_tokenizer(pipe, "text-classification", "rust")
+    rust = pipe.tokenizer.backend_tokenizer
+    before = (rust.truncation, rust.padding, rust.encode_special_tokens)
+    calls: list[Any] = []
+    monkeypatch.setattr(BertTokenizer, "__call__", lambda *a, **k: calls.append(a))
+    for params in (
+        {"truncation": True, "max_length": 9},
+        {"truncation": "only_second"},
+        {"split_special_tokens": True},
+    ):
+        encs = bt.encode(["a text [SEP] here", {"text": "one", "text_pair": "two words"}], params)
+        assert all(isinstance(e, Encoded) for e in encs)
+    assert calls == []
+    assert (rust.truncation, rust.padding, rust.encode_special_tokens) == before
+
+
+def test_truncation_flags_say_whether_tokens_were_cut(pipes: Callable[[str], Any]) -> None:
+    """Around the cap, single texts and pairs: flagged exactly when the untruncated text has more tokens."""
+    pipe = pipes("text-classification")
+    bt = batch_tokenizer(pipe, "text-classification", "rust")
+    values: list[Any] = ["x " * k for k in range(120, 132)]
+    values += [{"text": "x " * k, "text_pair": "y " * 60} for k in range(60, 70)]
+    for params in ({"truncation": True}, {"truncation": True, "max_length": 20}, {"truncation": "only_first"}):
+        encs = bt.encode(values, params)
+        for value, enc in zip(values, encs, strict=True):
+            assert isinstance(enc, Encoded)
+            text, pair = (value, None) if isinstance(value, str) else (value["text"], value["text_pair"])
+            full = len(pipe.tokenizer(text, text_pair=pair)["input_ids"])
+            assert enc.truncated == (full > enc.n_tokens), (value, params)
+
+
+def test_type_ids_are_read_where_the_template_gives_single_texts_another(
+    model_dir: Callable[[str], str],
+) -> None:
+    """A post-processor that gives single texts type id 1: the Rust call reads type ids, not assumes zeros."""
+    from tokenizers.processors import TemplateProcessing
+
+    pipe = pipeline("text-classification", model=model_dir("text-classification"))
+    tok = pipe.tokenizer
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single="[CLS]:1 $A:1 [SEP]:1",
+        pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", tok.cls_token_id), ("[SEP]", tok.sep_token_id)],
+    )
+    bt = batch_tokenizer(pipe, "text-classification", "rust")
+    pre = pre_params(pipe, {"truncation": True})
+    encs = check_encode(bt, pipe, TEXTS + PAIRS, pre)
+    assert int(bt.model_inputs(encs[1])["token_type_ids"].sum()) > 0
+    check_collate(bt, pipe, encs, TEXTS + PAIRS, pre)
+
+
+class _Words:
+    """A pre-tokenizer written in Python: the Rust tokenizer cannot be serialized (nor copied) with it."""
+
+    def pre_tokenize(self, pretok: Any) -> None:
+        pretok.split(lambda _i, s: s.split(" ", "removed"))
+
+
+def test_a_tokenizer_that_cannot_be_copied_is_called_through_transformers(model_dir: Callable[[str], str]) -> None:
+    from tokenizers.pre_tokenizers import PreTokenizer
+
+    pipe = pipeline("text-classification", model=model_dir("text-classification"))
+    pipe.tokenizer.backend_tokenizer.pre_tokenizer = PreTokenizer.custom(_Words())
+    bt = batch_tokenizer(pipe, "text-classification", "rust")
+    values = ["hello world", "two words here", {"text": "a pair", "text_pair": "of texts"}]
+    encs = check_encode(bt, pipe, values, pre_params(pipe, {"truncation": True}))
+    assert all(e.preprocessed is None for e in encs), "still one batched call"
+    assert bt.rust is None
+
+
+@pytest.mark.parametrize(
+    ("post_processor", "zero"),
+    [
+        (None, True),
+        ({"type": "BertProcessing"}, True),
+        ({"type": "ByteLevel"}, True),
+        ({"type": "TemplateProcessing", "single": [{"Sequence": {"id": "A", "type_id": 0}}]}, True),
+        ({"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<s>", "type_id": 2}}]}, False),
+        ({"type": "Sequence", "processors": [{"type": "ByteLevel"}, {"type": "BertProcessing"}]}, True),
+        ({"type": "Sequence", "processors": [{"type": "ByteLevel"}, {"type": "SomethingNew"}]}, False),
+        ({"type": "SomethingNew"}, False),
+    ],
+)
+def test_type_ids_of_single_texts_are_assumed_zero_only_for_known_post_processors(
+    post_processor: Any, zero: bool
+) -> None:
+    assert single_type_ids_are_zero(post_processor) is zero
+
+
+def test_truncation_from_the_left_and_left_padding(
+    pipes: Callable[[str], Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pipe = pipes("feature-extraction")
+    monkeypatch.setattr(pipe.tokenizer, "truncation_side", "left")
+    monkeypatch.setattr(pipe.tokenizer, "padding_side", "left")
+    bt = batch_tokenizer(pipe, "feature-extraction", "rust")
+    pre = pre_params(pipe, {"truncation": True, "tokenize_kwargs": {"max_length": 16}})
+    values = [t for t in TEXTS if t and "\ud800" not in t]
+    encs = check_encode(bt, pipe, values, pre)
+    check_collate(bt, pipe, encs, values, pre)
 
 
 def test_model_inputs_are_fresh_dicts(pipes: Callable[[str], Any]) -> None:

@@ -90,6 +90,25 @@ def test_non_finite_values_read_back_as_none_as_json_stored_them() -> None:
     assert Vector.encode([1.0, float("nan"), float("inf")]).tolist() == [1.0, None, None]
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_rows_encoded_at_once_are_the_vectors_of_each_row(dtype: str) -> None:
+    values = unit_vectors(5, 384) * 3
+    values[2, 7] = float("nan")  # kept, as encode keeps it
+    rows = Vector.encode_rows(values, dtype)
+    assert rows == [Vector.encode(row, dtype) for row in values]
+    assert all(type(v) is Vector and v.dim == 384 for v in rows)
+    assert Vector.encode_rows(np.zeros((0, 8), dtype=np.float32)) == []
+
+
+def test_rows_encoded_at_once_refuse_a_row_that_does_not_fit_as_encode_does() -> None:
+    values = np.ones((3, 4), dtype=np.float32)
+    values[1, 2] = 70000.0
+    with pytest.raises(ValueError, match=r"does not fit float16 \(largest magnitude 70000\); store it as float32"):
+        Vector.encode_rows(values, "float16")
+    with pytest.raises(ValueError, match="2-D"):
+        Vector.encode_rows(values[0])
+
+
 def test_a_blob_that_is_not_a_vector_is_refused() -> None:
     with pytest.raises(ValueError, match="not a stored vector"):
         Vector(b"\x00\x01\x02\x03\x04\x05")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import base64
+import binascii
 import json
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -11,6 +11,7 @@ from datetime import datetime
 from functools import cache
 from typing import Any
 
+import orjson
 from sqlalchemy import Dialect, and_, bindparam, case, func, insert, literal_column, or_, select, update
 from sqlalchemy.dialects.postgresql import psycopg as pg_psycopg
 
@@ -30,8 +31,16 @@ _Batches = Sequence[tuple[Sequence[ItemResult], BatchTiming | None]]
 # Statements built once (building a SQLAlchemy statement costs more than running it on a small batch).
 _PENDING = ITEMS.c.status == C.ITEM_PENDING
 _IN_CHUNK = and_(ITEMS.c.job_id == bindparam("b_job"), ITEMS.c.idx.in_(bindparam("b_idxs", expanding=True)))
-_SELECT_PENDING = select(ITEMS.c.idx).where(_IN_CHUNK, _PENDING)
-_SELECT_CLAIMABLE = select(ITEMS.c.idx, ITEMS.c.attempts).where(_IN_CHUNK, _PENDING)
+#: A chunk's items on SQLite, their indexes bound as one JSON array's text (``_json_int_array``) and read by
+#: ``json_each``: an expanding IN renders a bound parameter per index at every execution, which costs more
+#: than the statement on a chunk of thousands (SQLite still finds each item by its primary key).
+_IN_CHUNK_SQLITE = and_(
+    ITEMS.c.job_id == bindparam("b_job"),
+    ITEMS.c.idx.in_(select(literal_column("value")).select_from(func.json_each(bindparam("b_idxs")))),
+)
+_SELECT_PENDING = select(ITEMS.c.idx).where(_IN_CHUNK_SQLITE, _PENDING)
+_SELECT_CLAIMABLE = select(ITEMS.c.idx, ITEMS.c.attempts).where(_IN_CHUNK_SQLITE, _PENDING)
+_FIRST_ATTEMPT_SQLITE = update(ITEMS).where(_IN_CHUNK_SQLITE, _PENDING, ITEMS.c.attempts == 0).values(attempts=1)
 _FIRST_ATTEMPT = update(ITEMS).where(_IN_CHUNK, _PENDING, ITEMS.c.attempts == 0).values(attempts=1)
 #: The first claim of a queued job starts it; later claims leave the job's row alone (no lock taken).
 _START_JOB = (
@@ -138,13 +147,12 @@ _RESULT_PAGE_NAMES = {
 #: Returns the indexes it wrote. The job's counts in ``s`` are read from the statement's snapshot, which
 #: does not hold what ``k`` adds, so ``s`` adds this batch's count itself.
 #:
-#: The rows travel as one JSON array of arrays (``_pg_rows``: one ``json.dumps``, in C) and ``r_idx`` as an
+#: The rows travel as one JSON array of arrays (``_pg_rows``: one ``orjson.dumps``, in C) and ``r_idx`` as an
 #: int array's text (``_pg_int_array``), so the writer's client CPU is not spent on a Python list per column
 #: that the driver would dump element by element (benchmarks/fleet.py measures the writes). A JSON ``output``
-#: is taken verbatim (``->`` on ``json`` keeps the text ``json.dumps`` wrote, as the column's own encoding
-#: does), a JSON null as SQL NULL; a vector travels as base64. A generated item's timing comes last (its
-#: row's 9th to 11th values); a shorter row, such as a pooled embedding's, leaves them NULL (``->>`` past the
-#: end of an array is NULL).
+#: is taken verbatim (``->`` on ``json`` keeps the text orjson wrote), a JSON null as SQL NULL; a vector
+#: travels as base64. A generated item's timing comes last (its row's 9th to 11th values); a shorter row, such
+#: as a pooled embedding's, leaves them NULL (``->>`` past the end of an array is NULL).
 _PG_WRITE = (
     "WITH {batch_id_cte}"
     "r AS (SELECT (v->>0)::int AS idx, (v->>1)::varchar AS status, "
@@ -268,7 +276,11 @@ class ItemQueries(StoreBase):
         worker dies, a live one knows exactly which items to queue again (``take_over``).
         """
         now = utcnow()
-        params = {"b_job": job_id, "b_idxs": _pg_int_array(idxs) if self._is_pg else list(idxs), "b_now": now}
+        params = {
+            "b_job": job_id,
+            "b_idxs": _pg_int_array(idxs) if self._is_pg else _json_int_array(idxs),
+            "b_now": now,
+        }
         if self._is_pg:
             params.update(_PG_START_JOB_CONSTANTS, k_slot=lease.worker_id if lease else "")
             if lease is not None:
@@ -284,7 +296,7 @@ class ItemQueries(StoreBase):
                 )
             rows = conn.execute(_SELECT_CLAIMABLE, params).all()
             if redelivered is not False:
-                conn.execute(_FIRST_ATTEMPT, params)
+                conn.execute(_FIRST_ATTEMPT_SQLITE, params)
             conn.execute(_START_JOB, params)
             self._add_counts(conn, job_id, lease.worker_id if lease else None, WriteOutcome(), now=now)
         counted = 1 if redelivered else 0
@@ -444,7 +456,7 @@ class ItemQueries(StoreBase):
     ) -> Iterator[tuple[Sequence[ItemResult], list[ItemResult]]]:
         """SQLite: the transaction holds the write lock (BEGIN IMMEDIATE), so read what is pending, then write it."""
         idxs = [r.idx for results, _ in batches for r in results]
-        pending = set(conn.scalars(_SELECT_PENDING, {"b_job": job_id, "b_idxs": idxs}))
+        pending = set(conn.scalars(_SELECT_PENDING, {"b_job": job_id, "b_idxs": _json_int_array(idxs)}))
         for results, timing in batches:
             todo = [r for r in results if r.idx in pending]
             if todo:
@@ -627,6 +639,11 @@ def _pg_int_array(values: Sequence[int]) -> str:
     return "{" + ",".join(map(str, values)) + "}"
 
 
+def _json_int_array(values: Sequence[int]) -> str:
+    """Item indexes as a JSON array's text, for SQLite's ``json_each`` (``_IN_CHUNK_SQLITE``)."""
+    return "[" + ",".join(map(str, values)) + "]"
+
+
 _RESULT_COLUMNS = (
     "status", "output", "vector", "error", "truncated", "n_tokens", "cached",
     "first_token_ms", "decode_ms", "output_tokens", "batch_id", "finished_at",
@@ -645,7 +662,26 @@ def _result_update(dialect: Dialect) -> tuple[str, tuple[Callable[[Any], Any], .
         process = ITEMS.c[column].type.dialect_impl(dialect).bind_processor(dialect)
         return process if process is not None else _same
 
-    return sql, tuple(processor(c) for c in ("output", "truncated", "cached", "finished_at"))
+    output = processor("output")
+
+    def output_json(value: Any) -> Any:
+        """The column type's JSON text of an output, written by orjson (the type's own serializer where it cannot)."""
+        if value is not None:
+            text = _json_text(value)
+            if text is not None:
+                return text
+        return output(value)
+
+    return sql, (output_json, *(processor(c) for c in ("truncated", "cached", "finished_at")))
+
+
+def _json_text(value: Any) -> str | None:
+    """``value`` as JSON text by orjson (compact, UTF-8 as it is); None where orjson refuses it (a lone
+    surrogate, an integer beyond 64 bits, a type it does not know), for the standard library to write."""
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:
+        return None
 
 
 def _same(value: Any) -> Any:
@@ -656,19 +692,19 @@ def _pg_rows(results: Sequence[ItemResult]) -> str:
     """A batch's results as ``_PG_WRITE`` reads them: a JSON array of [idx, status, output, vector (base64),
     error, truncated, n_tokens, cached, first_token_ms, decode_ms, output_tokens], one per result, a pooled
     embedding's output in the vector's place (and no generation timing: its row ends after ``cached``)."""
-    return json.dumps(
-        [
-            (r.idx, r.status, None, _base64(r.output.blob), r.error, r.truncated, r.n_tokens, r.cached)
-            if isinstance(r.output, Vector)
-            else (r.idx, r.status, r.output, None, r.error, r.truncated, r.n_tokens, r.cached,
-                  r.first_token_ms, r.decode_ms, r.output_tokens)
-            for r in results
-        ]
-    )  # fmt: skip
+    rows = [
+        (r.idx, r.status, None, _base64(r.output.blob), r.error, r.truncated, r.n_tokens, r.cached)
+        if isinstance(r.output, Vector)
+        else (r.idx, r.status, r.output, None, r.error, r.truncated, r.n_tokens, r.cached,
+              r.first_token_ms, r.decode_ms, r.output_tokens)
+        for r in results
+    ]  # fmt: skip
+    text = _json_text(rows)
+    return json.dumps(rows) if text is None else text
 
 
 def _base64(blob: bytes) -> str:
-    return base64.b64encode(blob).decode("ascii")
+    return binascii.b2a_base64(blob, newline=False).decode("ascii")
 
 
 def read_output(output: Any, vector: bytes | None) -> Any:

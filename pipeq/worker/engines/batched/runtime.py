@@ -95,7 +95,7 @@ def offline_defaults(task: str, params: dict[str, Any]) -> dict[str, Any]:
 
 def _keys(inputs: Any) -> tuple[str, ...]:
     if isinstance(inputs, Encoded):
-        return tuple(sorted(inputs.preprocessed.keys() if inputs.preprocessed is not None else inputs.tokens))
+        return inputs.keys
     return tuple(sorted(inputs.keys()))
 
 
@@ -178,7 +178,7 @@ class PipelineRuntime:
         #: One tokenizer call per slice of inputs, where the pipeline's preprocess is one tokenizer call.
         self._batch_tokenizer = BatchTokenizer.for_pipeline(pipe, task)
         #: One postprocess per batch, where the pipeline's postprocess is a per-row formula.
-        self._batch_postprocessor = BatchPostprocessor.for_pipeline(pipe)
+        self._batch_postprocessor = BatchPostprocessor.for_pipeline(pipe, unpadded=traits(task).per_token_output)
         device = getattr(pipe, "device", None)
         #: Where prepared batches are copied ahead of the forward pass (CUDA only; None keeps them where they are).
         self._device = device if getattr(device, "type", None) == "cuda" else None
@@ -389,7 +389,7 @@ class PipelineRuntime:
         """Slice by slice: inputs that failed or need no forward, then collated batches."""
         # Slices of similar length (shortest first: the model starts on a quick batch). A producer's
         # chunk is sorted already; a redelivered or in-process one may not be.
-        order = sorted(range(len(state)), key=lambda p: input_size(state[p].input))
+        order = sorted(range(len(state)), key=[input_size(it.input) for it in state].__getitem__)
         start, step = 0, max(1, size)  # the first slice is one batch: the model starts as soon as it can
         while start < len(order):
             positions = order[start : start + step]
@@ -441,14 +441,21 @@ class PipelineRuntime:
         share = (time.perf_counter() - t0) * 1000 / max(1, len(positions))
         units: list[Unit] = []
         failed: list[int] = []
+        flagged = traits(self.task).truncation_flag
         for pos, enc in zip(positions, encoded, strict=True):
             it = state[pos]
             it.preprocess_ms = share
             if isinstance(enc, Exception):
                 it.error = describe_error("preprocess", enc)
                 failed.append(pos)
-            else:
-                self._units(it, pos, [enc], [enc.n_tokens], pre, units, truncated=enc.truncated)
+                continue
+            n = enc.n_tokens
+            it.n_tokens, it.n_units = n, 1
+            # As ``_units``: the encoding's own flag where the task keeps one, else counted (or None).
+            it.truncated = (
+                enc.truncated if flagged and enc.truncated is not None else self._was_truncated(it.input, [n], pre)
+            )
+            units.append(Unit(pos, 0, enc, n, enc.keys))
         return units, failed
 
     def _units(
@@ -565,17 +572,16 @@ class PipelineRuntime:
         if self._batch_postprocessor is None or not segment.batched or self.is_chunk:
             return None
         try:
-            return self._batch_postprocessor.postprocess_batch(segment.outputs, len(segment.units), post)
+            lengths = [unit.n_tokens for unit in segment.units]
+            return self._batch_postprocessor.postprocess_batch(segment.outputs, lengths, post)
         except Exception as exc:
             log.debug("batch postprocess failed (%s: %s); postprocessing inputs one by one", type(exc).__name__, exc)
             return None
 
     def finish_item(self, it: Item, post: dict[str, Any]) -> ItemResult:
         """An item whose forward rows are all done: its postprocessed result, or its failure."""
-        if it.error is None and it.has_final:
-            return ItemResult(
-                it.idx, C.ITEM_DONE, output=_stored(it.final), truncated=it.truncated, n_tokens=it.n_tokens
-            )
+        if it.error is None and it.has_final:  # a batch postprocessor's output is in its stored form already
+            return ItemResult(it.idx, C.ITEM_DONE, output=it.final, truncated=it.truncated, n_tokens=it.n_tokens)
         if it.error is None:
             try:
                 if self.is_chunk:

@@ -36,7 +36,7 @@ class Item:
     #: Forward rows the item's preprocess made (one, or one per chunk for ChunkPipeline tasks).
     n_units: int = 0
     outputs: dict[int, Any] = field(default_factory=dict)
-    #: The postprocessed output, when the whole batch was postprocessed at once (``has_final``).
+    #: The output as stored (JSON values or a Vector), when the whole batch was postprocessed at once (``has_final``).
     final: Any = None
     has_final: bool = False
     n_tokens: int = 0

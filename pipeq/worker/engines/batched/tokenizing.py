@@ -5,8 +5,10 @@ tokenizer call per input that returns ``(1, n)`` tensors, which the worker then 
 transformers' ``pad_collate_fn``. With small models the per-text calls and per-item tensors cost
 more than the forward pass. The Rust tokenizer encodes a list of texts in one call
 (``encode_batch``, which transformers uses even for a single text), so :class:`BatchTokenizer`
-makes one call for all single texts and one for all text pairs, keeps the token ids as lists,
-and builds each padded batch as one numpy array per key.
+makes one call for all single texts and one for all text pairs, keeps the tokens as flat numpy
+arrays per key (``encoding.TokenBlock``: made by the Rust tokenizer itself, without Python lists
+per text, where ``encoding.RustEncoder`` can stand in for transformers' call), and builds each
+padded batch as one numpy array per key, gathered from those arrays.
 
 What is guaranteed, for the inputs and parameters it takes (``for_pipeline`` and ``accepts`` say
 which; everything else stays on the per-input path):
@@ -41,7 +43,6 @@ Where batched and per-input tokenization could differ, and how that is handled:
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -57,6 +58,13 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
 from pipeq.worker.engines.batched.batching import token_length
+from pipeq.worker.engines.batched.encoding import (
+    CallSettings,
+    RustEncoder,
+    TokenBlock,
+    block_from_lists,
+    rust_unsupported,
+)
 
 log = logging.getLogger(__name__)
 
@@ -118,18 +126,27 @@ def _safe_tokenizer_kwarg(name: str, value: Any) -> bool:
     return False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Encoded:
-    """One tokenized input: its token lists per model-input key, or the pipeline's own output for it."""
+    """One tokenized input: its row of a tokenizer call's ``TokenBlock``, or the pipeline's own output for it."""
 
-    #: Token lists per model-input key (``input_ids``, ``attention_mask``, ...); empty when ``preprocessed`` is set.
-    tokens: dict[str, list[int]]
     #: Tokens in the input (its ``input_ids`` width).
     n_tokens: int
     #: ``pipe.preprocess``'s own output, for an input form that was not tokenized in a batch.
     preprocessed: Mapping[str, Any] | None = None
     #: Whether truncation cut tokens off (the Rust encoding kept them as overflow); None when unknown.
     truncated: bool | None = None
+    #: The tokens of the call that encoded this input, and this input's row in it.
+    block: TokenBlock | None = None
+    row: int = 0
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Its model-input keys, sorted."""
+        if self.preprocessed is not None:
+            return tuple(sorted(self.preprocessed.keys()))
+        assert self.block is not None
+        return self.block.sorted_keys
 
 
 class BatchTokenizer:
@@ -148,6 +165,13 @@ class BatchTokenizer:
             self._pad_collate = pad_collate_fn(self.tokenizer, None)
         except ValueError as exc:  # no pad token: nothing can be collated, as in the runtime
             self._collate_error = exc
+        #: The Rust tokenizer's own call, where it gives what transformers' call gives (else None: transformers').
+        self.rust: RustEncoder | None = None
+        reason = rust_unsupported(self.tokenizer)
+        if reason is None:
+            self.rust = RustEncoder(self.tokenizer)
+        else:
+            log.debug("transformers' tokenizer call for batches: %s", reason)
 
     # ------------------------------------------------------------ choosing
 
@@ -236,6 +260,7 @@ class BatchTokenizer:
         kwargs = self.tokenizer_kwargs(pre)
         if kwargs is None:
             raise ValueError(f"batch tokenization does not take these preprocess parameters: {sorted(pre)}")
+        settings = CallSettings.of(self.tokenizer, kwargs) if self.rust is not None else None
         results: list[Encoded | Exception | None] = [None] * len(values)
         singles: list[tuple[int, str, None]] = []
         pairs: list[tuple[int, str, str]] = []
@@ -249,7 +274,7 @@ class BatchTokenizer:
                 pairs.append((pos, form[0], form[1]))
         for group in (singles, pairs):
             if group:
-                self._encode_group(group, values, pre, kwargs, results)
+                self._encode_group(group, values, pre, kwargs, settings, results)
         return [r if r is not None else RuntimeError("input was not encoded") for r in results]
 
     def _encode_group(
@@ -258,10 +283,11 @@ class BatchTokenizer:
         values: Sequence[Any],
         pre: Mapping[str, Any],
         kwargs: dict[str, Any],
+        settings: CallSettings | None,
         results: list[Encoded | Exception | None],
     ) -> None:
         try:
-            rows = self._call(group, kwargs)
+            block, truncated = self._call(group, kwargs, settings)
         except Exception as exc:
             if len(group) == 1:  # alone, the input gets the error its own preprocess raises
                 pos = group[0][0]
@@ -270,37 +296,47 @@ class BatchTokenizer:
             # One input can make the whole call fail: split until it is alone.
             log.debug("tokenizer call on %d inputs failed (%s); splitting", len(group), type(exc).__name__)
             mid = len(group) // 2
-            self._encode_group(group[:mid], values, pre, kwargs, results)
-            self._encode_group(group[mid:], values, pre, kwargs, results)
+            self._encode_group(group[:mid], values, pre, kwargs, settings, results)
+            self._encode_group(group[mid:], values, pre, kwargs, settings, results)
             return
-        for (pos, _text, _pair), (tokens, truncated) in zip(group, rows, strict=True):
-            if self.kind == FILL_MASK and self.tokenizer.mask_token_id not in tokens["input_ids"]:
+        masked = self._has_mask(block) if self.kind == FILL_MASK else None
+        lengths = block.lengths.tolist()
+        for row, ((pos, _text, _pair), n, cut) in enumerate(zip(group, lengths, truncated, strict=True)):
+            if masked is not None and not masked[row]:
                 results[pos] = self._preprocess_alone(values[pos], pre)  # raises the pipeline's own error
             else:
-                results[pos] = Encoded(tokens, len(tokens["input_ids"]), truncated=truncated)
+                results[pos] = Encoded(n, truncated=cut, block=block, row=row)
+
+    def _has_mask(self, block: TokenBlock) -> list[bool]:
+        """Per input of the block, whether its tokens hold the mask token (fill-mask's preprocess checks)."""
+        hits = np.concatenate(([0], np.cumsum(block.values["input_ids"] == self.tokenizer.mask_token_id)))
+        return (hits[block.starts + block.lengths] > hits[block.starts]).tolist()
 
     def _call(
-        self, group: Sequence[tuple[int, str, str | None]], kwargs: dict[str, Any]
-    ) -> list[tuple[dict[str, list[int]], bool | None]]:
-        """One tokenizer call over the group: per member, token lists per key and whether truncation cut any."""
+        self, group: Sequence[tuple[int, str, str | None]], kwargs: dict[str, Any], settings: CallSettings | None
+    ) -> tuple[TokenBlock, list[bool | None]]:
+        """One tokenizer call over the group: its tokens, and per member whether truncation cut any."""
         texts = [text for _pos, text, _pair in group]
-        if group[0][2] is None:
+        pairs = None if group[0][2] is None else [pair or "" for _pos, _text, pair in group]  # a group is all pairs
+        if self.rust is not None and not self.rust.ready():
+            self.rust = None  # from now on transformers' call, which takes what the copy could not
+        if self.rust is not None and settings is not None:
+            block, truncated = self.rust.encode(texts, pairs, settings)
+            return block, truncated.tolist()
+        if pairs is None:
             out = self.tokenizer(texts, **kwargs)
         else:
-            out = self.tokenizer(text=texts, text_pair=[pair for _pos, _text, pair in group], **kwargs)
-        data = out.data
-        keys = list(data)
-        rows = [dict(zip(keys, row, strict=True)) for row in zip(*(data[k] for k in keys), strict=True)]
+            out = self.tokenizer(text=texts, text_pair=pairs, **kwargs)
         # The Rust tokenizer keeps what truncation cut off as overflowing encodings (transformers drops them).
-        encodings = out.encodings or [None] * len(rows)
-        return [(row, None if enc is None else bool(enc.overflowing)) for row, enc in zip(rows, encodings, strict=True)]
+        encodings = out.encodings or [None] * len(texts)
+        return block_from_lists(out.data), [None if enc is None else bool(enc.overflowing) for enc in encodings]
 
     def _preprocess_alone(self, value: Any, pre: Mapping[str, Any]) -> Encoded | Exception:
         try:
             out = self.pipe.preprocess(value, **pre)
         except Exception as exc:
             return exc
-        return Encoded({}, token_length(out), preprocessed=out)
+        return Encoded(token_length(out), preprocessed=out)
 
     # ------------------------------------------------------------ tensors
 
@@ -308,7 +344,8 @@ class BatchTokenizer:
         """What ``pipe.preprocess`` returns for this input: ``(1, n)`` int64 tensors per key."""
         if enc.preprocessed is not None:
             return dict(enc.preprocessed)  # a copy: forward passes may add keys to it
-        return {key: torch.tensor([row], dtype=torch.int64) for key, row in enc.tokens.items()}
+        assert enc.block is not None
+        return {key: torch.from_numpy(enc.block.row(key, enc.row)).reshape(1, -1) for key in enc.block.keys}
 
     def _pad_value(self, key: str) -> int:
         if key == "input_ids":
@@ -323,22 +360,51 @@ class BatchTokenizer:
             raise self._collate_error
         if not encs:
             raise ValueError("nothing to collate")
-        keys = list(encs[0].tokens)
-        if any(e.preprocessed is not None or e.n_tokens == 0 or list(e.tokens) != keys for e in encs):
-            # Rare forms, rows with no tokens (which it cannot left-pad) and mismatched keys: its own result or error.
-            return self._pad_collate([self.model_inputs(e) for e in encs])
-        lengths = np.fromiter((e.n_tokens for e in encs), dtype=np.int64, count=len(encs))
+        block = encs[0].block
+        if block is not None and all(e.block is block for e in encs):
+            rows = np.fromiter((e.row for e in encs), dtype=np.intp, count=len(encs))
+            lengths = block.lengths[rows]
+            if lengths.min() > 0:
+                return self._gather(block, rows, lengths)
+        elif all(e.block is not None for e in encs) and len({e.block.keys for e in encs if e.block}) == 1:
+            lengths = np.fromiter((e.n_tokens for e in encs), dtype=np.int64, count=len(encs))
+            if lengths.min() > 0:
+                return self._join(encs, lengths)
+        # Rare forms, rows with no tokens (which it cannot left-pad) and mismatched keys: its own result or error.
+        return self._pad_collate([self.model_inputs(e) for e in encs])
+
+    def _kept(self, lengths: np.ndarray) -> np.ndarray:
+        """Which positions of the padded (rows, longest) batch hold tokens."""
         width = int(lengths.max())
         columns = np.arange(width)
         if self.padding_side == "left":
-            keep = columns >= (width - lengths)[:, None]
-        else:
-            keep = columns < lengths[:, None]
-        total = int(lengths.sum())
+            return columns >= (width - lengths)[:, None]
+        return columns < lengths[:, None]
+
+    def _gather(self, block: TokenBlock, rows: np.ndarray, lengths: np.ndarray) -> dict[str, torch.Tensor]:
+        """The padded batch of ``rows`` of one block: each key gathered from its flat array in one indexing."""
+        keep = self._kept(lengths)
+        # Row-major order: each row's tokens land in its kept positions, in order.
+        before = np.cumsum(lengths) - lengths
+        source = np.repeat(block.starts[rows] - before, lengths) + np.arange(int(lengths.sum()))
+        out: dict[str, torch.Tensor] = {}
+        for key in block.keys:
+            pad = self._pad_value(key)
+            if key in block.constant:
+                array = np.where(keep, np.int64(block.constant[key]), np.int64(pad))
+            else:
+                array = np.full(keep.shape, pad, dtype=np.int64)
+                array[keep] = block.values[key][source]
+            out[key] = torch.from_numpy(array)
+        return out
+
+    def _join(self, encs: Sequence[Encoded], lengths: np.ndarray) -> dict[str, torch.Tensor]:
+        """The padded batch of rows of several blocks (with the same keys), row by row."""
+        keep = self._kept(lengths)
+        keys = encs[0].block.keys  # type: ignore[union-attr]
         out: dict[str, torch.Tensor] = {}
         for key in keys:
-            array = np.full((len(encs), width), self._pad_value(key), dtype=np.int64)
-            flat = np.fromiter(itertools.chain.from_iterable(e.tokens[key] for e in encs), dtype=np.int64, count=total)
-            array[keep] = flat  # row-major order: each row's tokens land in its kept positions, in order
+            array = np.full(keep.shape, self._pad_value(key), dtype=np.int64)
+            array[keep] = np.concatenate([e.block.row(key, e.row) for e in encs])  # type: ignore[union-attr]
             out[key] = torch.from_numpy(array)
         return out
