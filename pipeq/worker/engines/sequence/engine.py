@@ -28,10 +28,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Rows decoding at once when the worker sets no ``--max-batch-size``: on a CPU each row's step is
-#: real work and more rows only queue behind one another; on an accelerator the step is nearly free.
-CPU_ROWS = 32
-ACCELERATOR_ROWS = 256
 #: Items a message brings per row the engine runs: while one message's last rows finish, nothing refills them.
 ROWS_PER_MESSAGE = 4
 #: Share of an accelerator's free memory (after the model loaded) the KV cache may take.
@@ -113,8 +109,7 @@ class SequenceEngine:
 
     @classmethod
     def for_worker(cls, pipe: Any, cfg: WorkerConfig, threads: int) -> SequenceEngine:
-        on_cpu = cfg.device == "cpu"
-        max_rows = cfg.max_batch_size or (CPU_ROWS if on_cpu else ACCELERATOR_ROWS)
+        max_rows = cfg.max_batch_size  # rows decoding at once: --max-batch-size
         kv_tokens = kv_token_budget(pipe.model, cfg.device)
         log.info("sequence engine: up to %d rows, %d tokens of KV cache", max_rows, kv_tokens)
         if cfg.multi_device:  # accelerate's hooks move each step between the devices, one after another

@@ -26,6 +26,9 @@ import torch
 from pipeq.errors import ConfigurationError
 from pipeq.generation import FINISH_LENGTH, FINISH_STOP, SamplingParams
 
+#: Least share of real tokens in a prefill pass's padded prompts (see ``_prefill_groups``).
+PREFILL_FILL = 0.9
+
 
 @dataclass
 class Request:
@@ -121,14 +124,16 @@ class Scheduler:
         mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)
         with torch.inference_mode():
             while waiting or rows:
-                admitted = self._admit(waiting, rows)
-                if admitted:
-                    new_rows, new_cache, new_mask, logits = self._prefill(admitted)
-                    eos = self._sample(new_rows, logits)
-                    cache, mask = self._join(cache, mask, new_cache, new_mask)
-                    offset = len(rows)
-                    rows.extend(new_rows)
-                    ended = self._ended(rows, [offset + i for i in eos], start=offset)
+                groups = _prefill_groups(self._admit(waiting, rows))
+                if groups:
+                    offset, parts, eos = len(rows), [], []
+                    for group in groups:
+                        new_rows, new_cache, new_mask, logits = self._prefill(group)
+                        eos += [len(rows) + i for i in self._sample(new_rows, logits)]
+                        rows.extend(new_rows)
+                        parts.append((new_cache, new_mask))
+                    cache, mask = self._join(cache, mask, parts)
+                    ended = self._ended(rows, eos, start=offset)
                     if ended:
                         cache, mask = self._drop(rows, cache, mask, ended)
                         yield [e for _, e in ended]
@@ -288,23 +293,24 @@ class Scheduler:
 
     # ---------------------------------------------------------- the KV cache
 
-    def _join(self, cache: Any, mask: torch.Tensor, new_cache: Any, new_mask: torch.Tensor) -> tuple[Any, torch.Tensor]:
-        """The running cache and the newly prefilled one as one batch, the shorter padded on the left."""
-        if cache is None or mask.shape[0] == 0:
-            return new_cache, new_mask
+    def _join(self, cache: Any, mask: torch.Tensor, parts: list[tuple[Any, torch.Tensor]]) -> tuple[Any, torch.Tensor]:
+        """The running cache and the newly prefilled ones as one batch, each padded on the left to the widest."""
         from transformers import DynamicCache
 
-        width = max(mask.shape[1], new_mask.shape[1])
+        batches = [(cache, mask)] if cache is not None and mask.shape[0] else []
+        batches += parts
+        if len(batches) == 1:
+            return batches[0]
+        width = max(m.shape[1] for _, m in batches)
+        layers = [_kv_layers(c) for c, _ in batches]
         pairs = []
-        old_layers, new_layers = _kv_layers(cache), _kv_layers(new_cache)
-        assert old_layers is not None and new_layers is not None
-        for old, new in zip(old_layers, new_layers, strict=True):
-            keys = torch.cat([_pad_left(old.keys, width), _pad_left(new.keys, width)], dim=0)
-            values = torch.cat([_pad_left(old.values, width), _pad_left(new.values, width)], dim=0)
+        for depth in range(len(layers[0] or [])):
+            at = [ls[depth] for ls in layers if ls is not None]
+            keys = torch.cat([_pad_left(layer.keys.to(at[0].keys.device), width) for layer in at], dim=0)
+            values = torch.cat([_pad_left(layer.values.to(at[0].values.device), width) for layer in at], dim=0)
             pairs.append((keys, values))
         joined = DynamicCache(ddp_cache_data=pairs, config=self.model.config)
-        mask = torch.cat([_pad_left(mask, width, dim=1), _pad_left(new_mask, width, dim=1)], dim=0)
-        return joined, mask
+        return joined, torch.cat([_pad_left(m, width, dim=1) for _, m in batches], dim=0)
 
     def _drop(
         self, rows: list[_Row], cache: Any, mask: torch.Tensor, ended: list[tuple[int, Finished]]
@@ -326,6 +332,21 @@ class Scheduler:
             layer.keys = layer.keys.index_select(0, rows_here)[:, :, lead:, :]
             layer.values = layer.values.index_select(0, rows_here)[:, :, lead:, :]
         return cache, mask
+
+
+def _prefill_groups(requests: list[Request]) -> list[list[Request]]:
+    """Admitted requests in prefill passes of prompts of about one length (longest first): a pass pads every
+    prompt to its longest, and a prompt of 8 tokens beside one of 500 would cost 500."""
+    groups: list[list[Request]] = []
+    real = 0
+    for r in sorted(requests, key=lambda r: -len(r.prompt)):
+        if groups and (real + len(r.prompt)) >= PREFILL_FILL * len(groups[-1][0].prompt) * (len(groups[-1]) + 1):
+            groups[-1].append(r)
+            real += len(r.prompt)
+        else:
+            groups.append([r])
+            real = len(r.prompt)
+    return groups
 
 
 def _pad_left(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
