@@ -3,7 +3,7 @@ and leaves the batch the step it ends; waiting requests take the freed rows.
 
 The batch is one left-padded tensor per layer in transformers' ``DynamicCache``, as ``model.generate``
 keeps it. A step is one forward pass of every running row's last token. Rows that end are dropped
-from the cache and the columns of padding every remaining row has on its
+from the cache (a few at a time) and the columns of padding every remaining row has on its
 left are cut off, so a finished sequence costs nothing from its last step on. New requests are
 prefilled together (one left-padded forward pass) and their cache is joined to the running one,
 padded on the left to the same length; each row's position ids come from its own mask, so a row's
@@ -26,6 +26,8 @@ import torch
 from pipeq.errors import ConfigurationError
 from pipeq.generation import FINISH_LENGTH, FINISH_STOP, SamplingParams
 
+#: Rows are compacted once this fraction (1/N) of them has ended (see ``Scheduler.run``).
+COMPACT_SHARE = 8
 #: Least share of real tokens in a prefill pass's padded prompts (see ``_prefill_groups``).
 PREFILL_FILL = 0.9
 
@@ -65,6 +67,8 @@ class _Row:
     first_token_at: float = 0.0
     #: Characters of the decoded tail a stop string is looked for in (0 where it has none).
     stop_window: int = 0
+    #: It ended (and was yielded); it stays in the batch until the next compaction.
+    done: bool = False
 
 
 def _kv_layers(cache: Any) -> list[Any] | None:
@@ -115,6 +119,10 @@ class Scheduler:
     def run(self, requests: Sequence[Request]) -> Iterator[list[Finished]]:
         """Yield the requests that end at each step, until every one has.
 
+        A row that ends is yielded at once and stays in the batch, computed for nothing, until an eighth of
+        the rows have ended or new rows are admitted: dropping a row copies the whole cache, which costs more
+        than a few dead rows' steps.
+
         Longest budgets are admitted first, so the last rows to run are short ones. A request the
         scheduler cannot fit alone still runs alone (``kv_tokens`` bounds batching, not an item).
         """
@@ -124,7 +132,11 @@ class Scheduler:
         mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)
         with torch.inference_mode():
             while waiting or rows:
-                groups = _prefill_groups(self._admit(waiting, rows))
+                live = [row for row in rows if not row.done]
+                admitted = self._admit(waiting, live)
+                if admitted or len(rows) - len(live) >= max(1, len(rows) // COMPACT_SHARE):
+                    cache, mask = self._compact(rows, cache, mask)  # before a join: it would copy the dead rows
+                groups = _prefill_groups(admitted)
                 if groups:
                     offset, parts, eos = len(rows), [], []
                     for group in groups:
@@ -135,15 +147,14 @@ class Scheduler:
                     cache, mask = self._join(cache, mask, parts)
                     ended = self._ended(rows, eos, start=offset)
                     if ended:
-                        cache, mask = self._drop(rows, cache, mask, ended)
-                        yield [e for _, e in ended]
-                if not rows:
+                        yield ended
+                if not any(not row.done for row in rows):
+                    cache, mask = self._compact(rows, cache, mask)
                     continue
                 logits, mask = self._step(rows, cache, mask)
                 ended = self._ended(rows, self._sample(rows, logits))
                 if ended:
-                    cache, mask = self._drop(rows, cache, mask, ended)
-                    yield [e for _, e in ended]
+                    yield ended
 
     def check_cache(self) -> None:
         """Prefill one token: ConfigurationError unless the model's cache is one this scheduler can join and cut
@@ -237,6 +248,8 @@ class Scheduler:
         greedy = logits.argmax(-1).tolist()
         eos: list[int] = []
         for i, row in enumerate(rows):
+            if row.done:
+                continue
             params = row.request.params
             token = greedy[i] if params.greedy else _draw(logits[i], params, row.generator)
             if not row.tokens:
@@ -247,13 +260,15 @@ class Scheduler:
                 row.tokens.append(token)
         return eos
 
-    def _ended(self, rows: list[_Row], eos: list[int], start: int = 0) -> list[tuple[int, Finished]]:
-        """The rows from ``start`` on that end this step (positions in ``rows``) and how."""
+    def _ended(self, rows: list[_Row], eos: list[int], start: int = 0) -> list[Finished]:
+        """The rows from ``start`` on that end this step, marked done, and how they ended."""
         now = time.perf_counter()
-        ended: list[tuple[int, Finished]] = []
+        ended: list[Finished] = []
         eos_set = set(eos)
         for i in range(start, len(rows)):
             row = rows[i]
+            if row.done:
+                continue
             reason: str | None = None
             stop_at = None
             if i in eos_set:
@@ -267,17 +282,15 @@ class Scheduler:
             if reason is None:
                 continue
             first = row.first_token_at or now
+            row.done = True
             ended.append(
-                (
-                    i,
-                    Finished(
-                        row.request,
-                        row.tokens,
-                        reason,
-                        first_token_ms=(first - row.request.entered) * 1000,
-                        decode_ms=(now - first) * 1000,
-                        stop_at=stop_at,
-                    ),
+                Finished(
+                    row.request,
+                    row.tokens,
+                    reason,
+                    first_token_ms=(first - row.request.entered) * 1000,
+                    decode_ms=(now - first) * 1000,
+                    stop_at=stop_at,
                 )
             )
         return ended
@@ -312,12 +325,11 @@ class Scheduler:
         joined = DynamicCache(ddp_cache_data=pairs, config=self.model.config)
         return joined, torch.cat([_pad_left(m, width, dim=1) for _, m in batches], dim=0)
 
-    def _drop(
-        self, rows: list[_Row], cache: Any, mask: torch.Tensor, ended: list[tuple[int, Finished]]
-    ) -> tuple[Any, torch.Tensor]:
-        """Drop the ended rows from the batch, then the padding columns every remaining row has."""
-        gone = {i for i, _ in ended}
-        keep = [i for i in range(len(rows)) if i not in gone]
+    def _compact(self, rows: list[_Row], cache: Any, mask: torch.Tensor) -> tuple[Any, torch.Tensor]:
+        """Drop the rows that ended from the batch, then the padding columns every remaining row has."""
+        keep = [i for i, row in enumerate(rows) if not row.done]
+        if len(keep) == len(rows):
+            return cache, mask
         rows[:] = [rows[i] for i in keep]
         if not keep:
             return None, mask[:0, :0]
