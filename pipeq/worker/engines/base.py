@@ -25,6 +25,15 @@ class Step:
         self.finish = finish
 
 
+def finished_in_turn(steps: Generator[Step, None, None]) -> Generator[Finished, None, None]:
+    """Each step's results, finished on the calling thread as it comes (an engine's ``run``)."""
+    try:
+        for step in steps:
+            yield step.finish()
+    finally:
+        steps.close()
+
+
 class Engine(Protocol):
     """How a worker runs a loaded pipeline over a chunk's items."""
 

@@ -41,7 +41,7 @@ from pipeq.errors import ConfigurationError
 from pipeq.primitives import BatchTiming, ItemResult, describe_error, input_size
 from pipeq.tasks import traits
 from pipeq.vectors import DEFAULT_DTYPE, Vector
-from pipeq.worker.engines.base import Step
+from pipeq.worker.engines.base import Step, finished_in_turn
 from pipeq.worker.engines.batched.batching import Unit, cut_batches, padded_tokens, token_length
 from pipeq.worker.engines.batched.postprocessing import BatchPostprocessor
 from pipeq.worker.engines.batched.stages import (
@@ -247,12 +247,7 @@ class PipelineRuntime:
         max_batch_size: int | None = None,
     ) -> Generator[tuple[list[ItemResult], BatchTiming | None], None, None]:
         """Yield each micro-batch's results (and timing) as soon as it is done (``stream``, finished in turn)."""
-        steps = self.stream(items, params, queue_wait_ms=queue_wait_ms, max_batch_size=max_batch_size)
-        try:
-            for step in steps:
-                yield step.finish()
-        finally:
-            steps.close()
+        return finished_in_turn(self.stream(items, params, queue_wait_ms=queue_wait_ms, max_batch_size=max_batch_size))
 
     def stream(
         self,

@@ -20,7 +20,7 @@ from pipeq import generation
 from pipeq.errors import ConfigurationError, InputError
 from pipeq.primitives import BatchTiming, ItemResult, describe_error
 from pipeq.worker.engines.base import Finished as StepResults
-from pipeq.worker.engines.base import Step
+from pipeq.worker.engines.base import Step, finished_in_turn
 from pipeq.worker.engines.sequence.scheduler import Finished, Request, Scheduler
 
 if TYPE_CHECKING:
@@ -131,12 +131,7 @@ class SequenceEngine:
     def run(
         self, items: Sequence[tuple[int, Any]], params: dict[str, Any], *, queue_wait_ms: float = 0.0
     ) -> Iterator[StepResults]:
-        steps = self.stream(items, params, queue_wait_ms=queue_wait_ms)
-        try:
-            for step in steps:
-                yield step.finish()
-        finally:
-            steps.close()
+        return finished_in_turn(self.stream(items, params, queue_wait_ms=queue_wait_ms))
 
     def stream(
         self, items: Sequence[tuple[int, Any]], params: dict[str, Any], *, queue_wait_ms: float = 0.0
