@@ -161,7 +161,7 @@ def test_the_map_can_fail() -> None:
 
 
 #: What the worker's engines may import inside pipeq: no store, no broker, nor the worker parts that use them.
-ENGINE_ALLOWED = {"pipeq.worker.engines", "pipeq.worker.serialize", "pipeq.worker.config"}
+ENGINE_ALLOWED = {"pipeq.worker.engines", "pipeq.worker.serialize", "pipeq.worker.config", "pipeq.worker.embedding"}
 
 
 @pytest.mark.parametrize(
