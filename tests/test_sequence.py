@@ -242,3 +242,15 @@ def test_a_model_split_across_devices_generates_what_it_does_whole(causal_lm: st
         engine = build_engine(pipe, cfg, 1)
         outputs.append({i: r.output for i, r in _run(engine, items).items()})  # type: ignore[arg-type]
     assert outputs[0] == outputs[1]
+
+
+def test_an_item_that_ends_on_its_first_token_leaves_its_batch_mates_running(causal_lm: str) -> None:
+    engine = _engine(causal_lm, max_rows=16)  # 16 rows: an ended row waits for others before it is dropped
+    first = _alone(engine, engine.tokenizer(PROMPTS[0])["input_ids"], 1)
+    engine.scheduler.eos = {first[0]}  # the first token this prompt draws is now its end
+    items = [(i, {"prompt": p, "params": {"max_tokens": 8}}) for i, p in enumerate(PROMPTS)]
+    out = _run(engine, items)
+    assert out[0].output["completion_tokens"] == 0 and out[0].output["finish_reason"] == "stop"
+    for i, prompt in enumerate(PROMPTS[1:], start=1):
+        want = _alone(engine, engine.tokenizer(prompt)["input_ids"], 8)
+        assert out[i].output["generated_text"] == engine.tokenizer.decode(want, skip_special_tokens=True)

@@ -228,7 +228,10 @@ class Scheduler:
 
     def _step(self, rows: list[_Row], cache: Any, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward pass of every row's last token: the next logits, and the mask that now covers it."""
-        last = torch.tensor([row.tokens[-1] for row in rows], dtype=torch.long, device=self.device)
+        # A row that ended and waits to be dropped feeds anything (its output is never read): pad if it has no token.
+        last = torch.tensor(
+            [row.tokens[-1] if row.tokens else self.pad for row in rows], dtype=torch.long, device=self.device
+        )
         step_mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=mask.device)], dim=1)
         positions = (step_mask.sum(-1, keepdim=True) - 1).long()
         out = self.model(
