@@ -26,6 +26,9 @@ MAX_STOP = 4
 #: The finish reasons of a generated item: it met a stop string or the end-of-sequence token, or ran out of tokens.
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
+#: A tokenizer's ``model_max_length`` at or above this is transformers' placeholder for "not set"
+#: (``VERY_LARGE_INTEGER``), not a limit.
+NO_TOKENIZER_LIMIT = 10**12
 #: Roles a chat message may have.
 ROLES = frozenset({"system", "user", "assistant", "developer", "tool"})
 
@@ -165,6 +168,21 @@ def check_messages(messages: Any, *, source: str | None = None, line: int | None
             raise InputError(f"message {n}: 'content' must be a string", source=source, line=line)
         out.append({"role": role, "content": content})
     return out
+
+
+def context_tokens(config: Any, tokenizer_limit: Any) -> int | None:
+    """Tokens a sequence may hold, prompt and completion together: the smallest of the model config's
+    positions (``max_position_embeddings``, GPT-2's ``n_positions``, MPT's ``max_seq_len``; of its text
+    config where it has one) and the tokenizer's ``model_max_length``, of those that are set. None when
+    neither says. The producer's check at submit and the worker's engine both judge by this."""
+    limits = []
+    if config is not None:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        limits += [getattr(text, name, None) for name in ("max_position_embeddings", "n_positions", "max_seq_len")]
+    if isinstance(tokenizer_limit, int) and tokenizer_limit < NO_TOKENIZER_LIMIT:
+        limits.append(tokenizer_limit)
+    real = [x for x in limits if isinstance(x, int) and not isinstance(x, bool) and x > 0]
+    return min(real) if real else None
 
 
 def stored_input(

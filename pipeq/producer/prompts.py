@@ -27,10 +27,6 @@ from pipeq.producer.records import Record
 
 log = logging.getLogger(__name__)
 
-#: A tokenizer's ``model_max_length`` at or above this is transformers' placeholder for "not set"
-#: (``VERY_LARGE_INTEGER``), not a limit.
-_NO_LIMIT = 10**12
-
 
 @dataclass(frozen=True)
 class PromptChecker:
@@ -103,14 +99,11 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _context(model: str, tokenizer: Any, revision: str | None) -> int | None:
-    """Tokens the model takes, prompt and completion together: the smaller of its config's
-    ``max_position_embeddings`` and its tokenizer's ``model_max_length``, of those that are set."""
+    """Tokens the model takes, prompt and completion together (``generation.context_tokens``, as the worker
+    judges them), its config read from the folder or the cache."""
     from transformers import AutoConfig
 
-    limits = []
-    tokenizer_limit = getattr(tokenizer, "model_max_length", None)
-    if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < _NO_LIMIT:
-        limits.append(tokenizer_limit)
+    config = None
     try:
         config = AutoConfig.from_pretrained(model, revision=revision, local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - a config transformers cannot read: the tokenizer's limit alone
@@ -119,12 +112,7 @@ def _context(model: str, tokenizer: Any, revision: str | None) -> int | None:
             model,
             _first_line(exc),
         )
-    else:
-        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        positions = getattr(text_config, "max_position_embeddings", None)
-        if isinstance(positions, int) and positions > 0:
-            limits.append(positions)
-    return min(limits) if limits else None
+    return generation.context_tokens(config, getattr(tokenizer, "model_max_length", None))
 
 
 def load_checker(model: str, revision: str | None = None) -> PromptChecker | None:

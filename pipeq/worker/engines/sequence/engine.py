@@ -34,19 +34,6 @@ ROWS_PER_MESSAGE = 4
 KV_MEMORY_SHARE = 0.8
 #: Bytes of KV cache a CPU worker allows itself.
 CPU_KV_BYTES = 4 << 30
-#: Tokenizer limits above this are "no limit" placeholders (transformers uses 1e30).
-_NO_LIMIT = 1_000_000
-
-
-def context_length(model: Any, tokenizer: Any) -> int | None:
-    """The most tokens a sequence may hold (prompt and output): the model's positions, or the tokenizer's limit."""
-    config = model.config
-    limits = [getattr(config, name, None) for name in ("max_position_embeddings", "n_positions", "max_seq_len")]
-    limit = getattr(tokenizer, "model_max_length", None)
-    if limit and limit < _NO_LIMIT:
-        limits.append(limit)
-    real = [int(x) for x in limits if isinstance(x, int) and x > 0]
-    return min(real) if real else None
 
 
 def kv_bytes_per_token(model: Any) -> int:
@@ -89,7 +76,9 @@ class SequenceEngine:
         self.tokenizer = pipe.tokenizer
         if self.tokenizer is None:
             raise ConfigurationError("text-generation needs the model's tokenizer")
-        self.max_length = context_length(self.model, self.tokenizer)
+        self.max_length = generation.context_tokens(
+            self.model.config, getattr(self.tokenizer, "model_max_length", None)
+        )
         eos = getattr(self.model.generation_config, "eos_token_id", None)
         if eos is None:
             eos = self.tokenizer.eos_token_id
