@@ -185,6 +185,24 @@ def context_tokens(config: Any, tokenizer_limit: Any) -> int | None:
     return min(real) if real else None
 
 
+def rendered_chats(tokenizer: Any, conversations: list[list[dict[str, str]]]) -> list[str]:
+    """Chats as the model's prompts: its tokenizer's chat template with the generation prompt added."""
+    return list(tokenizer.apply_chat_template(conversations, add_generation_prompt=True, tokenize=False))
+
+
+def prompt_ids(tokenizer: Any, texts: list[str], *, chat: bool) -> list[list[int]]:
+    """The token ids of prompts, one tokenizer call: a plain prompt gets the tokenizer's special tokens, a
+    rendered chat none (its template wrote them). The submit check and the worker count tokens by this."""
+    encoded = tokenizer(
+        texts,
+        add_special_tokens=not chat,
+        return_attention_mask=False,
+        return_token_type_ids=False,
+        verbose=False,  # a prompt over the model's length is reported by whoever calls, not warned of
+    )
+    return list(encoded["input_ids"])
+
+
 def stored_input(
     *, prompt: str | None = None, messages: list[dict[str, str]] | None = None, params: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:

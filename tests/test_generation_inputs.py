@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from test_openai_batch import run_cli
 
-from pipeq import Client, Settings
+from pipeq import Client, Settings, generation
 from pipeq import constants as C
 from pipeq.errors import ConfigurationError, InputError
 from pipeq.producer import prompts
@@ -354,13 +354,13 @@ def test_prompts_are_tokenized_a_page_at_a_time(
 ) -> None:
     # Given: 2,500 records, prompts and chats interleaved, and a count of the tokenizer's calls
     calls: list[int] = []
-    ids = prompts.PromptChecker._ids
+    ids = generation.prompt_ids
 
-    def counted(self: prompts.PromptChecker, texts: list[str], *, special: bool) -> list[list[int]]:
+    def counted(tokenizer: Any, texts: list[str], *, chat: bool) -> list[list[int]]:
         calls.append(len(texts))
-        return ids(self, texts, special=special)
+        return ids(tokenizer, texts, chat=chat)
 
-    monkeypatch.setattr(prompts.PromptChecker, "_ids", counted)
+    monkeypatch.setattr(generation, "prompt_ids", counted)
     records = [{"text": f"prompt {i}"} if i % 2 else {"messages": [{"role": "user", "content": f"chat {i}"}]}
                for i in range(2500)]  # fmt: skip
     # When: submitted

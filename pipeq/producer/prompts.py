@@ -45,24 +45,15 @@ class PromptChecker:
         chats = [(i, r) for i, r in enumerate(page) if "messages" in r.input]
         counts = [0] * len(page)
         if prompts:
-            for (i, _), ids in zip(prompts, self._ids([p for _, p in prompts], special=True), strict=True):
+            for (i, _), ids in zip(
+                prompts, generation.prompt_ids(self.tokenizer, [p for _, p in prompts], chat=False), strict=True
+            ):
                 counts[i] = len(ids)
         if chats:
             rendered = self._rendered([r for _, r in chats], source)
-            for (i, _), ids in zip(chats, self._ids(rendered, special=False), strict=True):
+            for (i, _), ids in zip(chats, generation.prompt_ids(self.tokenizer, rendered, chat=True), strict=True):
                 counts[i] = len(ids)
         return counts
-
-    def _ids(self, texts: list[str], *, special: bool) -> list[list[int]]:
-        # A chat template writes the special tokens itself; a plain prompt gets the tokenizer's own.
-        encoded = self.tokenizer(
-            texts,
-            add_special_tokens=special,
-            return_attention_mask=False,
-            return_token_type_ids=False,
-            verbose=False,  # a prompt over the model's length is what this check reports, not a warning
-        )
-        return list(encoded["input_ids"])
 
     def _rendered(self, chats: list[Record], source: str) -> list[str]:
         """The chats' prompts as the model's chat template writes them; InputError naming the first record
@@ -90,7 +81,7 @@ class PromptChecker:
             raise
 
     def _render(self, conversations: list[list[dict[str, str]]]) -> list[str]:
-        return list(self.tokenizer.apply_chat_template(conversations, add_generation_prompt=True, tokenize=False))
+        return generation.rendered_chats(self.tokenizer, conversations)
 
 
 def _first_line(exc: BaseException) -> str:

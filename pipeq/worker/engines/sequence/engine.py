@@ -170,7 +170,7 @@ class SequenceEngine:
             if not group:
                 continue
             # A rendered chat prompt holds its special tokens already, as the template wrote them.
-            ids = self.tokenizer([p[1] for p in group], add_special_tokens=not chat)["input_ids"]
+            ids = generation.prompt_ids(self.tokenizer, [p[1] for p in group], chat=chat)
             for (idx, _text, _chat, sampling), prompt in zip(group, ids, strict=True):
                 room = (self.max_length - len(prompt)) if self.max_length else sampling.max_tokens
                 if not prompt or room < 1:
@@ -194,7 +194,7 @@ class SequenceEngine:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise InputError("the model's tokenizer has no chat template, so it cannot take chat messages")
             messages = generation.check_messages(value["messages"])
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            (text,) = generation.rendered_chats(self.tokenizer, [messages])
             return str(text), True, own
         prompt = value.get("prompt", value.get("text"))
         if not isinstance(prompt, str):
